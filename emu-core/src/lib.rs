@@ -1,0 +1,22 @@
+//! The shared foundation of emu-rs.
+//!
+//! * [`Backend`]: the op-level trait that model crates are generic over, and
+//!   [`Tensor`], a handle with method syntax over any backend;
+//! * [`HostTensor`] and [`DType`]: data on the host, the only thing that
+//!   crosses into or out of a backend;
+//! * [`checkpoint`]: lazy, memory-mapped loading of safetensors, sharded
+//!   safetensors and PyTorch pickle checkpoints, with dtype conversion tensor
+//!   by tensor;
+//! * [`Error`]: the typed errors of all of the above.
+
+pub mod backend;
+pub mod dtype;
+pub mod error;
+pub mod host;
+pub mod tensor;
+
+pub use backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use host::HostTensor;
+pub use tensor::Tensor;
