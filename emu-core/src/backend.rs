@@ -201,9 +201,14 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
 
     /// `dst` with the slice `start .. start + src.dims[dim]` of `dim`
     /// replaced by `src` (KV-cache writes into a preallocated buffer).
+    ///
+    /// `dst` is consumed: an eager backend writes into its storage in place
+    /// and returns it (no copy of the cache per token), a graph backend
+    /// returns a new value. Callers must not use other handles to `dst`'s
+    /// storage afterwards.
     fn slice_set(
         &self,
-        dst: &Self::Tensor,
+        dst: Self::Tensor,
         src: &Self::Tensor,
         dim: usize,
         start: usize,
