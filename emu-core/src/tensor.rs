@@ -152,11 +152,12 @@ impl<B: Backend> Tensor<B> {
         first.wrap(first.backend.concat(&raws, dim)?)
     }
 
-    pub fn slice_set(&self, src: &Self, dim: usize, start: usize) -> Result<Self> {
-        self.wrap(
-            self.backend
-                .slice_set(&self.inner, &src.inner, dim, start)?,
-        )
+    /// Writes `src` into `self` at `start` along `dim`; consumes `self`
+    /// (see [`Backend::slice_set`]).
+    pub fn slice_set(self, src: &Self, dim: usize, start: usize) -> Result<Self> {
+        let Self { backend, inner } = self;
+        let inner = backend.slice_set(inner, &src.inner, dim, start)?;
+        Ok(Self { backend, inner })
     }
 
     pub fn index_select(&self, ids: &Self, dim: usize) -> Result<Self> {
