@@ -88,11 +88,7 @@ impl Conv2dParams {
     }
 
     /// Output spatial size for an input of `(h, w)` and a kernel of `(kh, kw)`.
-    pub fn output_hw(
-        &self,
-        (h, w): (usize, usize),
-        (kh, kw): (usize, usize),
-    ) -> Result<(usize, usize)> {
+    pub fn output_hw(&self, (h, w): (usize, usize), (kh, kw): (usize, usize)) -> Result<(usize, usize)> {
         let one = |i: usize, k: usize, s: usize, p: usize, d: usize| -> Result<usize> {
             let eff = d * (k - 1) + 1;
             let padded = i + 2 * p;
@@ -188,13 +184,7 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     fn permute(&self, t: &Self::Tensor, perm: &[usize]) -> Result<Self::Tensor>;
 
     /// The slice `start .. start + len` of dimension `dim`.
-    fn narrow(
-        &self,
-        t: &Self::Tensor,
-        dim: usize,
-        start: usize,
-        len: usize,
-    ) -> Result<Self::Tensor>;
+    fn narrow(&self, t: &Self::Tensor, dim: usize, start: usize, len: usize) -> Result<Self::Tensor>;
 
     /// Joins tensors along `dim`; all other dimensions must agree.
     fn concat(&self, ts: &[&Self::Tensor], dim: usize) -> Result<Self::Tensor>;
@@ -206,22 +196,11 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     /// and returns it (no copy of the cache per token), a graph backend
     /// returns a new value. Callers must not use other handles to `dst`'s
     /// storage afterwards.
-    fn slice_set(
-        &self,
-        dst: Self::Tensor,
-        src: &Self::Tensor,
-        dim: usize,
-        start: usize,
-    ) -> Result<Self::Tensor>;
+    fn slice_set(&self, dst: Self::Tensor, src: &Self::Tensor, dim: usize, start: usize) -> Result<Self::Tensor>;
 
     /// Gathers slices of `dim` by index (`ids`: a 1-D U32 tensor). With `dim = 0`
     /// on an embedding table, this is the embedding lookup.
-    fn index_select(
-        &self,
-        t: &Self::Tensor,
-        ids: &Self::Tensor,
-        dim: usize,
-    ) -> Result<Self::Tensor>;
+    fn index_select(&self, t: &Self::Tensor, ids: &Self::Tensor, dim: usize) -> Result<Self::Tensor>;
 
     /// Expands size-1 dimensions (and prepends new ones) to `dims`.
     fn broadcast_to(&self, t: &Self::Tensor, dims: &[usize]) -> Result<Self::Tensor>;
@@ -238,13 +217,7 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
 
     // ---- reductions ------------------------------------------------------
 
-    fn reduce(
-        &self,
-        op: ReduceOp,
-        t: &Self::Tensor,
-        dim: usize,
-        keepdim: bool,
-    ) -> Result<Self::Tensor>;
+    fn reduce(&self, op: ReduceOp, t: &Self::Tensor, dim: usize, keepdim: bool) -> Result<Self::Tensor>;
 
     /// Index of the largest element along `dim` (first one on ties), as U32,
     /// with `dim` removed.
@@ -266,60 +239,21 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     ) -> Result<Self::Tensor>;
 
     /// Average pooling over NCHW without padding (windows that do not fit are dropped).
-    fn avg_pool2d(
-        &self,
-        x: &Self::Tensor,
-        kernel: (usize, usize),
-        stride: (usize, usize),
-    ) -> Result<Self::Tensor>;
+    fn avg_pool2d(&self, x: &Self::Tensor, kernel: (usize, usize), stride: (usize, usize)) -> Result<Self::Tensor>;
 
     /// Nearest-neighbour resize of NCHW to `(h, w)` (PyTorch's `mode="nearest"`).
     fn upsample_nearest2d(&self, x: &Self::Tensor, h: usize, w: usize) -> Result<Self::Tensor>;
 
     // ---- composites: fusable, with reference defaults --------------------
-
     /// `x @ w^T + b` with `w` `[out, in]` as stored by `nn.Linear`.
-    fn linear(
-        &self,
-        x: &Self::Tensor,
-        w: &Self::Tensor,
-        b: Option<&Self::Tensor>,
-    ) -> Result<Self::Tensor> {
-        let wd = self.dims(w);
-        if wd.len() != 2 {
-            return Err(Error::shape(format!(
-                "linear: weight must be 2-D, found {wd:?}"
-            )));
-        }
-        let wt = self.permute(w, &[1, 0])?;
-        let xd = self.dims(x);
-        // Fold the leading dims so the product is one plain 2-D matmul.
-        let k = *xd
-            .last()
-            .ok_or_else(|| Error::shape("linear: input is a scalar"))?;
-        let rows: usize = xd[..xd.len() - 1].iter().product();
-        let x2 = self.reshape(x, &[rows, k])?;
-        let y = self.matmul(&x2, &wt)?;
-        let mut od = xd[..xd.len() - 1].to_vec();
-        od.push(wd[0]);
-        let y = self.reshape(&y, &od)?;
-        match b {
-            Some(b) => self.binary(BinaryOp::Add, &y, b),
-            None => Ok(y),
-        }
+    fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor> {
+        default_linear(self, x, w, b)
     }
 
     /// Numerically stable softmax over the last dimension, computed in f32
     /// for f16/bf16 inputs (as PyTorch does internally).
     fn softmax_last_dim(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
-        let dt = self.dtype(x);
-        let xf = upcast(self, x)?;
-        let last = self.dims(&xf).len() - 1;
-        let m = self.reduce(ReduceOp::Max, &xf, last, true)?;
-        let e = self.unary(UnaryOp::Exp, &self.binary(BinaryOp::Sub, &xf, &m)?)?;
-        let s = self.reduce(ReduceOp::Sum, &e, last, true)?;
-        let y = self.binary(BinaryOp::Div, &e, &s)?;
-        self.cast(&y, dt)
+        default_softmax_last_dim(self, x)
     }
 
     /// LayerNorm over the last dimension (biased variance), statistics in f32.
@@ -330,40 +264,13 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         b: Option<&Self::Tensor>,
         eps: f64,
     ) -> Result<Self::Tensor> {
-        let dt = self.dtype(x);
-        let xf = upcast(self, x)?;
-        let last = self.dims(&xf).len() - 1;
-        let mean = self.reduce(ReduceOp::Mean, &xf, last, true)?;
-        let xc = self.binary(BinaryOp::Sub, &xf, &mean)?;
-        let var = self.reduce(ReduceOp::Mean, &self.unary(UnaryOp::Sqr, &xc)?, last, true)?;
-        let rstd = self.unary(
-            UnaryOp::Recip,
-            &self.unary(UnaryOp::Sqrt, &self.affine(&var, 1.0, eps)?)?,
-        )?;
-        let y = self.cast(&self.binary(BinaryOp::Mul, &xc, &rstd)?, dt)?;
-        let y = match w {
-            Some(w) => self.binary(BinaryOp::Mul, &y, w)?,
-            None => y,
-        };
-        match b {
-            Some(b) => self.binary(BinaryOp::Add, &y, b),
-            None => Ok(y),
-        }
+        default_layer_norm(self, x, w, b, eps)
     }
 
     /// RMSNorm over the last dimension as in transformers' `LlamaRMSNorm`:
     /// normalise in f32, cast back, then scale by the weight.
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Tensor, eps: f64) -> Result<Self::Tensor> {
-        let dt = self.dtype(x);
-        let xf = upcast(self, x)?;
-        let last = self.dims(&xf).len() - 1;
-        let ms = self.reduce(ReduceOp::Mean, &self.unary(UnaryOp::Sqr, &xf)?, last, true)?;
-        let rstd = self.unary(
-            UnaryOp::Recip,
-            &self.unary(UnaryOp::Sqrt, &self.affine(&ms, 1.0, eps)?)?,
-        )?;
-        let y = self.cast(&self.binary(BinaryOp::Mul, &xf, &rstd)?, dt)?;
-        self.binary(BinaryOp::Mul, &y, w)
+        default_rms_norm(self, x, w, eps)
     }
 
     /// GroupNorm over NC... input (`nn.GroupNorm`), statistics in f32; weight
@@ -376,73 +283,14 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         b: Option<&Self::Tensor>,
         eps: f64,
     ) -> Result<Self::Tensor> {
-        let dims = self.dims(x);
-        if dims.len() < 2 || num_groups == 0 || dims[1] % num_groups != 0 {
-            return Err(Error::shape(format!(
-                "group_norm: {num_groups} groups do not divide the channels of {dims:?}"
-            )));
-        }
-        let dt = self.dtype(x);
-        let (n, c) = (dims[0], dims[1]);
-        let rest: usize = dims[2..].iter().product();
-        let xf = upcast(self, x)?;
-        let g = self.reshape(&xf, &[n, num_groups, (c / num_groups) * rest])?;
-        let mean = self.reduce(ReduceOp::Mean, &g, 2, true)?;
-        let gc = self.binary(BinaryOp::Sub, &g, &mean)?;
-        let var = self.reduce(ReduceOp::Mean, &self.unary(UnaryOp::Sqr, &gc)?, 2, true)?;
-        let rstd = self.unary(
-            UnaryOp::Recip,
-            &self.unary(UnaryOp::Sqrt, &self.affine(&var, 1.0, eps)?)?,
-        )?;
-        let y = self.reshape(&self.binary(BinaryOp::Mul, &gc, &rstd)?, &dims)?;
-        let y = self.cast(&y, dt)?;
-        let mut cdims = vec![1usize; dims.len()];
-        cdims[1] = c;
-        let y = match w {
-            Some(w) => self.binary(BinaryOp::Mul, &y, &self.reshape(w, &cdims)?)?,
-            None => y,
-        };
-        match b {
-            Some(b) => self.binary(BinaryOp::Add, &y, &self.reshape(b, &cdims)?),
-            None => Ok(y),
-        }
+        default_group_norm(self, x, num_groups, w, b, eps)
     }
 
     /// Rotary position embedding in the LLaMA "rotate half" convention.
     /// `x` is `[B, H, T, D]`; `cos`/`sin` are `[T, D/2]` or `[B, T, D/2]`
     /// (per-sequence positions, e.g. for left-padded batches).
-    fn rope(
-        &self,
-        x: &Self::Tensor,
-        cos: &Self::Tensor,
-        sin: &Self::Tensor,
-    ) -> Result<Self::Tensor> {
-        let xd = self.dims(x);
-        if xd.len() != 4 || xd[3] % 2 != 0 {
-            return Err(Error::shape(format!(
-                "rope: expected [B, H, T, D] with even D, found {xd:?}"
-            )));
-        }
-        let (b, t, half) = (xd[0], xd[2], xd[3] / 2);
-        let cd = self.dims(cos);
-        let (cos, sin) = match cd.as_slice() {
-            [ct, ch] if *ct == t && *ch == half => (cos.clone(), sin.clone()),
-            [cb, ct, ch] if *cb == b && *ct == t && *ch == half => (
-                self.reshape(cos, &[b, 1, t, half])?,
-                self.reshape(sin, &[b, 1, t, half])?,
-            ),
-            _ => {
-                return Err(Error::shape(format!(
-                    "rope: cos/sin {cd:?} do not match x {xd:?}"
-                )))
-            }
-        };
-        let x1 = self.narrow(x, 3, 0, half)?;
-        let x2 = self.narrow(x, 3, half, half)?;
-        let mul = |a: &Self::Tensor, c: &Self::Tensor| self.binary(BinaryOp::Mul, a, c);
-        let lo = self.binary(BinaryOp::Sub, &mul(&x1, &cos)?, &mul(&x2, &sin)?)?;
-        let hi = self.binary(BinaryOp::Add, &mul(&x2, &cos)?, &mul(&x1, &sin)?)?;
-        self.concat(&[&lo, &hi], 3)
+    fn rope(&self, x: &Self::Tensor, cos: &Self::Tensor, sin: &Self::Tensor) -> Result<Self::Tensor> {
+        default_rope(self, x, cos, sin)
     }
 
     /// Scaled dot-product attention, `softmax(q k^T * scale + mask) v`.
@@ -456,51 +304,191 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         mask: &AttnMask<'_, Self::Tensor>,
         scale: f64,
     ) -> Result<Self::Tensor> {
-        let (qd, kd, vd) = (self.dims(q), self.dims(k), self.dims(v));
-        if qd.len() != 4
-            || kd.len() != 4
-            || vd.len() != 4
-            || kd != vd
-            || qd[0] != kd[0]
-            || qd[3] != kd[3]
-        {
-            return Err(Error::shape(format!(
-                "attention: q {qd:?}, k {kd:?}, v {vd:?} do not fit"
-            )));
-        }
-        let (b, h, tq, d) = (qd[0], qd[1], qd[2], qd[3]);
-        let (hkv, tk) = (kd[1], kd[2]);
-        if hkv == 0 || h % hkv != 0 {
-            return Err(Error::shape(format!(
-                "attention: {h} query heads are not a multiple of {hkv} kv heads"
-            )));
-        }
-        let (k, v) = if hkv == h {
-            (k.clone(), v.clone())
-        } else {
-            let rep = h / hkv;
-            let expand = |t: &Self::Tensor| -> Result<Self::Tensor> {
-                let t = self.reshape(t, &[b, hkv, 1, tk, d])?;
-                let t = self.broadcast_to(&t, &[b, hkv, rep, tk, d])?;
-                self.reshape(&t, &[b, h, tk, d])
-            };
-            (expand(k)?, expand(v)?)
-        };
-        let kt = self.permute(&k, &[0, 1, 3, 2])?;
-        let scores = self.affine(&self.matmul(q, &kt)?, scale, 0.0)?;
-        let dt = self.dtype(&scores);
-        let mut scores = upcast(self, &scores)?;
-        if let Some(bias) = mask.bias {
-            scores = self.binary(BinaryOp::Add, &scores, &upcast(self, bias)?)?;
-        }
-        if let Some(offset) = mask.causal_offset {
-            let host = causal_bias(tq, tk, offset)?;
-            let cm = self.upload(&host)?;
-            scores = self.binary(BinaryOp::Add, &scores, &cm)?;
-        }
-        let p = self.cast(&self.softmax_last_dim(&scores)?, dt)?;
-        self.matmul(&p, &v)
+        default_attention(self, q, k, v, mask, scale)
     }
+}
+
+/// Reference implementation of [`Backend::linear`] from the primitives.
+pub fn default_linear<B: Backend>(be: &B, x: &B::Tensor, w: &B::Tensor, b: Option<&B::Tensor>) -> Result<B::Tensor> {
+    let wd = be.dims(w);
+    if wd.len() != 2 {
+        return Err(Error::shape(format!("linear: weight must be 2-D, found {wd:?}")));
+    }
+    let wt = be.permute(w, &[1, 0])?;
+    let xd = be.dims(x);
+    // Fold the leading dims so the product is one plain 2-D matmul.
+    let k = *xd.last().ok_or_else(|| Error::shape("linear: input is a scalar"))?;
+    let rows: usize = xd[..xd.len() - 1].iter().product();
+    let x2 = be.reshape(x, &[rows, k])?;
+    let y = be.matmul(&x2, &wt)?;
+    let mut od = xd[..xd.len() - 1].to_vec();
+    od.push(wd[0]);
+    let y = be.reshape(&y, &od)?;
+    match b {
+        Some(b) => be.binary(BinaryOp::Add, &y, b),
+        None => Ok(y),
+    }
+}
+
+/// Reference implementation of [`Backend::softmax_last_dim`] from the primitives.
+pub fn default_softmax_last_dim<B: Backend>(be: &B, x: &B::Tensor) -> Result<B::Tensor> {
+    let dt = be.dtype(x);
+    let xf = upcast(be, x)?;
+    let last = be.dims(&xf).len() - 1;
+    let m = be.reduce(ReduceOp::Max, &xf, last, true)?;
+    let e = be.unary(UnaryOp::Exp, &be.binary(BinaryOp::Sub, &xf, &m)?)?;
+    let s = be.reduce(ReduceOp::Sum, &e, last, true)?;
+    let y = be.binary(BinaryOp::Div, &e, &s)?;
+    be.cast(&y, dt)
+}
+
+/// Reference implementation of [`Backend::layer_norm`] from the primitives.
+pub fn default_layer_norm<B: Backend>(
+    be: &B,
+    x: &B::Tensor,
+    w: Option<&B::Tensor>,
+    b: Option<&B::Tensor>,
+    eps: f64,
+) -> Result<B::Tensor> {
+    let dt = be.dtype(x);
+    let xf = upcast(be, x)?;
+    let last = be.dims(&xf).len() - 1;
+    let mean = be.reduce(ReduceOp::Mean, &xf, last, true)?;
+    let xc = be.binary(BinaryOp::Sub, &xf, &mean)?;
+    let var = be.reduce(ReduceOp::Mean, &be.unary(UnaryOp::Sqr, &xc)?, last, true)?;
+    let rstd = be.unary(UnaryOp::Recip, &be.unary(UnaryOp::Sqrt, &be.affine(&var, 1.0, eps)?)?)?;
+    let y = be.cast(&be.binary(BinaryOp::Mul, &xc, &rstd)?, dt)?;
+    let y = match w {
+        Some(w) => be.binary(BinaryOp::Mul, &y, w)?,
+        None => y,
+    };
+    match b {
+        Some(b) => be.binary(BinaryOp::Add, &y, b),
+        None => Ok(y),
+    }
+}
+
+/// Reference implementation of [`Backend::rms_norm`] from the primitives.
+pub fn default_rms_norm<B: Backend>(be: &B, x: &B::Tensor, w: &B::Tensor, eps: f64) -> Result<B::Tensor> {
+    let dt = be.dtype(x);
+    let xf = upcast(be, x)?;
+    let last = be.dims(&xf).len() - 1;
+    let ms = be.reduce(ReduceOp::Mean, &be.unary(UnaryOp::Sqr, &xf)?, last, true)?;
+    let rstd = be.unary(UnaryOp::Recip, &be.unary(UnaryOp::Sqrt, &be.affine(&ms, 1.0, eps)?)?)?;
+    let y = be.cast(&be.binary(BinaryOp::Mul, &xf, &rstd)?, dt)?;
+    be.binary(BinaryOp::Mul, &y, w)
+}
+
+/// Reference implementation of [`Backend::group_norm`] from the primitives.
+pub fn default_group_norm<B: Backend>(
+    be: &B,
+    x: &B::Tensor,
+    num_groups: usize,
+    w: Option<&B::Tensor>,
+    b: Option<&B::Tensor>,
+    eps: f64,
+) -> Result<B::Tensor> {
+    let dims = be.dims(x);
+    if dims.len() < 2 || num_groups == 0 || dims[1] % num_groups != 0 {
+        return Err(Error::shape(format!(
+            "group_norm: {num_groups} groups do not divide the channels of {dims:?}"
+        )));
+    }
+    let dt = be.dtype(x);
+    let (n, c) = (dims[0], dims[1]);
+    let rest: usize = dims[2..].iter().product();
+    let xf = upcast(be, x)?;
+    let g = be.reshape(&xf, &[n, num_groups, (c / num_groups) * rest])?;
+    let mean = be.reduce(ReduceOp::Mean, &g, 2, true)?;
+    let gc = be.binary(BinaryOp::Sub, &g, &mean)?;
+    let var = be.reduce(ReduceOp::Mean, &be.unary(UnaryOp::Sqr, &gc)?, 2, true)?;
+    let rstd = be.unary(UnaryOp::Recip, &be.unary(UnaryOp::Sqrt, &be.affine(&var, 1.0, eps)?)?)?;
+    let y = be.reshape(&be.binary(BinaryOp::Mul, &gc, &rstd)?, &dims)?;
+    let y = be.cast(&y, dt)?;
+    let mut cdims = vec![1usize; dims.len()];
+    cdims[1] = c;
+    let y = match w {
+        Some(w) => be.binary(BinaryOp::Mul, &y, &be.reshape(w, &cdims)?)?,
+        None => y,
+    };
+    match b {
+        Some(b) => be.binary(BinaryOp::Add, &y, &be.reshape(b, &cdims)?),
+        None => Ok(y),
+    }
+}
+
+/// Reference implementation of [`Backend::rope`] from the primitives.
+pub fn default_rope<B: Backend>(be: &B, x: &B::Tensor, cos: &B::Tensor, sin: &B::Tensor) -> Result<B::Tensor> {
+    let xd = be.dims(x);
+    if xd.len() != 4 || xd[3] % 2 != 0 {
+        return Err(Error::shape(format!(
+            "rope: expected [B, H, T, D] with even D, found {xd:?}"
+        )));
+    }
+    let (b, t, half) = (xd[0], xd[2], xd[3] / 2);
+    let cd = be.dims(cos);
+    let (cos, sin) = match cd.as_slice() {
+        [ct, ch] if *ct == t && *ch == half => (cos.clone(), sin.clone()),
+        [cb, ct, ch] if *cb == b && *ct == t && *ch == half => {
+            (be.reshape(cos, &[b, 1, t, half])?, be.reshape(sin, &[b, 1, t, half])?)
+        }
+        _ => return Err(Error::shape(format!("rope: cos/sin {cd:?} do not match x {xd:?}"))),
+    };
+    let x1 = be.narrow(x, 3, 0, half)?;
+    let x2 = be.narrow(x, 3, half, half)?;
+    let mul = |a: &B::Tensor, c: &B::Tensor| be.binary(BinaryOp::Mul, a, c);
+    let lo = be.binary(BinaryOp::Sub, &mul(&x1, &cos)?, &mul(&x2, &sin)?)?;
+    let hi = be.binary(BinaryOp::Add, &mul(&x2, &cos)?, &mul(&x1, &sin)?)?;
+    be.concat(&[&lo, &hi], 3)
+}
+
+/// Reference implementation of [`Backend::attention`] from the primitives.
+pub fn default_attention<B: Backend>(
+    be: &B,
+    q: &B::Tensor,
+    k: &B::Tensor,
+    v: &B::Tensor,
+    mask: &AttnMask<'_, B::Tensor>,
+    scale: f64,
+) -> Result<B::Tensor> {
+    let (qd, kd, vd) = (be.dims(q), be.dims(k), be.dims(v));
+    if qd.len() != 4 || kd.len() != 4 || vd.len() != 4 || kd != vd || qd[0] != kd[0] || qd[3] != kd[3] {
+        return Err(Error::shape(format!(
+            "attention: q {qd:?}, k {kd:?}, v {vd:?} do not fit"
+        )));
+    }
+    let (b, h, tq, d) = (qd[0], qd[1], qd[2], qd[3]);
+    let (hkv, tk) = (kd[1], kd[2]);
+    if hkv == 0 || h % hkv != 0 {
+        return Err(Error::shape(format!(
+            "attention: {h} query heads are not a multiple of {hkv} kv heads"
+        )));
+    }
+    let (k, v) = if hkv == h {
+        (k.clone(), v.clone())
+    } else {
+        let rep = h / hkv;
+        let expand = |t: &B::Tensor| -> Result<B::Tensor> {
+            let t = be.reshape(t, &[b, hkv, 1, tk, d])?;
+            let t = be.broadcast_to(&t, &[b, hkv, rep, tk, d])?;
+            be.reshape(&t, &[b, h, tk, d])
+        };
+        (expand(k)?, expand(v)?)
+    };
+    let kt = be.permute(&k, &[0, 1, 3, 2])?;
+    let scores = be.affine(&be.matmul(q, &kt)?, scale, 0.0)?;
+    let dt = be.dtype(&scores);
+    let mut scores = upcast(be, &scores)?;
+    if let Some(bias) = mask.bias {
+        scores = be.binary(BinaryOp::Add, &scores, &upcast(be, bias)?)?;
+    }
+    if let Some(offset) = mask.causal_offset {
+        let host = causal_bias(tq, tk, offset)?;
+        let cm = be.upload(&host)?;
+        scores = be.binary(BinaryOp::Add, &scores, &cm)?;
+    }
+    let p = be.cast(&be.softmax_last_dim(&scores)?, dt)?;
+    be.matmul(&p, &v)
 }
 
 /// The additive causal mask `[Tq, Tk]` for queries at `offset .. offset + Tq`.

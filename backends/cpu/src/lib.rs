@@ -1,0 +1,613 @@
+//! The CPU backend: [`emu_core::Backend`] on candle-core / candle-nn.
+//!
+//! Matmuls go through candle's `gemm` crate (multi-threaded, SIMD); f16/bf16
+//! are stored natively and the numerically sensitive composites (softmax,
+//! norms) run in f32 as PyTorch does.
+//!
+//! ```
+//! use emu_backend_cpu::CpuBackend;
+//! use emu_core::Tensor;
+//! let cpu = CpuBackend::new();
+//! let x = Tensor::from_f32(&cpu, &[2, 2], vec![1.0, 2.0, 3.0, 4.0])?;
+//! let y = x.matmul(&x)?;
+//! assert_eq!(y.to_f32_vec()?, vec![7.0, 10.0, 15.0, 22.0]);
+//! # Ok::<(), emu_core::Error>(())
+//! ```
+
+use candle_core::{DType as CDType, Device, Tensor as CTensor};
+use emu_core::backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+use emu_core::{DType, Error, HostTensor, Result};
+
+/// The candle CPU backend. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    device: Device,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        Self { device: Device::Cpu }
+    }
+}
+
+const NAME: &str = "cpu";
+
+fn err(e: candle_core::Error) -> Error {
+    Error::Backend {
+        backend: NAME.to_string(),
+        message: e.to_string(),
+    }
+}
+
+fn unsupported(what: impl Into<String>) -> Error {
+    Error::Unsupported {
+        backend: NAME.to_string(),
+        what: what.into(),
+    }
+}
+
+fn to_candle(dtype: DType) -> Result<CDType> {
+    Ok(match dtype {
+        DType::F64 => CDType::F64,
+        DType::F32 => CDType::F32,
+        DType::F16 => CDType::F16,
+        DType::BF16 => CDType::BF16,
+        DType::I64 => CDType::I64,
+        DType::I32 => CDType::I32,
+        DType::U32 => CDType::U32,
+        DType::U8 => CDType::U8,
+        DType::Bool => return Err(unsupported("bool tensors (use u8)")),
+    })
+}
+
+fn from_candle(dtype: CDType) -> DType {
+    match dtype {
+        CDType::F64 => DType::F64,
+        CDType::F32 => DType::F32,
+        CDType::F16 => DType::F16,
+        CDType::BF16 => DType::BF16,
+        CDType::I64 => DType::I64,
+        CDType::I32 => DType::I32,
+        CDType::U32 => DType::U32,
+        CDType::U8 => DType::U8,
+        // Never created by this backend: every tensor comes from `upload`/`full`/`cast`.
+        other => unreachable!("candle dtype {other:?} is never created by the cpu backend"),
+    }
+}
+
+fn is_half(t: &CTensor) -> bool {
+    matches!(t.dtype(), CDType::F16 | CDType::BF16)
+}
+
+/// Runs `f` in f32 for f16/bf16 inputs and casts the result back.
+fn in_f32(x: &CTensor, f: impl FnOnce(&CTensor) -> candle_core::Result<CTensor>) -> Result<CTensor> {
+    if is_half(x) {
+        let y = f(&x.to_dtype(CDType::F32).map_err(err)?).map_err(err)?;
+        y.to_dtype(x.dtype()).map_err(err)
+    } else {
+        f(x).map_err(err)
+    }
+}
+
+fn check_dim(op: &str, t: &CTensor, dim: usize) -> Result<()> {
+    if dim >= t.rank() {
+        return Err(Error::shape(format!(
+            "{op}: dimension {dim} out of range for {:?}",
+            t.dims()
+        )));
+    }
+    Ok(())
+}
+
+fn same_dtype(op: &str, a: &CTensor, b: &CTensor) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        return Err(Error::DType(format!(
+            "{op}: operands have different dtypes {} and {}",
+            from_candle(a.dtype()),
+            from_candle(b.dtype())
+        )));
+    }
+    Ok(())
+}
+
+fn broadcast_dims(op: &str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return Err(Error::shape(format!("{op}: shapes {a:?} and {b:?} do not broadcast"))),
+        };
+    }
+    Ok(out)
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CTensor;
+
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn supports(&self, dtype: DType) -> bool {
+        dtype != DType::Bool
+    }
+
+    fn dims(&self, t: &CTensor) -> Vec<usize> {
+        t.dims().to_vec()
+    }
+
+    fn dtype(&self, t: &CTensor) -> DType {
+        from_candle(t.dtype())
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<CTensor> {
+        let dt = to_candle(host.dtype())?;
+        CTensor::from_raw_buffer(host.as_bytes(), dt, host.dims(), &self.device).map_err(err)
+    }
+
+    fn download(&self, t: &CTensor) -> Result<HostTensor> {
+        let flat = t.flatten_all().map_err(err)?;
+        let dims = t.dims();
+        macro_rules! bytes {
+            ($ty:ty) => {
+                flat.to_vec1::<$ty>()
+                    .map_err(err)?
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect::<Vec<u8>>()
+            };
+        }
+        let data = match t.dtype() {
+            CDType::F64 => bytes!(f64),
+            CDType::F32 => bytes!(f32),
+            CDType::F16 => bytes!(half::f16),
+            CDType::BF16 => bytes!(half::bf16),
+            CDType::I64 => bytes!(i64),
+            CDType::I32 => bytes!(i32),
+            CDType::U32 => bytes!(u32),
+            CDType::U8 => flat.to_vec1::<u8>().map_err(err)?,
+            other => return Err(unsupported(format!("downloading {other:?}"))),
+        };
+        HostTensor::from_bytes(dims, from_candle(t.dtype()), data)
+    }
+
+    fn full(&self, dims: &[usize], value: f64, dtype: DType) -> Result<CTensor> {
+        emu_core::host::checked_numel(dims)?;
+        let dt = to_candle(dtype)?;
+        let z = CTensor::zeros(dims, dt, &self.device).map_err(err)?;
+        if value == 0.0 {
+            return Ok(z);
+        }
+        if dtype.is_float() {
+            // affine in f64 then round once, so `full` is exact for every dtype.
+            return CTensor::full(value, dims, &self.device)
+                .and_then(|t| t.to_dtype(dt))
+                .map_err(err);
+        }
+        let host = HostTensor::from_f64(&[1], vec![value])?.to_dtype(DType::I64)?;
+        let one = self.upload(&host)?.to_dtype(dt).map_err(err)?;
+        one.reshape(vec![1; dims.len()])
+            .and_then(|t| t.broadcast_as(dims))
+            .and_then(|t| t.contiguous())
+            .map_err(err)
+    }
+
+    fn cast(&self, t: &CTensor, dtype: DType) -> Result<CTensor> {
+        t.to_dtype(to_candle(dtype)?).map_err(err)
+    }
+
+    fn reshape(&self, t: &CTensor, dims: &[usize]) -> Result<CTensor> {
+        if emu_core::host::checked_numel(dims)? != t.elem_count() {
+            return Err(Error::shape(format!("reshape: cannot view {:?} as {dims:?}", t.dims())));
+        }
+        t.reshape(dims).map_err(err)
+    }
+
+    fn permute(&self, t: &CTensor, perm: &[usize]) -> Result<CTensor> {
+        let mut seen = vec![false; t.rank()];
+        if perm.len() != t.rank()
+            || perm
+                .iter()
+                .any(|&p| p >= t.rank() || std::mem::replace(&mut seen[p], true))
+        {
+            return Err(Error::shape(format!(
+                "permute: {perm:?} is not a permutation of the dims of {:?}",
+                t.dims()
+            )));
+        }
+        t.permute(perm).map_err(err)
+    }
+
+    fn narrow(&self, t: &CTensor, dim: usize, start: usize, len: usize) -> Result<CTensor> {
+        check_dim("narrow", t, dim)?;
+        if start.checked_add(len).is_none_or(|end| end > t.dims()[dim]) {
+            return Err(Error::shape(format!(
+                "narrow: {start}..{start}+{len} out of range for dim {dim} of {:?}",
+                t.dims()
+            )));
+        }
+        t.narrow(dim, start, len).map_err(err)
+    }
+
+    fn concat(&self, ts: &[&CTensor], dim: usize) -> Result<CTensor> {
+        let first = ts.first().ok_or_else(|| Error::shape("concat of no tensors"))?;
+        check_dim("concat", first, dim)?;
+        for t in ts {
+            same_dtype("concat", first, t)?;
+            let ok = t.rank() == first.rank()
+                && t.dims()
+                    .iter()
+                    .zip(first.dims())
+                    .enumerate()
+                    .all(|(i, (a, b))| i == dim || a == b);
+            if !ok {
+                return Err(Error::shape(format!(
+                    "concat along {dim}: {:?} does not fit {:?}",
+                    t.dims(),
+                    first.dims()
+                )));
+            }
+        }
+        CTensor::cat(ts, dim).map_err(err)
+    }
+
+    fn slice_set(&self, dst: CTensor, src: &CTensor, dim: usize, start: usize) -> Result<CTensor> {
+        check_dim("slice_set", &dst, dim)?;
+        same_dtype("slice_set", &dst, src)?;
+        let fits = src.rank() == dst.rank()
+            && src
+                .dims()
+                .iter()
+                .zip(dst.dims())
+                .enumerate()
+                .all(|(i, (s, d))| if i == dim { start + s <= *d } else { s == d });
+        if !fits {
+            return Err(Error::shape(format!(
+                "slice_set: {:?} at {start} along {dim} does not fit into {:?}",
+                src.dims(),
+                dst.dims()
+            )));
+        }
+        // candle writes in place only into contiguous storage that nothing else views.
+        let dst = if dst.is_contiguous() {
+            dst
+        } else {
+            dst.copy().map_err(err)?
+        };
+        let src = src.contiguous().map_err(err)?;
+        dst.slice_set(&src, dim, start).map_err(err)?;
+        Ok(dst)
+    }
+
+    fn index_select(&self, t: &CTensor, ids: &CTensor, dim: usize) -> Result<CTensor> {
+        check_dim("index_select", t, dim)?;
+        if ids.rank() != 1 || !matches!(ids.dtype(), CDType::U32 | CDType::I64 | CDType::U8) {
+            return Err(Error::shape(format!(
+                "index_select: ids must be a 1-D integer tensor, found {:?} {}",
+                ids.dims(),
+                from_candle(ids.dtype())
+            )));
+        }
+        let max = ids
+            .to_dtype(CDType::I64)
+            .and_then(|i| i.to_vec1::<i64>())
+            .map_err(err)?;
+        let size = t.dims()[dim] as i64;
+        if let Some(bad) = max.iter().find(|&&i| i < 0 || i >= size) {
+            return Err(Error::shape(format!(
+                "index_select: index {bad} out of range for dim {dim} of {:?}",
+                t.dims()
+            )));
+        }
+        t.index_select(ids, dim).map_err(err)
+    }
+
+    fn broadcast_to(&self, t: &CTensor, dims: &[usize]) -> Result<CTensor> {
+        let out = broadcast_dims("broadcast_to", t.dims(), dims)?;
+        if out != dims {
+            return Err(Error::shape(format!(
+                "broadcast_to: {:?} cannot expand to {dims:?}",
+                t.dims()
+            )));
+        }
+        t.broadcast_as(dims).map_err(err)
+    }
+
+    fn unary(&self, op: UnaryOp, t: &CTensor) -> Result<CTensor> {
+        if !t.dtype().is_float() {
+            return Err(Error::DType(format!(
+                "{op:?} needs a float tensor, found {}",
+                from_candle(t.dtype())
+            )));
+        }
+        let r = match op {
+            UnaryOp::Neg => t.neg(),
+            UnaryOp::Abs => t.abs(),
+            UnaryOp::Exp => t.exp(),
+            UnaryOp::Log => t.log(),
+            UnaryOp::Sqrt => t.sqrt(),
+            UnaryOp::Sqr => t.sqr(),
+            UnaryOp::Recip => t.recip(),
+            UnaryOp::Tanh => t.tanh(),
+            UnaryOp::Sigmoid => candle_nn::ops::sigmoid(t),
+            UnaryOp::Sin => t.sin(),
+            UnaryOp::Cos => t.cos(),
+            UnaryOp::Relu => t.relu(),
+            UnaryOp::Silu => t.silu(),
+            UnaryOp::Gelu => t.gelu_erf(),
+            UnaryOp::GeluTanh => t.gelu(),
+        };
+        r.map_err(err)
+    }
+
+    fn binary(&self, op: BinaryOp, a: &CTensor, b: &CTensor) -> Result<CTensor> {
+        same_dtype("binary op", a, b)?;
+        broadcast_dims(&format!("{op:?}"), a.dims(), b.dims())?;
+        let r = match op {
+            BinaryOp::Add => a.broadcast_add(b),
+            BinaryOp::Sub => a.broadcast_sub(b),
+            BinaryOp::Mul => a.broadcast_mul(b),
+            BinaryOp::Div => a.broadcast_div(b),
+            BinaryOp::Maximum => a.broadcast_maximum(b),
+            BinaryOp::Minimum => a.broadcast_minimum(b),
+        };
+        r.map_err(err)
+    }
+
+    fn affine(&self, t: &CTensor, mul: f64, add: f64) -> Result<CTensor> {
+        t.affine(mul, add).map_err(err)
+    }
+
+    fn reduce(&self, op: ReduceOp, t: &CTensor, dim: usize, keepdim: bool) -> Result<CTensor> {
+        check_dim("reduce", t, dim)?;
+        if t.dims()[dim] == 0 {
+            return Err(Error::shape(format!(
+                "reduce: dimension {dim} of {:?} is empty",
+                t.dims()
+            )));
+        }
+        let r = match op {
+            // Accumulate half-precision sums in f32, like PyTorch.
+            ReduceOp::Sum => in_f32(t, |x| x.sum_keepdim(dim))?,
+            ReduceOp::Mean => in_f32(t, |x| x.mean_keepdim(dim))?,
+            ReduceOp::Max => t.max_keepdim(dim).map_err(err)?,
+            ReduceOp::Min => t.min_keepdim(dim).map_err(err)?,
+        };
+        if keepdim {
+            Ok(r)
+        } else {
+            r.squeeze(dim).map_err(err)
+        }
+    }
+
+    fn argmax(&self, t: &CTensor, dim: usize) -> Result<CTensor> {
+        check_dim("argmax", t, dim)?;
+        if t.dims()[dim] == 0 {
+            return Err(Error::shape(format!(
+                "argmax: dimension {dim} of {:?} is empty",
+                t.dims()
+            )));
+        }
+        t.argmax_keepdim(dim).and_then(|r| r.squeeze(dim)).map_err(err)
+    }
+
+    fn matmul(&self, a: &CTensor, b: &CTensor) -> Result<CTensor> {
+        same_dtype("matmul", a, b)?;
+        let (ad, bd) = (a.dims(), b.dims());
+        if ad.len() < 2 || bd.len() < 2 || ad[ad.len() - 1] != bd[bd.len() - 2] {
+            return Err(Error::shape(format!("matmul: {ad:?} x {bd:?}")));
+        }
+        broadcast_dims("matmul batch", &ad[..ad.len() - 2], &bd[..bd.len() - 2])?;
+        // gemm takes row- or column-major operands; anything else is copied once.
+        let prep = |t: &CTensor| -> Result<CTensor> {
+            let tt = t.t().map_err(err)?;
+            if t.is_contiguous() || tt.is_contiguous() {
+                Ok(t.clone())
+            } else {
+                t.contiguous().map_err(err)
+            }
+        };
+        prep(a)?.broadcast_matmul(&prep(b)?).map_err(err)
+    }
+
+    fn conv2d(&self, x: &CTensor, w: &CTensor, bias: Option<&CTensor>, p: Conv2dParams) -> Result<CTensor> {
+        same_dtype("conv2d", x, w)?;
+        let (xd, wd) = (x.dims(), w.dims());
+        if xd.len() != 4 || wd.len() != 4 || p.groups == 0 || xd[1] != wd[1] * p.groups || wd[0] % p.groups != 0 {
+            return Err(Error::shape(format!(
+                "conv2d: input {xd:?}, weight {wd:?}, groups {}",
+                p.groups
+            )));
+        }
+        p.output_hw((xd[2], xd[3]), (wd[2], wd[3]))?;
+        if p.stride.0 != p.stride.1 || p.dilation.0 != p.dilation.1 {
+            return Err(unsupported(format!(
+                "conv2d with unequal stride {:?} or dilation {:?}",
+                p.stride, p.dilation
+            )));
+        }
+        let mut x = x.clone();
+        let pad = if p.padding.0 == p.padding.1 {
+            p.padding.0
+        } else {
+            x = x
+                .pad_with_zeros(2, p.padding.0, p.padding.0)
+                .and_then(|x| x.pad_with_zeros(3, p.padding.1, p.padding.1))
+                .map_err(err)?;
+            0
+        };
+        let y = x
+            .contiguous()
+            .and_then(|x| x.conv2d(&w.contiguous()?, pad, p.stride.0, p.dilation.0, p.groups))
+            .map_err(err)?;
+        match bias {
+            Some(b) => {
+                if b.dims() != [wd[0]] {
+                    return Err(Error::shape(format!(
+                        "conv2d: bias {:?} for {} output channels",
+                        b.dims(),
+                        wd[0]
+                    )));
+                }
+                y.broadcast_add(&b.reshape((1, wd[0], 1, 1)).map_err(err)?).map_err(err)
+            }
+            None => Ok(y),
+        }
+    }
+
+    fn avg_pool2d(&self, x: &CTensor, kernel: (usize, usize), stride: (usize, usize)) -> Result<CTensor> {
+        let d = x.dims();
+        if d.len() != 4
+            || kernel.0 == 0
+            || kernel.1 == 0
+            || stride.0 == 0
+            || stride.1 == 0
+            || d[2] < kernel.0
+            || d[3] < kernel.1
+        {
+            return Err(Error::shape(format!(
+                "avg_pool2d: input {d:?}, kernel {kernel:?}, stride {stride:?}"
+            )));
+        }
+        in_f32(x, |x| x.avg_pool2d_with_stride(kernel, stride))
+    }
+
+    fn upsample_nearest2d(&self, x: &CTensor, h: usize, w: usize) -> Result<CTensor> {
+        let d = x.dims();
+        if d.len() != 4 || h == 0 || w == 0 {
+            return Err(Error::shape(format!("upsample_nearest2d: input {d:?} to {h}x{w}")));
+        }
+        x.upsample_nearest2d(h, w).map_err(err)
+    }
+
+    // ---- fused overrides -------------------------------------------------
+
+    fn linear(&self, x: &CTensor, w: &CTensor, b: Option<&CTensor>) -> Result<CTensor> {
+        same_dtype("linear", x, w)?;
+        let (xd, wd) = (x.dims(), w.dims());
+        if wd.len() != 2 || xd.is_empty() || xd[xd.len() - 1] != wd[1] {
+            return Err(Error::shape(format!("linear: input {xd:?}, weight {wd:?}")));
+        }
+        // `w.t()` is a column-major view that gemm consumes without a copy.
+        let rows: usize = xd[..xd.len() - 1].iter().product();
+        let x2 = x.reshape((rows, wd[1])).map_err(err)?;
+        let y = x2.matmul(&w.t().map_err(err)?).map_err(err)?;
+        let mut od = xd[..xd.len() - 1].to_vec();
+        od.push(wd[0]);
+        let y = y.reshape(od).map_err(err)?;
+        match b {
+            Some(b) => self.binary(BinaryOp::Add, &y, b),
+            None => Ok(y),
+        }
+    }
+
+    fn softmax_last_dim(&self, x: &CTensor) -> Result<CTensor> {
+        if x.rank() == 0 {
+            return Err(Error::shape("softmax of a scalar"));
+        }
+        in_f32(x, |x| candle_nn::ops::softmax_last_dim(&x.contiguous()?))
+    }
+
+    fn rms_norm(&self, x: &CTensor, w: &CTensor, eps: f64) -> Result<CTensor> {
+        same_dtype("rms_norm", x, w)?;
+        let last = *x.dims().last().ok_or_else(|| Error::shape("rms_norm of a scalar"))?;
+        if w.dims() != [last] {
+            return Err(Error::shape(format!(
+                "rms_norm: weight {:?} for input {:?}",
+                w.dims(),
+                x.dims()
+            )));
+        }
+        if x.dtype() == CDType::F32 {
+            return candle_nn::ops::rms_norm(&x.contiguous().map_err(err)?, w, eps as f32).map_err(err);
+        }
+        // Half precision: normalise in f32, round, then scale (LlamaRMSNorm's order).
+        let ones = CTensor::ones(last, CDType::F32, &self.device).map_err(err)?;
+        let n = in_f32(x, |x| candle_nn::ops::rms_norm(&x.contiguous()?, &ones, eps as f32))?;
+        n.broadcast_mul(w).map_err(err)
+    }
+
+    fn layer_norm(&self, x: &CTensor, w: Option<&CTensor>, b: Option<&CTensor>, eps: f64) -> Result<CTensor> {
+        let last = *x.dims().last().ok_or_else(|| Error::shape("layer_norm of a scalar"))?;
+        for p in [w, b].into_iter().flatten() {
+            same_dtype("layer_norm", x, p)?;
+            if p.dims() != [last] {
+                return Err(Error::shape(format!(
+                    "layer_norm: parameter {:?} for input {:?}",
+                    p.dims(),
+                    x.dims()
+                )));
+            }
+        }
+        let ones = CTensor::ones(last, CDType::F32, &self.device).map_err(err)?;
+        let zeros = CTensor::zeros(last, CDType::F32, &self.device).map_err(err)?;
+        let to32 = |p: Option<&CTensor>, d: &CTensor| -> Result<CTensor> {
+            p.map(|p| p.to_dtype(CDType::F32).map_err(err))
+                .unwrap_or_else(|| Ok(d.clone()))
+        };
+        if x.dtype() == CDType::F32 {
+            return candle_nn::ops::layer_norm(
+                &x.contiguous().map_err(err)?,
+                &to32(w, &ones)?,
+                &to32(b, &zeros)?,
+                eps as f32,
+            )
+            .map_err(err);
+        }
+        // Half precision: PyTorch's kernel keeps the affine part in f32 too, then rounds once.
+        let y = in_f32(x, |x| {
+            candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, eps as f32)
+        })?;
+        let y = y.to_dtype(CDType::F32).map_err(err)?;
+        let y = match w {
+            Some(w) => y.broadcast_mul(&to32(Some(w), &ones)?).map_err(err)?,
+            None => y,
+        };
+        let y = match b {
+            Some(b) => y.broadcast_add(&to32(Some(b), &zeros)?).map_err(err)?,
+            None => y,
+        };
+        y.to_dtype(x.dtype()).map_err(err)
+    }
+
+    fn rope(&self, x: &CTensor, cos: &CTensor, sin: &CTensor) -> Result<CTensor> {
+        let xd = x.dims();
+        let fused = xd.len() == 4
+            && xd[3] % 2 == 0
+            && cos.dims() == [xd[2], xd[3] / 2]
+            && sin.dims() == cos.dims()
+            && cos.dtype() == x.dtype()
+            && sin.dtype() == x.dtype();
+        if !fused {
+            return emu_core::backend::default_rope(self, x, cos, sin);
+        }
+        candle_nn::rotary_emb::rope(
+            &x.contiguous().map_err(err)?,
+            &cos.contiguous().map_err(err)?,
+            &sin.contiguous().map_err(err)?,
+        )
+        .map_err(err)
+    }
+
+    fn attention(
+        &self,
+        q: &CTensor,
+        k: &CTensor,
+        v: &CTensor,
+        mask: &AttnMask<'_, CTensor>,
+        scale: f64,
+    ) -> Result<CTensor> {
+        emu_core::backend::default_attention(self, q, k, v, mask, scale)
+    }
+}
