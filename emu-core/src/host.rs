@@ -34,11 +34,7 @@ impl std::fmt::Debug for HostTensor {
 pub fn checked_numel(dims: &[usize]) -> Result<usize> {
     dims.iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| {
-            Error::Shape(format!(
-                "shape {dims:?} has more elements than fit in memory"
-            ))
-        })
+        .ok_or_else(|| Error::Shape(format!("shape {dims:?} has more elements than fit in memory")))
 }
 
 impl HostTensor {
@@ -62,35 +58,19 @@ impl HostTensor {
     }
 
     pub fn from_f32(dims: &[usize], v: Vec<f32>) -> Result<Self> {
-        Self::from_bytes(
-            dims,
-            DType::F32,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        )
+        Self::from_bytes(dims, DType::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 
     pub fn from_f64(dims: &[usize], v: Vec<f64>) -> Result<Self> {
-        Self::from_bytes(
-            dims,
-            DType::F64,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        )
+        Self::from_bytes(dims, DType::F64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 
     pub fn from_u32(dims: &[usize], v: Vec<u32>) -> Result<Self> {
-        Self::from_bytes(
-            dims,
-            DType::U32,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        )
+        Self::from_bytes(dims, DType::U32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 
     pub fn from_i64(dims: &[usize], v: Vec<i64>) -> Result<Self> {
-        Self::from_bytes(
-            dims,
-            DType::I64,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        )
+        Self::from_bytes(dims, DType::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
     }
 
     /// A tensor of zeros.
@@ -122,10 +102,7 @@ impl HostTensor {
     /// Same data, another shape with the same number of elements.
     pub fn reshape(mut self, dims: &[usize]) -> Result<Self> {
         if checked_numel(dims)? != self.numel() {
-            return Err(Error::Shape(format!(
-                "cannot reshape {:?} into {dims:?}",
-                self.dims
-            )));
+            return Err(Error::Shape(format!("cannot reshape {:?} into {dims:?}", self.dims)));
         }
         self.dims = dims.to_vec();
         Ok(self)
@@ -195,11 +172,7 @@ impl HostTensor {
                 .map(|c| u32::from_le_bytes(c.try_into().unwrap()) as i64)
                 .collect(),
             DType::U8 | DType::Bool => d.iter().map(|&b| b as i64).collect(),
-            other => {
-                return Err(Error::DType(format!(
-                    "expected an integer tensor, found {other}"
-                )))
-            }
+            other => return Err(Error::DType(format!("expected an integer tensor, found {other}"))),
         })
     }
 
@@ -210,11 +183,7 @@ impl HostTensor {
             return Ok(self.clone());
         }
         let data: Vec<u8> = match dtype {
-            DType::F64 => self
-                .to_f64_vec()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
+            DType::F64 => self.to_f64_vec()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
             DType::F32 => self
                 .to_f64_vec()?
                 .iter()
@@ -231,17 +200,11 @@ impl HostTensor {
                 .iter()
                 .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
                 .collect(),
-            DType::I64 => self
-                .to_i64_vec()?
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect(),
+            DType::I64 => self.to_i64_vec()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
             DType::I32 => self
                 .to_i64_vec()?
                 .iter()
-                .map(|&x| {
-                    i32::try_from(x).map_err(|_| Error::DType(format!("{x} does not fit in i32")))
-                })
+                .map(|&x| i32::try_from(x).map_err(|_| Error::DType(format!("{x} does not fit in i32"))))
                 .collect::<Result<Vec<_>>>()?
                 .iter()
                 .flat_map(|x| x.to_le_bytes())
@@ -249,9 +212,7 @@ impl HostTensor {
             DType::U32 => self
                 .to_i64_vec()?
                 .iter()
-                .map(|&x| {
-                    u32::try_from(x).map_err(|_| Error::DType(format!("{x} does not fit in u32")))
-                })
+                .map(|&x| u32::try_from(x).map_err(|_| Error::DType(format!("{x} does not fit in u32"))))
                 .collect::<Result<Vec<_>>>()?
                 .iter()
                 .flat_map(|x| x.to_le_bytes())
@@ -259,9 +220,7 @@ impl HostTensor {
             DType::U8 | DType::Bool => self
                 .to_i64_vec()?
                 .iter()
-                .map(|&x| {
-                    u8::try_from(x).map_err(|_| Error::DType(format!("{x} does not fit in u8")))
-                })
+                .map(|&x| u8::try_from(x).map_err(|_| Error::DType(format!("{x} does not fit in u8"))))
                 .collect::<Result<Vec<_>>>()?,
         };
         HostTensor::from_bytes(&self.dims, dtype, data)
@@ -281,10 +240,7 @@ mod tests {
         // 1 + 2^-8 + eps is just above the halfway point between 1 and 1 + 2^-7.
         assert_eq!(b[2], 1.0 + 1.0 / 128.0);
         let i = HostTensor::from_u32(&[2], vec![7, 9]).unwrap();
-        assert_eq!(
-            i.to_dtype(DType::I64).unwrap().to_i64_vec().unwrap(),
-            vec![7, 9]
-        );
+        assert_eq!(i.to_dtype(DType::I64).unwrap().to_i64_vec().unwrap(), vec![7, 9]);
         assert!(t.to_dtype(DType::I64).is_err());
     }
 

@@ -131,9 +131,7 @@ impl<B: Backend> Tensor<B> {
     pub fn transpose(&self, d0: usize, d1: usize) -> Result<Self> {
         let rank = self.rank();
         if d0 >= rank || d1 >= rank {
-            return Err(Error::shape(format!(
-                "transpose({d0}, {d1}) of a rank-{rank} tensor"
-            )));
+            return Err(Error::shape(format!("transpose({d0}, {d1}) of a rank-{rank} tensor")));
         }
         let mut perm: Vec<usize> = (0..rank).collect();
         perm.swap(d0, d1);
@@ -145,9 +143,7 @@ impl<B: Backend> Tensor<B> {
     }
 
     pub fn concat(ts: &[&Self], dim: usize) -> Result<Self> {
-        let first = ts
-            .first()
-            .ok_or_else(|| Error::shape("concat of no tensors"))?;
+        let first = ts.first().ok_or_else(|| Error::shape("concat of no tensors"))?;
         let raws: Vec<&B::Tensor> = ts.iter().map(|t| &t.inner).collect();
         first.wrap(first.backend.concat(&raws, dim)?)
     }
@@ -206,10 +202,7 @@ impl<B: Backend> Tensor<B> {
     }
 
     pub fn linear(&self, w: &Self, b: Option<&Self>) -> Result<Self> {
-        self.wrap(
-            self.backend
-                .linear(&self.inner, &w.inner, b.map(|b| &b.inner))?,
-        )
+        self.wrap(self.backend.linear(&self.inner, &w.inner, b.map(|b| &b.inner))?)
     }
 
     pub fn conv2d(&self, w: &Self, b: Option<&Self>, params: Conv2dParams) -> Result<Self> {
@@ -232,32 +225,21 @@ impl<B: Backend> Tensor<B> {
     }
 
     pub fn layer_norm(&self, w: Option<&Self>, b: Option<&Self>, eps: f64) -> Result<Self> {
-        self.wrap(self.backend.layer_norm(
-            &self.inner,
-            w.map(|w| &w.inner),
-            b.map(|b| &b.inner),
-            eps,
-        )?)
+        self.wrap(
+            self.backend
+                .layer_norm(&self.inner, w.map(|w| &w.inner), b.map(|b| &b.inner), eps)?,
+        )
     }
 
     pub fn rms_norm(&self, w: &Self, eps: f64) -> Result<Self> {
         self.wrap(self.backend.rms_norm(&self.inner, &w.inner, eps)?)
     }
 
-    pub fn group_norm(
-        &self,
-        groups: usize,
-        w: Option<&Self>,
-        b: Option<&Self>,
-        eps: f64,
-    ) -> Result<Self> {
-        self.wrap(self.backend.group_norm(
-            &self.inner,
-            groups,
-            w.map(|w| &w.inner),
-            b.map(|b| &b.inner),
-            eps,
-        )?)
+    pub fn group_norm(&self, groups: usize, w: Option<&Self>, b: Option<&Self>, eps: f64) -> Result<Self> {
+        self.wrap(
+            self.backend
+                .group_norm(&self.inner, groups, w.map(|w| &w.inner), b.map(|b| &b.inner), eps)?,
+        )
     }
 
     pub fn rope(&self, cos: &Self, sin: &Self) -> Result<Self> {
@@ -277,9 +259,6 @@ impl<B: Backend> Tensor<B> {
             causal_offset,
             bias: bias.map(|b| &b.inner),
         };
-        self.wrap(
-            self.backend
-                .attention(&self.inner, &k.inner, &v.inner, &mask, scale)?,
-        )
+        self.wrap(self.backend.attention(&self.inner, &k.inner, &v.inner, &mask, scale)?)
     }
 }
