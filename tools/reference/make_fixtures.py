@@ -20,7 +20,9 @@ ROOT = HERE.parent.parent
 # name -> module; a module is imported only when its set is built, so a set's
 # heavy imports (diffusers, transformers) do not slow the others down.
 SETS = {
+    "vision": "fixtures_vision",
     "loader": "fixtures_loader",
+    "decoder": "fixtures_decoder",
 }
 
 

@@ -1,0 +1,16 @@
+//! The diffusion decoder of Emu2-Gen (SPEC §4.3): an SDXL-style
+//! `UNet2DConditionModel` with 1792-wide cross-attention and "text_time"
+//! added conditioning, the SDXL `AutoencoderKL`, diffusers'
+//! `EulerDiscreteScheduler`, and the classifier-free-guided sampling loop
+//! that turns 64 regressed visual embeddings into an RGB image.
+//!
+//! Models read diffusers folders (`config.json` + safetensors, diffusers key
+//! names) and run on any [`emu_core::Backend`].
+
+pub mod error;
+pub mod scheduler;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use scheduler::{EulerDiscreteConfig, EulerDiscreteScheduler, PredictionType, TimestepSpacing};
+pub use weights::{TensorMap, TensorSource, Vb};
