@@ -20,6 +20,7 @@ ROOT = HERE.parent.parent
 # name -> module; a module is imported only when its set is built, so a set's
 # heavy imports (diffusers, transformers) do not slow the others down.
 SETS = {
+    "prompt": "fixtures_prompt",
     "vision": "fixtures_vision",
     "loader": "fixtures_loader",
     "decoder": "fixtures_decoder",

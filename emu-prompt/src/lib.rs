@@ -1,0 +1,19 @@
+//! Emu2 prompts, end to end up to token ids.
+//!
+//! * [`prompt`]: the typed prompt (text, images, videos, grounded objects, chat turns).
+//! * [`markup`]: a plain-text markup for the command line and the same prompt as JSON.
+//! * [`render`]: model text for Emu2 (base), Emu2-Chat and Emu2-Gen, with image/video slots.
+//! * [`tokenizer`]: the LLaMA tokenizer with Emu2's special tokens, token-for-token equal to
+//!   upstream's slow `LlamaTokenizer` (or, as an option, to `LlamaTokenizerFast`).
+//! * [`sentencepiece`]: loading `tokenizer.model` + `added_tokens.json` without Python.
+//! * [`mask`]: grounding boxes drawn as the mask images Emu2-Gen takes.
+//! * [`grounding`]: parsing Emu2-Chat's `[x1, y1, x2, y2]` answers back into pixel boxes.
+//! * [`video`]: the demo's uniform frame sampling.
+
+pub mod error;
+pub mod special;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use special::{SpecialToken, Variant};
+pub use tokenizer::{Compat, Emu2Tokenizer, Piece};

@@ -1,0 +1,59 @@
+//! Shared helpers for the integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use emu_prompt::{Compat, Emu2Tokenizer, Variant};
+
+/// `tests/fixtures/prompt` in the repository.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/prompt")
+}
+
+/// The upstream LLaMA tokenizer files (`../shared` beside the checkout; never committed).
+pub fn llama_dir() -> PathBuf {
+    let shared = std::env::var_os("EMU_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let dir = shared.join("reference/emu2-conf/llama_config");
+    assert!(
+        dir.join("tokenizer.json").is_file(),
+        "{} is missing: these tests read the upstream tokenizer from ../shared (set EMU_SHARED)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn load_json(name: &str) -> serde_json::Value {
+    let path = fixtures().join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run tools/reference/make_fixtures.py prompt)", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+pub fn tokenizer_json(variant: Variant, compat: Compat) -> Emu2Tokenizer {
+    Emu2Tokenizer::from_tokenizer_json(llama_dir().join("tokenizer.json"), variant)
+        .unwrap()
+        .with_compat(compat)
+}
+
+pub fn variant_of(kind: &str) -> Variant {
+    if kind == "chat" {
+        Variant::Chat
+    } else {
+        Variant::Base
+    }
+}
+
+/// First index where two id lists differ, for readable failures.
+pub fn first_diff(a: &[u32], b: &[u32]) -> Option<usize> {
+    (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i))
+}
