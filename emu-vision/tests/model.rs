@@ -1,0 +1,104 @@
+//! The encoder against the PyTorch reference (tools/reference/fixtures_vision.py):
+//! a tiny EVA ViT with random weights in the HF, native and Emu2-Gen layouts.
+
+use emu_backend_cpu::CpuBackend;
+use emu_core::checkpoint::Checkpoint;
+use emu_core::{DType, Tensor};
+use emu_vision::{VisionEncoder, VisionError};
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/vision")
+}
+
+fn expected(key: &str) -> (Vec<usize>, Vec<f32>) {
+    let ckpt = Checkpoint::open(fixtures().join("expected_model.safetensors")).unwrap();
+    let t = ckpt.get_as(key, DType::F32).unwrap();
+    (t.dims().to_vec(), t.to_f32_vec().unwrap())
+}
+
+/// max|a - b| / max|b|.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max);
+    let den = b.iter().map(|y| (*y as f64).abs()).fold(1e-30, f64::max);
+    num / den
+}
+
+fn check(name: &str, got: &Tensor<CpuBackend>, key: &str, tol: f64) -> f64 {
+    let (dims, want) = expected(key);
+    assert_eq!(got.dims(), dims, "{name}: {key} shape");
+    let e = rel_err(&got.to_f32_vec().unwrap(), &want);
+    println!("{name}: {key} rel err {e:.3e}");
+    assert!(e <= tol, "{name}: {key} rel err {e:.3e} > {tol:.0e}");
+    e
+}
+
+fn pixels(cpu: &CpuBackend) -> Tensor<CpuBackend> {
+    let (dims, v) = expected("pixels");
+    Tensor::from_f32(cpu, &dims, v).unwrap()
+}
+
+fn run_all(name: &str, enc: &VisionEncoder<CpuBackend>, tol: f64) {
+    let cpu = CpuBackend::new();
+    let feats = enc.encode(&pixels(&cpu)).unwrap();
+    check(name, &feats, "features", tol);
+    for nq in [1, 4, 16] {
+        let pooled = enc.pool(&feats, nq).unwrap();
+        check(name, &pooled, &format!("pooled_{nq}"), tol);
+        let projected = enc.project(&pooled).unwrap();
+        check(name, &projected, &format!("projected_{nq}"), tol);
+    }
+    let n_query = enc.config().vision.n_query;
+    let direct = enc.embed_images(&pixels(&cpu), n_query).unwrap();
+    check(name, &direct, &format!("projected_{n_query}"), tol);
+}
+
+#[test]
+fn f32_matches_reference_in_every_layout() {
+    let cpu = CpuBackend::new();
+    for layout in ["hf", "native", "gen_native"] {
+        let enc = VisionEncoder::from_dir(&cpu, fixtures().join(layout), DType::F32).unwrap();
+        assert_eq!(enc.vit().config().mlp_hidden, 80);
+        run_all(&format!("f32/{layout}"), &enc, 1e-4);
+    }
+}
+
+#[test]
+fn gen_pipeline_root_resolves_to_multimodal_encoder() {
+    let root = std::env::temp_dir().join(format!("emu-vision-gen-root-{}", std::process::id()));
+    let sub = root.join("multimodal_encoder");
+    std::fs::create_dir_all(&sub).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("hf").join(f), sub.join(f)).unwrap();
+    }
+    let cpu = CpuBackend::new();
+    let enc = VisionEncoder::from_dir(&cpu, &root, DType::F32);
+    std::fs::remove_dir_all(&root).unwrap();
+    run_all("f32/gen_pipeline", &enc.unwrap(), 1e-4);
+}
+
+#[test]
+fn wrong_inputs_are_errors_not_panics() {
+    let cpu = CpuBackend::new();
+    let enc = VisionEncoder::from_dir(&cpu, fixtures().join("hf"), DType::F32).unwrap();
+    let bad = Tensor::zeros(&cpu, &[1, 3, 27, 28], DType::F32).unwrap();
+    assert!(matches!(enc.encode(&bad), Err(VisionError::InvalidArgument(_))));
+    let feats = enc.encode(&pixels(&cpu)).unwrap();
+    for nq in [0, 2, 9, 64] {
+        assert!(
+            matches!(enc.pool(&feats, nq), Err(VisionError::InvalidArgument(_))),
+            "n_query {nq}"
+        );
+    }
+    // A checkpoint without any vision encoder names the prefixes it tried.
+    let err = VisionEncoder::from_dir(&cpu, fixtures().join("preprocess"), DType::F32).unwrap_err();
+    assert!(
+        matches!(err, VisionError::Io { .. } | VisionError::Config { .. }),
+        "{err}"
+    );
+}
