@@ -14,6 +14,7 @@ pub mod dtype;
 pub mod error;
 pub mod host;
 pub mod tensor;
+pub mod testing;
 
 pub use backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
 pub use dtype::DType;

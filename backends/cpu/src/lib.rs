@@ -447,10 +447,18 @@ impl Backend for CpuBackend {
                 .map_err(err)?;
             0
         };
-        let y = x
-            .contiguous()
-            .and_then(|x| x.conv2d(&w.contiguous()?, pad, p.stride.0, p.dilation.0, p.groups))
-            .map_err(err)?;
+        // candle's CPU convolution has no bf16 kernel; half-precision convs
+        // accumulate in f32 and round once, as PyTorch's CPU kernels do.
+        let conv = |x: &CTensor, w: &CTensor| {
+            x.contiguous()?
+                .conv2d(&w.contiguous()?, pad, p.stride.0, p.dilation.0, p.groups)
+        };
+        let y = if x.dtype() == CDType::BF16 {
+            let w32 = w.to_dtype(CDType::F32).map_err(err)?;
+            in_f32(&x, |x| conv(x, &w32))?
+        } else {
+            conv(&x, w).map_err(err)?
+        };
         match bias {
             Some(b) => {
                 if b.dims() != [wd[0]] {

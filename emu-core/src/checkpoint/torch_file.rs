@@ -1,0 +1,169 @@
+//! The tensor table of a `torch.save` zip archive (PyTorch >= 1.6).
+//!
+//! Layout: `<name>/data.pkl` is a pickle of the saved object whose tensors
+//! refer to storages by key; storage `k` is the entry `<name>/data/k`, stored
+//! uncompressed. The zip crate only locates entries; their bytes are used in
+//! place from the memory map.
+
+use super::pickle::{self, TorchDType};
+use super::{format_err, Entry, Layout, StoredDType};
+use crate::Result;
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::path::Path;
+use zip::CompressionMethod;
+
+struct ZipEntry {
+    start: usize,
+    len: usize,
+    stored: bool,
+}
+
+/// Parses the archive's directory and its `data.pkl`.
+pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
+    let bad = |m: String| format_err(path, m);
+    let mut zip =
+        zip::ZipArchive::new(Cursor::new(map)).map_err(|e| bad(format!("not a valid PyTorch zip archive: {e}")))?;
+    let mut entries: HashMap<String, ZipEntry> = HashMap::new();
+    for i in 0..zip.len() {
+        let f = zip
+            .by_index_raw(i)
+            .map_err(|e| bad(format!("zip entry {i} is unreadable: {e}")))?;
+        let name = f
+            .name()
+            .map_err(|e| bad(format!("zip entry {i} has a bad name: {e}")))?
+            .into_owned();
+        let start = f
+            .data_start()
+            .ok_or_else(|| bad(format!("zip entry `{name}` has no data offset")))?;
+        let len = f.compressed_size();
+        let range = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(len).ok())
+            .filter(|(s, l)| s.checked_add(*l).is_some_and(|e| e <= map.len()))
+            .ok_or_else(|| bad(format!("zip entry `{name}` lies past the end of the file (truncated?)")))?;
+        let stored = f.compression() == CompressionMethod::Stored && f.size() == len;
+        entries.insert(
+            name,
+            ZipEntry {
+                start: range.0,
+                len: range.1,
+                stored,
+            },
+        );
+    }
+    let pkl_names: Vec<&String> = entries
+        .keys()
+        .filter(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
+        .collect();
+    let pkl_name = match pkl_names.as_slice() {
+        [one] => (*one).clone(),
+        [] => return Err(bad("zip archive has no `data.pkl`: not a torch.save file".into())),
+        _ => return Err(bad("zip archive has several `data.pkl` entries".into())),
+    };
+    let root = &pkl_name[..pkl_name.len() - "data.pkl".len()];
+    if let Some(order) = entries.get(&format!("{root}byteorder")) {
+        let b = order.stored.then(|| &map[order.start..order.start + order.len]);
+        if b != Some(b"little".as_slice()) {
+            return Err(bad(
+                "archive was saved on a big-endian machine (byteorder is not `little`)".into(),
+            ));
+        }
+    }
+    let pkl = &entries[&pkl_name];
+    if !pkl.stored {
+        return Err(bad(format!("`{pkl_name}` is compressed; torch.save never does that")));
+    }
+    let value = pickle::load(&map[pkl.start..pkl.start + pkl.len]).map_err(|e| bad(format!("`{pkl_name}`: {e}")))?;
+    let tensors = pickle::tensors(&value).map_err(|e| bad(format!("`{pkl_name}`: {e}")))?;
+    if tensors.is_empty() {
+        return Err(bad(format!(
+            "`{pkl_name}` holds no tensors in (nested) dicts; if it stores a whole nn.Module, \
+             re-save its state_dict() instead"
+        )));
+    }
+    let mut out = Vec::with_capacity(tensors.len());
+    for (key, t) in tensors {
+        let storage_name = format!("{root}data/{}", t.storage.key);
+        let s = entries
+            .get(&storage_name)
+            .ok_or_else(|| bad(format!("tensor `{key}`: storage entry `{storage_name}` is missing")))?;
+        if !s.stored {
+            return Err(bad(format!("tensor `{key}`: storage `{storage_name}` is compressed")));
+        }
+        let dtype = match &t.dtype {
+            TorchDType::Known(d) => StoredDType::Known(*d),
+            TorchDType::Other(n) => StoredDType::Unsupported(n.clone()),
+        };
+        let dims: Vec<usize> = t
+            .size
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad(format!("tensor `{key}`: size {:?} does not fit in memory", t.size)))?;
+        // Check that every element of the view lies inside the storage entry,
+        // so that reading never goes out of bounds. Unknown dtypes are only
+        // listed, never read, so their extent is not needed.
+        if let Some(es) = t.dtype.size_in_bytes() {
+            let storage_bytes = match &t.storage.dtype {
+                None => Some(t.storage.numel),
+                Some(sd) => sd.size_in_bytes().and_then(|b| t.storage.numel.checked_mul(b as u64)),
+            };
+            if storage_bytes.is_none_or(|b| b > s.len as u64) {
+                return Err(bad(format!(
+                    "tensor `{key}`: storage `{storage_name}` claims {} elements but the entry has {} bytes",
+                    t.storage.numel, s.len
+                )));
+            }
+            let empty = t.size.contains(&0);
+            let last = t.size.iter().zip(&t.stride).try_fold(t.offset, |acc, (&n, &st)| {
+                acc.checked_add(n.saturating_sub(1).checked_mul(st)?)
+            });
+            let end_bytes = last
+                .and_then(|l| l.checked_add(1))
+                .and_then(|n| n.checked_mul(es as u64));
+            if !empty && end_bytes.is_none_or(|e| e > s.len as u64) {
+                return Err(bad(format!(
+                    "tensor `{key}`: view (offset {}, size {:?}, stride {:?}) reaches past its storage `{storage_name}`",
+                    t.offset, t.size, t.stride
+                )));
+            }
+        }
+        let offset = usize::try_from(t.offset).map_err(|_| bad(format!("tensor `{key}`: bad offset")))?;
+        let strides: Vec<usize> = t.stride.iter().map(|&x| x as usize).collect();
+        let layout = if is_contiguous(&dims, &strides) {
+            let es = t.dtype.size_in_bytes().unwrap_or(0);
+            Layout::Contiguous {
+                start: s.start + offset.saturating_mul(es),
+            }
+        } else {
+            Layout::Strided {
+                base: s.start,
+                offset,
+                strides,
+            }
+        };
+        out.push((
+            key,
+            Entry {
+                file,
+                dtype,
+                dims,
+                layout,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Row-major strides (dimensions of size 1 may have any stride).
+fn is_contiguous(dims: &[usize], strides: &[usize]) -> bool {
+    let mut expected = 1usize;
+    for (&d, &s) in dims.iter().zip(strides).rev() {
+        if d != 1 && s != expected {
+            return false;
+        }
+        expected = expected.saturating_mul(d);
+    }
+    true
+}
