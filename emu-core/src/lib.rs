@@ -10,6 +10,7 @@
 //! * [`Error`]: the typed errors of all of the above.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod host;
@@ -17,6 +18,7 @@ pub mod tensor;
 pub mod testing;
 
 pub use backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+pub use checkpoint::{Checkpoint, Weights};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use host::HostTensor;
