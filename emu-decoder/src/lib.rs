@@ -8,9 +8,12 @@
 //! names) and run on any [`emu_core::Backend`].
 
 pub mod error;
+mod nn;
 pub mod scheduler;
+pub mod vae;
 pub mod weights;
 
 pub use error::{Error, Result};
 pub use scheduler::{EulerDiscreteConfig, EulerDiscreteScheduler, PredictionType, TimestepSpacing};
+pub use vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
 pub use weights::{TensorMap, TensorSource, Vb};

@@ -15,6 +15,7 @@ Layout under out_dir (= tests/fixtures/decoder):
   pipeline/scheduler/scheduler_config.json   Emu2-Gen's scheduler config
   unet_io.safetensors, vae_io.safetensors, sampling_io.safetensors
 """
+import copy
 import json
 import pathlib
 
@@ -157,8 +158,8 @@ def build_models(out: pathlib.Path):
     p = out / "pipeline"
     unet.save_pretrained(p / "unet", safe_serialization=True)
     vae.save_pretrained(p / "vae", safe_serialization=True)
-    vae.to(torch.bfloat16).save_pretrained(p / "vae", safe_serialization=True, variant="bf16")
-    vae.to(torch.float32)
+    # A copy: casting `vae` itself would leave bf16-rounded weights behind.
+    copy.deepcopy(vae).to(torch.bfloat16).save_pretrained(p / "vae", safe_serialization=True, variant="bf16")
     (p / "scheduler").mkdir(parents=True, exist_ok=True)
     (p / "scheduler" / "scheduler_config.json").write_text(json.dumps(EMU_SCHEDULER, indent=2) + "\n")
     print(f"  unet params {sum(x.numel() for x in unet.parameters())}, vae params {sum(x.numel() for x in vae.parameters())}")
