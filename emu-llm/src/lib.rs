@@ -2,9 +2,15 @@
 //!
 //! * [`LlamaConfig`]: the hyper-parameters from a Hugging Face `config.json`
 //!   (plain LLaMA or Emu2's `EmuConfig`).
+//! * [`Llama`]: transformers' `LlamaForCausalLM` over any backend, fed by
+//!   input embeddings (with Emu2's image/video slots filled by
+//!   [`Llama::embed_with_visual`]), with a preallocated [`KvCache`] that also
+//!   serves left-padded batches.
 
 pub mod config;
 pub mod error;
+pub mod model;
 
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
+pub use model::{KvCache, Llama, LlamaOutput, Logits, SlotIds, LM_PREFIXES};

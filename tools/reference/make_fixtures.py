@@ -24,6 +24,7 @@ SETS = {
     "vision": "fixtures_vision",
     "loader": "fixtures_loader",
     "decoder": "fixtures_decoder",
+    "llm": "fixtures_llm",
 }
 
 

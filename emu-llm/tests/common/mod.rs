@@ -1,0 +1,91 @@
+//! Shared helpers of the fixture tests (tests/fixtures/llm, made by
+//! tools/reference/fixtures_llm.py).
+#![allow(dead_code)]
+
+use emu_backend_cpu::CpuBackend;
+use emu_core::checkpoint::Checkpoint;
+use emu_core::{DType, HostTensor, Tensor};
+use emu_llm::{Llama, LlamaConfig, SlotIds};
+use std::path::PathBuf;
+
+pub const SLOTS: SlotIds = SlotIds { image: 390, video: 391 };
+
+pub fn fixture_dir(set: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/llm")
+        .join(set)
+}
+
+pub struct Fixture {
+    pub model: Llama<CpuBackend>,
+    pub cases: Checkpoint,
+    pub backend: CpuBackend,
+}
+
+impl Fixture {
+    pub fn load(set: &str, dtype: DType) -> Self {
+        let dir = fixture_dir(set);
+        let backend = CpuBackend::new();
+        let cfg = LlamaConfig::from_file(dir.join("config.json")).unwrap();
+        let ckpt = Checkpoint::open(dir.join("model.safetensors")).unwrap();
+        let root = Llama::<CpuBackend>::root_weights(&ckpt).unwrap();
+        let model = Llama::load(&backend, &root, &cfg, dtype).unwrap();
+        let cases = Checkpoint::open(dir.join("cases.safetensors")).unwrap();
+        Self { model, cases, backend }
+    }
+
+    pub fn host(&self, key: &str) -> HostTensor {
+        self.cases.get(key).unwrap()
+    }
+
+    pub fn f32s(&self, key: &str) -> Vec<f32> {
+        self.host(key).to_f32_vec().unwrap()
+    }
+
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        self.host(key)
+            .to_i64_vec()
+            .unwrap()
+            .into_iter()
+            .map(|i| i as u32)
+            .collect()
+    }
+
+    /// A reference output: torch's f32 run for f32 models, its bf16 run for
+    /// bf16 models (same weights and inputs rounded to bf16).
+    pub fn expected(&self, key: &str) -> Vec<f32> {
+        match self.model.dtype() {
+            DType::BF16 => self.f32s(&format!("bf16.{key}")),
+            _ => self.f32s(key),
+        }
+    }
+
+    /// A fixture tensor uploaded in the model's dtype.
+    pub fn tensor(&self, key: &str) -> Tensor<CpuBackend> {
+        let h = self.host(key).to_dtype(self.model.dtype()).unwrap();
+        Tensor::from_host(&self.backend, &h).unwrap()
+    }
+}
+
+/// max|a - b| / max|b|.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let den = b.iter().map(|y| y.abs()).fold(0f32, f32::max).max(1e-12);
+    num / den
+}
+
+/// Tolerance of a dtype per the project's rules.
+pub fn tol(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-4,
+        _ => 2e-2,
+    }
+}
+
+pub fn check(what: &str, got: &[f32], want: &[f32], dtype: DType) -> f32 {
+    let e = rel_err(got, want);
+    println!("{what} ({dtype}): rel err {e:.3e}");
+    assert!(e <= tol(dtype), "{what} ({dtype}): rel err {e} > {}", tol(dtype));
+    e
+}
