@@ -11,9 +11,16 @@
 //! * [`video`]: the demo's uniform frame sampling.
 
 pub mod error;
+pub mod mask;
+pub mod prompt;
+pub mod render;
 pub mod special;
 pub mod tokenizer;
+pub mod video;
 
 pub use error::{Error, Result};
+pub use mask::BoxMask;
+pub use prompt::{GroundedObject, Item, Prompt, Role, Turn, Video};
+pub use render::{render, ModelKind, RenderOptions, Rendered, VisualInput};
 pub use special::{SpecialToken, Variant};
 pub use tokenizer::{Compat, Emu2Tokenizer, Piece};

@@ -57,3 +57,24 @@ pub fn variant_of(kind: &str) -> Variant {
 pub fn first_diff(a: &[u32], b: &[u32]) -> Option<usize> {
     (0..a.len().max(b.len())).find(|&i| a.get(i) != b.get(i))
 }
+
+/// Loaded once per test binary (loading parses a 1.8 MB JSON).
+pub fn cached(variant: Variant, compat: Compat) -> &'static Emu2Tokenizer {
+    use std::sync::OnceLock;
+    static TOKS: OnceLock<[Emu2Tokenizer; 4]> = OnceLock::new();
+    let toks = TOKS.get_or_init(|| {
+        let chat = tokenizer_json(Variant::Chat, Compat::Slow);
+        let base = tokenizer_json(Variant::Base, Compat::Slow);
+        [
+            chat.clone(),
+            chat.with_compat(Compat::Fast),
+            base.clone(),
+            base.with_compat(Compat::Fast),
+        ]
+    });
+    let i = match variant {
+        Variant::Chat => 0,
+        Variant::Base => 2,
+    } + usize::from(compat == Compat::Fast);
+    &toks[i]
+}
