@@ -112,7 +112,7 @@ fn sharded_safetensors_match_bit_for_bit() {
 fn pickle_shards_match_bit_for_bit_including_views() {
     let ckpt = Checkpoint::open(fixture("pickle_sharded")).unwrap();
     assert_eq!(ckpt.files().count(), 2);
-    assert_eq!(check_group(&ckpt, "pickle_sharded"), 10);
+    assert_eq!(check_group(&ckpt, "pickle_sharded"), 16);
     let info = |k: &str| ckpt.info(k).unwrap();
     assert_eq!(info("transposed").dims, vec![5, 3]);
     assert_eq!(info("narrowed").dims, vec![3, 3]);
@@ -120,6 +120,13 @@ fn pickle_shards_match_bit_for_bit_including_views() {
     assert_eq!(info("scalar").dims, Vec::<usize>::new());
     assert_eq!(info("bf16_t").dtype, DType::BF16);
     assert_eq!(info("half").dtype, DType::F16);
+    assert_eq!(info("double").dtype, DType::F64);
+    assert_eq!(info("i32").dtype, DType::I32);
+    assert_eq!(info("mask").dtype, DType::Bool);
+    assert_eq!(info("bytes").dtype, DType::U8);
+    // A module's state_dict() (an OrderedDict restored with BUILD) and a bare nn.Parameter.
+    assert_eq!(info("block.bias").dims, vec![2]);
+    assert_eq!(info("param").dims, vec![3]);
     // uint32 is written as an UntypedStorage + dtype (`_rebuild_tensor_v3`).
     assert_eq!(info("u32").dtype, DType::U32);
     assert_eq!(
@@ -130,7 +137,7 @@ fn pickle_shards_match_bit_for_bit_including_views() {
     let one = Checkpoint::open(fixture("pickle_sharded/pytorch_model-00001-of-00002.bin")).unwrap();
     assert_eq!(
         one.keys().collect::<Vec<_>>(),
-        vec!["column", "full", "half", "narrowed", "transposed"]
+        vec!["column", "full", "half", "narrowed", "param", "transposed"]
     );
 }
 
@@ -285,7 +292,7 @@ fn prefix_resolution() {
     );
     let w = Weights::resolve_prefix(&native, &cands, "block.weight").unwrap();
     assert_eq!(w.prefix(), "");
-    assert_eq!(w.pp("block").keys(), vec!["weight"]);
+    assert_eq!(w.pp("block").keys(), vec!["bias", "weight"]);
     assert_eq!(
         Weights::resolve_prefix(&hf, &cands, "norm.weight")
             .unwrap()
@@ -447,5 +454,53 @@ fn missing_file_is_an_io_error_with_the_path() {
     match Checkpoint::open(&p) {
         Err(Error::Io { path, .. }) => assert_eq!(path, p),
         other => panic!("expected Io, got {other:?}"),
+    }
+}
+
+/// Opens and fully reads `path`; any outcome but a panic is acceptable.
+fn open_and_read_everything(path: &Path) -> bool {
+    let Ok(ckpt) = Checkpoint::open(path) else { return false };
+    for key in ckpt.keys() {
+        let _ = ckpt.get(key);
+        let _ = ckpt.get_as(key, DType::F32);
+    }
+    true
+}
+
+#[test]
+fn every_truncation_and_random_corruption_is_survived() {
+    let tmp = TempDir::new("fuzz");
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for (rel, name) in [
+        ("pickle_sharded/pytorch_model-00002-of-00002.bin", "pytorch_model.bin"),
+        ("pickle_sharded/pytorch_model-00001-of-00002.bin", "pytorch_model.bin"),
+        (
+            "safetensors_sharded/model-00001-of-00002.safetensors",
+            "model.safetensors",
+        ),
+    ] {
+        let orig = std::fs::read(fixture(rel)).unwrap();
+        let mut opened = 0;
+        for len in 0..orig.len() {
+            let p = tmp.write(name, &orig[..len]);
+            opened += open_and_read_everything(&p) as usize;
+        }
+        // No proper prefix of a file is a valid checkpoint.
+        assert_eq!(opened, 0, "{rel}");
+        for _ in 0..1000 {
+            let mut bytes = orig.clone();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % bytes.len() as u64) as usize;
+                bytes[at] = next() as u8;
+            }
+            let p = tmp.write(name, &bytes);
+            open_and_read_everything(&p);
+        }
     }
 }

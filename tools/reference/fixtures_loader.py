@@ -6,8 +6,9 @@ Writes, under `out_dir` (tests/fixtures/loader/):
   pickle_sharded/       pytorch_model-0000{1,2}-of-00002.bin + pytorch_model.bin.index.json,
                         written by torch.save: non-contiguous views saved as-is (a transpose,
                         a narrowed view sharing storage with another tensor, a strided column),
-                        f32/f16/bf16/i64, a 0-d tensor and a uint32 tensor (which torch writes
-                        as an UntypedStorage + dtype, `_rebuild_tensor_v3`)
+                        f32/f16/bf16/f64/i64/i32/u8/bool, a 0-d tensor, an nn.Parameter, a real
+                        module state_dict() (OrderedDict with `_metadata`) and a uint32 tensor
+                        (which torch writes as an UntypedStorage + dtype, `_rebuild_tensor_v3`)
   diffusers_variant/    diffusion_pytorch_model.bf16.safetensors only
   hf_variant/           model.safetensors (f32) next to a bf16 variant sharded as
                         model.bf16-0000{1,2}-of-00002.safetensors + model.safetensors.index.bf16.json
@@ -17,6 +18,7 @@ Writes, under `out_dir` (tests/fixtures/loader/):
 """
 import json
 import pathlib
+from collections import OrderedDict
 
 import torch
 from safetensors.torch import save_file
@@ -81,14 +83,28 @@ def build(out_dir: pathlib.Path) -> None:
         "narrowed": full[1:],  # shares `full`'s storage, offset 3
         "column": grid[:, 1],  # [4], stride 3, offset 1
         "half": half_base,
+        "param": torch.nn.Parameter(randn(3)),  # pickled through _rebuild_parameter
     }
-    shard2 = {
-        "bf16_t": bf_base.t(),  # bf16 [3, 2], strides (1, 3)
-        "ids": torch.tensor([3, -1, 1 << 40, 0], dtype=torch.int64),
-        "scalar": torch.tensor(2.5),
-        "u32": torch.tensor([1, 7, 4000000000], dtype=torch.uint32),
-        "block.weight": randn(2, 2),
-    }
+    # The second shard is a real module state_dict(): an OrderedDict carrying
+    # `_metadata`, which pickle restores with BUILD after the items.
+    block = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        block.weight.copy_(randn(2, 2))
+        block.bias.copy_(randn(2))
+    shard2 = torch.nn.Sequential(OrderedDict(block=block)).state_dict()
+    assert hasattr(shard2, "_metadata")
+    shard2.update(
+        {
+            "bf16_t": bf_base.t(),  # bf16 [3, 2], strides (1, 3)
+            "ids": torch.tensor([3, -1, 1 << 40, 0], dtype=torch.int64),
+            "i32": torch.tensor([[-5, 6]], dtype=torch.int32),
+            "scalar": torch.tensor(2.5),
+            "double": torch.randn(3, generator=g, dtype=torch.float64),
+            "mask": torch.tensor([True, False, True]),
+            "bytes": torch.tensor([0, 200, 255], dtype=torch.uint8),
+            "u32": torch.tensor([1, 7, 4000000000], dtype=torch.uint32),
+        }
+    )
     assert not shard1["transposed"].is_contiguous() and shard1["narrowed"].storage_offset() == 3
     assert shard1["column"].stride() == (3,) and not shard2["bf16_t"].is_contiguous()
     folder = out_dir / "pickle_sharded"
@@ -102,7 +118,7 @@ def build(out_dir: pathlib.Path) -> None:
     index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2) + "\n")
     for k, v in {**shard1, **shard2}.items():
-        expected[f"pickle_sharded/{k}"] = _expected_value(v)
+        expected[f"pickle_sharded/{k}"] = _expected_value(v.detach())
 
     # (c) a diffusers bf16 variant folder (the variant is the only option).
     unet = {

@@ -165,7 +165,9 @@ pub fn open_dir_files(dir: &Path, variant: Option<&str>) -> Result<CheckpointFil
             }
         }
     };
-    let best = pool.iter().map(|c| c.kind).min().expect("pool is not empty");
+    let Some(best) = pool.iter().map(|c| c.kind).min() else {
+        return Err(format_err(dir, "no checkpoint files"));
+    };
     let mut top: Vec<&Candidate> = pool.iter().filter(|c| c.kind == best).collect();
     if top.len() > 1 {
         let standard: Vec<&Candidate> = top

@@ -276,10 +276,7 @@ impl Checkpoint {
             };
             for (key, entry) in entries {
                 if tensors.contains_key(&key) {
-                    return Err(format_err(
-                        path,
-                        format!("tensor `{key}` is stored in more than one file"),
-                    ));
+                    return Err(format_err(path, format!("tensor `{key}` is stored more than once")));
                 }
                 tensors.insert(key, entry);
             }
@@ -483,28 +480,22 @@ fn convert(dims: &[usize], src: DType, bytes: Cow<'_, [u8]>, dst: DType) -> Resu
     if src == dst {
         return HostTensor::from_bytes(dims, dst, bytes.into_owned());
     }
-    fn decode(src: DType, b: &[u8]) -> Box<dyn Iterator<Item = f32> + '_> {
-        match src {
-            DType::F32 => Box::new(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-            DType::F16 => Box::new(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-            DType::BF16 => Box::new(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-            _ => unreachable!("decode is only called for f32/f16/bf16"),
-        }
-    }
-    let narrow_float = |d: DType| matches!(d, DType::F32 | DType::F16 | DType::BF16);
-    if narrow_float(src) && narrow_float(dst) {
-        let n = bytes.len() / src.size_in_bytes();
-        let mut out = Vec::with_capacity(n * dst.size_in_bytes());
-        let it = decode(src, &bytes);
-        match dst {
-            DType::F32 => it.for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            DType::F16 => it.for_each(|x| out.extend_from_slice(&f16::from_f32(x).to_le_bytes())),
-            DType::BF16 => it.for_each(|x| out.extend_from_slice(&bf16::from_f32(x).to_le_bytes())),
-            _ => unreachable!(),
-        }
-        return HostTensor::from_bytes(dims, dst, out);
-    }
-    HostTensor::from_bytes(dims, src, bytes.into_owned())?.to_dtype(dst)
+    let decode: fn(&[u8]) -> f32 = match src {
+        DType::F32 => |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+        DType::F16 => |c| f16::from_le_bytes([c[0], c[1]]).to_f32(),
+        DType::BF16 => |c| bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+        _ => return HostTensor::from_bytes(dims, src, bytes.into_owned())?.to_dtype(dst),
+    };
+    let encode: fn(f32, &mut Vec<u8>) = match dst {
+        DType::F32 => |x, out| out.extend_from_slice(&x.to_le_bytes()),
+        DType::F16 => |x, out| out.extend_from_slice(&f16::from_f32(x).to_le_bytes()),
+        DType::BF16 => |x, out| out.extend_from_slice(&bf16::from_f32(x).to_le_bytes()),
+        _ => return HostTensor::from_bytes(dims, src, bytes.into_owned())?.to_dtype(dst),
+    };
+    let es = src.size_in_bytes();
+    let mut out = Vec::with_capacity(bytes.len() / es * dst.size_in_bytes());
+    bytes.chunks_exact(es).for_each(|c| encode(decode(c), &mut out));
+    HostTensor::from_bytes(dims, dst, out)
 }
 
 #[cfg(test)]

@@ -129,13 +129,23 @@ pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(
                 )));
             }
         }
-        let offset = usize::try_from(t.offset).map_err(|_| bad(format!("tensor `{key}`: bad offset")))?;
-        let strides: Vec<usize> = t.stride.iter().map(|&x| x as usize).collect();
+        let too_big = || bad(format!("tensor `{key}`: offset or strides do not fit in memory"));
+        let offset = usize::try_from(t.offset).map_err(|_| too_big())?;
+        let strides: Vec<usize> = t
+            .stride
+            .iter()
+            .map(|&x| usize::try_from(x))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| too_big())?;
         let layout = if is_contiguous(&dims, &strides) {
+            // Validated above for known dtypes; empty or unreadable tensors
+            // never dereference `start`.
             let es = t.dtype.size_in_bytes().unwrap_or(0);
-            Layout::Contiguous {
-                start: s.start + offset.saturating_mul(es),
-            }
+            let start = offset
+                .checked_mul(es)
+                .and_then(|b| b.checked_add(s.start))
+                .unwrap_or(s.start);
+            Layout::Contiguous { start }
         } else {
             Layout::Strided {
                 base: s.start,
