@@ -300,6 +300,19 @@ fn prefix_resolution() {
             .keys(),
         vec!["0.bias", "0.weight", "1.bias", "1.weight"]
     );
+    // Resolution below a view, relative to its prefix.
+    let root = Weights::new(&hf);
+    let layers = root.resolve(&["decoder.", "model.layers."], "0.weight").unwrap();
+    assert_eq!(layers.prefix(), "model.layers.");
+    assert_eq!(layers.resolve(&["1."], "bias").unwrap().prefix(), "model.layers.1.");
+    let msg = layers.resolve(&["9."], "bias").unwrap_err().to_string();
+    assert!(msg.contains("`model.layers.9.bias`"), "{msg}");
+    let h = layers.pp(0).get_checked("weight", &[4, 3], DType::F32).unwrap();
+    assert_eq!(h, hf.get_as("model.layers.0.weight", DType::F32).unwrap());
+    assert!(matches!(
+        layers.pp(0).get_checked("weight", &[12], DType::F32),
+        Err(Error::ShapeMismatch { .. })
+    ));
     // The first candidate that matches wins, even when a later one would too.
     assert_eq!(
         Weights::resolve_prefix(&hf, &["", "model."], "model.norm.weight")
@@ -503,4 +516,28 @@ fn every_truncation_and_random_corruption_is_survived() {
             open_and_read_everything(&p);
         }
     }
+}
+
+#[test]
+fn large_sparse_file_opens_without_reading_its_data() {
+    // A 6 GiB tensor (a sparse file: no disk used) followed by a small one, so
+    // that the small one lies past 4 GiB. Opening reads the header only, and
+    // reading the small tensor touches only its own pages.
+    let tmp = TempDir::new("sparse");
+    let big: usize = 6 << 30;
+    let header = format!(
+        r#"{{"big":{{"dtype":"U8","shape":[{big}],"data_offsets":[0,{big}]}},"small":{{"dtype":"F32","shape":[2],"data_offsets":[{big},{}]}}}}"#,
+        big + 8
+    );
+    let path = tmp.0.join("model.safetensors");
+    let mut f = std::fs::File::create(&path).unwrap();
+    use std::io::{Seek, SeekFrom, Write};
+    f.write_all(&(header.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(header.as_bytes()).unwrap();
+    f.seek(SeekFrom::Current(big as i64)).unwrap();
+    f.write_all(&[0, 0, 0x80, 0x3f, 0, 0, 0, 0xc0]).unwrap();
+    drop(f);
+    let ckpt = Checkpoint::open(&path).unwrap();
+    assert_eq!(ckpt.info("big").unwrap().dims, vec![big]);
+    assert_eq!(ckpt.get("small").unwrap().to_f32_vec().unwrap(), vec![1.0, -2.0]);
 }

@@ -53,15 +53,26 @@ impl Weights {
     /// relative to the prefix) exists; a [`Error::MissingTensor`] naming all
     /// tried keys if none does.
     pub fn resolve_prefix(ckpt: &Checkpoint, candidates: &[&str], probe: &str) -> Result<Self> {
+        Self::new(ckpt).resolve(candidates, probe)
+    }
+
+    /// [`Weights::resolve_prefix`] below this view: the view at
+    /// `<prefix><candidate>` for the first candidate under which `probe`
+    /// exists (e.g. `root.resolve(&["visual.", "model.visual."], "cls_token")`).
+    pub fn resolve(&self, candidates: &[&str], probe: &str) -> Result<Self> {
         for c in candidates {
-            if ckpt.contains(&format!("{c}{probe}")) {
-                return Ok(Self::with_prefix(ckpt, *c));
+            let sub = format!("{}{c}", self.prefix);
+            if self.ckpt.contains(&format!("{sub}{probe}")) {
+                return Ok(Self::with_prefix(&self.ckpt, sub));
             }
         }
-        let tried: Vec<String> = candidates.iter().map(|c| format!("`{c}{probe}`")).collect();
+        let tried: Vec<String> = candidates
+            .iter()
+            .map(|c| format!("`{}{c}{probe}`", self.prefix))
+            .collect();
         Err(Error::MissingTensor {
             key: probe.to_string(),
-            location: format!("{} (tried {})", ckpt.location(), tried.join(", ")),
+            location: format!("{} (tried {})", self.ckpt.location(), tried.join(", ")),
         })
     }
 
@@ -138,13 +149,18 @@ impl Weights {
         Ok(())
     }
 
+    /// Reads `name` converted to `dtype` after checking that its shape is
+    /// `dims` (for weights that are rearranged on the host before upload).
+    pub fn get_checked(&self, name: &str, dims: &[usize], dtype: DType) -> Result<HostTensor> {
+        self.check_dims(name, dims)?;
+        self.get_as(name, dtype)
+    }
+
     /// Reads `name`, checks its shape is `dims`, converts it to `dtype` and
     /// uploads it. The host copy is dropped before returning, so loading a
     /// model tensor by tensor holds at most one tensor on the host.
     pub fn tensor<B: Backend>(&self, backend: &B, name: &str, dims: &[usize], dtype: DType) -> Result<Tensor<B>> {
-        self.check_dims(name, dims)?;
-        let host = self.get_as(name, dtype)?;
-        Tensor::from_host(backend, &host)
+        Tensor::from_host(backend, &self.get_checked(name, dims, dtype)?)
     }
 
     /// Like [`Weights::tensor`], but `None` for a tensor the checkpoint does
