@@ -6,11 +6,15 @@
 //!   input embeddings (with Emu2's image/video slots filled by
 //!   [`Llama::embed_with_visual`]), with a preallocated [`KvCache`] that also
 //!   serves left-padded batches.
+//! * [`generate()`]: greedy, sampling and beam search with transformers'
+//!   `generate` semantics.
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod model;
 
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
+pub use generate::{generate, EarlyStopping, GenerationConfig, OnToken};
 pub use model::{KvCache, Llama, LlamaOutput, Logits, SlotIds, LM_PREFIXES};

@@ -1,0 +1,628 @@
+//! Text generation from input embeddings with transformers' `generate`
+//! semantics (5.x): greedy search, multinomial sampling (temperature, top-k,
+//! top-p) and beam search (length penalty, early stopping), with the logits
+//! processors repetition penalty and minimum length, in transformers' order.
+//!
+//! The model runs on its backend; only the last position's logits are
+//! downloaded each step, and every decision is made on the host in f32, the
+//! way transformers computes it, so that greedy and beam outputs are token for
+//! token those of `model.generate(inputs_embeds=...)`.
+//!
+//! As in transformers with `inputs_embeds` and no `input_ids`, the prompt
+//! has no token ids: the output holds only new tokens, and the repetition
+//! penalty and minimum length see only generated tokens.
+
+use crate::error::{Error, Result};
+use crate::model::{KvCache, Llama, Logits};
+use emu_core::{Backend, Tensor};
+
+/// transformers' `early_stopping` for beam search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EarlyStopping {
+    /// `False`: stop when the best running beam, scored at its current
+    /// length, cannot beat the worst finished one (transformers' heuristic).
+    #[default]
+    Heuristic,
+    /// `True`: stop as soon as `num_beams` hypotheses are finished.
+    Yes,
+    /// `"never"`: the canonical criterion (with a positive length penalty,
+    /// the best running beam is scored at the maximum length).
+    Never,
+}
+
+/// Decoding settings; the defaults are transformers' `GenerationConfig`
+/// defaults (notably `top_k = 50` when sampling).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    /// End-of-sequence is suppressed until this many tokens were generated.
+    pub min_new_tokens: usize,
+    /// Generation of a sequence ends after any of these ids.
+    pub eos_token_ids: Vec<u32>,
+    /// Fills finished sequences (transformers falls back to the first EOS id).
+    pub pad_token_id: Option<u32>,
+    pub do_sample: bool,
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens when sampling (0: off).
+    pub top_k: usize,
+    /// Nucleus sampling threshold when sampling (1.0: off).
+    pub top_p: f32,
+    /// Seed of the sampling generator (a fixed seed gives a fixed output).
+    pub seed: u64,
+    pub num_beams: usize,
+    /// Finished beam scores are `sum_logprob / len^length_penalty`.
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+    /// Penalty on tokens already generated (1.0: off).
+    pub repetition_penalty: f32,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 20,
+            min_new_tokens: 0,
+            eos_token_ids: Vec::new(),
+            pad_token_id: None,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            seed: 0,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Heuristic,
+            repetition_penalty: 1.0,
+        }
+    }
+}
+
+impl GenerationConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Generation(m));
+        if self.max_new_tokens == 0 {
+            return bad("max_new_tokens must be at least 1".into());
+        }
+        if self.num_beams == 0 {
+            return bad("num_beams must be at least 1".into());
+        }
+        if self.num_beams > 1 && self.do_sample {
+            return bad("beam sampling (num_beams > 1 with do_sample) is not supported".into());
+        }
+        if self.do_sample && !(self.temperature > 0.0 && self.temperature.is_finite()) {
+            return bad(format!("temperature must be positive, found {}", self.temperature));
+        }
+        if self.do_sample && !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], found {}", self.top_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad(format!(
+                "repetition_penalty must be positive, found {}",
+                self.repetition_penalty
+            ));
+        }
+        if !self.length_penalty.is_finite() {
+            return bad(format!("length_penalty must be finite, found {}", self.length_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// A per-step callback for streaming: called with one new token per
+/// sequence (finished sequences get the pad id), as transformers' streamers.
+pub type OnToken<'a> = &'a mut dyn FnMut(&[u32]);
+
+/// Generates continuations of `embeds` (`[B, T, H]`; sequence `b` is
+/// left-padded by `padding[b]` positions, or `padding` is empty for none).
+///
+/// Returns, per sequence, the generated ids padded to a common length the
+/// way transformers returns them (after EOS: the pad id for greedy/sampling,
+/// `pad_token_id or eos_token_id[0]` for beam search).
+pub fn generate<B: Backend>(
+    model: &Llama<B>,
+    embeds: &Tensor<B>,
+    padding: &[usize],
+    cfg: &GenerationConfig,
+    on_token: Option<OnToken<'_>>,
+) -> Result<Vec<Vec<u32>>> {
+    cfg.validate()?;
+    let dims = embeds.dims();
+    let (b, t) = match dims.as_slice() {
+        [b, t, _] if *b > 0 && *t > 0 => (*b, *t),
+        _ => {
+            return Err(Error::Input(format!(
+                "generate: embeddings must be [B, T, H], found {dims:?}"
+            )))
+        }
+    };
+    let padding = if padding.is_empty() {
+        vec![0; b]
+    } else if padding.len() == b {
+        padding.to_vec()
+    } else {
+        return Err(Error::Input(format!(
+            "generate: {} padding lengths for a batch of {b}",
+            padding.len()
+        )));
+    };
+    let capacity = t + cfg.max_new_tokens;
+    let max_ctx = model.config().max_position_embeddings;
+    if capacity > max_ctx {
+        return Err(Error::ContextOverflow {
+            needed: capacity,
+            capacity: max_ctx,
+        });
+    }
+    let mut cache = model.new_cache_padded(&padding, capacity)?;
+    let out = model.forward_embeds(embeds, &mut cache, Logits::Last)?;
+    let logits = last_logits(&out.logits, b, model.config().vocab_size)?;
+    if cfg.num_beams > 1 {
+        if on_token.is_some() {
+            return Err(Error::Generation("streaming is not available with beam search".into()));
+        }
+        beam_search(model, cache, logits, b, cfg)
+    } else {
+        sample(model, cache, logits, b, cfg, on_token)
+    }
+}
+
+fn last_logits<B: Backend>(l: &Option<Tensor<B>>, b: usize, v: usize) -> Result<Vec<f32>> {
+    let l = l
+        .as_ref()
+        .ok_or_else(|| Error::Input("the model returned no logits".into()))?;
+    let x = l.to_f32_vec()?;
+    if x.len() != b * v {
+        return Err(Error::Input(format!("expected {b} x {v} logits, found {}", x.len())));
+    }
+    Ok(x)
+}
+
+fn step<B: Backend>(model: &Llama<B>, cache: &mut KvCache<B>, tokens: &[u32]) -> Result<Vec<f32>> {
+    let b = tokens.len();
+    let e = model.embed(tokens, b)?;
+    let out = model.forward_embeds(&e, cache, Logits::Last)?;
+    last_logits(&out.logits, b, model.config().vocab_size)
+}
+
+/// `RepetitionPenaltyLogitsProcessor`, then `MinLength` /
+/// `MinNewTokensLength` (the same condition here: the prompt has no ids).
+fn process(scores: &mut [f32], generated: &[u32], cfg: &GenerationConfig) {
+    if cfg.repetition_penalty != 1.0 {
+        let p = cfg.repetition_penalty;
+        let mut seen = vec![false; scores.len()];
+        for &tok in generated {
+            let i = tok as usize;
+            if i < scores.len() && !seen[i] {
+                seen[i] = true;
+                let s = scores[i];
+                scores[i] = if s < 0.0 { s * p } else { s / p };
+            }
+        }
+    }
+    if generated.len() < cfg.min_new_tokens {
+        for &e in &cfg.eos_token_ids {
+            if let Some(s) = scores.get_mut(e as usize) {
+                *s = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// The sampling warpers in transformers' order: temperature, top-k, top-p.
+fn warp(scores: &mut [f32], cfg: &GenerationConfig) {
+    if cfg.temperature != 1.0 {
+        for s in scores.iter_mut() {
+            *s /= cfg.temperature;
+        }
+    }
+    if cfg.top_k != 0 {
+        let k = cfg.top_k.min(scores.len());
+        let mut sorted = scores.to_vec();
+        sorted.sort_unstable_by(|a, b| b.total_cmp(a));
+        let kth = sorted[k - 1];
+        for s in scores.iter_mut() {
+            if *s < kth {
+                *s = f32::NEG_INFINITY;
+            }
+        }
+    }
+    if cfg.top_p < 1.0 {
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+        let sorted: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
+        let probs = softmax(&sorted);
+        let mut cum = 0f32;
+        let last = order.len() - 1;
+        let mut remove = Vec::new();
+        for (r, &p) in probs.iter().enumerate() {
+            cum += p;
+            // The most likely token is always kept (min_tokens_to_keep = 1).
+            if cum <= 1.0 - cfg.top_p && r != last {
+                remove.push(order[r]);
+            }
+        }
+        for i in remove {
+            scores[i] = f32::NEG_INFINITY;
+        }
+    }
+}
+
+fn softmax(x: &[f32]) -> Vec<f32> {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = x.iter().map(|v| (v - m).exp()).collect();
+    let s: f32 = e.iter().sum();
+    e.into_iter().map(|v| v / s).collect()
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f32 = x.iter().map(|v| (v - m).exp()).sum();
+    let ls = s.ln();
+    x.iter().map(|v| v - m - ls).collect()
+}
+
+fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// xoshiro256** seeded through splitmix64: a small, fixed generator so that
+/// a seed means the same samples on every platform and version.
+struct Rng([u64; 4]);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            x ^ (x >> 31)
+        };
+        Self([next(), next(), next(), next()])
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let r = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        r
+    }
+
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// An index drawn with probability proportional to `w`.
+    fn categorical(&mut self, w: &[f32]) -> usize {
+        let total: f64 = w.iter().map(|&x| x as f64).sum();
+        let u = self.uniform() * total;
+        let mut acc = 0f64;
+        let mut last = 0;
+        for (i, &x) in w.iter().enumerate() {
+            if x > 0.0 {
+                acc += x as f64;
+                last = i;
+                if u < acc {
+                    return i;
+                }
+            }
+        }
+        last
+    }
+}
+
+/// transformers' `_sample`: greedy search or multinomial sampling.
+fn sample<B: Backend>(
+    model: &Llama<B>,
+    mut cache: KvCache<B>,
+    mut logits: Vec<f32>,
+    b: usize,
+    cfg: &GenerationConfig,
+    mut on_token: Option<OnToken<'_>>,
+) -> Result<Vec<Vec<u32>>> {
+    let v = model.config().vocab_size;
+    let pad = cfg.pad_token_id.or(cfg.eos_token_ids.first().copied());
+    let mut rng = Rng::new(cfg.seed);
+    let mut seqs: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut unfinished = vec![true; b];
+    loop {
+        let mut next = Vec::with_capacity(b);
+        for (row, seq) in seqs.iter().enumerate() {
+            let scores = &mut logits[row * v..(row + 1) * v];
+            process(scores, seq, cfg);
+            let tok = if cfg.do_sample {
+                warp(scores, cfg);
+                rng.categorical(&softmax(scores))
+            } else {
+                argmax(scores)
+            } as u32;
+            next.push(match (unfinished[row], pad) {
+                (false, Some(p)) if !cfg.eos_token_ids.is_empty() => p,
+                _ => tok,
+            });
+        }
+        for (row, &tok) in next.iter().enumerate() {
+            seqs[row].push(tok);
+            let done = seqs[row].len() >= cfg.max_new_tokens || cfg.eos_token_ids.contains(&tok);
+            unfinished[row] &= !done;
+        }
+        if let Some(f) = on_token.as_mut() {
+            f(&next);
+        }
+        if unfinished.iter().all(|u| !u) {
+            return Ok(seqs);
+        }
+        logits = step(model, &mut cache, &next)?;
+    }
+}
+
+/// One hypothesis: its generated tokens and score.
+#[derive(Clone)]
+struct Hyp {
+    tokens: Vec<u32>,
+    score: f32,
+}
+
+/// Per-prompt beam state (transformers' `running_*` / finished tensors,
+/// one row of the batch).
+struct Beams {
+    running: Vec<Hyp>,
+    finished: Vec<Hyp>,
+    is_finished: Vec<bool>,
+    improvable: bool,
+}
+
+/// Indices of the `k` largest values, largest first; ties keep the lower index.
+fn top_k_indices(x: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// transformers' `_beam_search` (5.x, vectorised form), one prompt at a time
+/// on the host, with every score computed in f32 as there.
+fn beam_search<B: Backend>(
+    model: &Llama<B>,
+    mut cache: KvCache<B>,
+    prefill_logits: Vec<f32>,
+    b: usize,
+    cfg: &GenerationConfig,
+) -> Result<Vec<Vec<u32>>> {
+    let v = model.config().vocab_size;
+    let k = cfg.num_beams;
+    let keep = 2usize.max(1 + cfg.eos_token_ids.len()) * k;
+    if keep > k * v {
+        return Err(Error::Generation(format!(
+            "{k} beams need at least {keep} candidates, the vocabulary has {v}"
+        )));
+    }
+    let max_len = cfg.max_new_tokens;
+    let lp = cfg.length_penalty as f64;
+    let penalty = |n: usize| (n as f64).powf(lp) as f32;
+    const NEG: f32 = -1.0e9;
+
+    // Every beam starts from the same prompt: copy each prompt's cache rows.
+    let rows: Vec<u32> = (0..b * k).map(|r| (r / k) as u32).collect();
+    cache.select(&rows)?;
+    let mut logits: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| prefill_logits[r as usize * v..(r as usize + 1) * v].iter().copied())
+        .collect();
+
+    let mut state: Vec<Beams> = (0..b)
+        .map(|_| Beams {
+            running: (0..k)
+                .map(|i| Hyp {
+                    tokens: Vec::new(),
+                    score: if i == 0 { 0.0 } else { NEG },
+                })
+                .collect(),
+            finished: vec![
+                Hyp {
+                    tokens: Vec::new(),
+                    score: NEG,
+                };
+                k
+            ],
+            is_finished: vec![false; k],
+            improvable: true,
+        })
+        .collect();
+    let mut cur_len = 0usize;
+    loop {
+        let mut all_stop = true;
+        let mut source_rows = Vec::with_capacity(b * k);
+        let mut next_tokens = Vec::with_capacity(b * k);
+        for (bi, st) in state.iter_mut().enumerate() {
+            // b. log-probs of every continuation, processed, plus the beam score.
+            let mut acc = Vec::with_capacity(k * v);
+            for (j, hyp) in st.running.iter().enumerate() {
+                let row = bi * k + j;
+                let mut lps = log_softmax(&logits[row * v..(row + 1) * v]);
+                process(&mut lps, &hyp.tokens, cfg);
+                acc.extend(lps.into_iter().map(|x| x + hyp.score));
+            }
+            // c. the top `keep` continuations over all beams.
+            let top = top_k_indices(&acc, keep);
+            let cands: Vec<(usize, u32, f32)> = top.iter().map(|&i| (i / v, (i % v) as u32, acc[i])).collect();
+            // d. which of them hit a stopping criterion (max length or EOS).
+            let stops: Vec<bool> = cands
+                .iter()
+                .map(|&(_, tok, _)| cur_len + 1 >= max_len || cfg.eos_token_ids.contains(&tok))
+                .collect();
+            all_stop &= stops.iter().all(|&s| s);
+            let with_tok = |&(src, tok, _): &(usize, u32, f32)| {
+                let mut t = st.running[src].tokens.clone();
+                t.push(tok);
+                t
+            };
+            // e. the best `k` continuations that did not stop keep running.
+            let run_scores: Vec<f32> = cands
+                .iter()
+                .zip(&stops)
+                .map(|(c, &s)| c.2 + if s { NEG } else { 0.0 })
+                .collect();
+            let sel = top_k_indices(&run_scores, k);
+            let new_running: Vec<Hyp> = sel
+                .iter()
+                .map(|&i| Hyp {
+                    tokens: with_tok(&cands[i]),
+                    score: run_scores[i],
+                })
+                .collect();
+            // f. finished hypotheses among the top `k` candidates join the
+            // finished set if they score better.
+            let full = cfg.early_stopping == EarlyStopping::Yes && st.is_finished.iter().all(|&f| f);
+            let pen = penalty(cur_len + 1);
+            let mut merged_scores = st.finished.iter().map(|h| h.score).collect::<Vec<_>>();
+            let mut merged_flags = st.is_finished.clone();
+            for (i, c) in cands.iter().enumerate() {
+                let just_finished = stops[i] && i < k;
+                let mut s = c.2 / pen;
+                s += if full { NEG } else { 0.0 };
+                s += if st.improvable { 0.0 } else { NEG };
+                s += if just_finished { 0.0 } else { NEG };
+                merged_scores.push(s);
+                merged_flags.push(just_finished);
+            }
+            let pick = top_k_indices(&merged_scores, k);
+            let mut finished = Vec::with_capacity(k);
+            let mut flags = Vec::with_capacity(k);
+            for &i in &pick {
+                let tokens = if i < k {
+                    st.finished[i].tokens.clone()
+                } else {
+                    with_tok(&cands[i - k])
+                };
+                finished.push(Hyp {
+                    tokens,
+                    score: merged_scores[i],
+                });
+                flags.push(merged_flags[i]);
+            }
+            for &i in &sel {
+                source_rows.push((bi * k + cands[i].0) as u32);
+                next_tokens.push(cands[i].1);
+            }
+            st.running = new_running;
+            st.finished = finished;
+            st.is_finished = flags;
+        }
+        cur_len += 1;
+        // The early-stop heuristic and the loop condition.
+        for st in state.iter_mut() {
+            let best_len = if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 {
+                max_len
+            } else {
+                cur_len
+            };
+            let best_running = st.running[0].score / penalty(best_len);
+            let worst = st.finished.iter().map(|h| h.score).fold(f32::INFINITY, f32::min);
+            let any_better = st
+                .is_finished
+                .iter()
+                .any(|&f| best_running > if f { worst } else { NEG });
+            st.improvable &= any_better;
+        }
+        let improvement_possible = state.iter().any(|s| s.improvable);
+        let all_finished = state.iter().all(|s| s.is_finished.iter().all(|&f| f));
+        let open = !(all_finished && cfg.early_stopping == EarlyStopping::Yes);
+        if !(improvement_possible && open && !all_stop) {
+            break;
+        }
+        cache.select(&source_rows)?;
+        logits = step(model, &mut cache, &next_tokens)?;
+    }
+    let fill = match (cfg.pad_token_id, cfg.eos_token_ids.first()) {
+        // transformers: `pad_token_id or eos_token_id[0]` (a pad id of 0 is falsy).
+        (Some(p), Some(_)) if p != 0 => p,
+        (_, Some(&e)) => e,
+        (Some(p), None) => p,
+        (None, None) => 0,
+    };
+    let best: Vec<Vec<u32>> = state
+        .into_iter()
+        .map(|s| s.finished.into_iter().next().map(|h| h.tokens).unwrap_or_default())
+        .collect();
+    let width = best.iter().map(Vec::len).max().unwrap_or(0);
+    Ok(best
+        .into_iter()
+        .map(|mut t| {
+            t.resize(width, fill);
+            t
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_is_deterministic_and_uniform_enough() {
+        let mut a = Rng::new(7);
+        let mut b = Rng::new(7);
+        let xs: Vec<f64> = (0..10000).map(|_| a.uniform()).collect();
+        let ys: Vec<f64> = (0..10000).map(|_| b.uniform()).collect();
+        assert_eq!(xs, ys);
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        assert!((mean - 0.5).abs() < 0.02, "{mean}");
+        assert!(xs.iter().all(|&x| (0.0..1.0).contains(&x)));
+    }
+
+    #[test]
+    fn warpers_follow_transformers() {
+        let cfg = GenerationConfig {
+            do_sample: true,
+            top_k: 2,
+            top_p: 1.0,
+            temperature: 2.0,
+            ..Default::default()
+        };
+        let mut s = vec![1.0, 4.0, 3.0, 2.0];
+        warp(&mut s, &cfg);
+        assert_eq!(s, vec![f32::NEG_INFINITY, 2.0, 1.5, f32::NEG_INFINITY]);
+        // top-p 0.5 on probabilities ~[0.64, 0.24, 0.09, 0.03]: only the first survives.
+        let cfg = GenerationConfig {
+            do_sample: true,
+            top_k: 0,
+            top_p: 0.5,
+            ..Default::default()
+        };
+        let mut s = vec![3.0, 2.0, 1.0, 0.0];
+        warp(&mut s, &cfg);
+        assert_eq!(s[0], 3.0);
+        assert!(s[1..].iter().all(|x| *x == f32::NEG_INFINITY), "{s:?}");
+    }
+
+    #[test]
+    fn processors_follow_transformers() {
+        let cfg = GenerationConfig {
+            repetition_penalty: 2.0,
+            min_new_tokens: 2,
+            eos_token_ids: vec![3],
+            ..Default::default()
+        };
+        let mut s = vec![1.0, -1.0, 0.5, 0.25];
+        process(&mut s, &[0, 1, 1], &cfg);
+        assert_eq!(s, vec![0.5, -2.0, 0.5, 0.25]);
+        let mut s = vec![1.0, -1.0, 0.5, 0.25];
+        process(&mut s, &[2], &cfg);
+        assert_eq!(s, vec![1.0, -1.0, 0.25, f32::NEG_INFINITY]);
+    }
+}
