@@ -8,13 +8,17 @@
 //!   serves left-padded batches.
 //! * [`generate()`]: greedy, sampling and beam search with transformers'
 //!   `generate` semantics.
+//! * [`regress_visual`]: Emu2-Gen's autoregressive regression of visual
+//!   embeddings on the KV cache.
 
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod visual;
 
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use generate::{generate, EarlyStopping, GenerationConfig, OnToken};
 pub use model::{KvCache, Llama, LlamaOutput, Logits, SlotIds, LM_PREFIXES};
+pub use visual::regress_visual;

@@ -224,7 +224,11 @@ def _build_one(out: pathlib.Path, name: str, spec: dict) -> None:
 
         # --- Emu2-Gen visual regression ---
         dv = 32
-        up = torch.randn(H, dv, generator=g) / dv ** 0.5
+        # A strong project_up keeps the 64-step feedback loop well conditioned: with a weak one,
+        # a random model makes the loop chaotic, and even torch's own cached and uncached runs
+        # drift apart by 1e-3 from rounding alone. The outputs still depend strongly on the
+        # prompt (the KV cache), which is what the test is about.
+        up = torch.randn(H, dv, generator=g) * (8.0 / dv ** 0.5)
         down = torch.randn(dv, H, generator=g) / H ** 0.5
         vprompt = torch.randn(1, 7, H, generator=g)
         cases["visual.prompt"] = vprompt
