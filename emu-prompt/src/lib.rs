@@ -11,6 +11,8 @@
 //! * [`video`]: the demo's uniform frame sampling.
 
 pub mod error;
+pub mod grounding;
+pub mod markup;
 pub mod mask;
 pub mod prompt;
 pub mod render;
@@ -19,6 +21,8 @@ pub mod tokenizer;
 pub mod video;
 
 pub use error::{Error, Result};
+pub use grounding::{parse_boxes, GroundedBox, Grounding};
+pub use markup::{parse as parse_markup, to_markup};
 pub use mask::BoxMask;
 pub use prompt::{GroundedObject, Item, Prompt, Role, Turn, Video};
 pub use render::{render, ModelKind, RenderOptions, Rendered, VisualInput};

@@ -257,7 +257,7 @@ fn check_chat_roles(prompt: &Prompt) -> Result<()> {
             )));
         }
     }
-    if prompt.turns.len() % 2 == 0 {
+    if prompt.turns.len().is_multiple_of(2) {
         return Err(Error::Prompt(
             "a conversation must end with a user turn (the model answers next)".into(),
         ));
