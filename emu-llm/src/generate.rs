@@ -388,9 +388,14 @@ struct Beams {
 
 /// Indices of the `k` largest values, largest first; ties keep the lower index.
 fn top_k_indices(x: &[f32], k: usize) -> Vec<usize> {
+    let order = |a: &usize, b: &usize| x[*b].total_cmp(&x[*a]).then(a.cmp(b));
     let mut idx: Vec<usize> = (0..x.len()).collect();
-    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
-    idx.truncate(k);
+    // Partition first: beam search ranks num_beams x vocab candidates per step.
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, order);
+        idx.truncate(k);
+    }
+    idx.sort_by(order);
     idx
 }
 
@@ -572,6 +577,14 @@ fn beam_search<B: Backend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn top_k_is_sorted_with_stable_ties() {
+        let x = [0.5, 2.0, -1.0, 2.0, 7.0, 0.5];
+        assert_eq!(top_k_indices(&x, 3), vec![4, 1, 3]);
+        assert_eq!(top_k_indices(&x, 6), vec![4, 1, 3, 0, 5, 2]);
+        assert_eq!(top_k_indices(&x, 5), vec![4, 1, 3, 0, 5]);
+    }
 
     #[test]
     fn rng_is_deterministic_and_uniform_enough() {
