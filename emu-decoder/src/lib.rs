@@ -12,10 +12,9 @@ mod nn;
 pub mod scheduler;
 pub mod unet;
 pub mod vae;
-pub mod weights;
+mod weights;
 
 pub use error::{Error, Result};
 pub use scheduler::{EulerDiscreteConfig, EulerDiscreteScheduler, PredictionType, TimestepSpacing};
 pub use unet::{TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
 pub use vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};
-pub use weights::{TensorMap, TensorSource, Vb};

@@ -11,7 +11,7 @@ use crate::nn::{
     ResnetCfg, Upsample2D,
 };
 use crate::weights::Vb;
-use emu_core::{Backend, DType, HostTensor, Tensor};
+use emu_core::{Backend, DType, HostTensor, Tensor, Weights};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -610,8 +610,10 @@ pub struct UNet2DConditionModel<B: Backend> {
 }
 
 impl<B: Backend> UNet2DConditionModel<B> {
-    /// Loads every module with diffusers' key names (`vb` at the model root).
-    pub fn load(vb: &Vb<B>, cfg: &UNet2DConditionConfig) -> Result<Self> {
+    /// Loads every module from `weights` (a view at the model root, diffusers
+    /// key names), uploading parameters to `backend` in `dtype`.
+    pub fn load(backend: &B, weights: &Weights, cfg: &UNet2DConditionConfig, dtype: DType) -> Result<Self> {
+        let vb = &Vb::new(weights, backend, dtype);
         let rv = cfg.resolve()?;
         let boc = &cfg.block_out_channels;
         let n = boc.len();

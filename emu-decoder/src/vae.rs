@@ -6,7 +6,7 @@ use crate::nn::{
     from_tokens, hw, to_tokens, Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, ResnetCfg, Upsample2D,
 };
 use crate::weights::Vb;
-use emu_core::{Backend, Tensor};
+use emu_core::{Backend, DType, Tensor, Weights};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -311,8 +311,10 @@ pub struct AutoencoderKL<B: Backend> {
 }
 
 impl<B: Backend> AutoencoderKL<B> {
-    /// Loads every module with diffusers' key names (`vb` at the model root).
-    pub fn load(vb: &Vb<B>, cfg: &AutoencoderKLConfig) -> Result<Self> {
+    /// Loads every module from `weights` (a view at the model root, diffusers
+    /// key names), uploading parameters to `backend` in `dtype`.
+    pub fn load(backend: &B, weights: &Weights, cfg: &AutoencoderKLConfig, dtype: DType) -> Result<Self> {
+        let vb = &Vb::new(weights, backend, dtype);
         cfg.validate()?;
         let l = cfg.latent_channels;
         Ok(Self {

@@ -4,8 +4,9 @@ mod common;
 
 use common::*;
 use emu_backend_cpu::CpuBackend;
+use emu_core::Checkpoint;
 use emu_core::{DType, Tensor};
-use emu_decoder::{TensorMap, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel, Vb};
+use emu_decoder::{TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
 
 fn unet_dir() -> std::path::PathBuf {
     fixtures().join("pipeline/unet")
@@ -13,11 +14,11 @@ fn unet_dir() -> std::path::PathBuf {
 
 fn load_unet(be: &CpuBackend, dtype: DType) -> UNet2DConditionModel<CpuBackend> {
     let cfg = UNet2DConditionConfig::from_file(unet_dir().join("config.json")).unwrap();
-    let weights = TensorMap::from_diffusers_dir(unet_dir(), None).unwrap();
-    UNet2DConditionModel::load(&Vb::new(&weights, be, dtype), &cfg).unwrap()
+    let ckpt = Checkpoint::open_dir(unet_dir(), None).unwrap();
+    UNet2DConditionModel::load(be, &ckpt.weights(), &cfg, dtype).unwrap()
 }
 
-fn time_ids(io: &TensorMap, rows: usize) -> Vec<[f32; 6]> {
+fn time_ids(io: &Checkpoint, rows: usize) -> Vec<[f32; 6]> {
     f32s(io, "time_ids")
         .chunks(6)
         .take(rows)
@@ -27,7 +28,7 @@ fn time_ids(io: &TensorMap, rows: usize) -> Vec<[f32; 6]> {
 
 fn run(
     unet: &UNet2DConditionModel<CpuBackend>,
-    io: &TensorMap,
+    io: &Checkpoint,
     sample: &str,
     t: f32,
     rows: usize,

@@ -4,14 +4,15 @@ mod common;
 
 use common::*;
 use emu_backend_cpu::CpuBackend;
+use emu_core::Checkpoint;
 use emu_core::{DType, Tensor};
-use emu_decoder::{AutoencoderKL, AutoencoderKLConfig, TensorMap, Vb};
+use emu_decoder::{AutoencoderKL, AutoencoderKLConfig};
 
 fn load_vae(be: &CpuBackend, variant: Option<&str>, dtype: DType) -> AutoencoderKL<CpuBackend> {
     let dir = fixtures().join("pipeline/vae");
     let cfg = AutoencoderKLConfig::from_file(dir.join("config.json")).unwrap();
-    let weights = TensorMap::from_diffusers_dir(&dir, variant).unwrap();
-    AutoencoderKL::load(&Vb::new(&weights, be, dtype), &cfg).unwrap()
+    let ckpt = Checkpoint::open_dir(&dir, variant).unwrap();
+    AutoencoderKL::load(be, &ckpt.weights(), &cfg, dtype).unwrap()
 }
 
 #[test]
@@ -75,18 +76,18 @@ fn config_errors_name_the_field() {
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains(key), "{err}");
     }
-    // A wrong shape names the key.
+    // A config that does not fit the weights names the first key that differs.
     let be = CpuBackend::new();
-    let cfg = AutoencoderKLConfig::from_file(dir.join("config.json")).unwrap();
-    let mut weights = TensorMap::from_diffusers_dir(&dir, None).unwrap();
-    weights.insert(
-        "decoder.conv_in.weight",
-        emu_core::HostTensor::zeros(&[1, 1, 3, 3], DType::F32).unwrap(),
-    );
-    let err = AutoencoderKL::load(&Vb::new(&weights, &be, DType::F32), &cfg)
+    let mut cfg = AutoencoderKLConfig::from_file(dir.join("config.json")).unwrap();
+    cfg.latent_channels = 8;
+    let ckpt = Checkpoint::open_dir(&dir, None).unwrap();
+    let err = AutoencoderKL::load(&be, &ckpt.weights(), &cfg, DType::F32)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("decoder.conv_in.weight"), "{err}");
+    assert!(
+        err.contains("encoder.conv_out.weight") && err.contains("expected"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -1,21 +1,22 @@
 #![allow(dead_code)]
 
-use emu_decoder::{TensorMap, TensorSource};
+use emu_core::checkpoint::Checkpoint;
 use std::path::PathBuf;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/decoder")
 }
 
-pub fn load(name: &str) -> TensorMap {
-    TensorMap::from_safetensors(fixtures().join(name)).unwrap()
+/// A fixture safetensors file of inputs and expected outputs.
+pub fn load(name: &str) -> Checkpoint {
+    Checkpoint::open(fixtures().join(name)).unwrap()
 }
 
-pub fn f32s(m: &TensorMap, key: &str) -> Vec<f32> {
+pub fn f32s(m: &Checkpoint, key: &str) -> Vec<f32> {
     m.get(key).unwrap().to_f32_vec().unwrap()
 }
 
-pub fn dims(m: &TensorMap, key: &str) -> Vec<usize> {
+pub fn dims(m: &Checkpoint, key: &str) -> Vec<usize> {
     m.get(key).unwrap().dims().to_vec()
 }
 
