@@ -1,6 +1,6 @@
 //! `cargo xtask <command>`: project automation that is not a unit test.
 //!
-//! * `test [--backend cpu|all] [--dtype f32|bf16|f16|all]` — runs the backend
+//! * `test [--backend cpu|wgpu|all] [--dtype f32|bf16|f16|all]` — runs the backend
 //!   conformance suite (every op against f64 references) on each selected
 //!   backend and prints the measured error of every check; exits non-zero on
 //!   any failure.
@@ -14,11 +14,11 @@ use std::process::{Command, ExitCode};
 use emu_core::testing::{format_checks, run_error_suite, run_op_suite};
 use emu_core::{Backend, DType};
 
-const USAGE: &str = "usage: cargo xtask test [--backend cpu|all] [--dtype f32|bf16|f16|all]
+const USAGE: &str = "usage: cargo xtask test [--backend cpu|wgpu|all] [--dtype f32|bf16|f16|all]
        cargo xtask fixtures [SET ...]";
 
 /// Backends this build knows about; each new backend crate adds itself here.
-const BACKENDS: &[&str] = &["cpu"];
+const BACKENDS: &[&str] = &["cpu", "wgpu"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -59,9 +59,18 @@ fn cmd_test(args: &[String]) -> Result<(), String> {
             .ok_or_else(|| format!("unknown dtype `{d}`"))?],
     };
     let mut failures = 0;
-    for name in backends {
+    for &name in &backends {
         failures += match name {
             "cpu" => run_suites(&emu_backend_cpu::CpuBackend::new(), &dtypes)?,
+            // Without an adapter, `all` skips wgpu; asking for it by name fails.
+            "wgpu" => match emu_backend_wgpu::WgpuBackend::new() {
+                Ok(be) => run_suites(&be, &dtypes)?,
+                Err(e) if backends.len() > 1 => {
+                    println!("== wgpu: skipped: {e}");
+                    0
+                }
+                Err(e) => return Err(e.to_string()),
+            },
             other => unreachable!("backend {other} listed but not wired"),
         };
     }

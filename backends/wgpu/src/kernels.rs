@@ -1,0 +1,611 @@
+//! WGSL sources of every kernel, generated per specialisation (op, output
+//! rounding) and compiled once per backend.
+//!
+//! Conventions shared by all kernels:
+//! * binding 0 is a read-only `array<u32>` of parameters (`P`), bindings
+//!   `1..=k` are the inputs, binding `k + 1` the output;
+//! * every tensor element is one 32-bit word: f32 for the float dtypes (f16
+//!   and bf16 values are stored as the f32 they are exactly equal to, and
+//!   every float output goes through `rnd` which rounds to the tensor's
+//!   dtype), u32/i32 bits for the integer dtypes;
+//! * 1-D kernels use 256 invocations per workgroup and a 2-D grid of
+//!   workgroups (the x dimension is capped at 65535).
+//!
+//! Strided kernels (copy, unary, binary, cast) read their layout from `P`:
+//! `P[0]` = element count, `P[1]` = rank, `P[2..10]` = dims, and for operand
+//! `k`: `P[10 + 9k]` = offset, `P[11 + 9k ..]` = strides (elements).
+
+use emu_core::backend::{BinaryOp, ReduceOp, UnaryOp};
+use emu_core::DType;
+
+/// Workgroup size of the 1-D kernels.
+pub const WG: u32 = 256;
+/// Largest rank the strided kernels index.
+pub const MAX_RANK: usize = 8;
+/// Index of the first extra parameter of a strided kernel with `nops` operands.
+pub fn extra_param(nops: usize) -> usize {
+    10 + 9 * nops
+}
+
+/// Output tile of the matmul kernel (square) and its depth.
+pub const MM_TILE: u32 = 64;
+
+fn round_fn(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => {
+            "fn rnd(x: f32) -> f32 {
+    let b = bitcast<u32>(x);
+    if ((b & 0x7f800000u) == 0x7f800000u) {
+        if ((b & 0x007fffffu) != 0u) { return bitcast<f32>(b | 0x00400000u); }
+        return x;
+    }
+    let r = b + 0x7fffu + ((b >> 16u) & 1u);
+    return bitcast<f32>(r & 0xffff0000u);
+}
+"
+        }
+        DType::F16 => {
+            // Round to nearest even at f16's precision: normal values by
+            // rounding the f32 mantissa to 10 bits, subnormals (below 2^-14)
+            // to a multiple of 2^-24 (WGSL's round() is half-to-even), and
+            // overflow to infinity as IEEE conversion does.
+            "fn rnd(x: f32) -> f32 {
+    let b = bitcast<u32>(x);
+    let e = (b >> 23u) & 0xffu;
+    if (e == 0xffu) { return x; }
+    if (e < 113u) {
+        return round(x * 16777216.0) * 5.9604644775390625e-8;
+    }
+    let r = (b + 0x0fffu + ((b >> 13u) & 1u)) & 0xffffe000u;
+    if (((r >> 23u) & 0xffu) > 142u) {
+        return bitcast<f32>((b & 0x80000000u) | 0x7f800000u);
+    }
+    return bitcast<f32>(r);
+}
+"
+        }
+        _ => "fn rnd(x: f32) -> f32 { return x; }\n",
+    }
+}
+
+const INDEX: &str = "
+fn gindex(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wid.x + wid.y * nwg.x) * 256u + lid.x;
+}
+fn strided(i: u32, k: u32) -> u32 {
+    var rem = i;
+    var off = P[10u + 9u * k];
+    var d = P[1];
+    loop {
+        if (d == 0u) { break; }
+        d = d - 1u;
+        let size = P[2u + d];
+        off = off + (rem % size) * P[11u + 9u * k + d];
+        rem = rem / size;
+    }
+    return off;
+}
+";
+
+const MATH: &str = "
+fn tanh_(x: f32) -> f32 {
+    let a = abs(x);
+    if (a > 15.0) { return sign(x); }
+    let t = exp(-2.0 * a);
+    return sign(x) * (1.0 - t) / (1.0 + t);
+}
+fn sigmoid_(x: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-x));
+}
+// erf through erfc's Chebyshev fit (Numerical Recipes), fractional error < 1.2e-7.
+fn erf_(x: f32) -> f32 {
+    let z = abs(x);
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 +
+        t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 +
+        t * (-0.82215223 + t * 0.17087277)))))))));
+    if (x >= 0.0) { return 1.0 - r; }
+    return r - 1.0;
+}
+";
+
+fn header(inputs: &[&str], output: &str) -> String {
+    let mut s = String::from("@group(0) @binding(0) var<storage, read> P: array<u32>;\n");
+    for (i, ty) in inputs.iter().enumerate() {
+        s.push_str(&format!(
+            "@group(0) @binding({}) var<storage, read> I{i}: array<{ty}>;\n",
+            i + 1
+        ));
+    }
+    s.push_str(&format!(
+        "@group(0) @binding({}) var<storage, read_write> O: array<{output}>;\n",
+        inputs.len() + 1
+    ));
+    s.push_str(INDEX);
+    s
+}
+
+const MAIN_1D: &str = "@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = gindex(wid, nwg, lid);";
+
+/// Strided copy of 32-bit words: `O[view1(i)] = I0[view0(i)]`.
+pub fn copy() -> String {
+    format!(
+        "{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    O[strided(i, 1u)] = I0[strided(i, 0u)];
+}}
+",
+        header(&["u32"], "u32")
+    )
+}
+
+/// `O[P[1] + i] = P[2]` for `i < P[0]`.
+pub fn fill() -> String {
+    format!(
+        "{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    O[P[1] + i] = P[2];
+}}
+",
+        header(&[], "u32")
+    )
+}
+
+fn unary_expr(op: UnaryOp) -> &'static str {
+    match op {
+        UnaryOp::Neg => "-x",
+        UnaryOp::Abs => "abs(x)",
+        UnaryOp::Exp => "exp(x)",
+        UnaryOp::Log => "log(x)",
+        UnaryOp::Sqrt => "sqrt(x)",
+        UnaryOp::Sqr => "x * x",
+        UnaryOp::Recip => "1.0 / x",
+        UnaryOp::Tanh => "tanh_(x)",
+        UnaryOp::Sigmoid => "sigmoid_(x)",
+        UnaryOp::Sin => "sin(x)",
+        UnaryOp::Cos => "cos(x)",
+        UnaryOp::Relu => "max(x, 0.0)",
+        UnaryOp::Silu => "x * sigmoid_(x)",
+        UnaryOp::Gelu => "0.5 * x * (1.0 + erf_(x * 0.70710678118654752))",
+        UnaryOp::GeluTanh => "0.5 * x * (1.0 + tanh_(0.79788456080286536 * (x + 0.044715 * x * x * x)))",
+    }
+}
+
+/// Elementwise one-input op over a strided input, contiguous output.
+pub fn unary(op: UnaryOp, out: DType) -> String {
+    format!(
+        "{}{MATH}{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    let x = I0[strided(i, 0u)];
+    O[i] = rnd({});
+}}
+",
+        header(&["f32"], "f32"),
+        round_fn(out),
+        unary_expr(op)
+    )
+}
+
+/// `x * mul + add` with `mul`, `add` as f32 bits in the extra parameters.
+pub fn affine(out: DType) -> String {
+    let e = extra_param(1);
+    format!(
+        "{}{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    let x = I0[strided(i, 0u)];
+    O[i] = rnd(x * bitcast<f32>(P[{e}]) + bitcast<f32>(P[{}]));
+}}
+",
+        header(&["f32"], "f32"),
+        round_fn(out),
+        e + 1
+    )
+}
+
+/// Elementwise two-input op over strided (broadcast) inputs, contiguous output.
+pub fn binary(op: BinaryOp, out: DType) -> String {
+    let expr = match op {
+        BinaryOp::Add => "a + b",
+        BinaryOp::Sub => "a - b",
+        BinaryOp::Mul => "a * b",
+        BinaryOp::Div => "a / b",
+        BinaryOp::Maximum => "max(a, b)",
+        BinaryOp::Minimum => "min(a, b)",
+    };
+    format!(
+        "{}{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    let a = I0[strided(i, 0u)];
+    let b = I1[strided(i, 1u)];
+    O[i] = rnd({expr});
+}}
+",
+        header(&["f32", "f32"], "f32"),
+        round_fn(out)
+    )
+}
+
+/// What a 32-bit storage word holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Word {
+    Float,
+    U32,
+    I32,
+}
+
+impl Word {
+    pub fn of(dtype: DType) -> Word {
+        match dtype {
+            DType::U32 => Word::U32,
+            DType::I32 => Word::I32,
+            _ => Word::Float,
+        }
+    }
+}
+
+/// Dtype conversion of a strided input into a contiguous output (raw words).
+pub fn cast(from: Word, to: DType) -> String {
+    let expr = match (from, Word::of(to)) {
+        (Word::Float, Word::Float) => "bitcast<u32>(rnd(bitcast<f32>(w)))",
+        (Word::Float, Word::U32) => "u32(bitcast<f32>(w))",
+        (Word::Float, Word::I32) => "bitcast<u32>(i32(bitcast<f32>(w)))",
+        (Word::U32, Word::Float) => "bitcast<u32>(rnd(f32(w)))",
+        (Word::I32, Word::Float) => "bitcast<u32>(rnd(f32(bitcast<i32>(w))))",
+        _ => "w",
+    };
+    format!(
+        "{}{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    let w = I0[strided(i, 0u)];
+    O[i] = {expr};
+}}
+",
+        header(&["u32"], "u32"),
+        round_fn(to)
+    )
+}
+
+/// Reduction of the middle axis of a contiguous `[outer, r, inner]` view.
+/// `P` = `[outer * inner, r, inner, offset]`; one invocation per output.
+pub fn reduce(op: ReduceOp, out: DType) -> String {
+    let (init, step, fin) = match op {
+        ReduceOp::Sum => ("0.0", "acc = acc + v;", "acc"),
+        ReduceOp::Mean => ("0.0", "acc = acc + v;", "acc / f32(r)"),
+        ReduceOp::Max => ("-3.4028234663852886e38", "acc = max(acc, v);", "acc"),
+        ReduceOp::Min => ("3.4028234663852886e38", "acc = min(acc, v);", "acc"),
+    };
+    format!(
+        "{}{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    let r = P[1];
+    let inner = P[2];
+    let base = P[3] + (i / inner) * r * inner + i % inner;
+    var acc: f32 = {init};
+    for (var k = 0u; k < r; k = k + 1u) {{
+        let v = I0[base + k * inner];
+        {step}
+    }}
+    O[i] = rnd({fin});
+}}
+",
+        header(&["f32"], "f32"),
+        round_fn(out)
+    )
+}
+
+/// Index of the first maximum along the middle axis (same layout as [`reduce`]).
+pub fn argmax() -> String {
+    format!(
+        "{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    let r = P[1];
+    let inner = P[2];
+    let base = P[3] + (i / inner) * r * inner + i % inner;
+    var best = I0[base];
+    var arg = 0u;
+    for (var k = 1u; k < r; k = k + 1u) {{
+        let v = I0[base + k * inner];
+        if (v > best) {{ best = v; arg = k; }}
+    }}
+    O[i] = arg;
+}}
+",
+        header(&["f32"], "u32")
+    )
+}
+
+/// Batched, strided `[M, K] x [K, N]` with 64x64 output tiles staged
+/// through workgroup memory, 4x4 outputs per invocation.
+///
+/// `P`: 0 M, 1 N, 2 K, 3 batch rank, 4..10 batch dims, 10 a offset, 11 a row
+/// stride, 12 a col stride, 13..19 a batch strides, 19 b offset, 20 b row
+/// stride, 21 b col stride, 22..28 b batch strides. Workgroup grid
+/// `(ceil(N/64), ceil(M/64), batch)`.
+pub fn matmul(out: DType) -> String {
+    format!(
+        "{}{}
+var<workgroup> As: array<f32, 1024>;
+var<workgroup> Bs: array<f32, 1024>;
+
+@compute @workgroup_size(16, 16, 1)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {{
+    let M = P[0];
+    let N = P[1];
+    let K = P[2];
+    var rem = wid.z;
+    var a_base = P[10];
+    var b_base = P[19];
+    var d = P[3];
+    loop {{
+        if (d == 0u) {{ break; }}
+        d = d - 1u;
+        let size = P[4u + d];
+        let c = rem % size;
+        rem = rem / size;
+        a_base = a_base + c * P[13u + d];
+        b_base = b_base + c * P[22u + d];
+    }}
+    let a_rs = P[11];
+    let a_cs = P[12];
+    let b_rs = P[20];
+    let b_cs = P[21];
+    let row0 = wid.y * 64u;
+    let col0 = wid.x * 64u;
+    let tid = lid.y * 16u + lid.x;
+    var acc: array<f32, 16>;
+    for (var t = 0u; t < 16u; t = t + 1u) {{ acc[t] = 0.0; }}
+    for (var k0 = 0u; k0 < K; k0 = k0 + 16u) {{
+        for (var l = 0u; l < 4u; l = l + 1u) {{
+            let e = tid + l * 256u;
+            let r = e / 16u;
+            let kk = e % 16u;
+            let gr = row0 + r;
+            let gk = k0 + kk;
+            var v = 0.0;
+            if (gr < M && gk < K) {{ v = I0[a_base + gr * a_rs + gk * a_cs]; }}
+            As[kk * 64u + r] = v;
+        }}
+        for (var l = 0u; l < 4u; l = l + 1u) {{
+            let e = tid + l * 256u;
+            let kk = e / 64u;
+            let c = e % 64u;
+            let gk = k0 + kk;
+            let gc = col0 + c;
+            var v = 0.0;
+            if (gk < K && gc < N) {{ v = I1[b_base + gk * b_rs + gc * b_cs]; }}
+            Bs[kk * 64u + c] = v;
+        }}
+        workgroupBarrier();
+        for (var kk = 0u; kk < 16u; kk = kk + 1u) {{
+            let a = vec4<f32>(As[kk * 64u + lid.y * 4u], As[kk * 64u + lid.y * 4u + 1u],
+                              As[kk * 64u + lid.y * 4u + 2u], As[kk * 64u + lid.y * 4u + 3u]);
+            let b = vec4<f32>(Bs[kk * 64u + lid.x * 4u], Bs[kk * 64u + lid.x * 4u + 1u],
+                              Bs[kk * 64u + lid.x * 4u + 2u], Bs[kk * 64u + lid.x * 4u + 3u]);
+            for (var i = 0u; i < 4u; i = i + 1u) {{
+                acc[i * 4u] = acc[i * 4u] + a[i] * b.x;
+                acc[i * 4u + 1u] = acc[i * 4u + 1u] + a[i] * b.y;
+                acc[i * 4u + 2u] = acc[i * 4u + 2u] + a[i] * b.z;
+                acc[i * 4u + 3u] = acc[i * 4u + 3u] + a[i] * b.w;
+            }}
+        }}
+        workgroupBarrier();
+    }}
+    let o_base = wid.z * M * N;
+    for (var i = 0u; i < 4u; i = i + 1u) {{
+        let r = row0 + lid.y * 4u + i;
+        if (r >= M) {{ break; }}
+        for (var j = 0u; j < 4u; j = j + 1u) {{
+            let c = col0 + lid.x * 4u + j;
+            if (c < N) {{ O[o_base + r * N + c] = rnd(acc[i * 4u + j]); }}
+        }}
+    }}
+}}
+",
+        header(&["f32", "f32"], "f32"),
+        round_fn(out)
+    )
+}
+
+/// Direct 2-D convolution, one invocation per output element.
+///
+/// `P`: 0 total, 1 C, 2 H, 3 W, 4 O, 5 C/groups, 6 KH, 7 KW, 8 OH, 9 OW,
+/// 10 sh, 11 sw, 12 ph, 13 pw, 14 dh, 15 dw, 16 O/groups, 17 has bias,
+/// 18 x offset, 19 w offset, 20 bias offset.
+pub fn conv2d(out: DType) -> String {
+    format!(
+        "{}{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    let C = P[1]; let H = P[2]; let W = P[3]; let Oc = P[4]; let CG = P[5];
+    let KH = P[6]; let KW = P[7]; let OH = P[8]; let OW = P[9];
+    let ox = i % OW;
+    let oy = (i / OW) % OH;
+    let oc = (i / (OW * OH)) % Oc;
+    let n = i / (OW * OH * Oc);
+    let g = oc / P[16];
+    var acc = 0.0;
+    if (P[17] != 0u) {{ acc = I2[P[20] + oc]; }}
+    for (var ic = 0u; ic < CG; ic = ic + 1u) {{
+        let xc = P[18] + (n * C + g * CG + ic) * H * W;
+        let wc = P[19] + (oc * CG + ic) * KH * KW;
+        for (var ky = 0u; ky < KH; ky = ky + 1u) {{
+            let iy = i32(oy * P[10] + ky * P[14]) - i32(P[12]);
+            if (iy < 0 || iy >= i32(H)) {{ continue; }}
+            for (var kx = 0u; kx < KW; kx = kx + 1u) {{
+                let ix = i32(ox * P[11] + kx * P[15]) - i32(P[13]);
+                if (ix < 0 || ix >= i32(W)) {{ continue; }}
+                acc = acc + I0[xc + u32(iy) * W + u32(ix)] * I1[wc + ky * KW + kx];
+            }}
+        }}
+    }}
+    O[i] = rnd(acc);
+}}
+",
+        header(&["f32", "f32", "f32"], "f32"),
+        round_fn(out)
+    )
+}
+
+/// Average pooling without padding. `P`: 0 total, 1 H, 2 W, 3 OH, 4 OW,
+/// 5 kh, 6 kw, 7 sh, 8 sw, 9 offset.
+pub fn avg_pool2d(out: DType) -> String {
+    format!(
+        "{}{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    let H = P[1]; let W = P[2]; let OH = P[3]; let OW = P[4];
+    let ox = i % OW;
+    let oy = (i / OW) % OH;
+    let nc = i / (OW * OH);
+    let base = P[9] + nc * H * W + oy * P[7] * W + ox * P[8];
+    var acc = 0.0;
+    for (var ky = 0u; ky < P[5]; ky = ky + 1u) {{
+        for (var kx = 0u; kx < P[6]; kx = kx + 1u) {{
+            acc = acc + I0[base + ky * W + kx];
+        }}
+    }}
+    O[i] = rnd(acc / f32(P[5] * P[6]));
+}}
+",
+        header(&["f32"], "f32"),
+        round_fn(out)
+    )
+}
+
+/// Nearest-neighbour resize (PyTorch `mode="nearest"`); scales are f32 bits
+/// computed on the host as `in / out`. `P`: 0 total, 1 H, 2 W, 3 OH, 4 OW,
+/// 5 scale h, 6 scale w, 7 offset.
+pub fn upsample_nearest2d() -> String {
+    format!(
+        "{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    let H = P[1]; let W = P[2]; let OH = P[3]; let OW = P[4];
+    let ox = i % OW;
+    let oy = (i / OW) % OH;
+    let nc = i / (OW * OH);
+    let sy = min(u32(floor(f32(oy) * bitcast<f32>(P[5]))), H - 1u);
+    let sx = min(u32(floor(f32(ox) * bitcast<f32>(P[6]))), W - 1u);
+    O[i] = I0[P[7] + (nc * H + sy) * W + sx];
+}}
+",
+        header(&["u32"], "u32")
+    )
+}
+
+/// Gather of `[outer, D, inner]` by ids along D (raw words; ids out of range
+/// give zeros). `P`: 0 total, 1 D, 2 inner, 3 n ids, 4 table offset, 5 ids offset.
+pub fn index_select() -> String {
+    format!(
+        "{}{MAIN_1D}
+    if (i >= P[0]) {{ return; }}
+    let D = P[1]; let inner = P[2]; let n = P[3];
+    let j = (i / inner) % n;
+    let o = i / (inner * n);
+    let id = I1[P[5] + j];
+    if (id >= D) {{ O[i] = 0u; return; }}
+    O[i] = I0[P[4] + (o * D + id) * inner + i % inner];
+}}
+",
+        header(&["u32", "u32"], "u32")
+    )
+}
+
+/// Numerically stable softmax over contiguous rows, one workgroup per row,
+/// statistics by workgroup tree reductions. `P`: 0 rows, 1 cols, 2 offset.
+pub fn softmax(out: DType) -> String {
+    format!(
+        "{}{}
+var<workgroup> red: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {{
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= P[0]) {{ return; }}
+    let n = P[1];
+    let base = P[2] + row * n;
+    let t = lid.x;
+    var m = -3.4028234663852886e38;
+    for (var k = t; k < n; k = k + 256u) {{ m = max(m, I0[base + k]); }}
+    red[t] = m;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s = s >> 1u) {{
+        if (t < s) {{ red[t] = max(red[t], red[t + s]); }}
+        workgroupBarrier();
+    }}
+    m = red[0];
+    workgroupBarrier();
+    var z = 0.0;
+    for (var k = t; k < n; k = k + 256u) {{ z = z + exp(I0[base + k] - m); }}
+    red[t] = z;
+    workgroupBarrier();
+    for (var s = 128u; s > 0u; s = s >> 1u) {{
+        if (t < s) {{ red[t] = red[t] + red[t + s]; }}
+        workgroupBarrier();
+    }}
+    z = red[0];
+    let ob = row * n;
+    for (var k = t; k < n; k = k + 256u) {{ O[ob + k] = rnd(exp(I0[base + k] - m) / z); }}
+}}
+",
+        header(&["f32"], "f32"),
+        round_fn(out)
+    )
+}
+
+/// LayerNorm / RMSNorm over contiguous rows, one workgroup per row.
+/// `rms`: no mean subtraction. Statistics in f32; the normalised value is
+/// rounded to the output dtype before the affine part (as the reference
+/// composites do). `P`: 0 rows, 1 cols, 2 offset, 3 eps bits, 4 has weight,
+/// 5 has bias, 6 w offset, 7 b offset.
+pub fn norm(rms: bool, out: DType) -> String {
+    let center = if rms {
+        "let mean = 0.0;"
+    } else {
+        "var s = 0.0;
+    for (var k = t; k < n; k = k + 256u) { s = s + I0[base + k]; }
+    red[t] = s;
+    workgroupBarrier();
+    for (var h = 128u; h > 0u; h = h >> 1u) {
+        if (t < h) { red[t] = red[t] + red[t + h]; }
+        workgroupBarrier();
+    }
+    let mean = red[0] / f32(n);
+    workgroupBarrier();"
+    };
+    format!(
+        "{}{}
+var<workgroup> red: array<f32, 256>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {{
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= P[0]) {{ return; }}
+    let n = P[1];
+    let base = P[2] + row * n;
+    let t = lid.x;
+    {center}
+    var q = 0.0;
+    for (var k = t; k < n; k = k + 256u) {{ let c = I0[base + k] - mean; q = q + c * c; }}
+    red[t] = q;
+    workgroupBarrier();
+    for (var h = 128u; h > 0u; h = h >> 1u) {{
+        if (t < h) {{ red[t] = red[t] + red[t + h]; }}
+        workgroupBarrier();
+    }}
+    let rstd = 1.0 / sqrt(red[0] / f32(n) + bitcast<f32>(P[3]));
+    let ob = row * n;
+    for (var k = t; k < n; k = k + 256u) {{
+        var y = rnd((I0[base + k] - mean) * rstd);
+        if (P[4] != 0u) {{ y = rnd(y * I1[P[6] + k]); }}
+        if (P[5] != 0u) {{ y = rnd(y + I2[P[7] + k]); }}
+        O[ob + k] = y;
+    }}
+}}
+",
+        header(&["f32", "f32", "f32"], "f32"),
+        round_fn(out)
+    )
+}

@@ -1,0 +1,1472 @@
+//! The wgpu backend: [`emu_core::Backend`] with every op as a WGSL compute
+//! kernel, on whatever adapter wgpu finds (Vulkan, Metal, DX12, GL; in CI
+//! Mesa's software Vulkan driver, lavapipe).
+//!
+//! Design:
+//! * a tensor is a pooled device buffer plus metadata (dims, strides,
+//!   offset, dtype); `permute`, `narrow`, `broadcast_to` and `reshape` of a
+//!   contiguous tensor are views, the kernels index strided inputs directly
+//!   or a strided copy makes them contiguous;
+//! * every element is a 32-bit word. f16 and bf16 tensors are stored as the
+//!   f32 values they are exactly equal to, and every kernel that produces a
+//!   half-precision tensor rounds its output to that dtype (nearest even),
+//!   so results are those of a backend that stores halves and computes each
+//!   op in f32, which is what PyTorch's CPU kernels do;
+//! * pipelines are compiled once per (kernel, specialisation) and cached;
+//!   buffers come from a size-bucketed pool and go back to it when the last
+//!   tensor using them is dropped; each op is one queue submission, so
+//!   reusing a buffer is ordered after every earlier use;
+//! * the host reads device memory only in [`Backend::download`].
+//!
+//! ```no_run
+//! use emu_backend_wgpu::WgpuBackend;
+//! use emu_core::Tensor;
+//! let gpu = WgpuBackend::new()?;
+//! let x = Tensor::from_f32(&gpu, &[2, 2], vec![1.0, 2.0, 3.0, 4.0])?;
+//! assert_eq!(x.matmul(&x)?.to_f32_vec()?, vec![7.0, 10.0, 15.0, 22.0]);
+//! # Ok::<(), emu_core::Error>(())
+//! ```
+
+mod kernels;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use emu_core::backend::{Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+use emu_core::{DType, Error, HostTensor, Result};
+use half::{bf16, f16};
+use kernels::{Word, MAX_RANK, WG};
+
+const NAME: &str = "wgpu";
+
+/// Environment variable that picks the adapter: an index into
+/// [`WgpuBackend::adapters`] or a case-insensitive substring of its name.
+pub const ADAPTER_ENV: &str = "EMU_WGPU_ADAPTER";
+
+fn unsupported(what: impl Into<String>) -> Error {
+    Error::Unsupported {
+        backend: NAME.to_string(),
+        what: what.into(),
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::BackendUnavailable {
+        backend: NAME.to_string(),
+        reason: reason.into(),
+    }
+}
+
+fn backend_err(message: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: NAME.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A device buffer that returns to its pool when dropped.
+struct Storage {
+    buffer: Option<wgpu::Buffer>,
+    size: u64,
+    pool: Arc<Pool>,
+}
+
+impl Storage {
+    fn buffer(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("storage buffer is present until drop")
+    }
+}
+
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Some(b) = self.buffer.take() {
+            self.pool.release(self.size, b);
+        }
+    }
+}
+
+/// Free device buffers by size bucket. Buckets are powers of two (at least
+/// 256 bytes) so that buffers are reused across the slightly different
+/// shapes of successive decode or diffusion steps.
+struct Pool {
+    device: wgpu::Device,
+    free: Mutex<PoolState>,
+    /// Largest buffer that can be bound as one storage binding.
+    max_bytes: u64,
+}
+
+#[derive(Default)]
+struct PoolState {
+    buckets: HashMap<u64, Vec<wgpu::Buffer>>,
+    free_bytes: u64,
+}
+
+/// Free buffers kept for reuse, beyond which released buffers are destroyed.
+const POOL_KEEP_BYTES: u64 = 4 << 30;
+
+impl Pool {
+    fn bucket(&self, bytes: u64) -> u64 {
+        let b = bytes.max(256).next_power_of_two();
+        if b > self.max_bytes {
+            bytes.div_ceil(256) * 256
+        } else {
+            b
+        }
+    }
+
+    fn alloc(self: &Arc<Self>, bytes: u64) -> Result<Storage> {
+        if bytes > self.max_bytes {
+            return Err(unsupported(format!(
+                "a buffer of {bytes} bytes: the adapter binds at most {} bytes per storage buffer",
+                self.max_bytes
+            )));
+        }
+        let size = self.bucket(bytes);
+        let reused = {
+            let mut st = self.free.lock().map_err(|_| backend_err("buffer pool lock poisoned"))?;
+            let b = st.buckets.get_mut(&size).and_then(Vec::pop);
+            if b.is_some() {
+                st.free_bytes -= size;
+            }
+            b
+        };
+        let buffer = match reused {
+            Some(b) => b,
+            None => self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("emu tensor"),
+                size,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }),
+        };
+        Ok(Storage {
+            buffer: Some(buffer),
+            size,
+            pool: self.clone(),
+        })
+    }
+
+    fn release(&self, size: u64, buffer: wgpu::Buffer) {
+        if let Ok(mut st) = self.free.lock() {
+            if st.free_bytes + size <= POOL_KEEP_BYTES {
+                st.free_bytes += size;
+                st.buckets.entry(size).or_default().push(buffer);
+                return;
+            }
+        }
+        buffer.destroy();
+    }
+}
+
+/// A tensor on the device: shared storage plus a strided view of it.
+#[derive(Clone)]
+pub struct WgpuTensor {
+    storage: Arc<Storage>,
+    dims: Vec<usize>,
+    strides: Vec<usize>,
+    offset: usize,
+    dtype: DType,
+    /// The values of integer tensors uploaded from the host, kept so that
+    /// `index_select` can validate ids without reading the device.
+    host_ids: Option<Arc<[u32]>>,
+}
+
+impl fmt::Debug for WgpuTensor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgpuTensor({:?}, {})", self.dims, self.dtype)
+    }
+}
+
+fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; dims.len()];
+    for i in (0..dims.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * dims[i + 1];
+    }
+    s
+}
+
+impl WgpuTensor {
+    fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    fn is_contiguous(&self) -> bool {
+        let mut expect = 1;
+        for (&d, &s) in self.dims.iter().zip(&self.strides).rev() {
+            if d != 1 && s != expect {
+                return false;
+            }
+            expect *= d;
+        }
+        true
+    }
+
+    fn buffer(&self) -> &wgpu::Buffer {
+        self.storage.buffer()
+    }
+}
+
+/// Merges dimensions that are contiguous in every operand and drops size-1
+/// dimensions, so that the strided kernels loop over as few as possible.
+fn coalesce(dims: &[usize], strides: &[&[usize]]) -> (Vec<usize>, Vec<Vec<usize>>) {
+    let mut od: Vec<usize> = Vec::new();
+    let mut os: Vec<Vec<usize>> = vec![Vec::new(); strides.len()];
+    for d in 0..dims.len() {
+        if dims[d] == 1 {
+            continue;
+        }
+        let mergeable = !od.is_empty() && strides.iter().zip(&os).all(|(s, o)| o[o.len() - 1] == s[d] * dims[d]);
+        if mergeable {
+            let last = od.len() - 1;
+            od[last] *= dims[d];
+            for (k, s) in strides.iter().enumerate() {
+                let l = os[k].len() - 1;
+                os[k][l] = s[d];
+            }
+        } else {
+            od.push(dims[d]);
+            for (k, s) in strides.iter().enumerate() {
+                os[k].push(s[d]);
+            }
+        }
+    }
+    (od, os)
+}
+
+fn u32_of(what: &str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| unsupported(format!("{what} of {v} (kernels index with 32 bits)")))
+}
+
+/// Parameters of a strided kernel (see `kernels`): element count, layout
+/// and per-operand offsets/strides.
+fn strided_params(dims: &[usize], ops: &[(usize, &[usize])]) -> Result<Vec<u32>> {
+    let stride_refs: Vec<&[usize]> = ops.iter().map(|(_, s)| *s).collect();
+    let (cd, cs) = coalesce(dims, &stride_refs);
+    if cd.len() > MAX_RANK {
+        return Err(unsupported(format!(
+            "strided views of rank {} (at most {MAX_RANK} after merging dims)",
+            cd.len()
+        )));
+    }
+    let mut p = vec![0u32; kernels::extra_param(ops.len())];
+    p[0] = u32_of("element count", dims.iter().product())?;
+    p[1] = cd.len() as u32;
+    for (i, &d) in cd.iter().enumerate() {
+        p[2 + i] = u32_of("dimension", d)?;
+    }
+    for (k, (off, _)) in ops.iter().enumerate() {
+        p[10 + 9 * k] = u32_of("offset", *off)?;
+        for (i, &s) in cs[k].iter().enumerate() {
+            p[11 + 9 * k + i] = u32_of("stride", s)?;
+        }
+    }
+    Ok(p)
+}
+
+fn groups_1d(n: usize) -> [u32; 3] {
+    let total = n.div_ceil(WG as usize).max(1);
+    let x = total.min(65535);
+    [x as u32, total.div_ceil(x) as u32, 1]
+}
+
+fn groups_rows(rows: usize) -> [u32; 3] {
+    let x = rows.clamp(1, 65535);
+    [x as u32, rows.div_ceil(x).max(1) as u32, 1]
+}
+
+/// One kernel launch of an op.
+struct Launch<'a> {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    params: Vec<u32>,
+    inputs: Vec<&'a wgpu::Buffer>,
+    output: &'a wgpu::Buffer,
+    groups: [u32; 3],
+}
+
+struct Context {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    limits: wgpu::Limits,
+    pool: Arc<Pool>,
+    /// Bind group layouts by number of inputs.
+    layouts: Vec<wgpu::BindGroupLayout>,
+    pipeline_layouts: Vec<wgpu::PipelineLayout>,
+    pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+}
+
+/// The wgpu backend. Cheap to clone (clones share the device, pipelines and
+/// buffer pool).
+#[derive(Clone)]
+pub struct WgpuBackend {
+    ctx: Arc<Context>,
+}
+
+impl fmt::Debug for WgpuBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WgpuBackend({} on {:?})", self.ctx.info.name, self.ctx.info.backend)
+    }
+}
+
+fn instance() -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+}
+
+fn usable(a: &wgpu::Adapter) -> bool {
+    a.get_downlevel_capabilities()
+        .flags
+        .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS)
+}
+
+fn describe(info: &wgpu::AdapterInfo) -> String {
+    format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type)
+}
+
+impl WgpuBackend {
+    /// The adapter named by `EMU_WGPU_ADAPTER` if set, else wgpu's default
+    /// (high-performance) adapter. `WGPU_BACKEND` (`vulkan`, `metal`, `dx12`,
+    /// `gl`) restricts which APIs are searched.
+    pub fn new() -> Result<Self> {
+        match std::env::var(ADAPTER_ENV) {
+            Ok(sel) if !sel.trim().is_empty() => Self::with_adapter(Some(sel.trim())),
+            _ => Self::with_adapter(None),
+        }
+    }
+
+    /// Descriptions of the adapters that can run compute shaders, in the
+    /// order that an index selector refers to.
+    pub fn adapters() -> Vec<String> {
+        let inst = instance();
+        pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()))
+            .into_iter()
+            .filter(usable)
+            .map(|a| describe(&a.get_info()))
+            .collect()
+    }
+
+    /// Opens the adapter chosen by `selector` (an index into
+    /// [`Self::adapters`] or a case-insensitive name substring), or the
+    /// default one for `None`.
+    pub fn with_adapter(selector: Option<&str>) -> Result<Self> {
+        let inst = instance();
+        let adapter = match selector {
+            None => pollster::block_on(inst.request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                ..Default::default()
+            }))
+            .map_err(|e| unavailable(format!("no GPU adapter found ({e}); on Linux install a Vulkan driver (e.g. Mesa's lavapipe: mesa-vulkan-drivers)")))?,
+            Some(sel) => {
+                let all: Vec<wgpu::Adapter> = pollster::block_on(inst.enumerate_adapters(wgpu::Backends::all()))
+                    .into_iter()
+                    .filter(usable)
+                    .collect();
+                let names: Vec<String> = all.iter().map(|a| describe(&a.get_info())).collect();
+                let pick = match sel.parse::<usize>() {
+                    Ok(i) => i,
+                    Err(_) => {
+                        let low = sel.to_lowercase();
+                        names.iter().position(|n| n.to_lowercase().contains(&low)).ok_or_else(|| {
+                            unavailable(format!("no adapter matches {ADAPTER_ENV}=`{sel}`; adapters: {names:?}"))
+                        })?
+                    }
+                };
+                all.into_iter().nth(pick).ok_or_else(|| {
+                    unavailable(format!("adapter index {pick} out of range; adapters: {names:?}"))
+                })?
+            }
+        };
+        if !usable(&adapter) {
+            return Err(unavailable(format!(
+                "adapter {} cannot run compute shaders",
+                describe(&adapter.get_info())
+            )));
+        }
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("emu"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| unavailable(format!("cannot open {}: {e}", describe(&adapter.get_info()))))?;
+        if limits.max_compute_invocations_per_workgroup < 256 || limits.max_compute_workgroup_storage_size < 8192 {
+            return Err(unavailable(format!(
+                "adapter {} allows {} invocations and {} bytes of shared memory per workgroup; the kernels need 256 and 8192",
+                describe(&adapter.get_info()),
+                limits.max_compute_invocations_per_workgroup,
+                limits.max_compute_workgroup_storage_size
+            )));
+        }
+        let max_bytes = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let pool = Arc::new(Pool {
+            device: device.clone(),
+            free: Mutex::new(PoolState::default()),
+            max_bytes,
+        });
+        let storage = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Storage { read_only },
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        };
+        let mut layouts = Vec::new();
+        let mut pipeline_layouts = Vec::new();
+        for nin in 0..=3u32 {
+            let mut entries = vec![storage(0, true)];
+            for i in 0..nin {
+                entries.push(storage(i + 1, true));
+            }
+            entries.push(storage(nin + 1, false));
+            let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: None,
+                entries: &entries,
+            });
+            let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: None,
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+            layouts.push(bgl);
+            pipeline_layouts.push(pl);
+        }
+        Ok(Self {
+            ctx: Arc::new(Context {
+                info: adapter.get_info(),
+                device,
+                queue,
+                limits,
+                pool,
+                layouts,
+                pipeline_layouts,
+                pipelines: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The adapter this backend runs on, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
+    pub fn adapter_name(&self) -> String {
+        describe(&self.ctx.info)
+    }
+
+    /// The limits the device was opened with.
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.ctx.limits
+    }
+
+    /// Blocks until every submitted kernel has finished (for timing).
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| backend_err(format!("waiting for the device: {e}")))
+    }
+
+    fn pipeline(&self, key: &str, nin: usize, src: impl FnOnce() -> String) -> Result<Arc<wgpu::ComputePipeline>> {
+        let mut cache = self
+            .ctx
+            .pipelines
+            .lock()
+            .map_err(|_| backend_err("pipeline cache lock poisoned"))?;
+        if let Some(p) = cache.get(key) {
+            return Ok(p.clone());
+        }
+        let module = self.ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(key),
+            source: wgpu::ShaderSource::Wgsl(src().into()),
+        });
+        let p = Arc::new(
+            self.ctx
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(key),
+                    layout: Some(&self.ctx.pipeline_layouts[nin]),
+                    module: &module,
+                    entry_point: Some("main"),
+                    compilation_options: Default::default(),
+                    cache: None,
+                }),
+        );
+        cache.insert(key.to_string(), p.clone());
+        Ok(p)
+    }
+
+    /// Records the launches into one command buffer and submits it.
+    fn submit(&self, launches: &[Launch<'_>]) -> Result<()> {
+        let ctx = &self.ctx;
+        let mut keep = Vec::with_capacity(launches.len());
+        let mut enc = ctx
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        for l in launches {
+            let pbuf = ctx.pool.alloc(4 * l.params.len() as u64)?;
+            let bytes: Vec<u8> = l.params.iter().flat_map(|w| w.to_le_bytes()).collect();
+            ctx.queue.write_buffer(pbuf.buffer(), 0, &bytes);
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: pbuf.buffer().as_entire_binding(),
+            }];
+            for (i, b) in l.inputs.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: i as u32 + 1,
+                    resource: b.as_entire_binding(),
+                });
+            }
+            entries.push(wgpu::BindGroupEntry {
+                binding: l.inputs.len() as u32 + 1,
+                resource: l.output.as_entire_binding(),
+            });
+            let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &ctx.layouts[l.inputs.len()],
+                entries: &entries,
+            });
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: None,
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(&l.pipeline);
+                pass.set_bind_group(0, &bg, &[]);
+                let [x, y, z] = l.groups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+            keep.push(pbuf);
+        }
+        ctx.queue.submit([enc.finish()]);
+        // Params buffers go back to the pool only now: a later write into a
+        // reused one is then queued after this submission.
+        drop(keep);
+        Ok(())
+    }
+
+    fn alloc(&self, dims: &[usize], dtype: DType) -> Result<WgpuTensor> {
+        let n = emu_core::host::checked_numel(dims)?;
+        let bytes = (n as u64)
+            .checked_mul(4)
+            .ok_or_else(|| Error::shape(format!("shape {dims:?} overflows")))?;
+        if n > u32::MAX as usize {
+            return Err(unsupported(format!(
+                "tensors of {n} elements (kernels index with 32 bits)"
+            )));
+        }
+        Ok(WgpuTensor {
+            storage: Arc::new(self.ctx.pool.alloc(bytes)?),
+            dims: dims.to_vec(),
+            strides: contiguous_strides(dims),
+            offset: 0,
+            dtype,
+            host_ids: None,
+        })
+    }
+
+    fn check_dtype(&self, dtype: DType) -> Result<()> {
+        if self.supports(dtype) {
+            Ok(())
+        } else {
+            Err(unsupported(format!("{dtype} tensors (f32, f16, bf16, u32, i32 only)")))
+        }
+    }
+
+    /// A contiguous tensor with the same values (the input itself if it is one).
+    fn contiguous(&self, t: &WgpuTensor) -> Result<WgpuTensor> {
+        if t.is_contiguous() {
+            return Ok(t.clone());
+        }
+        let out = self.alloc(&t.dims, t.dtype)?;
+        self.copy_into(t, &out)?;
+        Ok(out)
+    }
+
+    /// Copies `src`'s values into the (same-shaped) view `dst`.
+    fn copy_into(&self, src: &WgpuTensor, dst: &WgpuTensor) -> Result<()> {
+        let n = src.numel();
+        if n == 0 {
+            return Ok(());
+        }
+        let params = strided_params(&src.dims, &[(src.offset, &src.strides), (dst.offset, &dst.strides)])?;
+        let pipeline = self.pipeline("copy", 1, kernels::copy)?;
+        self.submit(&[Launch {
+            pipeline,
+            params,
+            inputs: vec![src.buffer()],
+            output: dst.buffer(),
+            groups: groups_1d(n),
+        }])
+    }
+
+    fn float_only(&self, op: &str, t: &WgpuTensor) -> Result<()> {
+        if t.dtype.is_float() {
+            Ok(())
+        } else {
+            Err(Error::DType(format!("{op} needs a float tensor, found {}", t.dtype)))
+        }
+    }
+
+    fn same_dtype(&self, op: &str, a: &WgpuTensor, b: &WgpuTensor) -> Result<()> {
+        if a.dtype != b.dtype {
+            return Err(Error::DType(format!(
+                "{op}: operands have different dtypes {} and {}",
+                a.dtype, b.dtype
+            )));
+        }
+        Ok(())
+    }
+
+    /// A one-input kernel over a strided input producing a contiguous output.
+    fn map1(
+        &self,
+        key: &str,
+        src: impl FnOnce() -> String,
+        t: &WgpuTensor,
+        extra: &[u32],
+        out_dtype: DType,
+    ) -> Result<WgpuTensor> {
+        let out = self.alloc(&t.dims, out_dtype)?;
+        let n = t.numel();
+        if n == 0 {
+            return Ok(out);
+        }
+        let mut params = strided_params(&t.dims, &[(t.offset, &t.strides)])?;
+        params.extend_from_slice(extra);
+        let pipeline = self.pipeline(key, 1, src)?;
+        self.submit(&[Launch {
+            pipeline,
+            params,
+            inputs: vec![t.buffer()],
+            output: out.buffer(),
+            groups: groups_1d(n),
+        }])?;
+        Ok(out)
+    }
+
+    /// `[outer, r, inner]` around `dim` of a contiguous tensor.
+    fn split3(dims: &[usize], dim: usize) -> (usize, usize, usize) {
+        (
+            dims[..dim].iter().product(),
+            dims[dim],
+            dims[dim + 1..].iter().product(),
+        )
+    }
+
+    fn check_dim(op: &str, t: &WgpuTensor, dim: usize) -> Result<()> {
+        if dim >= t.dims.len() {
+            return Err(Error::shape(format!(
+                "{op}: dimension {dim} out of range for {:?}",
+                t.dims
+            )));
+        }
+        Ok(())
+    }
+
+    /// Row-wise kernel (softmax, norms) over the last dimension.
+    fn rows_kernel(
+        &self,
+        key: &str,
+        src: impl FnOnce() -> String,
+        x: &WgpuTensor,
+        extra_inputs: [Option<&WgpuTensor>; 2],
+        params_tail: &[u32],
+    ) -> Result<WgpuTensor> {
+        let x = self.contiguous(x)?;
+        let cols = *x
+            .dims
+            .last()
+            .ok_or_else(|| Error::shape(format!("{key}: input is a scalar")))?;
+        let rows = if cols == 0 { 0 } else { x.numel() / cols };
+        let out = self.alloc(&x.dims, x.dtype)?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let mut params = vec![
+            u32_of("rows", rows)?,
+            u32_of("row length", cols)?,
+            u32_of("offset", x.offset)?,
+        ];
+        params.extend_from_slice(params_tail);
+        let nin = if key.starts_with("softmax") { 1 } else { 3 };
+        let mut inputs = vec![x.buffer()];
+        if nin == 3 {
+            for e in extra_inputs {
+                inputs.push(e.map_or(x.buffer(), |t| t.buffer()));
+            }
+        }
+        let pipeline = self.pipeline(key, nin, src)?;
+        self.submit(&[Launch {
+            pipeline,
+            params,
+            inputs,
+            output: out.buffer(),
+            groups: groups_rows(rows),
+        }])?;
+        Ok(out)
+    }
+
+    /// A per-channel vector (norm weight/bias) as a contiguous tensor of `n` elements.
+    fn vector_arg(&self, op: &str, v: Option<&WgpuTensor>, n: usize, dtype: DType) -> Result<Option<WgpuTensor>> {
+        match v {
+            None => Ok(None),
+            Some(v) => {
+                if v.dtype != dtype {
+                    return Err(Error::DType(format!("{op}: weight is {}, input {dtype}", v.dtype)));
+                }
+                if v.numel() != n || v.dims.last() != Some(&n) {
+                    return Err(Error::shape(format!(
+                        "{op}: weight {:?} does not fit rows of {n}",
+                        v.dims
+                    )));
+                }
+                Ok(Some(self.contiguous(v)?))
+            }
+        }
+    }
+}
+
+fn broadcast_dims(op: &str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return Err(Error::shape(format!("{op}: shapes {a:?} and {b:?} do not broadcast"))),
+        };
+    }
+    Ok(out)
+}
+
+/// Strides of `t` viewed as broadcast to `dims` (0 on expanded dimensions).
+fn broadcast_strides(t: &WgpuTensor, dims: &[usize]) -> Vec<usize> {
+    let off = dims.len() - t.dims.len();
+    (0..dims.len())
+        .map(|i| {
+            if i < off || t.dims[i - off] == 1 {
+                0
+            } else {
+                t.strides[i - off]
+            }
+        })
+        .collect()
+}
+
+fn dt_key(dtype: DType) -> &'static str {
+    dtype.name()
+}
+
+impl Backend for WgpuBackend {
+    type Tensor = WgpuTensor;
+
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn supports(&self, dtype: DType) -> bool {
+        matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::U32 | DType::I32)
+    }
+
+    fn dims(&self, t: &WgpuTensor) -> Vec<usize> {
+        t.dims.clone()
+    }
+
+    fn dtype(&self, t: &WgpuTensor) -> DType {
+        t.dtype
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<WgpuTensor> {
+        self.check_dtype(host.dtype())?;
+        let mut out = self.alloc(host.dims(), host.dtype())?;
+        let raw = host.as_bytes();
+        let words: Vec<u8> = match host.dtype() {
+            DType::F16 => raw
+                .chunks_exact(2)
+                .flat_map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes())
+                .collect(),
+            DType::BF16 => raw
+                .chunks_exact(2)
+                .flat_map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes())
+                .collect(),
+            _ => raw.to_vec(),
+        };
+        if matches!(host.dtype(), DType::U32 | DType::I32) {
+            out.host_ids = Some(
+                raw.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            );
+        }
+        if !words.is_empty() {
+            self.ctx.queue.write_buffer(out.buffer(), 0, &words);
+        }
+        Ok(out)
+    }
+
+    fn download(&self, t: &WgpuTensor) -> Result<HostTensor> {
+        let t = self.contiguous(t)?;
+        let n = t.numel();
+        let bytes = 4 * n as u64;
+        let mut words = Vec::with_capacity(n * 4);
+        if n > 0 {
+            let staging = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("emu download"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let mut enc = self
+                .ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            enc.copy_buffer_to_buffer(t.buffer(), 4 * t.offset as u64, &staging, 0, bytes);
+            self.ctx.queue.submit([enc.finish()]);
+            let (tx, rx) = std::sync::mpsc::channel();
+            staging.map_async(wgpu::MapMode::Read, .., move |r| {
+                let _ = tx.send(r);
+            });
+            self.synchronize()?;
+            rx.recv()
+                .map_err(|_| backend_err("buffer mapping was dropped"))?
+                .map_err(|e| backend_err(format!("reading back a tensor: {e}")))?;
+            {
+                let view = staging
+                    .get_mapped_range(..)
+                    .map_err(|e| backend_err(format!("reading back a tensor: {e}")))?;
+                words.extend_from_slice(&view);
+            }
+            staging.unmap();
+        }
+        let data: Vec<u8> = match t.dtype {
+            DType::F16 => words
+                .chunks_exact(4)
+                .flat_map(|c| f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+                .collect(),
+            DType::BF16 => words
+                .chunks_exact(4)
+                .flat_map(|c| bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes())
+                .collect(),
+            _ => words,
+        };
+        HostTensor::from_bytes(&t.dims, t.dtype, data)
+    }
+
+    fn full(&self, dims: &[usize], value: f64, dtype: DType) -> Result<WgpuTensor> {
+        self.check_dtype(dtype)?;
+        let out = self.alloc(dims, dtype)?;
+        let word = match dtype {
+            DType::F32 => (value as f32).to_bits(),
+            DType::F16 => f16::from_f64(value).to_f32().to_bits(),
+            DType::BF16 => bf16::from_f64(value).to_f32().to_bits(),
+            DType::U32 => value as u32,
+            _ => (value as i32) as u32,
+        };
+        let n = out.numel();
+        if n > 0 {
+            let pipeline = self.pipeline("fill", 0, kernels::fill)?;
+            self.submit(&[Launch {
+                pipeline,
+                params: vec![n as u32, 0, word],
+                inputs: vec![],
+                output: out.buffer(),
+                groups: groups_1d(n),
+            }])?;
+        }
+        Ok(out)
+    }
+
+    fn cast(&self, t: &WgpuTensor, dtype: DType) -> Result<WgpuTensor> {
+        self.check_dtype(dtype)?;
+        if dtype == t.dtype {
+            return Ok(t.clone());
+        }
+        let from = Word::of(t.dtype);
+        // Widening to f32 and reinterpreting u32<->i32 keep every word.
+        let key = format!("cast {from:?} {}", dt_key(dtype));
+        self.map1(&key, || kernels::cast(from, dtype), t, &[], dtype)
+    }
+
+    fn reshape(&self, t: &WgpuTensor, dims: &[usize]) -> Result<WgpuTensor> {
+        if emu_core::host::checked_numel(dims)? != t.numel() {
+            return Err(Error::shape(format!("reshape: cannot view {:?} as {dims:?}", t.dims)));
+        }
+        let c = self.contiguous(t)?;
+        Ok(WgpuTensor {
+            dims: dims.to_vec(),
+            strides: contiguous_strides(dims),
+            ..c
+        })
+    }
+
+    fn permute(&self, t: &WgpuTensor, perm: &[usize]) -> Result<WgpuTensor> {
+        let rank = t.dims.len();
+        let mut seen = vec![false; rank];
+        if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
+            return Err(Error::shape(format!(
+                "permute: {perm:?} is not a permutation of the dims of {:?}",
+                t.dims
+            )));
+        }
+        Ok(WgpuTensor {
+            dims: perm.iter().map(|&p| t.dims[p]).collect(),
+            strides: perm.iter().map(|&p| t.strides[p]).collect(),
+            ..t.clone()
+        })
+    }
+
+    fn narrow(&self, t: &WgpuTensor, dim: usize, start: usize, len: usize) -> Result<WgpuTensor> {
+        Self::check_dim("narrow", t, dim)?;
+        if start.checked_add(len).is_none_or(|end| end > t.dims[dim]) {
+            return Err(Error::shape(format!(
+                "narrow: {start}..{start}+{len} out of range for dim {dim} of {:?}",
+                t.dims
+            )));
+        }
+        let mut dims = t.dims.clone();
+        dims[dim] = len;
+        Ok(WgpuTensor {
+            dims,
+            offset: t.offset + if len > 0 { start * t.strides[dim] } else { 0 },
+            ..t.clone()
+        })
+    }
+
+    fn concat(&self, ts: &[&WgpuTensor], dim: usize) -> Result<WgpuTensor> {
+        let first = ts.first().ok_or_else(|| Error::shape("concat of no tensors"))?;
+        Self::check_dim("concat", first, dim)?;
+        for t in ts {
+            self.same_dtype("concat", first, t)?;
+            let ok = t.dims.len() == first.dims.len()
+                && t.dims
+                    .iter()
+                    .zip(&first.dims)
+                    .enumerate()
+                    .all(|(i, (a, b))| i == dim || a == b);
+            if !ok {
+                return Err(Error::shape(format!(
+                    "concat along {dim}: {:?} does not fit {:?}",
+                    t.dims, first.dims
+                )));
+            }
+        }
+        let mut dims = first.dims.clone();
+        dims[dim] = ts.iter().map(|t| t.dims[dim]).sum();
+        let out = self.alloc(&dims, first.dtype)?;
+        let pipeline = self.pipeline("copy", 1, kernels::copy)?;
+        let mut launches = Vec::new();
+        let mut at = 0;
+        for t in ts {
+            let n = t.numel();
+            if n > 0 {
+                let view_off = at * out.strides[dim];
+                launches.push(Launch {
+                    pipeline: pipeline.clone(),
+                    params: strided_params(&t.dims, &[(t.offset, &t.strides), (view_off, &out.strides)])?,
+                    inputs: vec![t.buffer()],
+                    output: out.buffer(),
+                    groups: groups_1d(n),
+                });
+            }
+            at += t.dims[dim];
+        }
+        if !launches.is_empty() {
+            self.submit(&launches)?;
+        }
+        Ok(out)
+    }
+
+    fn slice_set(&self, dst: WgpuTensor, src: &WgpuTensor, dim: usize, start: usize) -> Result<WgpuTensor> {
+        Self::check_dim("slice_set", &dst, dim)?;
+        self.same_dtype("slice_set", &dst, src)?;
+        let fits = src.dims.len() == dst.dims.len()
+            && src
+                .dims
+                .iter()
+                .zip(&dst.dims)
+                .enumerate()
+                .all(|(i, (s, d))| if i == dim { start + s <= *d } else { s == d });
+        if !fits {
+            return Err(Error::shape(format!(
+                "slice_set: {:?} at {start} along {dim} does not fit into {:?}",
+                src.dims, dst.dims
+            )));
+        }
+        // A broadcast view aliases elements: write into a private copy instead.
+        let dst = if dst.strides.iter().zip(&dst.dims).any(|(&s, &d)| s == 0 && d > 1) {
+            let out = self.alloc(&dst.dims, dst.dtype)?;
+            self.copy_into(&dst, &out)?;
+            out
+        } else {
+            dst
+        };
+        let view = self.narrow(&dst, dim, start, src.dims[dim])?;
+        self.copy_into(src, &view)?;
+        Ok(WgpuTensor { host_ids: None, ..dst })
+    }
+
+    fn index_select(&self, t: &WgpuTensor, ids: &WgpuTensor, dim: usize) -> Result<WgpuTensor> {
+        Self::check_dim("index_select", t, dim)?;
+        if ids.dims.len() != 1 || !matches!(ids.dtype, DType::U32 | DType::I32) {
+            return Err(Error::shape(format!(
+                "index_select: ids must be a 1-D u32/i32 tensor, found {:?} {}",
+                ids.dims, ids.dtype
+            )));
+        }
+        let size = t.dims[dim];
+        if let Some(host) = &ids.host_ids {
+            // ids.host_ids covers the whole upload; a narrowed view reads its part.
+            for k in 0..ids.dims[0] {
+                let v = host.get(ids.offset + k * ids.strides[0]).copied().unwrap_or(u32::MAX);
+                let bad = if ids.dtype == DType::I32 {
+                    (v as i32) < 0 || v as usize >= size
+                } else {
+                    v as usize >= size
+                };
+                if bad {
+                    return Err(Error::shape(format!(
+                        "index_select: index {} out of range for dim {dim} of {:?}",
+                        if ids.dtype == DType::I32 {
+                            (v as i32) as i64
+                        } else {
+                            v as i64
+                        },
+                        t.dims
+                    )));
+                }
+            }
+        }
+        let tc = self.contiguous(t)?;
+        let idc = self.contiguous(ids)?;
+        let (outer, d, inner) = Self::split3(&tc.dims, dim);
+        let nids = ids.dims[0];
+        let mut dims = t.dims.clone();
+        dims[dim] = nids;
+        let out = self.alloc(&dims, t.dtype)?;
+        let n = out.numel();
+        if n > 0 {
+            let _ = outer;
+            let pipeline = self.pipeline("index_select", 2, kernels::index_select)?;
+            self.submit(&[Launch {
+                pipeline,
+                params: vec![
+                    u32_of("elements", n)?,
+                    u32_of("dimension", d)?,
+                    u32_of("inner size", inner)?,
+                    u32_of("ids", nids)?,
+                    u32_of("offset", tc.offset)?,
+                    u32_of("offset", idc.offset)?,
+                ],
+                inputs: vec![tc.buffer(), idc.buffer()],
+                output: out.buffer(),
+                groups: groups_1d(n),
+            }])?;
+        }
+        Ok(out)
+    }
+
+    fn broadcast_to(&self, t: &WgpuTensor, dims: &[usize]) -> Result<WgpuTensor> {
+        let out = broadcast_dims("broadcast_to", &t.dims, dims)?;
+        if out != dims || dims.len() < t.dims.len() {
+            return Err(Error::shape(format!(
+                "broadcast_to: {:?} cannot expand to {dims:?}",
+                t.dims
+            )));
+        }
+        Ok(WgpuTensor {
+            dims: dims.to_vec(),
+            strides: broadcast_strides(t, dims),
+            ..t.clone()
+        })
+    }
+
+    fn unary(&self, op: UnaryOp, t: &WgpuTensor) -> Result<WgpuTensor> {
+        self.float_only(&format!("{op:?}"), t)?;
+        let key = format!("unary {op:?} {}", dt_key(t.dtype));
+        self.map1(&key, || kernels::unary(op, t.dtype), t, &[], t.dtype)
+    }
+
+    fn binary(&self, op: BinaryOp, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
+        self.same_dtype("binary op", a, b)?;
+        self.float_only(&format!("{op:?}"), a)?;
+        let dims = broadcast_dims(&format!("{op:?}"), &a.dims, &b.dims)?;
+        let out = self.alloc(&dims, a.dtype)?;
+        let n = out.numel();
+        if n == 0 {
+            return Ok(out);
+        }
+        let (sa, sb) = (broadcast_strides(a, &dims), broadcast_strides(b, &dims));
+        let params = strided_params(&dims, &[(a.offset, &sa), (b.offset, &sb)])?;
+        let key = format!("binary {op:?} {}", dt_key(a.dtype));
+        let pipeline = self.pipeline(&key, 2, || kernels::binary(op, a.dtype))?;
+        self.submit(&[Launch {
+            pipeline,
+            params,
+            inputs: vec![a.buffer(), b.buffer()],
+            output: out.buffer(),
+            groups: groups_1d(n),
+        }])?;
+        Ok(out)
+    }
+
+    fn affine(&self, t: &WgpuTensor, mul: f64, add: f64) -> Result<WgpuTensor> {
+        self.float_only("affine", t)?;
+        let key = format!("affine {}", dt_key(t.dtype));
+        let extra = [(mul as f32).to_bits(), (add as f32).to_bits()];
+        self.map1(&key, || kernels::affine(t.dtype), t, &extra, t.dtype)
+    }
+
+    fn reduce(&self, op: ReduceOp, t: &WgpuTensor, dim: usize, keepdim: bool) -> Result<WgpuTensor> {
+        Self::check_dim("reduce", t, dim)?;
+        self.float_only("reduce", t)?;
+        if t.dims[dim] == 0 {
+            return Err(Error::shape(format!(
+                "reduce: dimension {dim} of {:?} is empty",
+                t.dims
+            )));
+        }
+        let tc = self.contiguous(t)?;
+        let (outer, r, inner) = Self::split3(&tc.dims, dim);
+        let mut dims = t.dims.clone();
+        if keepdim {
+            dims[dim] = 1;
+        } else {
+            dims.remove(dim);
+        }
+        let out = self.alloc(&dims, t.dtype)?;
+        let n = outer * inner;
+        if n > 0 {
+            let key = format!("reduce {op:?} {}", dt_key(t.dtype));
+            let pipeline = self.pipeline(&key, 1, || kernels::reduce(op, t.dtype))?;
+            self.submit(&[Launch {
+                pipeline,
+                params: vec![
+                    u32_of("elements", n)?,
+                    u32_of("dimension", r)?,
+                    u32_of("inner size", inner)?,
+                    u32_of("offset", tc.offset)?,
+                ],
+                inputs: vec![tc.buffer()],
+                output: out.buffer(),
+                groups: groups_1d(n),
+            }])?;
+        }
+        Ok(out)
+    }
+
+    fn argmax(&self, t: &WgpuTensor, dim: usize) -> Result<WgpuTensor> {
+        Self::check_dim("argmax", t, dim)?;
+        self.float_only("argmax", t)?;
+        if t.dims[dim] == 0 {
+            return Err(Error::shape(format!(
+                "argmax: dimension {dim} of {:?} is empty",
+                t.dims
+            )));
+        }
+        let tc = self.contiguous(t)?;
+        let (outer, r, inner) = Self::split3(&tc.dims, dim);
+        let mut dims = t.dims.clone();
+        dims.remove(dim);
+        let out = self.alloc(&dims, DType::U32)?;
+        let n = outer * inner;
+        if n > 0 {
+            let pipeline = self.pipeline("argmax", 1, kernels::argmax)?;
+            self.submit(&[Launch {
+                pipeline,
+                params: vec![
+                    u32_of("elements", n)?,
+                    u32_of("dimension", r)?,
+                    u32_of("inner size", inner)?,
+                    u32_of("offset", tc.offset)?,
+                ],
+                inputs: vec![tc.buffer()],
+                output: out.buffer(),
+                groups: groups_1d(n),
+            }])?;
+        }
+        Ok(out)
+    }
+
+    fn matmul(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
+        self.same_dtype("matmul", a, b)?;
+        self.float_only("matmul", a)?;
+        let (ad, bd) = (&a.dims, &b.dims);
+        if ad.len() < 2 || bd.len() < 2 || ad[ad.len() - 1] != bd[bd.len() - 2] {
+            return Err(Error::shape(format!("matmul: {ad:?} x {bd:?}")));
+        }
+        let (ar, br) = (ad.len(), bd.len());
+        let batch = broadcast_dims("matmul batch", &ad[..ar - 2], &bd[..br - 2])?;
+        let (m, k, n) = (ad[ar - 2], ad[ar - 1], bd[br - 1]);
+        let mut dims = batch.clone();
+        dims.extend([m, n]);
+        let out = self.alloc(&dims, a.dtype)?;
+        let nbatch: usize = batch.iter().product();
+        if out.numel() == 0 {
+            return Ok(out);
+        }
+        if k == 0 {
+            return self.full(&dims, 0.0, a.dtype);
+        }
+        // Batch strides of each operand seen through the broadcast batch shape.
+        let bstr = |t: &WgpuTensor| -> Vec<usize> {
+            let r = t.dims.len() - 2;
+            let off = batch.len() - r;
+            (0..batch.len())
+                .map(|i| {
+                    if i < off || t.dims[i - off] == 1 {
+                        0
+                    } else {
+                        t.strides[i - off]
+                    }
+                })
+                .collect()
+        };
+        let (sa, sb) = (bstr(a), bstr(b));
+        // Drop size-1 batch dims; more than 6 real ones do not occur in models.
+        let keep: Vec<usize> = (0..batch.len()).filter(|&i| batch[i] != 1).collect();
+        if keep.len() > 6 {
+            return Err(unsupported(format!("matmul with {} batch dimensions", keep.len())));
+        }
+        if nbatch > 65535 {
+            return Err(unsupported(format!(
+                "matmul with {nbatch} batch matrices (at most 65535)"
+            )));
+        }
+        let mut p = vec![0u32; 28];
+        p[0] = u32_of("rows", m)?;
+        p[1] = u32_of("columns", n)?;
+        p[2] = u32_of("inner size", k)?;
+        p[3] = keep.len() as u32;
+        for (j, &i) in keep.iter().enumerate() {
+            p[4 + j] = u32_of("batch", batch[i])?;
+            p[13 + j] = u32_of("stride", sa[i])?;
+            p[22 + j] = u32_of("stride", sb[i])?;
+        }
+        p[10] = u32_of("offset", a.offset)?;
+        p[11] = u32_of("stride", a.strides[ar - 2])?;
+        p[12] = u32_of("stride", a.strides[ar - 1])?;
+        p[19] = u32_of("offset", b.offset)?;
+        p[20] = u32_of("stride", b.strides[br - 2])?;
+        p[21] = u32_of("stride", b.strides[br - 1])?;
+        let key = format!("matmul {}", dt_key(a.dtype));
+        let pipeline = self.pipeline(&key, 2, || kernels::matmul(a.dtype))?;
+        let t = kernels::MM_TILE as usize;
+        self.submit(&[Launch {
+            pipeline,
+            params: p,
+            inputs: vec![a.buffer(), b.buffer()],
+            output: out.buffer(),
+            groups: [
+                u32_of("column tiles", n.div_ceil(t))?,
+                u32_of("row tiles", m.div_ceil(t))?,
+                nbatch as u32,
+            ],
+        }])?;
+        Ok(out)
+    }
+
+    fn conv2d(&self, x: &WgpuTensor, w: &WgpuTensor, bias: Option<&WgpuTensor>, p: Conv2dParams) -> Result<WgpuTensor> {
+        self.same_dtype("conv2d", x, w)?;
+        self.float_only("conv2d", x)?;
+        if x.dims.len() != 4 || w.dims.len() != 4 {
+            return Err(Error::shape(format!(
+                "conv2d: input {:?} and weight {:?} must be 4-D",
+                x.dims, w.dims
+            )));
+        }
+        let (n, c, h, wi) = (x.dims[0], x.dims[1], x.dims[2], x.dims[3]);
+        let (o, cg, kh, kw) = (w.dims[0], w.dims[1], w.dims[2], w.dims[3]);
+        if p.groups == 0 || c % p.groups != 0 || o % p.groups != 0 || cg * p.groups != c {
+            return Err(Error::shape(format!(
+                "conv2d: input {:?} and weight {:?} do not fit {} groups",
+                x.dims, w.dims, p.groups
+            )));
+        }
+        if p.dilation.0 == 0 || p.dilation.1 == 0 {
+            return Err(Error::shape("conv2d: dilation must be positive"));
+        }
+        let (oh, ow) = p.output_hw((h, wi), (kh, kw))?;
+        let bias = match bias {
+            Some(b) => {
+                self.same_dtype("conv2d bias", x, b)?;
+                if b.dims != [o] {
+                    return Err(Error::shape(format!(
+                        "conv2d: bias {:?} for {o} output channels",
+                        b.dims
+                    )));
+                }
+                Some(self.contiguous(b)?)
+            }
+            None => None,
+        };
+        let xc = self.contiguous(x)?;
+        let wc = self.contiguous(w)?;
+        let out = self.alloc(&[n, o, oh, ow], x.dtype)?;
+        let total = out.numel();
+        if total == 0 {
+            return Ok(out);
+        }
+        let params = [
+            total,
+            c,
+            h,
+            wi,
+            o,
+            cg,
+            kh,
+            kw,
+            oh,
+            ow,
+            p.stride.0,
+            p.stride.1,
+            p.padding.0,
+            p.padding.1,
+            p.dilation.0,
+            p.dilation.1,
+            o / p.groups,
+            bias.is_some() as usize,
+            xc.offset,
+            wc.offset,
+            bias.as_ref().map_or(0, |b| b.offset),
+        ]
+        .iter()
+        .map(|&v| u32_of("conv2d parameter", v))
+        .collect::<Result<Vec<_>>>()?;
+        let key = format!("conv2d {}", dt_key(x.dtype));
+        let pipeline = self.pipeline(&key, 3, || kernels::conv2d(x.dtype))?;
+        self.submit(&[Launch {
+            pipeline,
+            params,
+            inputs: vec![
+                xc.buffer(),
+                wc.buffer(),
+                bias.as_ref().map_or(xc.buffer(), |b| b.buffer()),
+            ],
+            output: out.buffer(),
+            groups: groups_1d(total),
+        }])?;
+        Ok(out)
+    }
+
+    fn avg_pool2d(&self, x: &WgpuTensor, kernel: (usize, usize), stride: (usize, usize)) -> Result<WgpuTensor> {
+        self.float_only("avg_pool2d", x)?;
+        if x.dims.len() != 4 {
+            return Err(Error::shape(format!("avg_pool2d: input {:?} must be NCHW", x.dims)));
+        }
+        let (n, c, h, w) = (x.dims[0], x.dims[1], x.dims[2], x.dims[3]);
+        if kernel.0 == 0 || kernel.1 == 0 || stride.0 == 0 || stride.1 == 0 || kernel.0 > h || kernel.1 > w {
+            return Err(Error::shape(format!(
+                "avg_pool2d: kernel {kernel:?} / stride {stride:?} do not fit {:?}",
+                x.dims
+            )));
+        }
+        let (oh, ow) = ((h - kernel.0) / stride.0 + 1, (w - kernel.1) / stride.1 + 1);
+        let xc = self.contiguous(x)?;
+        let out = self.alloc(&[n, c, oh, ow], x.dtype)?;
+        let total = out.numel();
+        if total > 0 {
+            let params = [total, h, w, oh, ow, kernel.0, kernel.1, stride.0, stride.1, xc.offset]
+                .iter()
+                .map(|&v| u32_of("avg_pool2d parameter", v))
+                .collect::<Result<Vec<_>>>()?;
+            let key = format!("avg_pool2d {}", dt_key(x.dtype));
+            let pipeline = self.pipeline(&key, 1, || kernels::avg_pool2d(x.dtype))?;
+            self.submit(&[Launch {
+                pipeline,
+                params,
+                inputs: vec![xc.buffer()],
+                output: out.buffer(),
+                groups: groups_1d(total),
+            }])?;
+        }
+        Ok(out)
+    }
+
+    fn upsample_nearest2d(&self, x: &WgpuTensor, h: usize, w: usize) -> Result<WgpuTensor> {
+        if x.dims.len() != 4 {
+            return Err(Error::shape(format!(
+                "upsample_nearest2d: input {:?} must be NCHW",
+                x.dims
+            )));
+        }
+        let (n, c, ih, iw) = (x.dims[0], x.dims[1], x.dims[2], x.dims[3]);
+        if h == 0 || w == 0 || ih == 0 || iw == 0 {
+            return Err(Error::shape(format!("upsample_nearest2d: {:?} to {h}x{w}", x.dims)));
+        }
+        let xc = self.contiguous(x)?;
+        let out = self.alloc(&[n, c, h, w], x.dtype)?;
+        let total = out.numel();
+        if total > 0 {
+            // PyTorch computes the scale in f32 on the host side too.
+            let (sh, sw) = ((ih as f32 / h as f32).to_bits(), (iw as f32 / w as f32).to_bits());
+            let mut params = [total, ih, iw, h, w]
+                .iter()
+                .map(|&v| u32_of("upsample parameter", v))
+                .collect::<Result<Vec<_>>>()?;
+            params.extend([sh, sw, u32_of("offset", xc.offset)?]);
+            let pipeline = self.pipeline("upsample_nearest2d", 1, kernels::upsample_nearest2d)?;
+            self.submit(&[Launch {
+                pipeline,
+                params,
+                inputs: vec![xc.buffer()],
+                output: out.buffer(),
+                groups: groups_1d(total),
+            }])?;
+        }
+        Ok(out)
+    }
+
+    fn softmax_last_dim(&self, x: &WgpuTensor) -> Result<WgpuTensor> {
+        self.float_only("softmax", x)?;
+        let key = format!("softmax {}", dt_key(x.dtype));
+        self.rows_kernel(&key, || kernels::softmax(x.dtype), x, [None, None], &[])
+    }
+
+    fn layer_norm(
+        &self,
+        x: &WgpuTensor,
+        w: Option<&WgpuTensor>,
+        b: Option<&WgpuTensor>,
+        eps: f64,
+    ) -> Result<WgpuTensor> {
+        self.float_only("layer_norm", x)?;
+        let cols = x.dims.last().copied().unwrap_or(0);
+        let w = self.vector_arg("layer_norm", w, cols, x.dtype)?;
+        let b = self.vector_arg("layer_norm", b, cols, x.dtype)?;
+        let tail = [
+            (eps as f32).to_bits(),
+            w.is_some() as u32,
+            b.is_some() as u32,
+            u32_of("offset", w.as_ref().map_or(0, |t| t.offset))?,
+            u32_of("offset", b.as_ref().map_or(0, |t| t.offset))?,
+        ];
+        let key = format!("layer_norm {}", dt_key(x.dtype));
+        self.rows_kernel(
+            &key,
+            || kernels::norm(false, x.dtype),
+            x,
+            [w.as_ref(), b.as_ref()],
+            &tail,
+        )
+    }
+
+    fn rms_norm(&self, x: &WgpuTensor, w: &WgpuTensor, eps: f64) -> Result<WgpuTensor> {
+        self.float_only("rms_norm", x)?;
+        let cols = x.dims.last().copied().unwrap_or(0);
+        let w = self.vector_arg("rms_norm", Some(w), cols, x.dtype)?;
+        let tail = [
+            (eps as f32).to_bits(),
+            1,
+            0,
+            u32_of("offset", w.as_ref().map_or(0, |t| t.offset))?,
+            0,
+        ];
+        let key = format!("rms_norm {}", dt_key(x.dtype));
+        self.rows_kernel(&key, || kernels::norm(true, x.dtype), x, [w.as_ref(), None], &tail)
+    }
+}
