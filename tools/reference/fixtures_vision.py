@@ -223,6 +223,13 @@ def sample_inputs():
     inputs["camera_1bit.png"] = encode(Image.fromarray(camera).convert("1"), "PNG")
     rgb16 = astro.astype(np.uint16) * 257 + rng.integers(0, 257, size=astro.shape, dtype=np.uint16)
     inputs["astronaut_rgb16.png"] = png_bytes(rgb16, 16, 2)
+    # JPEG coding variants the libjpeg-exact decoder must cover.
+    inputs["astronaut_progressive.jpg"] = encode(Image.fromarray(astro), "JPEG", quality=85, progressive=True)
+    inputs["chelsea_422.jpg"] = encode(Image.fromarray(chelsea), "JPEG", quality=90, subsampling=1)
+    inputs["rocket_restart.jpg"] = encode(Image.fromarray(rocket), "JPEG", quality=90, restart_marker_blocks=5)
+    # Chroma 2 samples wide (plain replication in libjpeg) and 3 wide (fancy).
+    inputs["tiny_3x5.jpg"] = encode(Image.fromarray(astro[40:45, 60:63]), "JPEG", quality=95)
+    inputs["tiny_5x3.jpg"] = encode(Image.fromarray(astro[40:43, 60:65]), "JPEG", quality=95)
     # EXIF orientation 6 (rotate 90° clockwise for display).
     exif = Image.Exif()
     exif[0x0112] = 6
