@@ -16,6 +16,7 @@ pub mod markup;
 pub mod mask;
 pub mod prompt;
 pub mod render;
+pub mod sentencepiece;
 pub mod special;
 pub mod tokenizer;
 pub mod video;

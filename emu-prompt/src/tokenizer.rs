@@ -147,7 +147,9 @@ impl Emu2Tokenizer {
                 "the BPE vocabulary has piece {p:?} with id {id}; LLaMA has {LLAMA_VOCAB} pieces"
             )));
         }
-        for (id, content) in added {
+        let mut added = added.to_vec();
+        added.sort();
+        for (id, content) in &added {
             if *id < LLAMA_VOCAB {
                 if pieces[*id as usize] != *content {
                     return Err(Error::Tokenizer(format!(
@@ -186,14 +188,43 @@ impl Emu2Tokenizer {
         })
     }
 
-    /// Loads `dir/tokenizer.json`.
+    /// Loads whichever layout `dir` has: `tokenizer.json`, or SentencePiece `tokenizer.model`
+    /// (plus `added_tokens.json` when present). `tokenizer_config.json`, when present, sets
+    /// `add_bos_token`; `legacy: false` is refused, since upstream's ids need `legacy: true`.
     pub fn from_dir(dir: impl AsRef<Path>, variant: Variant) -> Result<Self> {
         let dir = dir.as_ref();
         let json = dir.join("tokenizer.json");
-        if json.is_file() {
-            return Self::from_tokenizer_json(json, variant);
+        let model = dir.join("tokenizer.model");
+        let mut tok = if json.is_file() {
+            Self::from_tokenizer_json(json, variant)?
+        } else if model.is_file() {
+            let added = dir.join("added_tokens.json");
+            let added = added.is_file().then_some(added);
+            Self::from_sentencepiece(model, added.as_deref(), variant)?
+        } else {
+            return Err(Error::Tokenizer(format!(
+                "{}: neither tokenizer.json nor tokenizer.model",
+                dir.display()
+            )));
+        };
+        let config = dir.join("tokenizer_config.json");
+        if config.is_file() {
+            let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+                what: config.display().to_string(),
+                source,
+            })?;
+            if let Some(b) = v.get("add_bos_token").and_then(serde_json::Value::as_bool) {
+                tok.add_bos = b;
+            }
+            if v.get("legacy").and_then(serde_json::Value::as_bool) == Some(false) {
+                return Err(Error::Tokenizer(format!(
+                    "{}: legacy: false is not supported (Emu2 uses the legacy LLaMA tokenizer)",
+                    config.display()
+                )));
+            }
         }
-        Err(Error::Tokenizer(format!("{}: no tokenizer.json", dir.display())))
+        Ok(tok)
     }
 
     /// Same tokenizer reproducing another reference (default [`Compat::Slow`]).
