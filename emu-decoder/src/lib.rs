@@ -9,12 +9,14 @@
 
 pub mod error;
 mod nn;
+pub mod pipeline;
 pub mod scheduler;
 pub mod unet;
 pub mod vae;
 mod weights;
 
 pub use error::{Error, Result};
+pub use pipeline::{to_rgb8, DiffusionDecoder, Progress, RgbImage, SamplingParams};
 pub use scheduler::{EulerDiscreteConfig, EulerDiscreteScheduler, PredictionType, TimestepSpacing};
 pub use unet::{TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
 pub use vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};

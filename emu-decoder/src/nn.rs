@@ -58,7 +58,7 @@ pub(crate) struct GroupNorm<B: Backend> {
 
 impl<B: Backend> GroupNorm<B> {
     pub fn load(vb: &Vb<B>, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(crate::Error::invalid(format!(
                 "GroupNorm: {groups} groups do not divide {channels} channels"
             )));

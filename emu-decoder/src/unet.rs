@@ -384,7 +384,7 @@ impl UNet2DConditionConfig {
             return bad("attention_head_dim", &self.attention_head_dim);
         }
         let time_embed_dim = self.time_embedding_dim.unwrap_or(self.block_out_channels[0] * 4);
-        if self.block_out_channels[0] % 2 != 0 {
+        if !self.block_out_channels[0].is_multiple_of(2) {
             return bad("block_out_channels", &self.block_out_channels);
         }
         Ok(Resolved {
@@ -625,8 +625,8 @@ impl<B: Backend> UNet2DConditionModel<B> {
         let rc = r.resnet(cfg.resnet_out_scale_factor);
         let mut down_blocks = Vec::with_capacity(n);
         let mut out = boc[0];
-        for i in 0..n {
-            let (cin, cout) = (out, boc[i]);
+        for (i, &cout) in boc.iter().enumerate() {
+            let cin = out;
             out = cout;
             let vb = vb.pp("down_blocks").pp(i);
             let cross = cfg.down_block_types[i] == "CrossAttnDownBlock2D";
@@ -746,6 +746,11 @@ impl<B: Backend> UNet2DConditionModel<B> {
 
     pub fn config(&self) -> &UNet2DConditionConfig {
         &self.config
+    }
+
+    /// The dtype the parameters were loaded in (and the model computes in).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The time embedding (plus the text_time embedding) for a batch.

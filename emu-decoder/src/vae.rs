@@ -183,12 +183,17 @@ impl<B: Backend> MidBlock<B> {
     }
 }
 
+/// `UpDecoderBlock2D`: resnets, then an optional upsampler.
+type UpBlock<B> = (Vec<ResnetBlock2D<B>>, Option<Upsample2D<B>>);
+/// `DownEncoderBlock2D`: resnets, then an optional downsampler.
+type DownBlock<B> = (Vec<ResnetBlock2D<B>>, Option<Downsample2D<B>>);
+
 /// The VAE decoder (`decoder.*`).
 #[derive(Debug, Clone)]
 pub struct Decoder<B: Backend> {
     conv_in: Conv2d<B>,
     mid_block: MidBlock<B>,
-    up_blocks: Vec<(Vec<ResnetBlock2D<B>>, Option<Upsample2D<B>>)>,
+    up_blocks: Vec<UpBlock<B>>,
     conv_norm_out: GroupNorm<B>,
     conv_out: Conv2d<B>,
 }
@@ -241,7 +246,7 @@ impl<B: Backend> Decoder<B> {
 #[derive(Debug, Clone)]
 pub struct Encoder<B: Backend> {
     conv_in: Conv2d<B>,
-    down_blocks: Vec<(Vec<ResnetBlock2D<B>>, Option<Downsample2D<B>>)>,
+    down_blocks: Vec<DownBlock<B>>,
     mid_block: MidBlock<B>,
     conv_norm_out: GroupNorm<B>,
     conv_out: Conv2d<B>,
@@ -308,6 +313,7 @@ pub struct AutoencoderKL<B: Backend> {
     quant_conv: Option<Conv2d<B>>,
     post_quant_conv: Option<Conv2d<B>>,
     config: AutoencoderKLConfig,
+    dtype: DType,
 }
 
 impl<B: Backend> AutoencoderKL<B> {
@@ -331,11 +337,17 @@ impl<B: Backend> AutoencoderKL<B> {
                 None
             },
             config: cfg.clone(),
+            dtype,
         })
     }
 
     pub fn config(&self) -> &AutoencoderKLConfig {
         &self.config
+    }
+
+    /// The dtype the parameters were loaded in (and the model computes in).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// `vae.decode(z).sample`: latents `[B, latent_channels, h, w]` (already
