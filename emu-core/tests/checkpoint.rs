@@ -23,8 +23,26 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(tag: &str) -> Self {
+        Self::new_in(std::env::temp_dir(), tag)
+    }
+
+    /// In memory where the system has a tmpfs at /dev/shm: the corruption
+    /// sweep rewrites a file thousands of times, which is slow on a disk.
+    fn new_in_memory(tag: &str) -> Self {
+        let shm = Path::new("/dev/shm");
+        Self::new_in(
+            if shm.is_dir() {
+                shm.to_path_buf()
+            } else {
+                std::env::temp_dir()
+            },
+            tag,
+        )
+    }
+
+    fn new_in(base: PathBuf, tag: &str) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
-        let p = std::env::temp_dir().join(format!(
+        let p = base.join(format!(
             "emu-loader-test-{}-{}-{tag}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
@@ -482,7 +500,7 @@ fn open_and_read_everything(path: &Path) -> bool {
 
 #[test]
 fn every_truncation_and_random_corruption_is_survived() {
-    let tmp = TempDir::new("fuzz");
+    let tmp = TempDir::new_in_memory("fuzz");
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = move || {
         seed ^= seed << 13;
@@ -506,7 +524,7 @@ fn every_truncation_and_random_corruption_is_survived() {
         }
         // No proper prefix of a file is a valid checkpoint.
         assert_eq!(opened, 0, "{rel}");
-        for _ in 0..1000 {
+        for _ in 0..3000 {
             let mut bytes = orig.clone();
             for _ in 0..1 + next() % 4 {
                 let at = (next() % bytes.len() as u64) as usize;

@@ -8,7 +8,8 @@ Writes, under `out_dir` (tests/fixtures/loader/):
                         a narrowed view sharing storage with another tensor, a strided column),
                         f32/f16/bf16/f64/i64/i32/u8/bool, a 0-d tensor, an nn.Parameter, a real
                         module state_dict() (OrderedDict with `_metadata`) and a uint32 tensor
-                        (which torch writes as an UntypedStorage + dtype, `_rebuild_tensor_v3`)
+                        (which torch writes as an UntypedStorage + dtype, `_rebuild_tensor_v3`);
+                        shard 1 uses pickle protocol 2 (torch's default), shard 2 protocol 5
   diffusers_variant/    diffusion_pytorch_model.bf16.safetensors only
   hf_variant/           model.safetensors (f32) next to a bf16 variant sharded as
                         model.bf16-0000{1,2}-of-00002.safetensors + model.safetensors.index.bf16.json
@@ -112,7 +113,9 @@ def build(out_dir: pathlib.Path) -> None:
     weight_map = {}
     for i, shard in enumerate([shard1, shard2]):
         fname = f"pytorch_model-{i + 1:05d}-of-00002.bin"
-        torch.save(shard, folder / fname)
+        # torch.save's default pickle protocol (2) for the first shard, the newest
+        # (5: FRAME, STACK_GLOBAL, MEMOIZE, SHORT_BINUNICODE) for the second.
+        torch.save(shard, folder / fname, pickle_protocol=2 if i == 0 else 5)
         for k in shard:
             weight_map[k] = fname
     index = {"metadata": {"total_size": 0}, "weight_map": dict(sorted(weight_map.items()))}
