@@ -1,0 +1,158 @@
+//! `emu`: the command-line front end of emu-rs.
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use emu_cli::convert::{convert, ConvertOptions};
+use emu_cli::inspect::{inspect, render};
+use emu_cli::units::{human_bytes, parse_size};
+use emu_core::DType;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "emu", version, about = "Run and manage BAAI Emu2 models natively")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what a checkpoint holds: layout, components, files, tensors,
+    /// dtypes, exact parameter counts, key prefixes and the memory each dtype
+    /// needs. Reads headers only.
+    Inspect(InspectArgs),
+    /// Convert a checkpoint (e.g. BAAI/Emu2's fp32 pickle shards) into sharded
+    /// safetensors in one float dtype, streaming one tensor at a time. Config,
+    /// tokenizer and other non-weight files are copied.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A checkpoint directory (HF model, diffusers pipeline or component) or
+    /// file (safetensors, torch.save archive, *.index.json).
+    path: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// Which weight variant to read where several exist (e.g. bf16).
+    #[arg(long)]
+    variant: Option<String>,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The checkpoint to convert (directory or file).
+    src: PathBuf,
+    /// The directory to write (created if missing; must be empty unless --force).
+    dst: PathBuf,
+    /// Target dtype of floating-point tensors (integer and bool tensors keep theirs).
+    #[arg(long, default_value = "bf16", value_parser = parse_float_dtype)]
+    dtype: DType,
+    /// Largest shard size: 5GB, 500MB, 2GiB, or bytes.
+    #[arg(long, default_value = "5GB", value_parser = parse_shard_size)]
+    shard_size: u64,
+    /// Write into a non-empty destination, replacing the weight files there.
+    #[arg(long)]
+    force: bool,
+    /// Which weight variant of the source to read where several exist (e.g. bf16).
+    #[arg(long)]
+    variant: Option<String>,
+    /// Do not print progress.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn parse_float_dtype(s: &str) -> Result<DType, String> {
+    match DType::parse(s) {
+        Some(d @ (DType::BF16 | DType::F16 | DType::F32)) => Ok(d),
+        _ => Err(format!("`{s}` is not a conversion dtype; use bf16, f16 or f32")),
+    }
+}
+
+fn parse_shard_size(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Inspect(a) => {
+            let ins = inspect(&a.path, a.variant.as_deref())?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&ins)?);
+            } else {
+                print!("{}", render(&ins));
+            }
+        }
+        Command::Convert(a) => {
+            let opts = ConvertOptions {
+                dtype: a.dtype,
+                shard_size: a.shard_size,
+                force: a.force,
+                variant: a.variant,
+            };
+            let quiet = a.quiet;
+            let mut progress = |m: &str| {
+                if !quiet {
+                    eprintln!("{m}");
+                }
+            };
+            let r = convert(&a.src, &a.dst, &opts, &mut progress)?;
+            let read: u64 = r.weights.iter().map(|w| w.bytes_read).sum();
+            let written: u64 = r.weights.iter().map(|w| w.bytes_written).sum();
+            let tensors: usize = r.weights.iter().map(|w| w.tensors).sum();
+            let converted: usize = r.weights.iter().map(|w| w.converted).sum();
+            let shards: usize = r.weights.iter().map(|w| w.shards.len()).sum();
+            println!(
+                "converted {tensors} tensors ({converted} to {}) into {shards} shard{} in {}: {} read, {} written, {} other files copied, {:.1}s ({}/s)",
+                opts.dtype,
+                if shards == 1 { "" } else { "s" },
+                a.dst.display(),
+                human_bytes(read),
+                human_bytes(written),
+                r.copied.len(),
+                r.seconds,
+                human_bytes((read as f64 / r.seconds.max(1e-9)) as u64),
+            );
+            if !r.skipped.is_empty() {
+                let names: Vec<String> = r.skipped.iter().map(|p| p.display().to_string()).collect();
+                println!("not converted (other variants or formats): {}", names.join(", "));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                e.exit();
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(2);
+            }
+            // clap's message spans several lines (usage, tips); keep the first
+            // paragraph on one line and point at --help.
+            let text = e.render().to_string();
+            let first: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("{} (see `emu --help`)", first.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! `emu convert`: pickle shards to safetensors shards, loaded back bit-exactly.
+
+mod common;
+
+use common::*;
+use emu_core::{Checkpoint, DType};
+use safetensors::Dtype;
+use std::path::Path;
+
+/// Every tensor of `dst` equals the source read with `get_as(key, dtype)`
+/// (floats) or `get(key)` (the rest), byte for byte.
+fn assert_bit_exact(src: &Checkpoint, dst: &Checkpoint, dtype: DType) {
+    assert_eq!(src.keys().collect::<Vec<_>>(), dst.keys().collect::<Vec<_>>());
+    for k in src.keys() {
+        let s = src.info(k).unwrap();
+        let want = if s.dtype.is_float() {
+            src.get_as(k, dtype).unwrap()
+        } else {
+            src.get(k).unwrap()
+        };
+        let got = dst.get(k).unwrap();
+        assert_eq!(got.dtype(), want.dtype(), "{k}");
+        assert_eq!(got.dims(), want.dims(), "{k}");
+        assert_eq!(got.as_bytes(), want.as_bytes(), "{k}");
+    }
+}
+
+/// The header is a multiple of 8 bytes, padded with spaces, and the file
+/// parses with the reference `safetensors` crate.
+fn assert_well_formed(file: &Path) {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    assert_eq!(n % 8, 0, "{}", file.display());
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    assert!(header.trim_end_matches(' ').ends_with('}'), "{header:?}");
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("format"))
+            .map(String::as_str),
+        Some("pt")
+    );
+    // Data of each tensor is aligned to its element size.
+    for (_, t) in st.tensors() {
+        let off = t.data().as_ptr() as usize - bytes.as_ptr() as usize;
+        assert_eq!(off % (t.dtype().bitsize() / 8).max(1), 0);
+    }
+}
+
+#[test]
+fn pickle_shards_to_bf16_safetensors_shards() {
+    let src_dir = loader_fixture("pickle_sharded");
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("out");
+    let out = emu_ok(&[
+        &"convert",
+        &src_dir,
+        &dst,
+        &"--dtype",
+        &"bf16",
+        &"--shard-size",
+        &"100B",
+    ]);
+    assert!(out.contains("converted"), "{out}");
+    let src = Checkpoint::open(&src_dir).unwrap();
+
+    let index = json(&std::fs::read_to_string(dst.join("model.safetensors.index.json")).unwrap());
+    let map = index["weight_map"].as_object().unwrap();
+    assert_eq!(map.len(), src.len());
+    let mut shards: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    shards.sort();
+    shards.dedup();
+    assert!(shards.len() > 1, "{shards:?}");
+    let n = shards.len();
+    for (i, s) in shards.iter().enumerate() {
+        assert_eq!(*s, format!("model-{:05}-of-{n:05}.safetensors", i + 1));
+        assert_well_formed(&dst.join(s));
+    }
+    // total_size is the bytes of tensor data, as in transformers.
+    let total: u64 = src
+        .keys()
+        .map(|k| {
+            let i = src.info(k).unwrap();
+            let es = if i.dtype.is_float() { 2 } else { i.dtype.size_in_bytes() };
+            i.dims.iter().product::<usize>() as u64 * es as u64
+        })
+        .sum();
+    assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
+    // No shard is over the limit unless it holds one tensor.
+    let dst_ckpt = Checkpoint::open(&dst).unwrap();
+    for s in &shards {
+        let keys: Vec<&str> = map.iter().filter(|(_, v)| v == s).map(|(k, _)| k.as_str()).collect();
+        let bytes: usize = keys
+            .iter()
+            .map(|k| {
+                let i = dst_ckpt.info(k).unwrap();
+                i.dims.iter().product::<usize>() * i.dtype.size_in_bytes()
+            })
+            .sum();
+        assert!(bytes <= 100 || keys.len() == 1, "{s}: {bytes} bytes in {keys:?}");
+    }
+    assert_bit_exact(&src, &dst_ckpt, DType::BF16);
+    // Non-float tensors kept their dtype; floats are all bf16 now.
+    for k in src.keys() {
+        let (s, d) = (src.info(k).unwrap().dtype, dst_ckpt.info(k).unwrap().dtype);
+        assert_eq!(d, if s.is_float() { DType::BF16 } else { s }, "{k}");
+    }
+}
+
+#[test]
+fn every_target_dtype_and_a_single_shard() {
+    let src_dir = loader_fixture("pickle_sharded");
+    let src = Checkpoint::open(&src_dir).unwrap();
+    for (flag, dtype) in [("f32", DType::F32), ("f16", DType::F16), ("bfloat16", DType::BF16)] {
+        let tmp = tempfile::tempdir().unwrap();
+        let dst = tmp.path().join(flag);
+        emu_ok(&[&"convert", &src_dir, &dst, &"--dtype", &flag, &"--quiet"]);
+        // Everything fits in the default 5GB: one file, no index, as save_pretrained does.
+        let names = std::fs::read_dir(&dst)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>();
+        assert_eq!(names, ["model.safetensors"]);
+        assert_well_formed(&dst.join("model.safetensors"));
+        assert_bit_exact(&src, &Checkpoint::open(&dst).unwrap(), dtype);
+    }
+}
+
+#[test]
+fn hf_directory_copies_non_weight_files_and_respects_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src_dir = tmp.path().join("Emu2-Chat");
+    std::fs::create_dir(&src_dir).unwrap();
+    for e in std::fs::read_dir(loader_fixture("pickle_sharded")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), src_dir.join(e.file_name())).unwrap();
+    }
+    let others = [
+        "config.json",
+        "added_tokens.json",
+        "tokenizer_config.json",
+        "modeling_emu.py",
+    ];
+    for name in others {
+        std::fs::write(src_dir.join(name), format!("{{\"file\": \"{name}\"}}")).unwrap();
+    }
+    // Another framework's weights are not copied.
+    std::fs::write(src_dir.join("training_args.bin"), b"not needed").unwrap();
+    let dst = tmp.path().join("Emu2-Chat-bf16");
+    let out = emu_ok(&[&"convert", &src_dir, &dst, &"--shard-size", &"0.2kB", &"-q"]);
+    assert!(out.contains("training_args.bin"), "{out}");
+    for name in others {
+        assert_eq!(
+            std::fs::read(dst.join(name)).unwrap(),
+            std::fs::read(src_dir.join(name)).unwrap()
+        );
+    }
+    assert!(!dst.join("training_args.bin").exists());
+    assert!(!dst.join("pytorch_model.bin.index.json").exists());
+    let src = Checkpoint::open(&src_dir).unwrap();
+    assert_bit_exact(&src, &Checkpoint::open(&dst).unwrap(), DType::BF16);
+
+    // A second run into the same place needs --force.
+    let e = emu_err(&[&"convert", &src_dir, &dst]);
+    assert!(e.contains("--force"), "{e}");
+    // With --force, stale shards of the first run do not survive next to the new single file.
+    emu_ok(&[&"convert", &src_dir, &dst, &"--force", &"--dtype", &"f16", &"-q"]);
+    let weights: Vec<String> = std::fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors") || n.ends_with(".index.json"))
+        .collect();
+    assert_eq!(weights, ["model.safetensors"]);
+    assert_bit_exact(&src, &Checkpoint::open(&dst).unwrap(), DType::F16);
+    // Converting a converted checkpoint changes nothing.
+    let again = tmp.path().join("again");
+    emu_ok(&[&"convert", &dst, &again, &"--dtype", &"f16", &"-q"]);
+    assert_eq!(
+        std::fs::read(again.join("model.safetensors")).unwrap(),
+        std::fs::read(dst.join("model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn diffusers_pipeline_components_are_converted_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("gen");
+    for sub in ["unet", "scheduler"] {
+        std::fs::create_dir_all(src.join(sub)).unwrap();
+    }
+    std::fs::write(
+        src.join("model_index.json"),
+        r#"{"_class_name": "EmuVisualGenerationPipeline"}"#,
+    )
+    .unwrap();
+    std::fs::write(src.join("unet/config.json"), "{}").unwrap();
+    std::fs::write(src.join("scheduler/scheduler_config.json"), "{}").unwrap();
+    write_safetensors(
+        &src.join("unet/diffusion_pytorch_model.safetensors"),
+        &[
+            T::new("conv_in.weight", Dtype::F32, &[4, 4, 3, 3]),
+            T::new("conv_in.bias", Dtype::F32, &[4]),
+            T::new("steps", Dtype::I64, &[3]),
+        ],
+    );
+    let dst = tmp.path().join("gen-bf16");
+    emu_ok(&[&"convert", &src, &dst, &"-q"]);
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        assert!(dst.join(f).is_file(), "{f}");
+    }
+    let out = dst.join("unet/diffusion_pytorch_model.safetensors");
+    assert_well_formed(&out);
+    let s = Checkpoint::open(src.join("unet")).unwrap();
+    let d = Checkpoint::open(dst.join("unet")).unwrap();
+    assert_bit_exact(&s, &d, DType::BF16);
+    assert_eq!(d.info("steps").unwrap().dtype, DType::I64);
+}
+
+#[test]
+fn bad_inputs_fail_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let src = loader_fixture("pickle_sharded");
+    let e = emu_err(&[&"convert", &d.join("missing"), &d.join("out")]);
+    assert!(e.contains("does not exist"), "{e}");
+    let e = emu_err(&[&"convert", &d, &d.join("out")]);
+    assert!(e.contains("not a checkpoint"), "{e}");
+    let e = emu_err(&[&"convert", &src, &d.join("o1"), &"--dtype", &"int8"]);
+    assert!(e.contains("bf16, f16 or f32"), "{e}");
+    let e = emu_err(&[&"convert", &src, &d.join("o2"), &"--shard-size", &"5XB"]);
+    assert!(e.contains("5GB"), "{e}");
+    let e = emu_err(&[&"convert", &src, &d.join("o3"), &"--shard-size", &"0"]);
+    assert!(e.contains("shard-size"), "{e}");
+    // Nothing was created by the refused runs.
+    for o in ["o1", "o2", "o3", "out"] {
+        assert!(!d.join(o).exists(), "{o}");
+    }
+    // A file as destination; the source itself; a directory inside the source.
+    std::fs::write(d.join("file"), "x").unwrap();
+    let e = emu_err(&[&"convert", &src, &d.join("file")]);
+    assert!(e.contains("directory"), "{e}");
+    let copy = d.join("copy");
+    std::fs::create_dir(&copy).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+    }
+    let e = emu_err(&[&"convert", &copy, &copy, &"--force"]);
+    assert!(e.contains("separate directory"), "{e}");
+    let e = emu_err(&[&"convert", &copy, &copy.join("sub")]);
+    assert!(e.contains("separate directory"), "{e}");
+    assert!(!copy.join("sub").exists());
+    // A corrupt shard: reported by file name, and no index is left behind.
+    let bad = d.join("bad");
+    std::fs::create_dir(&bad).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), bad.join(e.file_name())).unwrap();
+    }
+    let shard = bad.join("pytorch_model-00002-of-00002.bin");
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 100]).unwrap();
+    let e = emu_err(&[&"convert", &bad, &d.join("bad-out")]);
+    assert!(e.contains("pytorch_model-00002-of-00002.bin"), "{e}");
+    assert!(!d.join("bad-out/model.safetensors.index.json").exists());
+    // Missing arguments.
+    let e = emu_err(&[&"convert", &src]);
+    assert!(e.contains("<DST>"), "{e}");
+}
