@@ -135,3 +135,17 @@ fn directory_layout_and_errors() {
     assert!(SentencePieceModel::parse(&[0xff; 12]).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn sentencepiece_random_fragment_strings_equal_reference() {
+    let bad = random_failures(
+        &sp_tokenizer(Variant::Chat, Compat::Slow),
+        &sp_tokenizer(Variant::Chat, Compat::Fast),
+    );
+    assert!(
+        bad.is_empty(),
+        "{} of 1200 differ:\n{}",
+        bad.len(),
+        bad[..bad.len().min(10)].join("\n")
+    );
+}

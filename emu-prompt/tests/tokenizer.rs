@@ -70,7 +70,7 @@ fn check_loader(load: impl Fn(Variant, Compat) -> Emu2Tokenizer) {
 
 #[test]
 fn tokenizer_json_ids_equal_reference() {
-    check_loader(tokenizer_json);
+    check_loader(|v, c| cached(v, c).clone());
 }
 
 #[test]
@@ -133,4 +133,15 @@ fn special_tokens_already_in_file_must_match() {
     let base = tokenizer_json(Variant::Base, Compat::Slow);
     assert_eq!(base.id_to_token(32272), None);
     assert!(base.decode(&[32272], false).is_err());
+}
+
+#[test]
+fn random_fragment_strings_equal_reference() {
+    let bad = random_failures(cached(Variant::Chat, Compat::Slow), cached(Variant::Chat, Compat::Fast));
+    assert!(
+        bad.is_empty(),
+        "{} of 1200 differ:\n{}",
+        bad.len(),
+        bad[..bad.len().min(10)].join("\n")
+    );
 }

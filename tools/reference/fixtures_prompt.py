@@ -238,6 +238,25 @@ def prompt_cases():
     add("gen_grounding_spaces", "gen", one(T(" A scene with "), O((10, 20, 30, 40), " a dog "), T(" in the park ")))
     add("gen_cjk", "gen", one(T("一只戴着红帽子的狗")))
     add("gen_emoji", "gen", one(T("a 🐶 in space 🚀")))
+    # More coverage of each template.
+    add("base_fewshot_vqa", "base", one(
+        I("a.jpg"), T("Question: what is shown? Short answer: a cat.\n"),
+        I("b.jpg"), T("Question: what is shown? Short answer:")))
+    add("base_video_then_image", "base", one(V("f0.jpg"), T(" then "), I("a.jpg"), T(" now")))
+    add("base_only_image", "base", one(I("a.jpg")))
+    add("base_special_neighbours_ws", "base", one(T(" \n "), I("a.jpg"), T(" \t "), I("b.jpg"), T(" \n")))
+    add("chat_grounding_cjk", "chat", chat([I("a.jpg"), T("左边的狗")]), grounding=True)
+    add("chat_grounding_text_only", "chat", chat([T("Where is the red ball?")]), grounding=True)
+    add("chat_image_at_end", "chat", chat([T("Describe this image: "), I("a.jpg")]))
+    add("chat_multi_turn_images", "chat", chat(
+        [I("a.jpg"), T("What is this?")], [T("A squirrel.")], [I("b.jpg"), T("And this?")],
+        [T("A dog.")], [T("Which one is bigger?")]))
+    add("chat_video_question_first", "chat", chat([T("Watch: "), V("f0.jpg", "f1.jpg", "f2.jpg"), T(" What happens?")]))
+    add("chat_assistant_trailing_space", "chat", chat([T("Hi")], [T("Hello ")], [T("Bye")]))
+    add("gen_grounding_subject_only_text", "gen", one(
+        O((50, 60, 250, 400), "a corgi", "corgi.jpg"), T(" sitting on grass")))
+    add("gen_editing_newline", "gen", one(I("a.jpg"), T("\nmake it snowy\n")))
+    add("gen_three_objects_no_text", "gen", one(O((0, 0, 100, 100)), O((100, 100, 200, 200), "b"), O((200, 200, 300, 300), None, "c.jpg")))
     return cases
 
 
@@ -283,6 +302,26 @@ def text_cases():
         "▁already▁escaped▁",
         "\x00\x01 control bytes \x7f",
     ]
+
+
+def random_texts(n=400):
+    """Deterministic random strings built from the fragments where the tokenizers differ."""
+    import random
+
+    rng = random.Random(20240915)
+    frags = [
+        "hello", "world", "the", "Describe", ".", ",", ":", "?", "!", "'s", "123", "3.14", "x",
+        " ", "  ", "   ", "\n", "\n\n", "\t", "\r\n", " \n ", "\u00a0", "\u3000", "\x1f", "\u2003",
+        "[IMG]", "[/IMG]", "<image>", "[gIMG]", "[VIDEO]", "<grounding>", "<phrase>", "</phrase>",
+        "<object>", "</object>", "[USER]", "[ASSISTANT]", "[PAD]", "<patch_index_0042>", "<REC>",
+        "<s>", "</s>", "<unk>", "[IMG", "</", "<s", "[/", "<image", "IMG]", "[", "]", "<", ">",
+        "日本語", "这是", "한국어", "😀", "👍🏽", "🇫🇷", "e\u0301", "\u0301", "ß", "Ω", "▁", "▁▁", "\x00", "\x7f",
+    ]
+    out = []
+    for _ in range(n):
+        k = rng.randint(1, 9)
+        out.append("".join(rng.choice(frags) for _ in range(k)))
+    return out
 
 
 def decode_cases(slow, fast):
@@ -374,11 +413,14 @@ def _tokenizer_fixtures(out_dir):
             slow_base=slow_b(t).input_ids, fast_base=fast_b(t).input_ids,
             sp=slow.sp_model.encode(t),
         ))
+    random_cases = []
+    for t in random_texts():
+        random_cases.append(dict(text=t, slow=slow(t).input_ids, fast=fast(t).input_ids, sp=slow.sp_model.encode(t)))
     doc = dict(
         about="Token ids from transformers 4.31 LlamaTokenizer (legacy) and LlamaTokenizerFast "
               "(tokenizers 0.13.3) with the Emu2 special tokens; built by tools/reference/fixtures_prompt.py",
         special_chat=["[PAD]"] + SPECIAL + CHAT_SPECIAL,
-        prompts=cases, safety=safety, texts=texts, decode=decode_cases(slow, fast),
+        prompts=cases, safety=safety, texts=texts, random=random_cases, decode=decode_cases(slow, fast),
     )
     (out_dir / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
     # The added_tokens.json that save_pretrained writes for Emu2-Chat (the SentencePiece layout).

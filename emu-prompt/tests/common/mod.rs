@@ -78,3 +78,26 @@ pub fn cached(variant: Variant, compat: Compat) -> &'static Emu2Tokenizer {
     } + usize::from(compat == Compat::Fast);
     &toks[i]
 }
+
+/// The 400 random fragment strings: raw markup (slow, fast) and plain text (SentencePiece).
+/// Returns the descriptions of the cases that differ.
+pub fn random_failures(slow: &Emu2Tokenizer, fast: &Emu2Tokenizer) -> Vec<String> {
+    let fx = load_json("tokenizer.json");
+    let cases = fx["random"].as_array().unwrap();
+    assert!(cases.len() >= 400);
+    let plain = slow.clone().with_bos(false);
+    let mut bad = Vec::new();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        for (what, got, key) in [
+            ("slow", slow.encode_markup(text).unwrap(), "slow"),
+            ("fast", fast.encode_markup(text).unwrap(), "fast"),
+            ("plain", plain.encode(text).unwrap(), "sp"),
+        ] {
+            if got != ids(&case[key]) {
+                bad.push(format!("{what} {text:?}: got {got:?} want {:?}", ids(&case[key])));
+            }
+        }
+    }
+    bad
+}
