@@ -224,7 +224,7 @@ pub(crate) fn decode(data: &[u8], max_pixels: u64) -> Res<(usize, usize, Vec<u8>
                 saw_eoi = true;
                 break;
             }
-            0xC0 | 0xC1 | 0xC2 => {
+            0xC0..=0xC2 => {
                 let (b, e) = seg(pos)?;
                 pos = e;
                 if frame.is_some() {
@@ -410,12 +410,12 @@ pub(crate) fn decode(data: &[u8], max_pixels: u64) -> Res<(usize, usize, Vec<u8>
             }
         }
     }
-    let f = frame.ok_or(JpegError::Corrupt("no frame header".into()))?;
+    let mut f = frame.ok_or(JpegError::Corrupt("no frame header".into()))?;
     if !saw_eoi {
         // libjpeg warns and pads with grey; PIL then raises "image file is truncated".
         return corrupt("truncated (no EOI marker)");
     }
-    let planes: Vec<Vec<u8>> = f.comps.iter().map(|c| idct_component(c, &qt[c.tq])).collect();
+    let planes: Vec<Vec<u8>> = f.comps.iter_mut().map(|c| idct_component(c, &qt[c.tq])).collect();
     Ok((f.width, f.height, to_rgb(&f, &planes, jfif, adobe_transform)))
 }
 
@@ -502,8 +502,8 @@ fn decode_scan(
                             if t > 15 {
                                 return corrupt("bad DC size");
                             }
-                            pred += extend(bits.bits(t)?, t);
-                            blk[0] = (pred << scan.al) as i16;
+                            pred = pred.wrapping_add(extend(bits.bits(t)?, t));
+                            blk[0] = pred.wrapping_shl(scan.al) as i16;
                         } else if bits.bit()? == 1 {
                             blk[0] |= (1 << scan.al) as i16;
                         }
@@ -532,7 +532,8 @@ fn decode_block_baseline(
     if t > 15 {
         return corrupt("bad DC size");
     }
-    *pred += extend(bits.bits(t)?, t);
+    // Wrapping: corrupt data must not overflow-panic (libjpeg's int wraps too).
+    *pred = pred.wrapping_add(extend(bits.bits(t)?, t));
     blk[0] = *pred as i16;
     let mut k = 1;
     while k < 64 {
@@ -587,7 +588,7 @@ fn ac_refine(bits: &mut Bits, blk: &mut [i16], ac: &Huffman, scan: &Scan, eobrun
     let mut k = scan.ss;
     let refine = |bits: &mut Bits, coef: &mut i16| -> Res<()> {
         if bits.bit()? == 1 && (*coef & p1) == 0 {
-            *coef += if *coef >= 0 { p1 } else { m1 };
+            *coef = coef.wrapping_add(if *coef >= 0 { p1 } else { m1 });
         }
         Ok(())
     };
@@ -729,14 +730,16 @@ fn idct_block(coef: &[i16], q: &[u16; 64], out: &mut [u8], stride: usize) {
 }
 
 /// All blocks of a component as an 8-bit plane of `bw*8 x bh*8` samples.
-fn idct_component(c: &Component, q: &[u16; 64]) -> Vec<u8> {
+/// Frees the coefficients as it goes, so that peak memory is one copy of each.
+fn idct_component(c: &mut Component, q: &[u16; 64]) -> Vec<u8> {
+    let coefs = std::mem::take(&mut c.coefs);
     let stride = c.bw * 8;
     let mut plane = vec![0u8; stride * c.bh * 8];
     for by in 0..c.bh {
         for bx in 0..c.bw {
             let off = (by * c.bw + bx) * 64;
             let start = by * 8 * stride + bx * 8;
-            idct_block(&c.coefs[off..off + 64], q, &mut plane[start..], stride);
+            idct_block(&coefs[off..off + 64], q, &mut plane[start..], stride);
         }
     }
     plane

@@ -23,6 +23,8 @@ use std::path::Path;
 /// OpenAI CLIP channel means (`OPENAI_DATASET_MEAN`).
 pub const CLIP_MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// OpenAI CLIP channel standard deviations (`OPENAI_DATASET_STD`).
+// Written as upstream spells them; they round to the same f32 values.
+#[allow(clippy::excessive_precision)]
 pub const CLIP_STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// An 8-bit RGB image, rows top to bottom, pixels interleaved `RGBRGB...`.

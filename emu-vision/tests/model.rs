@@ -69,6 +69,15 @@ fn f32_matches_reference_in_every_layout() {
 }
 
 #[test]
+fn bf16_matches_reference() {
+    let cpu = CpuBackend::new();
+    let enc = VisionEncoder::from_dir(&cpu, fixtures().join("hf"), DType::BF16).unwrap();
+    let feats = enc.encode(&pixels(&cpu)).unwrap();
+    assert_eq!(feats.dtype(), DType::BF16);
+    run_all("bf16/hf", &enc, 2e-2);
+}
+
+#[test]
 fn gen_pipeline_root_resolves_to_multimodal_encoder() {
     let root = std::env::temp_dir().join(format!("emu-vision-gen-root-{}", std::process::id()));
     let sub = root.join("multimodal_encoder");

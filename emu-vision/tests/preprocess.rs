@@ -315,3 +315,54 @@ fn sixteen_bit_grey_keeps_the_high_byte() {
     let img = decode_image(&v, &DecodeOptions::default()).unwrap();
     assert_eq!(img.as_bytes(), &[0x12, 0x12, 0x12, 0xAB, 0xAB, 0xAB]);
 }
+
+#[test]
+fn random_corruptions_never_panic() {
+    // splitmix64: deterministic, no rand dependency.
+    let mut state = 0x5eed_u64;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let opts = DecodeOptions::default();
+    let (mut ok, mut failed) = (0, 0);
+    for name in [
+        "tiny_5x3.jpg",
+        "astronaut_progressive.jpg",
+        "rocket_restart.jpg",
+        "camera_gray.png",
+    ] {
+        let orig = std::fs::read(dir().join(name)).unwrap();
+        for i in 0..150 {
+            let mut b = orig.clone();
+            match i % 3 {
+                0 => {
+                    for _ in 0..1 + next() % 8 {
+                        let p = (next() as usize) % b.len();
+                        b[p] = next() as u8;
+                    }
+                }
+                1 => b.truncate((next() as usize) % b.len()),
+                _ => {
+                    // Splice a random chunk of the file into a random place (repeated segments).
+                    let (s, l) = ((next() as usize) % b.len(), 1 + (next() as usize) % 64);
+                    let chunk: Vec<u8> = b[s..(s + l).min(b.len())].to_vec();
+                    let at = (next() as usize) % b.len();
+                    b.splice(at..at, chunk);
+                }
+            }
+            match decode_image(&b, &opts) {
+                Ok(img) => {
+                    assert_eq!(img.as_bytes().len(), (img.width() * img.height() * 3) as usize);
+                    ok += 1;
+                }
+                Err(_) => failed += 1,
+            }
+        }
+    }
+    println!("corrupted inputs: {ok} decoded, {failed} rejected");
+    assert!(failed > 0);
+}
