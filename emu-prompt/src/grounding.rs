@@ -2,8 +2,8 @@
 //!
 //! In grounding mode Emu2-Chat answers with boxes written as plain text, `[x1, y1, x2, y2]`,
 //! whose coordinates range from 0 to 224 over the image squashed to a square (upstream README,
-//! SPEC §5.2); a box maps back to the original image by `x / 224 × width`,
-//! `y / 224 × height`.
+//! SPEC §5.2); a box maps back to the original image by `x × width / 224`,
+//! `y × height / 224`.
 //!
 //! [`parse_boxes`] finds every bracketed group that looks like a box: it holds only numbers,
 //! commas, signs, decimal points and spaces. Other bracketed text (`[USER]`, `[a dog]`) is
@@ -71,10 +71,10 @@ pub fn parse_boxes(answer: &str, width: u32, height: u32) -> Grounding {
                         out.boxes.push(GroundedBox {
                             grid,
                             pixels: [
-                                grid[0] / GRID * w,
-                                grid[1] / GRID * h,
-                                grid[2] / GRID * w,
-                                grid[3] / GRID * h,
+                                grid[0] * w / GRID,
+                                grid[1] * h / GRID,
+                                grid[2] * w / GRID,
+                                grid[3] * h / GRID,
                             ],
                             span,
                         });

@@ -4,11 +4,12 @@ use crate::error::{Error, Result};
 
 /// Frame indices to take from a video of `total` frames when `num_frames` are wanted.
 ///
-/// The video is cut into `num_frames` segments of `total / num_frames` frames (integer
-/// division) and the middle frame of each segment is taken, continuing while the index stays
-/// below `total` — so, as upstream, the result can hold one frame more than asked when
-/// `total` is not a multiple of `num_frames`. A video shorter than `num_frames` is an error
-/// (upstream's segment length would be 0).
+/// The segment length is `total / num_frames` (integer division); the indices are
+/// `segment / 2`, `segment / 2 + segment`, … while below `total` (SPEC §6). When `total` is
+/// not a multiple of `num_frames` this yields more frames than asked — one more for long
+/// videos, up to `total` for short ones (50 frames, 26 asked: segment 1, all 50) — exactly as
+/// the rule reads; callers that need at most `num_frames` truncate. A video shorter than
+/// `num_frames` is an error (the segment length would be 0).
 pub fn sample_frame_indices(total: usize, num_frames: usize) -> Result<Vec<usize>> {
     if num_frames == 0 {
         return Err(Error::InvalidArgument("num_frames must be at least 1".into()));
