@@ -589,6 +589,8 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+// `is_multiple_of` is newer than the workspace's rust-version (1.85).
+#[allow(clippy::manual_is_multiple_of)]
 fn seq_len(n: usize, batch: usize) -> Result<usize> {
     if batch == 0 || n == 0 || n % batch != 0 {
         return Err(Error::Input(format!(

@@ -1,0 +1,98 @@
+//! Loading from the checkpoint layouts Emu2 ships (the LLaMA under
+//! `model.decoder.lm.`, `decoder.lm.` or `multimodal_encoder.decoder.lm.`),
+//! and load errors that name the offending tensor.
+
+mod common;
+
+use common::{fixture_dir, rel_err};
+use emu_backend_cpu::CpuBackend;
+use emu_core::checkpoint::Checkpoint;
+use emu_core::DType;
+use emu_llm::{Llama, LlamaConfig, Logits};
+use safetensors::tensor::{Dtype, TensorView};
+use std::path::{Path, PathBuf};
+
+/// The mha fixture model re-saved with every key renamed by `rename`.
+fn resave(dir: &Path, name: &str, rename: impl Fn(&str) -> Option<String>) -> PathBuf {
+    let src = Checkpoint::open(fixture_dir("mha").join("model.safetensors")).unwrap();
+    let mut owned = Vec::new();
+    for k in src.keys() {
+        if let Some(new) = rename(k) {
+            let h = src.get(k).unwrap();
+            owned.push((new, h.dims().to_vec(), h.as_bytes().to_vec()));
+        }
+    }
+    let views: Vec<(String, TensorView<'_>)> = owned
+        .iter()
+        .map(|(k, d, b)| (k.clone(), TensorView::new(Dtype::F32, d.clone(), b).unwrap()))
+        .collect();
+    let path = dir.join(name);
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    path
+}
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("emu-llm-load-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn logits_of(path: &Path) -> Vec<f32> {
+    let backend = CpuBackend::new();
+    let cfg = LlamaConfig::from_file(fixture_dir("mha").join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(path).unwrap();
+    let root = Llama::<CpuBackend>::root_weights(&ckpt).unwrap();
+    let m = Llama::load(&backend, &root, &cfg, DType::F32).unwrap();
+    let x = m.embed(&[1, 5, 9, 300], 1).unwrap();
+    let mut cache = m.new_cache(1, 4).unwrap();
+    let o = m.forward_embeds(&x, &mut cache, Logits::All).unwrap();
+    o.logits.unwrap().to_f32_vec().unwrap()
+}
+
+#[test]
+fn emu2_layouts_load_the_same_model() {
+    let dir = tmp_dir("layouts");
+    let plain = logits_of(&fixture_dir("mha").join("model.safetensors"));
+    for prefix in ["model.decoder.lm.", "decoder.lm.", "multimodal_encoder.decoder.lm."] {
+        // Emu2 checkpoints hold other modules beside the LLaMA.
+        let path = resave(&dir, &format!("{}.safetensors", prefix.replace('.', "_")), |k| {
+            Some(format!("{prefix}{k}"))
+        });
+        let got = logits_of(&path);
+        assert_eq!(rel_err(&got, &plain), 0.0, "{prefix}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named() {
+    let dir = tmp_dir("errors");
+    let backend = CpuBackend::new();
+    let cfg = LlamaConfig::from_file(fixture_dir("mha").join("config.json")).unwrap();
+    let path = resave(&dir, "missing.safetensors", |k| {
+        (k != "model.layers.1.mlp.up_proj.weight").then(|| k.to_string())
+    });
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let root = Llama::<CpuBackend>::root_weights(&ckpt).unwrap();
+    let e = Llama::load(&backend, &root, &cfg, DType::F32).unwrap_err();
+    assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+    // A config that disagrees with the weights: the shape error names the tensor.
+    let mut wide = cfg.clone();
+    wide.intermediate_size = 96;
+    let ckpt = Checkpoint::open(fixture_dir("mha").join("model.safetensors")).unwrap();
+    let root = Llama::<CpuBackend>::root_weights(&ckpt).unwrap();
+    let e = Llama::load(&backend, &root, &wide, DType::F32).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("model.layers.0.mlp.gate_proj.weight") && msg.contains("96"),
+        "{msg}"
+    );
+    // No LLaMA at all.
+    let path = resave(&dir, "none.safetensors", |k| {
+        k.starts_with("lm_head").then(|| format!("visual.{k}"))
+    });
+    let ckpt = Checkpoint::open(&path).unwrap();
+    let e = Llama::<CpuBackend>::root_weights(&ckpt).unwrap_err();
+    assert!(e.to_string().contains("model.embed_tokens.weight"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
