@@ -85,6 +85,8 @@ VAE_CONFIG = dict(
     force_upcast=True,
 )
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
+
 SPACINGS = ("leading", "trailing", "linspace")
 STEP_COUNTS = (1, 2, 25, 50, 100)
 
@@ -241,6 +243,22 @@ def build_sampling_io(out: pathlib.Path, unet, vae) -> None:
     }, str(out / "sampling_io.safetensors"))
 
 
+def build_real_shapes(out: pathlib.Path) -> None:
+    """Parameter names and shapes of the full-size Emu2-Gen UNet and VAE,
+    instantiated by diffusers on the meta device (no memory) from the
+    upstream configs. The configs themselves are read from ../shared at run
+    time and not stored; only diffusers' resulting state-dict layout is."""
+    conf = ROOT.parent / "shared" / "reference" / "emu2-conf" / "diffusion_config"
+    shapes = {}
+    for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL)):
+        cfg = json.loads((conf / name / "config.json").read_text())
+        with torch.device("meta"):
+            model = cls.from_config(cfg)
+        shapes[name] = {k: list(v.shape) for k, v in model.state_dict().items()}
+        print(f"  real {name}: {len(shapes[name])} tensors, {sum(int(np.prod(s)) for s in shapes[name].values())} params")
+    (out / "real_shapes.json").write_text(json.dumps(shapes, separators=(",", ":"), sort_keys=True) + "\n")
+
+
 def build(out_dir: pathlib.Path) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -249,3 +267,4 @@ def build(out_dir: pathlib.Path) -> None:
     build_unet_io(out_dir, unet)
     build_vae_io(out_dir, vae)
     build_sampling_io(out_dir, unet, vae)
+    build_real_shapes(out_dir)
