@@ -95,6 +95,7 @@ fn scale_model_input_and_step_match_diffusers() {
         ("epsilon", "linspace"),
         ("v_prediction", "leading"),
         ("v_prediction", "linspace"),
+        ("sample", "trailing"),
     ] {
         let key = format!("{pred}_{spacing}");
         let mut s = EulerDiscreteScheduler::new(&with_overrides(

@@ -134,20 +134,20 @@ def build_scheduler(out: pathlib.Path) -> None:
     # Three consecutive scale_model_input/step calls per prediction type.
     g = torch.Generator().manual_seed(11)
     steps = {}
-    for pred in ("epsilon", "v_prediction"):
-        for spacing in ("leading", "linspace"):
-            key = f"{pred}_{spacing}"
-            s = EulerDiscreteScheduler.from_config({**EMU_SCHEDULER, "prediction_type": pred, "timestep_spacing": spacing})
-            s.set_timesteps(10)
-            sample = torch.randn(1, 4, 3, 3, generator=g) * s.init_noise_sigma
-            steps[f"{key}.sample0"] = sample.clone()
-            for i, t in enumerate(s.timesteps[:3]):
-                scaled = s.scale_model_input(sample, t)
-                out = torch.randn(1, 4, 3, 3, generator=g)
-                sample = s.step(out, t, sample).prev_sample
-                steps[f"{key}.model_output{i}"] = out
-                steps[f"{key}.scaled{i}"] = scaled.contiguous()
-                steps[f"{key}.sample{i + 1}"] = sample.contiguous()
+    cases = [(p, sp) for p in ("epsilon", "v_prediction") for sp in ("leading", "linspace")]
+    for pred, spacing in cases + [("sample", "trailing")]:
+        key = f"{pred}_{spacing}"
+        s = EulerDiscreteScheduler.from_config({**EMU_SCHEDULER, "prediction_type": pred, "timestep_spacing": spacing})
+        s.set_timesteps(10)
+        sample = torch.randn(1, 4, 3, 3, generator=g) * s.init_noise_sigma
+        steps[f"{key}.sample0"] = sample.clone()
+        for i, t in enumerate(s.timesteps[:3]):
+            scaled = s.scale_model_input(sample, t)
+            out = torch.randn(1, 4, 3, 3, generator=g)
+            sample = s.step(out, t, sample).prev_sample
+            steps[f"{key}.model_output{i}"] = out
+            steps[f"{key}.scaled{i}"] = scaled.contiguous()
+            steps[f"{key}.sample{i + 1}"] = sample.contiguous()
     save_file(steps, str(d / "steps.safetensors"))
 
 
