@@ -26,6 +26,17 @@ enum Command {
     /// safetensors in one float dtype, streaming one tensor at a time. Config,
     /// tokenizer and other non-weight files are copied.
     Convert(ConvertArgs),
+    /// Ask Emu2-Chat about images or a video: one question, or an interactive
+    /// session when none is given. `--model tiny` runs a built-in model with
+    /// random weights whose answers are meaningless.
+    Chat(emu_cli::commands::chat::ChatArgs),
+    /// Let Emu2 (base) continue an interleaved image/text prompt (few-shot,
+    /// in-context). `--model tiny` runs a built-in model with random weights.
+    Complete(emu_cli::commands::complete::CompleteArgs),
+    /// Generate an image with Emu2-Gen from text, subject images and boxes,
+    /// written as PNG. `--model tiny` runs a built-in model with random
+    /// weights whose images are meaningless noise.
+    Generate(emu_cli::commands::generate::GenerateArgs),
 }
 
 #[derive(Args)]
@@ -77,6 +88,9 @@ fn parse_shard_size(s: &str) -> Result<u64, String> {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Chat(a) => emu_cli::commands::chat::run(&a)?,
+        Command::Complete(a) => emu_cli::commands::complete::run(&a)?,
+        Command::Generate(a) => emu_cli::commands::generate::run(&a)?,
         Command::Inspect(a) => {
             let ins = inspect(&a.path, a.variant.as_deref())?;
             if a.json {

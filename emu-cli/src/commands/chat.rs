@@ -1,0 +1,127 @@
+//! `emu chat`: ask Emu2-Chat about images and videos.
+
+use super::{report_timings, BackendKind, DecodeArgs, ModelArgs};
+use crate::pipeline::{ChatOptions, ChatPipeline, ModelFamily, PipelineError, Result};
+use clap::Args;
+use emu_backend_cpu::CpuBackend;
+use emu_core::Backend;
+use emu_prompt::{Item, Prompt, Role, Turn, Video};
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+/// Arguments of `emu chat`.
+#[derive(Args, Debug, Clone)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The question. Without one, an interactive session reads questions
+    /// from standard input, one per line, until an empty line or end of input.
+    pub question: Option<String>,
+    /// An image to ask about; repeat for several. Images come before the
+    /// question, in the order given.
+    #[arg(long = "image", value_name = "FILE")]
+    pub images: Vec<PathBuf>,
+    /// A video, given as its frames (already sampled, in order).
+    #[arg(long, value_name = "FRAME", num_args = 1..)]
+    pub video: Vec<PathBuf>,
+    /// Grounding mode: answers with [x1, y1, x2, y2] boxes, printed in pixels of the first image.
+    #[arg(long)]
+    pub grounding: bool,
+    /// Replace the system message.
+    #[arg(long, value_name = "TEXT")]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+}
+
+/// Runs `emu chat`.
+pub fn run(args: &ChatArgs) -> Result<()> {
+    for p in args.images.iter().chain(&args.video) {
+        if !p.is_file() {
+            return Err(PipelineError::Input(format!(
+                "image `{}` does not exist or is not a file",
+                p.display()
+            )));
+        }
+    }
+    let (kind, dir) = args.model.resolve(ModelFamily::Emu2Chat)?;
+    match kind {
+        BackendKind::Cpu => run_on(CpuBackend::new(), args, &dir),
+    }
+}
+
+fn path_str(p: &std::path::Path) -> Result<String> {
+    p.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| PipelineError::Input(format!("path `{}` is not valid UTF-8", p.display())))
+}
+
+fn run_on<B: Backend>(backend: B, args: &ChatArgs, dir: &crate::pipeline::ModelDir) -> Result<()> {
+    let (vision, llm) = args.model.components(&backend, dir)?;
+    let chat = ChatPipeline::load(dir, &vision, &llm)?;
+    let opts = ChatOptions {
+        grounding: args.grounding,
+        system: args.system.clone(),
+        generation: args.decode.generation(),
+    };
+    let mut visuals: Vec<Item> = Vec::new();
+    for p in &args.images {
+        visuals.push(Item::Image(path_str(p)?));
+    }
+    if !args.video.is_empty() {
+        let frames = args.video.iter().map(|p| path_str(p)).collect::<Result<Vec<_>>>()?;
+        visuals.push(Item::Video(Video { frames }));
+    }
+    let mut turns: Vec<Turn> = Vec::new();
+    let interactive = args.question.is_none();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        let question = match &args.question {
+            Some(q) => q.clone(),
+            None => {
+                if std::io::stdin().is_terminal() {
+                    eprint!("> ");
+                    let _ = std::io::stderr().flush();
+                }
+                match lines.next() {
+                    Some(Ok(l)) if !l.trim().is_empty() => l,
+                    Some(Err(e)) => return Err(PipelineError::Input(format!("reading standard input: {e}"))),
+                    _ => break,
+                }
+            }
+        };
+        let mut items = if turns.is_empty() { visuals.clone() } else { Vec::new() };
+        items.push(Item::Text(question));
+        turns.push(Turn {
+            role: Role::User,
+            items,
+        });
+        let prompt = Prompt { turns: turns.clone() };
+        let mut stdout = std::io::stdout();
+        let mut sink = |s: &str| {
+            let _ = stdout.write_all(s.as_bytes());
+            let _ = stdout.flush();
+        };
+        let answer = chat.answer(&prompt, &opts, Some(&mut sink))?;
+        println!();
+        if let Some(g) = &answer.grounding {
+            for b in &g.boxes {
+                let [l, t, r, bt] = b.pixels;
+                println!("box: [{l:.0}, {t:.0}, {r:.0}, {bt:.0}] (pixels of the first image)");
+            }
+            for p in &g.problems {
+                eprintln!("warning: unreadable box in the answer: {}", p.message);
+            }
+        }
+        report_timings(args.model.verbose, chat.load_timings(), &answer.timings);
+        if !interactive {
+            break;
+        }
+        turns.push(Turn {
+            role: Role::Assistant,
+            items: vec![Item::Text(answer.text.trim().to_string())],
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,52 @@
+//! `emu complete`: let Emu2 (base) continue an interleaved image/text prompt.
+
+use super::{report_timings, BackendKind, DecodeArgs, ModelArgs};
+use crate::pipeline::{CompletionOptions, CompletionPipeline, ModelFamily, Result};
+use clap::Args;
+use emu_backend_cpu::CpuBackend;
+use emu_core::Backend;
+use std::io::Write;
+
+/// Arguments of `emu complete`.
+#[derive(Args, Debug, Clone)]
+pub struct CompleteArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt in emu markup: text, with `{image PATH}` for images and
+    /// `{video PATH PATH ...}` for videos, e.g.
+    /// "{image a.png}[red, 3].{image b.png}[blue, 2].{image c.png}".
+    pub prompt: String,
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+}
+
+/// Runs `emu complete`.
+pub fn run(args: &CompleteArgs) -> Result<()> {
+    let prompt = emu_prompt::parse_markup(&args.prompt)?;
+    let (kind, dir) = args.model.resolve(ModelFamily::Emu2)?;
+    match kind {
+        BackendKind::Cpu => run_on(CpuBackend::new(), args, &prompt, &dir),
+    }
+}
+
+fn run_on<B: Backend>(
+    backend: B,
+    args: &CompleteArgs,
+    prompt: &emu_prompt::Prompt,
+    dir: &crate::pipeline::ModelDir,
+) -> Result<()> {
+    let (vision, llm) = args.model.components(&backend, dir)?;
+    let pipe = CompletionPipeline::load(dir, &vision, &llm)?;
+    let opts = CompletionOptions {
+        generation: args.decode.generation(),
+    };
+    let mut stdout = std::io::stdout();
+    let mut sink = |s: &str| {
+        let _ = stdout.write_all(s.as_bytes());
+        let _ = stdout.flush();
+    };
+    let answer = pipe.complete(prompt, &opts, Some(&mut sink))?;
+    println!();
+    report_timings(args.model.verbose, pipe.load_timings(), &answer.timings);
+    Ok(())
+}

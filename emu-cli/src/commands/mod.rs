@@ -1,0 +1,158 @@
+//! The `emu chat`, `emu complete` and `emu generate` subcommands: argument
+//! definitions (clap) and the code that runs a pipeline for them.
+
+pub mod chat;
+pub mod complete;
+pub mod generate;
+
+use crate::pipeline::{check_dtype, Component, ModelDir, ModelFamily, PipelineError, Result, Timings};
+use crate::tiny::TINY_NOTICE;
+use clap::Args;
+use emu_core::{Backend, DType};
+
+/// Backends compiled into this binary.
+pub const BACKENDS: &[&str] = &["cpu"];
+
+/// A backend chosen by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+}
+
+impl BackendKind {
+    pub fn parse(name: &str) -> Result<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "cpu" => Ok(BackendKind::Cpu),
+            _ => Err(PipelineError::UnknownBackend {
+                name: name.to_string(),
+                available: BACKENDS.join(", "),
+            }),
+        }
+    }
+}
+
+/// Options every model-running subcommand takes.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// The model: `tiny` (built in, random weights: its output is meaningless,
+    /// it only shows the pipeline running), a model directory in the Hugging
+    /// Face layout, or a repo id (e.g. BAAI/Emu2-Chat) already in the local
+    /// Hugging Face cache. Nothing is downloaded.
+    #[arg(long, value_name = "MODEL")]
+    pub model: String,
+    /// Where to run: cpu.
+    #[arg(long, default_value = "cpu", value_name = "NAME")]
+    pub backend: String,
+    /// Compute dtype of every component: f32, bf16 or f16. Default: f32 for
+    /// the tiny model, bf16 for real checkpoints.
+    #[arg(long, value_name = "DTYPE")]
+    pub dtype: Option<String>,
+    /// Compute dtype of the vision encoder only (overrides --dtype).
+    #[arg(long, value_name = "DTYPE")]
+    pub vision_dtype: Option<String>,
+    /// Print the time each stage took.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    match DType::parse(s) {
+        Some(d @ (DType::F32 | DType::BF16 | DType::F16)) => Ok(d),
+        _ => Err(PipelineError::DType(format!(
+            "`{s}` is not a compute dtype; use --dtype f32, bf16 or f16"
+        ))),
+    }
+}
+
+impl ModelArgs {
+    /// Checks the backend and dtype names, then resolves the model (the tiny
+    /// one is built here), so that a typo fails before anything is loaded.
+    pub fn resolve(&self, family: ModelFamily) -> Result<(BackendKind, ModelDir)> {
+        let kind = BackendKind::parse(&self.backend)?;
+        for d in [&self.dtype, &self.vision_dtype].into_iter().flatten() {
+            parse_dtype(d)?;
+        }
+        let dir = ModelDir::resolve(&self.model, family)?;
+        if dir.is_tiny() {
+            eprintln!("{TINY_NOTICE}");
+        }
+        Ok((kind, dir))
+    }
+
+    /// The (vision, language model) components on `backend`.
+    pub fn components<B: Backend>(&self, backend: &B, dir: &ModelDir) -> Result<(Component<B>, Component<B>)> {
+        let default = if dir.is_tiny() { DType::F32 } else { DType::BF16 };
+        let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?.unwrap_or(default);
+        let vision_dtype = self
+            .vision_dtype
+            .as_deref()
+            .map(parse_dtype)
+            .transpose()?
+            .unwrap_or(dtype);
+        check_dtype(backend, dtype, "model")?;
+        check_dtype(backend, vision_dtype, "vision encoder")?;
+        Ok((
+            Component::new(backend.clone(), vision_dtype),
+            Component::new(backend.clone(), dtype),
+        ))
+    }
+}
+
+/// Decoding options of the text subcommands (defaults as upstream, SPEC §3.7).
+#[derive(Args, Debug, Clone)]
+pub struct DecodeArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_new_tokens: usize,
+    /// Beam search width (upstream: 5). 1 is greedy search, which streams the answer.
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub num_beams: usize,
+    /// Beam scores are divided by length^PENALTY. Upstream's -1 favours short
+    /// answers (VQA); about 2.0 gives longer chat answers.
+    #[arg(long, default_value_t = -1.0, allow_negative_numbers = true, value_name = "PENALTY")]
+    pub length_penalty: f32,
+    /// Sample instead of searching (needs --num-beams 1).
+    #[arg(long)]
+    pub sample: bool,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Keep the K most likely tokens when sampling (0: all).
+    #[arg(long, default_value_t = 50, value_name = "K")]
+    pub top_k: usize,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0, value_name = "P")]
+    pub top_p: f32,
+    /// Penalty on repeating generated tokens (1.0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl DecodeArgs {
+    pub fn generation(&self) -> emu_llm::GenerationConfig {
+        emu_llm::GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            num_beams: self.num_beams,
+            length_penalty: self.length_penalty,
+            do_sample: self.sample,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            ..crate::pipeline::upstream_generation()
+        }
+    }
+}
+
+/// Prints stage timings to stderr.
+pub fn report_timings(verbose: bool, load: &Timings, run: &Timings) {
+    if verbose {
+        let mut all = load.clone();
+        all.merge(run);
+        eprintln!("timings: {all}");
+    }
+}

@@ -1,0 +1,207 @@
+//! The Emu2 multimodal model shared by every pipeline: EVA encoder with
+//! pooling and `project_up`, the LLaMA decoder, the tokenizer, and the
+//! glue that turns a rendered prompt into input embeddings.
+
+use super::error::{PipelineError, Result};
+use super::{Component, Timings};
+use emu_core::checkpoint::{Checkpoint, Weights};
+use emu_core::{Backend, DType, Tensor};
+use emu_llm::{Llama, LlamaConfig, SlotIds};
+use emu_prompt::{Emu2Tokenizer, Rendered, SpecialToken, Variant, VisualInput};
+use emu_vision::{load_image, EmuVisionConfig, Preprocessor, RgbImage, VisionEncoder};
+use std::path::Path;
+use std::time::Instant;
+
+/// Checks that `dtype` can run on `backend`, with a message that lists what can.
+pub fn check_dtype<B: Backend>(backend: &B, dtype: DType, what: &str) -> Result<()> {
+    // The models compute in these three; f64 is a storage type here.
+    let compute = matches!(dtype, DType::F32 | DType::BF16 | DType::F16);
+    if compute && backend.supports(dtype) {
+        return Ok(());
+    }
+    let ok: Vec<&str> = [DType::F32, DType::BF16, DType::F16]
+        .into_iter()
+        .filter(|d| backend.supports(*d))
+        .map(|d| d.name())
+        .collect();
+    Err(PipelineError::DType(format!(
+        "the {what} cannot run in {dtype} on backend `{}`; use --dtype {}",
+        backend.name(),
+        ok.join(" or ")
+    )))
+}
+
+/// Emu2 (base, Chat, or Emu2-Gen's multimodal encoder), loaded.
+pub struct Emu2Model<B: Backend> {
+    pub vision: VisionEncoder<B>,
+    pub llm: Llama<B>,
+    pub tokenizer: Emu2Tokenizer,
+    pub preprocessor: Preprocessor,
+    vision_backend: B,
+    /// `project_up` / `project_down` on the LLM's backend, for the visual
+    /// regression of Emu2-Gen (`None` when the checkpoint lacks them).
+    project_up: Option<Tensor<B>>,
+    project_down: Option<Tensor<B>>,
+}
+
+/// Where `project_up`/`project_down` sit relative to the checkpoint root,
+/// in the layouts the vision encoder accepts (HF, native, native Gen).
+const PROJECTION_PREFIXES: [&str; 2] = ["", "multimodal_encoder."];
+
+impl<B: Backend> Emu2Model<B> {
+    /// Loads `config.json`, the weights and the tokenizer. `vision` and `llm`
+    /// say where each part runs and in which dtype.
+    pub fn load(
+        encoder_dir: &Path,
+        tokenizer_dir: &Path,
+        variant: Variant,
+        vision: &Component<B>,
+        llm: &Component<B>,
+        timings: &mut Timings,
+    ) -> Result<Self> {
+        check_dtype(&vision.backend, vision.dtype, "vision encoder")?;
+        check_dtype(&llm.backend, llm.dtype, "language model")?;
+        let t0 = Instant::now();
+        let config_path = encoder_dir.join("config.json");
+        let vision_cfg = EmuVisionConfig::from_file(&config_path)?;
+        let llm_cfg = LlamaConfig::from_file(&config_path)?;
+        if llm_cfg.vocab_size != variant.vocab_size() {
+            return Err(PipelineError::Model(format!(
+                "{}: vocab_size is {}, but an Emu2{} vocabulary has {} tokens",
+                config_path.display(),
+                llm_cfg.vocab_size,
+                if variant == Variant::Chat { "-Chat" } else { "" },
+                variant.vocab_size()
+            )));
+        }
+        let tokenizer = Emu2Tokenizer::from_dir(tokenizer_dir, variant)?;
+        let ckpt = Checkpoint::open(encoder_dir)?;
+        let root = Weights::new(&ckpt);
+        let encoder = VisionEncoder::load(&vision.backend, &root, vision_cfg, vision.dtype)?;
+        let preprocessor = Preprocessor::for_config(&encoder.config().vision)?;
+        let lm = Llama::load(&llm.backend, &Llama::<B>::root_weights(&ckpt)?, &llm_cfg, llm.dtype)?;
+        let (h, d) = (llm_cfg.hidden_size, encoder.config().d_model);
+        let mut project_up = None;
+        let mut project_down = None;
+        if let Some(prefix) = PROJECTION_PREFIXES
+            .iter()
+            .find(|p| ckpt.contains(&format!("{p}project_up.weight")))
+        {
+            let w = Weights::with_prefix(&ckpt, *prefix);
+            project_up = Some(w.tensor(&llm.backend, "project_up.weight", &[h, d], llm.dtype)?);
+            project_down = w.tensor_opt(&llm.backend, "project_down.weight", &[d, h], llm.dtype)?;
+        }
+        timings.add("load", t0.elapsed());
+        Ok(Self {
+            vision: encoder,
+            llm: lm,
+            tokenizer,
+            preprocessor,
+            vision_backend: vision.backend.clone(),
+            project_up,
+            project_down,
+        })
+    }
+
+    /// `<image>` slots per image and `[gIMG]` slots per video frame.
+    pub fn n_query(&self) -> usize {
+        self.vision.config().vision.n_query
+    }
+
+    pub fn v_query(&self) -> usize {
+        self.vision.config().vision.v_query
+    }
+
+    /// The weights of `project_up` and `project_down` (for the regression).
+    pub fn projections(&self) -> Result<(&Tensor<B>, &Tensor<B>)> {
+        match (&self.project_up, &self.project_down) {
+            (Some(u), Some(d)) => Ok((u, d)),
+            _ => Err(PipelineError::Model(
+                "this checkpoint has no project_up/project_down weights, which image generation needs".into(),
+            )),
+        }
+    }
+
+    /// Decodes the pictures of a rendered prompt in slot order.
+    pub fn load_pictures(&self, inputs: &[VisualInput]) -> Result<Vec<RgbImage>> {
+        inputs
+            .iter()
+            .map(|v| match v {
+                VisualInput::Image(path) => Ok(load_image(path, &self.preprocessor.decode)?),
+                VisualInput::BoxMask(mask) => Ok(RgbImage::new(mask.canvas, mask.canvas, mask.to_rgb())?),
+            })
+            .collect()
+    }
+
+    /// Pooled, projected visual tokens `[N·n_query, H]` on the LLM's backend.
+    pub fn embed_pictures(&self, images: &[RgbImage], n_query: usize, timings: &mut Timings) -> Result<Tensor<B>> {
+        let t0 = Instant::now();
+        let pixels = self.preprocessor.batch(&self.vision_backend, images)?;
+        let tokens = self.vision.embed_images(&pixels, n_query)?;
+        let n = images.len() * n_query;
+        let h = self.llm.config().hidden_size;
+        let tokens = tokens.reshape(&[n, h])?;
+        // The parts may run on different devices: hand over through the host.
+        let host = tokens.to_host()?;
+        let out = Tensor::from_host(self.llm.backend(), &host)?.to_dtype(self.llm.dtype())?;
+        timings.add("vision", t0.elapsed());
+        Ok(out)
+    }
+
+    /// Pooled EVA features `[N, n_query, d_model]` (no projection) of
+    /// pictures, or of one all-zero normalised image when `images` is
+    /// `None` (upstream's negative for the autoencoding mode), on the
+    /// vision encoder's backend.
+    pub fn pooled_features(
+        &self,
+        images: Option<&[RgbImage]>,
+        n_query: usize,
+        timings: &mut Timings,
+    ) -> Result<Tensor<B>> {
+        let t0 = Instant::now();
+        let pixels = match images {
+            Some(images) => self.preprocessor.batch(&self.vision_backend, images)?,
+            None => {
+                let s = self.vision.config().vision.image_size;
+                Tensor::zeros(&self.vision_backend, &[1, 3, s, s], emu_core::DType::F32)?
+            }
+        };
+        let out = self.vision.pool(&self.vision.encode(&pixels)?, n_query)?;
+        timings.add("vision", t0.elapsed());
+        Ok(out)
+    }
+
+    /// Token ids of a rendered prompt and its input embeddings `[1, T, H]`
+    /// with every image and video-frame slot filled.
+    pub fn prompt_embeds(&self, rendered: &Rendered, timings: &mut Timings) -> Result<(Vec<u32>, Tensor<B>)> {
+        let ids = self.tokenizer.encode_pieces(&rendered.pieces)?;
+        let max = self.llm.config().max_position_embeddings;
+        if ids.len() >= max {
+            return Err(PipelineError::Input(format!(
+                "the prompt is {} tokens (images included) but the model's context is {max}; use fewer or smaller inputs",
+                ids.len()
+            )));
+        }
+        let images = if rendered.images.is_empty() {
+            None
+        } else {
+            let pics = self.load_pictures(&rendered.images)?;
+            Some(self.embed_pictures(&pics, self.n_query(), timings)?)
+        };
+        let frames = if rendered.frames.is_empty() {
+            None
+        } else {
+            let inputs: Vec<VisualInput> = rendered.frames.iter().cloned().map(VisualInput::Image).collect();
+            let pics = self.load_pictures(&inputs)?;
+            Some(self.embed_pictures(&pics, self.v_query(), timings)?)
+        };
+        let slots = SlotIds {
+            image: SpecialToken::Image.id(),
+            video: SpecialToken::GImg.id(),
+        };
+        let embeds = self
+            .llm
+            .embed_with_visual(&ids, 1, images.as_ref(), frames.as_ref(), slots)?;
+        Ok((ids, embeds))
+    }
+}

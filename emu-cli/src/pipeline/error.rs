@@ -1,0 +1,43 @@
+//! Errors of the pipelines: every component crate's error, plus model
+//! resolution and user input. Each message is one line that says what to change.
+
+/// Result with [`PipelineError`].
+pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Core(#[from] emu_core::Error),
+
+    #[error(transparent)]
+    Vision(#[from] emu_vision::VisionError),
+
+    #[error(transparent)]
+    Llm(#[from] emu_llm::Error),
+
+    #[error(transparent)]
+    Prompt(#[from] emu_prompt::Error),
+
+    #[error(transparent)]
+    Decoder(#[from] emu_decoder::Error),
+
+    /// `--model` names nothing usable, or a checkpoint of the wrong kind.
+    #[error("{0}")]
+    Model(String),
+
+    /// A backend name that is not compiled in.
+    #[error("unknown backend `{name}`; available backends: {available}")]
+    UnknownBackend { name: String, available: String },
+
+    /// A dtype the chosen backend cannot run.
+    #[error("{0}")]
+    DType(String),
+
+    /// Inputs that do not fit the pipeline (image count, sizes, ...).
+    #[error("{0}")]
+    Input(String),
+
+    /// Building the embedded tiny model failed (a temporary file could not be written).
+    #[error("tiny model: {0}")]
+    Tiny(String),
+}

@@ -1,0 +1,358 @@
+//! Emu2-Gen: text (and images, and boxes) to image (SPEC §4).
+
+use super::emu2::{check_dtype, Emu2Model};
+use super::error::{PipelineError, Result};
+use super::model::{ModelDir, ModelFamily};
+use super::{Component, Timings};
+use emu_core::checkpoint::Checkpoint;
+use emu_core::{Backend, HostTensor, Tensor};
+use emu_decoder::{
+    AutoencoderKL, AutoencoderKLConfig, EulerDiscreteScheduler, TextTimeCond, UNet2DConditionConfig,
+    UNet2DConditionModel,
+};
+use emu_llm::regress_visual;
+use emu_prompt::{render, Item, ModelKind, Prompt, RenderOptions, Variant};
+use std::path::Path;
+use std::time::Instant;
+
+/// Settings of [`GenerationPipeline::generate`]; the defaults are upstream's.
+#[derive(Debug, Clone)]
+pub struct GenerationOptions {
+    /// Euler steps (upstream: 50).
+    pub steps: usize,
+    /// Classifier-free guidance scale (upstream: 3.0); guidance is off at 1.0 or below.
+    pub guidance: f32,
+    /// Seed of the initial noise.
+    pub seed: u64,
+    /// Output `(height, width)` in pixels; default: the VAE's `sample_size` (1024 upstream).
+    pub size: Option<(usize, usize)>,
+    /// The negative prompt; default: upstream's, the embeddings regressed from
+    /// an empty prompt (for a lone image: the encoding of an all-zero image).
+    pub negative: Option<Prompt>,
+    /// Initial latents `[1, C, h, w]` (unscaled noise) instead of seeded noise,
+    /// e.g. to reproduce a reference run; they are multiplied by the
+    /// scheduler's initial sigma like fresh noise.
+    pub latents: Option<HostTensor>,
+}
+
+impl Default for GenerationOptions {
+    fn default() -> Self {
+        Self {
+            steps: 50,
+            guidance: 3.0,
+            seed: 0,
+            size: None,
+            negative: None,
+            latents: None,
+        }
+    }
+}
+
+/// A generated picture.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub width: usize,
+    pub height: usize,
+    /// Row-major RGB bytes.
+    pub rgb: Vec<u8>,
+    /// The conditioning `[1, n_query, d_model]` the UNet attended to.
+    pub condition: HostTensor,
+    /// The final latents (before division by the VAE scaling factor).
+    pub latents: HostTensor,
+    pub timings: Timings,
+}
+
+/// Standard normal samples from a seed, identical on every run (SplitMix64
+/// and Box–Muller in f64).
+pub fn gaussian_noise(seed: u64, n: usize) -> Vec<f32> {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        // 53 random bits in (0, 1].
+        (((z ^ (z >> 31)) >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(n + 1);
+    while out.len() < n {
+        let (u1, u2) = (next(), next());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let a = std::f64::consts::TAU * u2;
+        out.push((r * a.cos()) as f32);
+        out.push((r * a.sin()) as f32);
+    }
+    out.truncate(n);
+    out
+}
+
+/// Emu2-Gen: the multimodal encoder regresses visual embeddings from the
+/// prompt; the UNet denoises latents attending to them; the VAE decodes.
+pub struct GenerationPipeline<B: Backend> {
+    encoder: Emu2Model<B>,
+    unet: UNet2DConditionModel<B>,
+    vae: AutoencoderKL<B>,
+    scheduler: EulerDiscreteScheduler,
+    unet_at: Component<B>,
+    vae_at: Component<B>,
+    load_timings: Timings,
+}
+
+fn open_component(root: &Path, name: &str) -> Result<Checkpoint> {
+    let dir = root.join(name);
+    if !dir.is_dir() {
+        return Err(PipelineError::Model(format!(
+            "`{}` has no {name}/ folder; an Emu2-Gen directory holds multimodal_encoder/, unet/, vae/ and scheduler/",
+            root.display()
+        )));
+    }
+    Ok(Checkpoint::open(&dir)?)
+}
+
+impl<B: Backend> GenerationPipeline<B> {
+    /// Loads an Emu2-Gen pipeline folder: `encoder` runs the EVA encoder and
+    /// the LLM, `unet` and `vae` the diffusion decoder.
+    pub fn load(dir: &ModelDir, encoder: &Component<B>, unet: &Component<B>, vae: &Component<B>) -> Result<Self> {
+        if dir.family() != ModelFamily::Emu2Gen {
+            return Err(PipelineError::Model(format!(
+                "{} is not an Emu2-Gen pipeline folder; image generation needs BAAI/Emu2-Gen",
+                dir.root().display()
+            )));
+        }
+        check_dtype(&unet.backend, unet.dtype, "UNet")?;
+        check_dtype(&vae.backend, vae.dtype, "VAE")?;
+        let mut load_timings = Timings::default();
+        let enc = Emu2Model::load(
+            &dir.encoder_dir(),
+            &dir.tokenizer_dir(),
+            Variant::Base,
+            encoder,
+            encoder,
+            &mut load_timings,
+        )?;
+        let t0 = Instant::now();
+        let root = dir.root();
+        let unet_cfg = UNet2DConditionConfig::from_file(root.join("unet").join("config.json"))?;
+        let unet_ckpt = open_component(root, "unet")?;
+        let unet_model = UNet2DConditionModel::load(&unet.backend, &unet_ckpt.weights(), &unet_cfg, unet.dtype)?;
+        let vae_cfg = AutoencoderKLConfig::from_file(root.join("vae").join("config.json"))?;
+        let vae_ckpt = open_component(root, "vae")?;
+        let vae_model = AutoencoderKL::load(&vae.backend, &vae_ckpt.weights(), &vae_cfg, vae.dtype)?;
+        let scheduler = EulerDiscreteScheduler::from_config_file(root.join("scheduler").join("scheduler_config.json"))?;
+        load_timings.add("load", t0.elapsed());
+        Ok(Self {
+            encoder: enc,
+            unet: unet_model,
+            vae: vae_model,
+            scheduler,
+            unet_at: unet.clone(),
+            vae_at: vae.clone(),
+            load_timings,
+        })
+    }
+
+    pub fn load_timings(&self) -> &Timings {
+        &self.load_timings
+    }
+
+    pub fn encoder(&self) -> &Emu2Model<B> {
+        &self.encoder
+    }
+
+    /// The default output size `(height, width)`: the VAE's `sample_size`.
+    pub fn default_size(&self) -> usize {
+        self.vae
+            .config()
+            .sample_size
+            .as_ref()
+            .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())))
+            .map(|s| s as usize)
+            .unwrap_or(1024)
+    }
+
+    /// Pixels per latent cell times the UNet's total downsampling: output
+    /// sizes must be multiples of this.
+    pub fn size_multiple(&self) -> usize {
+        let levels = self.unet.config().block_out_channels.len();
+        self.vae.config().downscale_factor() << levels.saturating_sub(1)
+    }
+
+    /// Whether `prompt` is the autoencoding mode: one image and nothing else.
+    fn is_autoencoding(prompt: &Prompt) -> Result<bool> {
+        let items: Vec<&Item> = prompt.items().collect();
+        let all_images = !items.is_empty() && items.iter().all(|i| matches!(i, Item::Image(_)));
+        if all_images && items.len() > 1 {
+            return Err(PipelineError::Input(
+                "a prompt of images only is the autoencoding mode, which takes one image; add text (it may be empty: {text \"\"}) to generate from several".into(),
+            ));
+        }
+        Ok(all_images)
+    }
+
+    /// The visual conditioning `[1, n_query, d_model]` of a prompt.
+    pub fn condition(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<B>> {
+        let enc = &self.encoder;
+        let n = enc.n_query();
+        if Self::is_autoencoding(prompt)? {
+            let Some(Item::Image(path)) = prompt.items().next() else {
+                return Err(PipelineError::Input("the autoencoding mode needs an image".into()));
+            };
+            let pics = enc.load_pictures(&[emu_prompt::VisualInput::Image(path.clone())])?;
+            return enc.pooled_features(Some(&pics), n, timings);
+        }
+        let mut ropts = RenderOptions::new(ModelKind::Emu2Gen);
+        ropts.n_query = n;
+        ropts.v_query = enc.v_query();
+        let rendered = render(prompt, &ropts)?;
+        let (_, embeds) = enc.prompt_embeds(&rendered, timings)?;
+        let t0 = Instant::now();
+        let (up, down) = enc.projections()?;
+        let out = regress_visual(&enc.llm, &embeds, &[], up, down, n)?;
+        timings.add("regress", t0.elapsed());
+        Ok(out)
+    }
+
+    /// Upstream's negative conditioning for `prompt`: the encoding of an
+    /// all-zero image in the autoencoding mode, else the embeddings
+    /// regressed from the empty prompt.
+    pub fn default_negative(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<B>> {
+        if Self::is_autoencoding(prompt)? {
+            return self.encoder.pooled_features(None, self.encoder.n_query(), timings);
+        }
+        self.condition(&Prompt::new(vec![Item::Text(String::new())]), timings)
+    }
+
+    /// Generates an image for `prompt` (text, images, grounded objects; see
+    /// [`emu_prompt::Prompt`]). `on_step` is called after each denoising step
+    /// with `(done, total)`.
+    pub fn generate(
+        &self,
+        prompt: &Prompt,
+        opts: &GenerationOptions,
+        mut on_step: Option<&mut dyn FnMut(usize, usize)>,
+    ) -> Result<GeneratedImage> {
+        let mut timings = Timings::default();
+        if opts.steps == 0 || opts.steps > 1000 {
+            return Err(PipelineError::Input(format!(
+                "--steps {} is out of range; use 1 to 1000 (upstream: 50)",
+                opts.steps
+            )));
+        }
+        if !opts.guidance.is_finite() || opts.guidance < 0.0 {
+            return Err(PipelineError::Input(format!(
+                "--guidance {} is not a non-negative number (upstream: 3.0)",
+                opts.guidance
+            )));
+        }
+        let mult = self.size_multiple();
+        let (height, width) = opts.size.unwrap_or((self.default_size(), self.default_size()));
+        for (what, v) in [("height", height), ("width", width)] {
+            if v == 0 || v % mult != 0 || v > 8192 {
+                return Err(PipelineError::Input(format!(
+                    "image {what} {v} is not supported: use a multiple of {mult} up to 8192 (this model's default is {})",
+                    self.default_size()
+                )));
+            }
+        }
+        let unet_backend = self.unet_at.backend.clone();
+        let to_unet = |t: &Tensor<B>| -> Result<Tensor<B>> { Ok(Tensor::from_host(&unet_backend, &t.to_host()?)?) };
+        let cond = to_unet(&self.condition(prompt, &mut timings)?)?;
+        let guided = opts.guidance > 1.0;
+        let hidden = if guided {
+            let neg = match &opts.negative {
+                Some(p) => self.condition(p, &mut timings)?,
+                None => self.default_negative(prompt, &mut timings)?,
+            };
+            let neg = to_unet(&neg)?;
+            if neg.dims() != cond.dims() {
+                return Err(PipelineError::Input(format!(
+                    "the negative conditioning is {:?} but the prompt's is {:?}",
+                    neg.dims(),
+                    cond.dims()
+                )));
+            }
+            // Row order [cond; uncond], as upstream.
+            Tensor::concat(&[&cond, &neg], 0)?
+        } else {
+            cond.clone()
+        };
+        let t0 = Instant::now();
+        let batch = hidden.dim(0)?;
+        let text_embeds = hidden.mean(1, false)?;
+        let time_ids = vec![[height as f32, width as f32, 0.0, 0.0, height as f32, width as f32]; batch];
+        let added = TextTimeCond { text_embeds, time_ids };
+        let factor = self.vae.config().downscale_factor();
+        let channels = self.unet.config().in_channels;
+        let dims = [1, channels, height / factor, width / factor];
+        let mut scheduler = self.scheduler.clone();
+        scheduler.set_timesteps(opts.steps)?;
+        let noise = match &opts.latents {
+            Some(l) => {
+                if l.dims() != dims {
+                    return Err(PipelineError::Input(format!(
+                        "initial latents must be {dims:?} for a {height}x{width} image, found {:?}",
+                        l.dims()
+                    )));
+                }
+                Tensor::from_host(&unet_backend, &l.to_dtype(emu_core::DType::F32)?)?
+            }
+            None => {
+                let n = dims.iter().product();
+                Tensor::from_f32(&unet_backend, &dims, gaussian_noise(opts.seed, n))?
+            }
+        };
+        let mut latents = noise.affine(scheduler.init_noise_sigma()? as f64, 0.0)?;
+        let udtype = self.unet_at.dtype;
+        let hidden = hidden.to_dtype(udtype)?;
+        let total = scheduler.num_steps();
+        for step in 0..total {
+            let t = scheduler.timesteps()[step];
+            let x = scheduler.scale_model_input(&latents, step)?.to_dtype(udtype)?;
+            let x = if guided { Tensor::concat(&[&x, &x], 0)? } else { x };
+            let eps = self.unet.forward(&x, t, &hidden, Some(&added))?;
+            let eps = if guided {
+                let c = eps.narrow(0, 0, 1)?;
+                let u = eps.narrow(0, 1, 1)?;
+                u.add(&c.sub(&u)?.affine(opts.guidance as f64, 0.0)?)?
+            } else {
+                eps
+            };
+            latents = scheduler.step(&eps, step, &latents)?;
+            if let Some(f) = on_step.as_mut() {
+                f(step + 1, total);
+            }
+        }
+        timings.add("diffusion", t0.elapsed());
+        let t0 = Instant::now();
+        let vae_backend = &self.vae_at.backend;
+        let z = Tensor::from_host(vae_backend, &latents.to_host()?)?
+            .affine(1.0 / self.vae.config().scaling_factor, 0.0)?
+            .to_dtype(self.vae_at.dtype)?;
+        let img = self.vae.decode(&z)?;
+        let values = img.to_f32_vec()?;
+        let (h, w) = (height, width);
+        if values.len() != 3 * h * w {
+            return Err(PipelineError::Input(format!(
+                "the VAE returned {} values for a {h}x{w} RGB image",
+                values.len()
+            )));
+        }
+        // clamp(x / 2 + 0.5, 0, 1) * 255, rounded; CHW to HWC.
+        let mut rgb = vec![0u8; 3 * h * w];
+        for c in 0..3 {
+            for i in 0..h * w {
+                let v = (values[c * h * w + i] / 2.0 + 0.5).clamp(0.0, 1.0);
+                rgb[i * 3 + c] = (v * 255.0).round() as u8;
+            }
+        }
+        timings.add("vae", t0.elapsed());
+        Ok(GeneratedImage {
+            width: w,
+            height: h,
+            rgb,
+            condition: cond.to_host()?,
+            latents: latents.to_host()?,
+            timings,
+        })
+    }
+}

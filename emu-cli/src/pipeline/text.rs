@@ -1,0 +1,320 @@
+//! Text-answering pipelines: Emu2-Chat ([`ChatPipeline`]) and Emu2 base
+//! few-shot completion ([`CompletionPipeline`]).
+
+use super::emu2::Emu2Model;
+use super::error::{PipelineError, Result};
+use super::model::{ModelDir, ModelFamily};
+use super::{Component, Timings};
+use emu_core::Backend;
+use emu_llm::{generate, GenerationConfig};
+use emu_prompt::{
+    parse_boxes, render, Emu2Tokenizer, Grounding, ModelKind, Prompt, RenderOptions, SpecialToken, Variant,
+};
+use std::time::Instant;
+
+/// Upstream's decoding settings for Emu2 and Emu2-Chat (SPEC §3.7): beam
+/// search with 5 beams and `length_penalty = -1`, which favours short
+/// answers (good for VQA); set `length_penalty` to about 2.0 for longer chat
+/// answers. `max_new_tokens` is 64 as in upstream's Hugging Face examples.
+/// `num_beams = 1` is greedy search, the only mode that can stream.
+pub fn upstream_generation() -> GenerationConfig {
+    GenerationConfig {
+        max_new_tokens: 64,
+        min_new_tokens: 1,
+        eos_token_ids: vec![SpecialToken::Eos.id()],
+        pad_token_id: Some(SpecialToken::Pad.id()),
+        num_beams: 5,
+        length_penalty: -1.0,
+        ..GenerationConfig::default()
+    }
+}
+
+/// What a text pipeline returns.
+#[derive(Debug, Clone)]
+pub struct ChatAnswer {
+    /// The decoded answer.
+    pub text: String,
+    /// The generated token ids, up to (not including) the end-of-sequence token.
+    pub ids: Vec<u32>,
+    /// Length of the prompt in tokens (image slots included).
+    pub prompt_tokens: usize,
+    /// Boxes read from the answer in grounding mode, in pixels of the first image.
+    pub grounding: Option<Grounding>,
+    pub timings: Timings,
+}
+
+/// Streams decoded text as tokens arrive, holding back incomplete UTF-8.
+struct TextStream<'a, 'b> {
+    tokenizer: &'a Emu2Tokenizer,
+    skip_special: bool,
+    eos: &'a [u32],
+    ids: Vec<u32>,
+    done: bool,
+    printed: usize,
+    sink: &'a mut (dyn FnMut(&str) + 'b),
+}
+
+impl TextStream<'_, '_> {
+    fn push(&mut self, id: u32) {
+        if self.done || self.eos.contains(&id) {
+            self.done = true;
+            return;
+        }
+        self.ids.push(id);
+        self.flush(false);
+    }
+
+    fn flush(&mut self, last: bool) {
+        let Ok(text) = self.tokenizer.decode(&self.ids, self.skip_special) else {
+            return;
+        };
+        // A multi-byte character split over byte tokens decodes as U+FFFD until complete.
+        if !last && text.ends_with('\u{FFFD}') {
+            return;
+        }
+        if text.len() > self.printed && text.is_char_boundary(self.printed) {
+            (self.sink)(&text[self.printed..]);
+            self.printed = text.len();
+        }
+    }
+}
+
+/// Generated ids up to the first end-of-sequence id.
+fn until_eos(ids: &[u32], eos: &[u32]) -> Vec<u32> {
+    ids.iter().copied().take_while(|id| !eos.contains(id)).collect()
+}
+
+fn run_text<B: Backend>(
+    model: &Emu2Model<B>,
+    prompt: &Prompt,
+    render_opts: &RenderOptions,
+    generation: &GenerationConfig,
+    skip_special: bool,
+    on_text: Option<&mut dyn FnMut(&str)>,
+) -> Result<(Vec<u32>, String, usize, Timings)> {
+    let mut timings = Timings::default();
+    let rendered = render(prompt, render_opts)?;
+    let (ids, embeds) = model.prompt_embeds(&rendered, &mut timings)?;
+    let max = model.llm.config().max_position_embeddings;
+    if ids.len() + generation.max_new_tokens > max {
+        return Err(PipelineError::Input(format!(
+            "the prompt is {} tokens and {} new tokens were asked for, more than the model's context of {max}; lower --max-new-tokens or use fewer images",
+            ids.len(),
+            generation.max_new_tokens
+        )));
+    }
+    let t0 = Instant::now();
+    let eos = generation.eos_token_ids.clone();
+    let out = match on_text {
+        Some(sink) if generation.num_beams == 1 => {
+            let mut stream = TextStream {
+                tokenizer: &model.tokenizer,
+                skip_special,
+                eos: &eos,
+                ids: Vec::new(),
+                done: false,
+                printed: 0,
+                sink,
+            };
+            let out = {
+                let mut on_token = |t: &[u32]| {
+                    if let Some(&id) = t.first() {
+                        stream.push(id);
+                    }
+                };
+                generate(&model.llm, &embeds, &[], generation, Some(&mut on_token))?
+            };
+            stream.flush(true);
+            out
+        }
+        Some(sink) => {
+            let out = generate(&model.llm, &embeds, &[], generation, None)?;
+            let ids = until_eos(out.first().map(Vec::as_slice).unwrap_or_default(), &eos);
+            sink(&model.tokenizer.decode(&ids, skip_special)?);
+            out
+        }
+        None => generate(&model.llm, &embeds, &[], generation, None)?,
+    };
+    timings.add("generate", t0.elapsed());
+    let new_ids = until_eos(out.first().map(Vec::as_slice).unwrap_or_default(), &eos);
+    let text = model.tokenizer.decode(&new_ids, skip_special)?;
+    Ok((new_ids, text, ids.len(), timings))
+}
+
+/// Settings of [`ChatPipeline::answer`].
+#[derive(Debug, Clone)]
+pub struct ChatOptions {
+    /// Grounding mode: the concise system message and `<grounding>`; the
+    /// answer keeps its special tokens and its boxes are parsed.
+    pub grounding: bool,
+    /// Replaces the system message.
+    pub system: Option<String>,
+    /// Decoding; see [`upstream_generation`].
+    pub generation: GenerationConfig,
+}
+
+impl Default for ChatOptions {
+    fn default() -> Self {
+        Self {
+            grounding: false,
+            system: None,
+            generation: upstream_generation(),
+        }
+    }
+}
+
+/// Emu2-Chat: answers about images and videos, in one or several turns.
+pub struct ChatPipeline<B: Backend> {
+    model: Emu2Model<B>,
+    load_timings: Timings,
+}
+
+impl<B: Backend> ChatPipeline<B> {
+    /// Loads an Emu2-Chat model directory.
+    pub fn load(dir: &ModelDir, vision: &Component<B>, llm: &Component<B>) -> Result<Self> {
+        if dir.family() != ModelFamily::Emu2Chat {
+            return Err(PipelineError::Model(format!(
+                "{} is not an Emu2-Chat model; the chat pipeline needs BAAI/Emu2-Chat",
+                dir.root().display()
+            )));
+        }
+        let mut load_timings = Timings::default();
+        let model = Emu2Model::load(
+            &dir.encoder_dir(),
+            &dir.tokenizer_dir(),
+            Variant::Chat,
+            vision,
+            llm,
+            &mut load_timings,
+        )?;
+        Ok(Self { model, load_timings })
+    }
+
+    pub fn model(&self) -> &Emu2Model<B> {
+        &self.model
+    }
+
+    /// How long loading took.
+    pub fn load_timings(&self) -> &Timings {
+        &self.load_timings
+    }
+
+    /// The model's answer to `conversation` (turns alternating user and
+    /// assistant, ending with a user turn). `on_text` receives the answer as
+    /// it is generated (token by token with greedy search; at the end with
+    /// beam search).
+    pub fn answer(
+        &self,
+        conversation: &Prompt,
+        opts: &ChatOptions,
+        on_text: Option<&mut dyn FnMut(&str)>,
+    ) -> Result<ChatAnswer> {
+        let mut ropts = RenderOptions::new(ModelKind::Emu2Chat).grounding(opts.grounding);
+        ropts.n_query = self.model.n_query();
+        ropts.v_query = self.model.v_query();
+        ropts.system = opts.system.clone();
+        // Upstream decodes grounding answers with their special tokens kept.
+        let (ids, text, prompt_tokens, timings) = run_text(
+            &self.model,
+            conversation,
+            &ropts,
+            &opts.generation,
+            !opts.grounding,
+            on_text,
+        )?;
+        let grounding = if opts.grounding {
+            let first = emu_prompt::render(conversation, &ropts)?.images.into_iter().next();
+            let (w, h) = match first {
+                Some(v) => {
+                    let img = self.model.load_pictures(std::slice::from_ref(&v))?;
+                    (img[0].width(), img[0].height())
+                }
+                None => (224, 224),
+            };
+            Some(parse_boxes(&text, w, h))
+        } else {
+            None
+        };
+        Ok(ChatAnswer {
+            text,
+            ids,
+            prompt_tokens,
+            grounding,
+            timings,
+        })
+    }
+}
+
+/// Settings of [`CompletionPipeline::complete`].
+#[derive(Debug, Clone)]
+pub struct CompletionOptions {
+    /// Decoding; see [`upstream_generation`].
+    pub generation: GenerationConfig,
+}
+
+impl Default for CompletionOptions {
+    fn default() -> Self {
+        Self {
+            generation: upstream_generation(),
+        }
+    }
+}
+
+/// Emu2 (base): continues an interleaved image/text prompt (few-shot,
+/// in-context; SPEC §3.6).
+pub struct CompletionPipeline<B: Backend> {
+    model: Emu2Model<B>,
+    load_timings: Timings,
+}
+
+impl<B: Backend> CompletionPipeline<B> {
+    /// Loads an Emu2 (base) model directory.
+    pub fn load(dir: &ModelDir, vision: &Component<B>, llm: &Component<B>) -> Result<Self> {
+        if dir.family() != ModelFamily::Emu2 {
+            return Err(PipelineError::Model(format!(
+                "{} is not an Emu2 base model; the completion pipeline needs BAAI/Emu2",
+                dir.root().display()
+            )));
+        }
+        let mut load_timings = Timings::default();
+        let model = Emu2Model::load(
+            &dir.encoder_dir(),
+            &dir.tokenizer_dir(),
+            Variant::Base,
+            vision,
+            llm,
+            &mut load_timings,
+        )?;
+        Ok(Self { model, load_timings })
+    }
+
+    pub fn model(&self) -> &Emu2Model<B> {
+        &self.model
+    }
+
+    pub fn load_timings(&self) -> &Timings {
+        &self.load_timings
+    }
+
+    /// The model's continuation of `prompt` (one user turn of text, images
+    /// and videos, no template).
+    pub fn complete(
+        &self,
+        prompt: &Prompt,
+        opts: &CompletionOptions,
+        on_text: Option<&mut dyn FnMut(&str)>,
+    ) -> Result<ChatAnswer> {
+        let mut ropts = RenderOptions::new(ModelKind::Emu2);
+        ropts.n_query = self.model.n_query();
+        ropts.v_query = self.model.v_query();
+        let (ids, text, prompt_tokens, timings) =
+            run_text(&self.model, prompt, &ropts, &opts.generation, true, on_text)?;
+        Ok(ChatAnswer {
+            text,
+            ids,
+            prompt_tokens,
+            grounding: None,
+            timings,
+        })
+    }
+}

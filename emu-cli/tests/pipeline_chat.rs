@@ -1,0 +1,302 @@
+//! End-to-end tests of `emu chat` / `emu complete` and the text pipelines on
+//! the built-in tiny model (random weights: only shapes, determinism, the
+//! load path and error handling are checked, never the words).
+
+use emu_backend_cpu::CpuBackend;
+use emu_cli::pipeline::{ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
+use emu_cli::tiny::{write_model, TinyKind};
+use emu_core::DType;
+use emu_prompt::{Item, Prompt, Role, Turn};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn emu(args: &[&str]) -> Output {
+    emu_env(args, &[])
+}
+
+fn emu_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_emu"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run emu")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small RGB test picture (a gradient) written as PNG.
+fn picture(dir: &Path, name: &str, w: u32, h: u32) -> PathBuf {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8])
+    });
+    let path = dir.join(name);
+    img.save(&path).unwrap();
+    path
+}
+
+/// Asserts a failed run with exactly one line on stderr, which contains `needle`.
+fn assert_one_line_error(o: &Output, needle: &str) {
+    assert!(!o.status.success(), "expected failure, got success: {}", stdout(o));
+    let err = stderr(o);
+    // The tiny model's notice is printed before any work starts; the error is the one other line.
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("note: `--model tiny`"))
+        .collect();
+    assert_eq!(lines.len(), 1, "expected a one-line error, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(needle), "`{needle}` not in: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn chat_tiny_answers_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 64, 48);
+    let img = img.to_str().unwrap();
+    let args = [
+        "chat",
+        "--model",
+        "tiny",
+        "--image",
+        img,
+        "what is this?",
+        "--max-new-tokens",
+        "8",
+    ];
+    let a = emu(&args);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(
+        stderr(&a).contains("meaningless"),
+        "the tiny model must say so: {}",
+        stderr(&a)
+    );
+    let text = stdout(&a);
+    assert!(text.ends_with('\n'));
+    assert!(!text.trim().is_empty(), "empty answer");
+    let b = emu(&args);
+    assert!(b.status.success());
+    assert_eq!(a.stdout, b.stdout, "same inputs must give the same answer");
+}
+
+#[test]
+fn chat_greedy_streams_and_reports_timings() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 30, 50);
+    let o = emu(&[
+        "chat",
+        "--model",
+        "tiny",
+        "--image",
+        img.to_str().unwrap(),
+        "describe it",
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--verbose",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).trim().is_empty());
+    let err = stderr(&o);
+    for stage in ["load", "vision", "generate", "total"] {
+        assert!(err.contains(stage), "timing `{stage}` missing: {err}");
+    }
+}
+
+#[test]
+fn chat_runs_in_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 20, 20);
+    let o = emu(&[
+        "chat",
+        "--model",
+        "tiny",
+        "--dtype",
+        "bf16",
+        "--image",
+        img.to_str().unwrap(),
+        "hi",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn interactive_chat_reads_turns_from_stdin() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 32, 32);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_emu"))
+        .args([
+            "chat",
+            "--model",
+            "tiny",
+            "--image",
+            img.to_str().unwrap(),
+            "--num-beams",
+            "1",
+        ])
+        .args(["--max-new-tokens", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"what is it?\nand the colour?\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 2, "one answer per question: {}", stdout(&o));
+}
+
+#[test]
+fn repo_id_resolves_from_the_hugging_face_cache() {
+    // The tiny model written in the hub cache layout loads through the same
+    // path as a downloaded checkpoint and answers exactly as `--model tiny`.
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--BAAI--Emu2-Chat");
+    write_model(&repo.join("snapshots").join("0123abcd"), TinyKind::Chat).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123abcd\n").unwrap();
+    let img = picture(cache.path(), "pic.png", 40, 40);
+    let img = img.to_str().unwrap();
+    let args = |m: &'static str| {
+        vec![
+            "chat",
+            "--model",
+            m,
+            "--dtype",
+            "f32",
+            "--image",
+            img,
+            "q",
+            "--max-new-tokens",
+            "5",
+        ]
+    };
+    let cached = emu_env(&args("BAAI/Emu2-Chat"), &[("HF_HUB_CACHE", cache.path())]);
+    assert!(cached.status.success(), "{}", stderr(&cached));
+    assert!(!stderr(&cached).contains("meaningless"));
+    let tiny = emu(&args("tiny"));
+    assert_eq!(cached.stdout, tiny.stdout);
+
+    let missing = emu_env(&args("BAAI/Emu2-Chat"), &[("HF_HUB_CACHE", Path::new("/nonexistent"))]);
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains("not in the local Hugging Face cache"),
+        "{}",
+        stderr(&missing)
+    );
+}
+
+#[test]
+fn bad_inputs_fail_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 16, 16);
+    let img = img.to_str().unwrap();
+
+    let o = emu(&["chat", "--model", "tiny", "--image", "/nonexistent/dog.png", "q"]);
+    assert_one_line_error(&o, "/nonexistent/dog.png");
+
+    let o = emu(&["chat", "--model", "tiny", "--backend", "cuda", "--image", img, "q"]);
+    assert_one_line_error(&o, "unknown backend `cuda`; available backends: cpu");
+
+    let o = emu(&["chat", "--model", "tiny", "--dtype", "f64", "--image", img, "q"]);
+    assert_one_line_error(&o, "f64");
+
+    let o = emu(&["chat", "--model", "/nonexistent/model", "--image", img, "q"]);
+    assert_one_line_error(&o, "does not exist");
+
+    let not_image = dir.path().join("notes.png");
+    std::fs::write(&not_image, b"this is not a picture").unwrap();
+    let o = emu(&["chat", "--model", "tiny", "--image", not_image.to_str().unwrap(), "q"]);
+    assert_one_line_error(&o, "notes.png");
+
+    // A base checkpoint given to `emu chat`.
+    let base = dir.path().join("emu2-base");
+    write_model(&base, TinyKind::Base).unwrap();
+    let o = emu(&["chat", "--model", base.to_str().unwrap(), "--image", img, "q"]);
+    assert_one_line_error(&o, "emu complete");
+
+    // Too many images for the context (each costs 18 tokens of 1024).
+    let mut args = vec!["chat", "--model", "tiny"];
+    for _ in 0..60 {
+        args.extend(["--image", img]);
+    }
+    args.push("q");
+    let o = emu(&args);
+    assert_one_line_error(&o, "context");
+
+    let o = emu(&["complete", "--model", "tiny", "{image"]);
+    assert_one_line_error(&o, "markup");
+}
+
+#[test]
+fn complete_tiny_continues_interleaved_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = picture(dir.path(), "a.png", 20, 30);
+    let b = picture(dir.path(), "b.png", 30, 20);
+    let prompt = format!("{{image {}}}[red, 3].{{image {}}}", a.display(), b.display());
+    let args = ["complete", "--model", "tiny", &prompt, "--max-new-tokens", "5"];
+    let o = emu(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).trim().is_empty());
+    assert_eq!(o.stdout, emu(&args).stdout);
+}
+
+#[test]
+fn chat_pipeline_library_multi_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 24, 24);
+    let model = ModelDir::resolve("tiny", ModelFamily::Emu2Chat).unwrap();
+    assert!(model.is_tiny());
+    let cpu = Component::new(CpuBackend::new(), DType::F32);
+    let chat = ChatPipeline::load(&model, &cpu, &cpu).unwrap();
+    let mut opts = ChatOptions::default();
+    opts.generation.max_new_tokens = 6;
+    let first = Prompt::new(vec![
+        Item::Image(img.to_str().unwrap().into()),
+        Item::Text("what is this?".into()),
+    ]);
+    let a1 = chat.answer(&first, &opts, None).unwrap();
+    assert!(!a1.ids.is_empty() && a1.ids.len() <= 6);
+    assert_eq!(chat.model().tokenizer.decode(&a1.ids, true).unwrap(), a1.text);
+    // Image of 16 slots + [IMG] + [/IMG] are part of the prompt.
+    assert!(a1.prompt_tokens > 18);
+    let mut turns = first.turns.clone();
+    turns.push(Turn {
+        role: Role::Assistant,
+        items: vec![Item::Text(a1.text.clone())],
+    });
+    turns.push(Turn {
+        role: Role::User,
+        items: vec![Item::Text("and then?".into())],
+    });
+    let a2 = chat.answer(&Prompt { turns }, &opts, None).unwrap();
+    assert!(a2.prompt_tokens > a1.prompt_tokens + a1.ids.len());
+
+    // Streaming (greedy) delivers exactly the final text.
+    opts.generation.num_beams = 1;
+    let mut streamed = String::new();
+    let mut sink = |s: &str| streamed.push_str(s);
+    let a3 = chat.answer(&first, &opts, Some(&mut sink)).unwrap();
+    assert_eq!(streamed, a3.text);
+
+    // Two models built independently are identical (fixed seed).
+    let again = ModelDir::resolve("tiny", ModelFamily::Emu2Chat).unwrap();
+    let chat2 = ChatPipeline::load(&again, &cpu, &cpu).unwrap();
+    assert_eq!(chat2.answer(&first, &opts, None).unwrap().ids, a3.ids);
+}
