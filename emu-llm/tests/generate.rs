@@ -129,6 +129,26 @@ fn streaming_reports_every_token() {
 }
 
 #[test]
+fn left_padded_batch_matches_transformers() {
+    let mut checked = 0;
+    for set in SETS {
+        let f = Fixture::load(set, DType::F32);
+        let mask = rows(&f, "gen3.mask");
+        let padding: Vec<usize> = mask.iter().map(|r| r.iter().filter(|&&m| m == 0).count()).collect();
+        for (name, cfg) in settings(set) {
+            let key = format!("gen3.{name}");
+            if !f.cases.contains(&key) {
+                continue;
+            }
+            let got = generate(&f.model, &f.tensor("gen3.embeds"), &padding, &cfg, None).unwrap();
+            assert_eq!(got, rows(&f, &key), "{set} {name} padded batch");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 8);
+}
+
+#[test]
 fn left_padded_batch_matches_single_prompts() {
     // A padded batch must generate what each prompt generates alone.
     let f = Fixture::load("mha", DType::F32);

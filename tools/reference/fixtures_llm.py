@@ -19,6 +19,9 @@ each with
     gen.embeds.{i} [1,Ti,H]: generation prompts; gen.{name}.{i} [1,N] i64: transformers `generate`
         output for the settings in generation.json (greedy and beam search variants)
     gen2.embeds [2,T,H] and gen2.{name} [2,N]: an unpadded two-prompt batch
+    gen3.embeds [3,T,H], gen3.mask [3,T] i64 and gen3.{name} [3,N]: a left-padded batch
+        (generate with attention_mask; no repetition penalty, which transformers 5.24 applies
+        differently with a padding mask and inputs_embeds)
     visual.prompt [1,Tv,H], visual.project_up [H,Dv], visual.project_down [Dv,H],
     visual.out [1,64,Dv]: Emu2-Gen's regression of 64 visual embeddings, computed the upstream way
         (the whole sequence re-run for each of the 64 positions, no KV cache)
@@ -221,6 +224,17 @@ def _build_one(out: pathlib.Path, name: str, spec: dict) -> None:
         cases["gen2.embeds"] = pair
         for gname in ("greedy", "beam5_lp-1", "beam5_lp2"):
             cases[f"gen2.{gname}"] = model.generate(inputs_embeds=pair, **settings[gname])
+        # Left padding: prompts of 9, 4 and 6 positions; padding rows hold noise that must not matter.
+        lens = [9, 4, 6]
+        padded = torch.randn(len(lens), max(lens), H, generator=g)
+        pmask = torch.zeros(len(lens), max(lens), dtype=torch.long)
+        for b, n in enumerate(lens):
+            pmask[b, max(lens) - n:] = 1
+        cases["gen3.embeds"] = padded
+        cases["gen3.mask"] = pmask
+        for gname in ("greedy", "beam5_lp-1", "beam5_lp2", "beam4_never"):
+            cases[f"gen3.{gname}"] = model.generate(inputs_embeds=padded, attention_mask=pmask,
+                                                    **settings[gname])
 
         # --- Emu2-Gen visual regression ---
         dv = 32
