@@ -165,7 +165,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = LlamaConfig::from_file(dir.join("config.json"))?;
     let ckpt = Checkpoint::open(dir.join("model.safetensors"))?;
     let t0 = Instant::now();
-    let model = Llama::load(&backend, &Llama::<CpuBackend>::root_weights(&ckpt)?, &cfg, a.dtype)?;
+    let model = Llama::load(&backend, &emu_llm::lm_weights(&ckpt)?, &cfg, a.dtype)?;
     println!(
         "model: hidden {} x {} layers, {} heads ({} kv), vocab {}, {}; loaded in {:.2?}",
         a.hidden,

@@ -210,6 +210,17 @@ pub struct Llama<B: Backend> {
 /// and a plain `LlamaForCausalLM` save.
 pub const LM_PREFIXES: [&str; 4] = ["model.decoder.lm.", "decoder.lm.", "multimodal_encoder.decoder.lm.", ""];
 
+/// The view of `ckpt` rooted at the LLaMA module (the level that holds
+/// `model.embed_tokens.weight` and `lm_head.weight`), found among
+/// [`LM_PREFIXES`].
+pub fn lm_weights(ckpt: &Checkpoint) -> Result<Weights> {
+    Ok(Weights::resolve_prefix(
+        ckpt,
+        &LM_PREFIXES,
+        "model.embed_tokens.weight",
+    )?)
+}
+
 /// RoPE cos/sin tables as transformers computes them: `inv_freq` and the
 /// angles in f32, then cos/sin (here in f64, rounded once to f32).
 fn rope_tables(cfg: &LlamaConfig) -> Result<(HostTensor, HostTensor)> {
@@ -235,18 +246,7 @@ fn rope_tables(cfg: &LlamaConfig) -> Result<(HostTensor, HostTensor)> {
 }
 
 impl<B: Backend> Llama<B> {
-    /// The view of `ckpt` rooted at the LLaMA module (the level that holds
-    /// `model.embed_tokens.weight` and `lm_head.weight`), found among
-    /// [`LM_PREFIXES`].
-    pub fn root_weights(ckpt: &Checkpoint) -> Result<Weights> {
-        Ok(Weights::resolve_prefix(
-            ckpt,
-            &LM_PREFIXES,
-            "model.embed_tokens.weight",
-        )?)
-    }
-
-    /// Loads the weights under `weights` (see [`Llama::root_weights`]),
+    /// Loads the weights under `weights` (see [`lm_weights`]),
     /// converted to `dtype`; every shape is checked against `cfg`.
     pub fn load(backend: &B, weights: &Weights, cfg: &LlamaConfig, dtype: DType) -> Result<Self> {
         if !dtype.is_float() || !backend.supports(dtype) {

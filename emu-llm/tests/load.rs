@@ -41,7 +41,7 @@ fn logits_of(path: &Path) -> Vec<f32> {
     let backend = CpuBackend::new();
     let cfg = LlamaConfig::from_file(fixture_dir("mha").join("config.json")).unwrap();
     let ckpt = Checkpoint::open(path).unwrap();
-    let root = Llama::<CpuBackend>::root_weights(&ckpt).unwrap();
+    let root = emu_llm::lm_weights(&ckpt).unwrap();
     let m = Llama::load(&backend, &root, &cfg, DType::F32).unwrap();
     let x = m.embed(&[1, 5, 9, 300], 1).unwrap();
     let mut cache = m.new_cache(1, 4).unwrap();
@@ -73,14 +73,14 @@ fn missing_and_misshapen_tensors_are_named() {
         (k != "model.layers.1.mlp.up_proj.weight").then(|| k.to_string())
     });
     let ckpt = Checkpoint::open(&path).unwrap();
-    let root = Llama::<CpuBackend>::root_weights(&ckpt).unwrap();
+    let root = emu_llm::lm_weights(&ckpt).unwrap();
     let e = Llama::load(&backend, &root, &cfg, DType::F32).unwrap_err();
     assert!(e.to_string().contains("model.layers.1.mlp.up_proj.weight"), "{e}");
     // A config that disagrees with the weights: the shape error names the tensor.
     let mut wide = cfg.clone();
     wide.intermediate_size = 96;
     let ckpt = Checkpoint::open(fixture_dir("mha").join("model.safetensors")).unwrap();
-    let root = Llama::<CpuBackend>::root_weights(&ckpt).unwrap();
+    let root = emu_llm::lm_weights(&ckpt).unwrap();
     let e = Llama::load(&backend, &root, &wide, DType::F32).unwrap_err();
     let msg = e.to_string();
     assert!(
@@ -92,7 +92,7 @@ fn missing_and_misshapen_tensors_are_named() {
         k.starts_with("lm_head").then(|| format!("visual.{k}"))
     });
     let ckpt = Checkpoint::open(&path).unwrap();
-    let e = Llama::<CpuBackend>::root_weights(&ckpt).unwrap_err();
+    let e = emu_llm::lm_weights(&ckpt).unwrap_err();
     assert!(e.to_string().contains("model.embed_tokens.weight"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -28,7 +28,7 @@ impl Fixture {
         let backend = CpuBackend::new();
         let cfg = LlamaConfig::from_file(dir.join("config.json")).unwrap();
         let ckpt = Checkpoint::open(dir.join("model.safetensors")).unwrap();
-        let root = Llama::<CpuBackend>::root_weights(&ckpt).unwrap();
+        let root = emu_llm::lm_weights(&ckpt).unwrap();
         let model = Llama::load(&backend, &root, &cfg, dtype).unwrap();
         let cases = Checkpoint::open(dir.join("cases.safetensors")).unwrap();
         Self { model, cases, backend }
