@@ -20,7 +20,7 @@
 //! let cond = Tensor::full(&cpu, &[1, 5, 20], 0.5, DType::F32)?;
 //! let uncond = Tensor::zeros(&cpu, &[1, 5, 20], DType::F32)?;
 //! let noise = Tensor::full(&cpu, &[1, 4, 8, 8], 0.1, DType::F32)?; // from the caller's RNG
-//! let params = SamplingParams { height: 16, width: 16, num_inference_steps: 2, guidance_scale: 3.0 };
+//! let params = SamplingParams { height: 16, width: 16, num_inference_steps: 2, ..Default::default() };
 //! let images = decoder.generate(&cond, Some(&uncond), &noise, &params, &mut |p| {
 //!     eprintln!("step {}/{} (t = {})", p.step, p.total, p.timestep)
 //! })?;

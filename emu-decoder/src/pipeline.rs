@@ -18,7 +18,8 @@ pub struct RgbImage {
     pub data: Vec<u8>,
 }
 
-/// Sampling settings (Emu2-Gen defaults: 1024x1024, 50 steps, guidance 3).
+/// Sampling settings, with `EmuVisualGeneration.forward`'s defaults
+/// (1024x1024, 50 steps, guidance 3, original size 1024x1024, no crop).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
     /// Output size in pixels; multiples of the VAE's downscale factor.
@@ -27,6 +28,11 @@ pub struct SamplingParams {
     pub num_inference_steps: usize,
     /// Classifier-free guidance is on when this is above 1.
     pub guidance_scale: f64,
+    /// SDXL micro-conditioning `(height, width)` of the "original" image.
+    /// Upstream keeps this at 1024x1024 whatever the output size.
+    pub original_size: (usize, usize),
+    /// SDXL micro-conditioning `(top, left)` crop offset.
+    pub crop_coords: (usize, usize),
 }
 
 impl Default for SamplingParams {
@@ -36,7 +42,18 @@ impl Default for SamplingParams {
             width: 1024,
             num_inference_steps: 50,
             guidance_scale: 3.0,
+            original_size: (1024, 1024),
+            crop_coords: (0, 0),
         }
+    }
+}
+
+impl SamplingParams {
+    /// The six `time_ids`: original size, crop offset, target size.
+    pub fn time_ids(&self) -> [f32; 6] {
+        let (oh, ow) = self.original_size;
+        let (ct, cl) = self.crop_coords;
+        [oh, ow, ct, cl, self.height, self.width].map(|v| v as f32)
     }
 }
 
@@ -147,7 +164,7 @@ impl<B: Backend> DiffusionDecoder<B> {
         // Emu2-Gen pools the prompt embeddings by a plain mean over tokens.
         let cond = TextTimeCond {
             text_embeds: context.mean(1, false)?,
-            time_ids: vec![[h as f32, w as f32, 0.0, 0.0, h as f32, w as f32]; rows],
+            time_ids: vec![params.time_ids(); rows],
         };
 
         let mut sched = EulerDiscreteScheduler::new(&self.scheduler)?;

@@ -23,6 +23,9 @@ fn three_guided_steps_match_diffusers() {
         guidance_scale: p[1] as f64,
         height: p[2] as usize,
         width: p[3] as usize,
+        // The reference passes time ids [16, 16, 0, 0, 16, 16].
+        original_size: (p[2] as usize, p[3] as usize),
+        crop_coords: (0, 0),
     };
     assert_eq!(params.num_inference_steps, 3);
     let up = |k: &str| Tensor::from_f32(&be, &dims(&io, k), f32s(&io, k)).unwrap();
@@ -79,7 +82,7 @@ fn bad_arguments_are_errors() {
         height: 16,
         width: 16,
         num_inference_steps: 1,
-        guidance_scale: 3.0,
+        ..Default::default()
     };
     // Guidance without unconditional embeddings.
     assert!(dec.denoise(&cond, None, &noise, &params, &mut |_| {}).is_err());
@@ -105,4 +108,16 @@ fn loading_a_missing_variant_names_the_folder() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("unet"), "{err}");
+}
+
+#[test]
+fn time_ids_follow_upstream_defaults() {
+    // EmuVisualGeneration.forward: original_size [1024, 1024] + crop_info [0, 0] + [height, width].
+    let p = SamplingParams {
+        height: 512,
+        width: 768,
+        ..Default::default()
+    };
+    assert_eq!(p.time_ids(), [1024.0, 1024.0, 0.0, 0.0, 512.0, 768.0]);
+    assert_eq!((p.num_inference_steps, p.guidance_scale), (50, 3.0));
 }
