@@ -121,3 +121,36 @@ fn time_ids_follow_upstream_defaults() {
     assert_eq!(p.time_ids(), [1024.0, 1024.0, 0.0, 0.0, 512.0, 768.0]);
     assert_eq!((p.num_inference_steps, p.guidance_scale), (50, 3.0));
 }
+
+#[test]
+fn a_batch_of_two_gives_each_row_its_own_image() {
+    let be = CpuBackend::new();
+    let dec = DiffusionDecoder::load_dir(&be, pipeline_dir(), None, DType::F32).unwrap();
+    let io = load("sampling_io.safetensors");
+    let up = |k: &str| Tensor::from_f32(&be, &dims(&io, k), f32s(&io, k)).unwrap();
+    let (cond, uncond, noise) = (up("cond"), up("uncond"), up("noise"));
+    let params = SamplingParams {
+        height: 16,
+        width: 16,
+        num_inference_steps: 3,
+        guidance_scale: 3.0,
+        original_size: (16, 16),
+        crop_coords: (0, 0),
+    };
+    // Row 0 is the reference prompt; row 1 swaps the prompts.
+    let cond2 = Tensor::concat(&[&cond, &uncond], 0).unwrap();
+    let uncond2 = Tensor::concat(&[&uncond, &cond], 0).unwrap();
+    let noise2 = Tensor::concat(&[&noise, &noise], 0).unwrap();
+    let latents = dec
+        .denoise(&cond2, Some(&uncond2), &noise2, &params, &mut |_| {})
+        .unwrap();
+    let row0 = latents.narrow(0, 0, 1).unwrap().to_f32_vec().unwrap();
+    let e = rel_err(&row0, &f32s(&io, "latents"));
+    assert!(e <= 1e-3, "row 0 rel err {e}");
+    let row1 = latents.narrow(0, 1, 1).unwrap().to_f32_vec().unwrap();
+    assert!(rel_err(&row1, &row0) > 1e-2, "the rows did not get their own prompts");
+    let images = dec
+        .generate(&cond2, Some(&uncond2), &noise2, &params, &mut |_| {})
+        .unwrap();
+    assert_eq!(images.len(), 2);
+}
