@@ -430,6 +430,27 @@ mod tests {
     }
 
     #[test]
+    fn trained_betas_replace_the_beta_schedule() {
+        let linear = EulerDiscreteConfig::default();
+        let betas = torch_linspace_f32(linear.beta_start, linear.beta_end, 1000);
+        let trained = EulerDiscreteConfig {
+            trained_betas: Some(betas.iter().map(|&b| b as f64).collect()),
+            beta_schedule: "ignored when trained_betas is set".into(),
+            ..EulerDiscreteConfig::default()
+        };
+        let mut a = EulerDiscreteScheduler::new(&linear).unwrap();
+        let mut b = EulerDiscreteScheduler::new(&trained).unwrap();
+        a.set_timesteps(30).unwrap();
+        b.set_timesteps(30).unwrap();
+        assert_eq!(a.sigmas(), b.sigmas());
+        let short = EulerDiscreteConfig {
+            trained_betas: Some(vec![0.1; 10]),
+            ..EulerDiscreteConfig::default()
+        };
+        assert!(EulerDiscreteScheduler::new(&short).is_err());
+    }
+
+    #[test]
     fn unsupported_options_are_named() {
         for (json, field) in [
             (r#"{"use_karras_sigmas":true}"#, "use_karras_sigmas"),
