@@ -331,7 +331,9 @@ impl Backend for CpuBackend {
                 from_candle(t.dtype())
             )));
         }
-        let r = match op {
+        // Half-precision inputs are computed in f32 and rounded once, as
+        // PyTorch's CPU kernels do; candle's native bf16 silu/exp round twice.
+        in_f32(t, |t| match op {
             UnaryOp::Neg => t.neg(),
             UnaryOp::Abs => t.abs(),
             UnaryOp::Exp => t.exp(),
@@ -347,8 +349,7 @@ impl Backend for CpuBackend {
             UnaryOp::Silu => t.silu(),
             UnaryOp::Gelu => t.gelu_erf(),
             UnaryOp::GeluTanh => t.gelu(),
-        };
-        r.map_err(err)
+        })
     }
 
     fn binary(&self, op: BinaryOp, a: &CTensor, b: &CTensor) -> Result<CTensor> {
