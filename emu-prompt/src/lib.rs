@@ -2,13 +2,24 @@
 //!
 //! * [`prompt`]: the typed prompt (text, images, videos, grounded objects, chat turns).
 //! * [`markup`]: a plain-text markup for the command line and the same prompt as JSON.
-//! * [`render`]: model text for Emu2 (base), Emu2-Chat and Emu2-Gen, with image/video slots.
+//! * [`mod@render`]: model text for Emu2 (base), Emu2-Chat and Emu2-Gen, with image/video slots.
 //! * [`tokenizer`]: the LLaMA tokenizer with Emu2's special tokens, token-for-token equal to
 //!   upstream's slow `LlamaTokenizer` (or, as an option, to `LlamaTokenizerFast`).
 //! * [`sentencepiece`]: loading `tokenizer.model` + `added_tokens.json` without Python.
 //! * [`mask`]: grounding boxes drawn as the mask images Emu2-Gen takes.
 //! * [`grounding`]: parsing Emu2-Chat's `[x1, y1, x2, y2]` answers back into pixel boxes.
 //! * [`video`]: the demo's uniform frame sampling.
+//!
+//! ```no_run
+//! use emu_prompt::{parse_markup, render, Emu2Tokenizer, ModelKind, RenderOptions, Variant};
+//!
+//! let prompt = parse_markup("{image dog.jpg}Describe the image in details:")?;
+//! let rendered = render(&prompt, &RenderOptions::new(ModelKind::Emu2Chat))?;
+//! let tok = Emu2Tokenizer::from_dir("Emu2-Chat", Variant::Chat)?;
+//! let ids = tok.encode_pieces(&rendered.pieces)?; // <s> … [IMG] 256×<image> [/IMG] …
+//! // rendered.images: what fills the <image> slots, in order.
+//! # Ok::<(), emu_prompt::Error>(())
+//! ```
 
 pub mod error;
 pub mod grounding;
