@@ -355,8 +355,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let row0 = wid.y * 64u;
     let col0 = wid.x * 64u;
     let tid = lid.y * 16u + lid.x;
-    var acc: array<f32, 16>;
-    for (var t = 0u; t < 16u; t = t + 1u) {{ acc[t] = 0.0; }}
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
     for (var k0 = 0u; k0 < K; k0 = k0 + 16u) {{
         for (var l = 0u; l < 4u; l = l + 1u) {{
             let e = tid + l * 256u;
@@ -379,29 +381,35 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             Bs[kk * 64u + c] = v;
         }}
         workgroupBarrier();
+        // Private arrays indexed at run time end up in scratch memory on
+        // some drivers (llvmpipe): accumulate in four vec4 registers.
         for (var kk = 0u; kk < 16u; kk = kk + 1u) {{
-            let a = vec4<f32>(As[kk * 64u + lid.y * 4u], As[kk * 64u + lid.y * 4u + 1u],
-                              As[kk * 64u + lid.y * 4u + 2u], As[kk * 64u + lid.y * 4u + 3u]);
-            let b = vec4<f32>(Bs[kk * 64u + lid.x * 4u], Bs[kk * 64u + lid.x * 4u + 1u],
-                              Bs[kk * 64u + lid.x * 4u + 2u], Bs[kk * 64u + lid.x * 4u + 3u]);
-            for (var i = 0u; i < 4u; i = i + 1u) {{
-                acc[i * 4u] = acc[i * 4u] + a[i] * b.x;
-                acc[i * 4u + 1u] = acc[i * 4u + 1u] + a[i] * b.y;
-                acc[i * 4u + 2u] = acc[i * 4u + 2u] + a[i] * b.z;
-                acc[i * 4u + 3u] = acc[i * 4u + 3u] + a[i] * b.w;
-            }}
+            let ab = kk * 64u + lid.y * 4u;
+            let bb = kk * 64u + lid.x * 4u;
+            let b = vec4<f32>(Bs[bb], Bs[bb + 1u], Bs[bb + 2u], Bs[bb + 3u]);
+            acc0 = acc0 + As[ab] * b;
+            acc1 = acc1 + As[ab + 1u] * b;
+            acc2 = acc2 + As[ab + 2u] * b;
+            acc3 = acc3 + As[ab + 3u] * b;
         }}
         workgroupBarrier();
     }}
     let o_base = wid.z * M * N;
-    for (var i = 0u; i < 4u; i = i + 1u) {{
-        let r = row0 + lid.y * 4u + i;
-        if (r >= M) {{ break; }}
-        for (var j = 0u; j < 4u; j = j + 1u) {{
-            let c = col0 + lid.x * 4u + j;
-            if (c < N) {{ O[o_base + r * N + c] = rnd(acc[i * 4u + j]); }}
-        }}
-    }}
+    let r0 = row0 + lid.y * 4u;
+    let c0 = col0 + lid.x * 4u;
+    store_row(o_base, r0, c0, M, N, acc0);
+    store_row(o_base, r0 + 1u, c0, M, N, acc1);
+    store_row(o_base, r0 + 2u, c0, M, N, acc2);
+    store_row(o_base, r0 + 3u, c0, M, N, acc3);
+}}
+
+fn store_row(o_base: u32, r: u32, c0: u32, M: u32, N: u32, v: vec4<f32>) {{
+    if (r >= M) {{ return; }}
+    let o = o_base + r * N + c0;
+    if (c0 < N) {{ O[o] = rnd(v.x); }}
+    if (c0 + 1u < N) {{ O[o + 1u] = rnd(v.y); }}
+    if (c0 + 2u < N) {{ O[o + 2u] = rnd(v.z); }}
+    if (c0 + 3u < N) {{ O[o + 3u] = rnd(v.w); }}
 }}
 ",
         header(&["f32", "f32"], "f32"),
