@@ -480,22 +480,40 @@ fn convert(dims: &[usize], src: DType, bytes: Cow<'_, [u8]>, dst: DType) -> Resu
     if src == dst {
         return HostTensor::from_bytes(dims, dst, bytes.into_owned());
     }
-    let decode: fn(&[u8]) -> f32 = match src {
-        DType::F32 => |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-        DType::F16 => |c| f16::from_le_bytes([c[0], c[1]]).to_f32(),
-        DType::BF16 => |c| bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+    let b: &[u8] = &bytes;
+    let f32_of = |x: [u8; 4]| f32::from_le_bytes(x);
+    let f16_of = |x: [u8; 2]| f16::from_le_bytes(x).to_f32();
+    let bf16_of = |x: [u8; 2]| bf16::from_le_bytes(x).to_f32();
+    let to_f32 = |x: f32| x.to_le_bytes();
+    let to_f16 = |x: f32| f16::from_f32(x).to_le_bytes();
+    let to_bf16 = |x: f32| bf16::from_f32(x).to_le_bytes();
+    let out = match (src, dst) {
+        (DType::F32, DType::BF16) => map_elems(b, f32_of, to_bf16),
+        (DType::F32, DType::F16) => map_elems(b, f32_of, to_f16),
+        (DType::BF16, DType::F32) => map_elems(b, bf16_of, to_f32),
+        (DType::F16, DType::F32) => map_elems(b, f16_of, to_f32),
+        (DType::BF16, DType::F16) => map_elems(b, bf16_of, to_f16),
+        (DType::F16, DType::BF16) => map_elems(b, f16_of, to_bf16),
         _ => return HostTensor::from_bytes(dims, src, bytes.into_owned())?.to_dtype(dst),
     };
-    let encode: fn(f32, &mut Vec<u8>) = match dst {
-        DType::F32 => |x, out| out.extend_from_slice(&x.to_le_bytes()),
-        DType::F16 => |x, out| out.extend_from_slice(&f16::from_f32(x).to_le_bytes()),
-        DType::BF16 => |x, out| out.extend_from_slice(&bf16::from_f32(x).to_le_bytes()),
-        _ => return HostTensor::from_bytes(dims, src, bytes.into_owned())?.to_dtype(dst),
-    };
-    let es = src.size_in_bytes();
-    let mut out = Vec::with_capacity(bytes.len() / es * dst.size_in_bytes());
-    bytes.chunks_exact(es).for_each(|c| encode(decode(c), &mut out));
     HostTensor::from_bytes(dims, dst, out)
+}
+
+/// Element-wise re-encoding of little-endian values, monomorphised per pair
+/// of dtypes so that the loop vectorises.
+fn map_elems<const I: usize, const O: usize>(
+    src: &[u8],
+    decode: impl Fn([u8; I]) -> f32,
+    encode: impl Fn(f32) -> [u8; O],
+) -> Vec<u8> {
+    let n = src.len() / I;
+    let mut out = vec![0u8; n * O];
+    for (i, o) in src.chunks_exact(I).zip(out.chunks_exact_mut(O)) {
+        let mut a = [0u8; I];
+        a.copy_from_slice(i);
+        o.copy_from_slice(&encode(decode(a)));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -531,6 +549,27 @@ mod tests {
             assert_eq!(a, h.to_dtype(dst).unwrap(), "{dst}");
             let back = convert(&[5], dst, Cow::Borrowed(a.as_bytes()), DType::F32).unwrap();
             assert_eq!(back, a.to_dtype(DType::F32).unwrap(), "{dst}");
+        }
+        // Every pair of float dtypes, on values that round differently in each
+        // (halfway cases, f16 overflow and subnormals, NaN, infinities).
+        let v = vec![
+            1.0f32 + 1.0 / 256.0,
+            1.0 + 3.0 / 2048.0,
+            70000.0,
+            3e-6,
+            -0.0,
+            f32::INFINITY,
+            f32::NAN,
+            0.1,
+        ];
+        let h = HostTensor::from_f32(&[8], v).unwrap();
+        let floats = [DType::F32, DType::F16, DType::BF16, DType::F64];
+        for src in floats {
+            let s = h.to_dtype(src).unwrap();
+            for dst in floats {
+                let got = convert(&[8], src, Cow::Borrowed(s.as_bytes()), dst).unwrap();
+                assert_eq!(got.as_bytes(), s.to_dtype(dst).unwrap().as_bytes(), "{src} -> {dst}");
+            }
         }
         let i = HostTensor::from_i64(&[2], vec![3, -4]).unwrap();
         assert!(convert(&[5], DType::F32, Cow::Borrowed(h.as_bytes()), DType::I64).is_err());
