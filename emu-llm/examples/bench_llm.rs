@@ -30,8 +30,8 @@ use emu_backend_cpu::CpuBackend;
 use emu_core::checkpoint::Checkpoint;
 use emu_core::{DType, Tensor};
 use emu_llm::{Llama, LlamaConfig, Logits};
-use safetensors::tensor::{Dtype, TensorView};
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -102,6 +102,31 @@ impl Noise {
     }
 }
 
+/// Writes f32 tensors as a safetensors file (8-byte header length, JSON
+/// header, raw little-endian data).
+fn write_safetensors(path: &std::path::Path, tensors: &BTreeMap<String, (Vec<usize>, Vec<u8>)>) -> std::io::Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, (dims, bytes)) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": dims, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let mut h = serde_json::to_vec(&header)?;
+    while h.len() & 7 != 0 {
+        h.push(b' ');
+    }
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    f.write_all(&(h.len() as u64).to_le_bytes())?;
+    f.write_all(&h)?;
+    for (_, bytes) in tensors.values() {
+        f.write_all(bytes)?;
+    }
+    f.flush()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = parse_args()?;
     let d = a.hidden / a.heads;
@@ -154,11 +179,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (k, (s, bytes))
         })
         .collect();
-    let views: Vec<(String, TensorView<'_>)> = data
-        .iter()
-        .map(|(k, (s, b))| Ok((k.clone(), TensorView::new(Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors"))?;
+    write_safetensors(&dir.join("model.safetensors"), &data)?;
     drop(data);
 
     let backend = CpuBackend::new();

@@ -4,12 +4,11 @@
 
 mod common;
 
-use common::{fixture_dir, rel_err};
+use common::{fixture_dir, rel_err, write_safetensors};
 use emu_backend_cpu::CpuBackend;
 use emu_core::checkpoint::Checkpoint;
 use emu_core::DType;
 use emu_llm::{Llama, LlamaConfig, Logits};
-use safetensors::tensor::{Dtype, TensorView};
 use std::path::{Path, PathBuf};
 
 /// The mha fixture model re-saved with every key renamed by `rename`.
@@ -22,12 +21,8 @@ fn resave(dir: &Path, name: &str, rename: impl Fn(&str) -> Option<String>) -> Pa
             owned.push((new, h.dims().to_vec(), h.as_bytes().to_vec()));
         }
     }
-    let views: Vec<(String, TensorView<'_>)> = owned
-        .iter()
-        .map(|(k, d, b)| (k.clone(), TensorView::new(Dtype::F32, d.clone(), b).unwrap()))
-        .collect();
     let path = dir.join(name);
-    safetensors::serialize_to_file(views, None, &path).unwrap();
+    write_safetensors(&path, &owned);
     path
 }
 

@@ -89,3 +89,27 @@ pub fn check(what: &str, got: &[f32], want: &[f32], dtype: DType) -> f32 {
     assert!(e <= tol(dtype), "{what} ({dtype}): rel err {e} > {}", tol(dtype));
     e
 }
+
+/// Writes f32 tensors as a safetensors file (8-byte header length, JSON
+/// header, raw little-endian data), the format `Checkpoint::open` reads.
+pub fn write_safetensors(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, dims, bytes) in tensors {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": dims, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let mut h = serde_json::to_vec(&header).unwrap();
+    while h.len() & 7 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&h);
+    for (_, _, bytes) in tensors {
+        out.extend_from_slice(bytes);
+    }
+    std::fs::write(path, out).unwrap();
+}
