@@ -214,3 +214,69 @@ fn generation_pipeline_library() {
     };
     assert!(pipe.generate(&prompt, &bad, None).is_err());
 }
+
+/// Reads the single tensor of `DIR/<name>.safetensors`: (dtype, shape).
+fn dumped(dir: &Path, name: &str) -> (safetensors::Dtype, Vec<usize>) {
+    let bytes =
+        std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap_or_else(|e| panic!("{name}.safetensors: {e}"));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    (t.dtype(), t.shape().to_vec())
+}
+
+#[test]
+fn dump_writes_every_stage() {
+    use safetensors::Dtype as D;
+    let dir = tempfile::tempdir().unwrap();
+    let pic = picture(dir.path(), "p.png");
+    let chat_dump = dir.path().join("chat");
+    let r = emu(&[
+        "chat",
+        "--model",
+        "tiny",
+        "--image",
+        pic.to_str().unwrap(),
+        "q",
+        "--max-new-tokens",
+        "3",
+        "--num-beams",
+        "1",
+        "--dump",
+        chat_dump.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let (_, ids) = dumped(&chat_dump, "input_ids");
+    let t = ids[0];
+    assert_eq!(dumped(&chat_dump, "input_ids").0, D::U32);
+    assert_eq!(dumped(&chat_dump, "pixel_values"), (D::F32, vec![1, 3, 56, 56]));
+    assert_eq!(dumped(&chat_dump, "vision_features"), (D::F32, vec![1, 65, 16]));
+    assert_eq!(dumped(&chat_dump, "pooled_tokens"), (D::F32, vec![1, 16, 16]));
+    assert_eq!(dumped(&chat_dump, "projected_tokens"), (D::F32, vec![16, 32]));
+    assert_eq!(dumped(&chat_dump, "input_embeds"), (D::F32, vec![1, t, 32]));
+    assert_eq!(dumped(&chat_dump, "prefill_hidden"), (D::F32, vec![1, t, 32]));
+    assert_eq!(dumped(&chat_dump, "prefill_logits"), (D::F32, vec![1, 1, 32274]));
+    let (dt, n) = dumped(&chat_dump, "generated_ids");
+    assert!(dt == D::U32 && n[0] <= 3);
+
+    let gen_dump = dir.path().join("gen");
+    let out = dir.path().join("g.png");
+    let r = emu(&[
+        "generate",
+        "--model",
+        "tiny",
+        "a cube",
+        "-o",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--dump",
+        gen_dump.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert_eq!(dumped(&gen_dump, "condition"), (D::F32, vec![1, 4, 16]));
+    assert_eq!(dumped(&gen_dump, "negative_condition"), (D::F32, vec![1, 4, 16]));
+    assert_eq!(dumped(&gen_dump, "negative_input_ids"), (D::U32, vec![2]), "<s>[IMG]");
+    assert_eq!(dumped(&gen_dump, "initial_latents"), (D::F32, vec![1, 4, 16, 16]));
+    assert_eq!(dumped(&gen_dump, "final_latents"), (D::F32, vec![1, 4, 16, 16]));
+    assert_eq!(dumped(&gen_dump, "image"), (D::U8, vec![32, 32, 3]));
+}

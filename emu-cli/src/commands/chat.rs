@@ -58,7 +58,8 @@ fn path_str(p: &std::path::Path) -> Result<String> {
 
 fn run_on<B: Backend>(backend: B, args: &ChatArgs, dir: &crate::pipeline::ModelDir) -> Result<()> {
     let (vision, llm) = args.model.components(&backend, dir)?;
-    let chat = ChatPipeline::load(dir, &vision, &llm)?;
+    let mut chat = ChatPipeline::load(dir, &vision, &llm)?;
+    chat.set_dump(args.model.dump()?);
     let opts = ChatOptions {
         grounding: args.grounding,
         system: args.system.clone(),

@@ -36,7 +36,8 @@ fn run_on<B: Backend>(
     dir: &crate::pipeline::ModelDir,
 ) -> Result<()> {
     let (vision, llm) = args.model.components(&backend, dir)?;
-    let pipe = CompletionPipeline::load(dir, &vision, &llm)?;
+    let mut pipe = CompletionPipeline::load(dir, &vision, &llm)?;
+    pipe.set_dump(args.model.dump()?);
     let opts = CompletionOptions {
         generation: args.decode.generation(),
     };

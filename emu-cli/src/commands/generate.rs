@@ -121,7 +121,8 @@ fn run_on<B: Backend>(
     let (vision, llm) = args.model.components(&backend, dir)?;
     // The EVA encoder and the LLM share one component here; --vision-dtype
     // applies to the whole multimodal encoder, --dtype to the UNet and VAE.
-    let pipe = GenerationPipeline::load(dir, &vision, &llm, &llm)?;
+    let mut pipe = GenerationPipeline::load(dir, &vision, &llm, &llm)?;
+    pipe.set_dump(args.model.dump()?);
     let progress = std::io::stderr().is_terminal();
     let mut on_step = |k: usize, n: usize| {
         if progress {

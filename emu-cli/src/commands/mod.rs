@@ -53,6 +53,12 @@ pub struct ModelArgs {
     /// Print the time each stage took.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Write every stage's tensors (pixel values, vision features, pooled and
+    /// projected tokens, input ids and embeddings, prefill hidden states and
+    /// logits, generated ids, regressed embeddings, latents, the image) into
+    /// DIR as NAME.safetensors; see the pipeline docs for the names.
+    #[arg(long, value_name = "DIR")]
+    pub dump: Option<std::path::PathBuf>,
 }
 
 fn parse_dtype(s: &str) -> Result<DType> {
@@ -77,6 +83,11 @@ impl ModelArgs {
             eprintln!("{TINY_NOTICE}");
         }
         Ok((kind, dir))
+    }
+
+    /// The `--dump` folder, created if missing.
+    pub fn dump(&self) -> Result<Option<crate::pipeline::Dump>> {
+        self.dump.as_ref().map(crate::pipeline::Dump::new).transpose()
     }
 
     /// The (vision, language model) components on `backend`.

@@ -2,11 +2,12 @@
 //! pooling and `project_up`, the LLaMA decoder, the tokenizer, and the
 //! glue that turns a rendered prompt into input embeddings.
 
+use super::dump::{put, Dump};
 use super::error::{PipelineError, Result};
 use super::{Component, Timings};
 use emu_core::checkpoint::{Checkpoint, Weights};
-use emu_core::{Backend, DType, Tensor};
-use emu_llm::{Llama, LlamaConfig, SlotIds};
+use emu_core::{Backend, DType, HostTensor, Tensor};
+use emu_llm::{Llama, LlamaConfig, Logits, SlotIds};
 use emu_prompt::{Emu2Tokenizer, Rendered, SpecialToken, Variant, VisualInput};
 use emu_vision::{load_image, EmuVisionConfig, Preprocessor, RgbImage, VisionEncoder};
 use std::path::Path;
@@ -79,7 +80,7 @@ impl<B: Backend> Emu2Model<B> {
         let root = Weights::new(&ckpt);
         let encoder = VisionEncoder::load(&vision.backend, &root, vision_cfg, vision.dtype)?;
         let preprocessor = Preprocessor::for_config(&encoder.config().vision)?;
-        let lm = Llama::load(&llm.backend, &Llama::<B>::root_weights(&ckpt)?, &llm_cfg, llm.dtype)?;
+        let lm = Llama::load(&llm.backend, &emu_llm::lm_weights(&ckpt)?, &llm_cfg, llm.dtype)?;
         let (h, d) = (llm_cfg.hidden_size, encoder.config().d_model);
         let mut project_up = None;
         let mut project_down = None;
@@ -134,13 +135,36 @@ impl<B: Backend> Emu2Model<B> {
     }
 
     /// Pooled, projected visual tokens `[N·n_query, H]` on the LLM's backend.
-    pub fn embed_pictures(&self, images: &[RgbImage], n_query: usize, timings: &mut Timings) -> Result<Tensor<B>> {
+    /// `frames` selects the dump names of video frames.
+    pub fn embed_pictures(
+        &self,
+        images: &[RgbImage],
+        n_query: usize,
+        frames: bool,
+        dump: Option<&Dump>,
+        timings: &mut Timings,
+    ) -> Result<Tensor<B>> {
         let t0 = Instant::now();
         let pixels = self.preprocessor.batch(&self.vision_backend, images)?;
-        let tokens = self.vision.embed_images(&pixels, n_query)?;
+        let names = if frames {
+            [
+                "frame_values",
+                "frame_features",
+                "frame_pooled_tokens",
+                "frame_projected_tokens",
+            ]
+        } else {
+            ["pixel_values", "vision_features", "pooled_tokens", "projected_tokens"]
+        };
+        put(dump, names[0], || Ok(pixels.to_host()?))?;
+        let features = self.vision.encode(&pixels)?;
+        put(dump, names[1], || Ok(features.to_host()?))?;
+        let pooled = self.vision.pool(&features, n_query)?;
+        put(dump, names[2], || Ok(pooled.to_host()?))?;
         let n = images.len() * n_query;
         let h = self.llm.config().hidden_size;
-        let tokens = tokens.reshape(&[n, h])?;
+        let tokens = self.vision.project(&pooled)?.reshape(&[n, h])?;
+        put(dump, names[3], || Ok(tokens.to_host()?))?;
         // The parts may run on different devices: hand over through the host.
         let host = tokens.to_host()?;
         let out = Tensor::from_host(self.llm.backend(), &host)?.to_dtype(self.llm.dtype())?;
@@ -156,6 +180,7 @@ impl<B: Backend> Emu2Model<B> {
         &self,
         images: Option<&[RgbImage]>,
         n_query: usize,
+        dump: Option<&Dump>,
         timings: &mut Timings,
     ) -> Result<Tensor<B>> {
         let t0 = Instant::now();
@@ -166,14 +191,23 @@ impl<B: Backend> Emu2Model<B> {
                 Tensor::zeros(&self.vision_backend, &[1, 3, s, s], emu_core::DType::F32)?
             }
         };
-        let out = self.vision.pool(&self.vision.encode(&pixels)?, n_query)?;
+        put(dump, "pixel_values", || Ok(pixels.to_host()?))?;
+        let features = self.vision.encode(&pixels)?;
+        put(dump, "vision_features", || Ok(features.to_host()?))?;
+        let out = self.vision.pool(&features, n_query)?;
+        put(dump, "pooled_tokens", || Ok(out.to_host()?))?;
         timings.add("vision", t0.elapsed());
         Ok(out)
     }
 
     /// Token ids of a rendered prompt and its input embeddings `[1, T, H]`
     /// with every image and video-frame slot filled.
-    pub fn prompt_embeds(&self, rendered: &Rendered, timings: &mut Timings) -> Result<(Vec<u32>, Tensor<B>)> {
+    pub fn prompt_embeds(
+        &self,
+        rendered: &Rendered,
+        dump: Option<&Dump>,
+        timings: &mut Timings,
+    ) -> Result<(Vec<u32>, Tensor<B>)> {
         let ids = self.tokenizer.encode_pieces(&rendered.pieces)?;
         let max = self.llm.config().max_position_embeddings;
         if ids.len() >= max {
@@ -182,18 +216,21 @@ impl<B: Backend> Emu2Model<B> {
                 ids.len()
             )));
         }
+        put(dump, "input_ids", || {
+            Ok(HostTensor::from_u32(&[ids.len()], ids.clone())?)
+        })?;
         let images = if rendered.images.is_empty() {
             None
         } else {
             let pics = self.load_pictures(&rendered.images)?;
-            Some(self.embed_pictures(&pics, self.n_query(), timings)?)
+            Some(self.embed_pictures(&pics, self.n_query(), false, dump, timings)?)
         };
         let frames = if rendered.frames.is_empty() {
             None
         } else {
             let inputs: Vec<VisualInput> = rendered.frames.iter().cloned().map(VisualInput::Image).collect();
             let pics = self.load_pictures(&inputs)?;
-            Some(self.embed_pictures(&pics, self.v_query(), timings)?)
+            Some(self.embed_pictures(&pics, self.v_query(), true, dump, timings)?)
         };
         let slots = SlotIds {
             image: SpecialToken::Image.id(),
@@ -202,6 +239,22 @@ impl<B: Backend> Emu2Model<B> {
         let embeds = self
             .llm
             .embed_with_visual(&ids, 1, images.as_ref(), frames.as_ref(), slots)?;
+        put(dump, "input_embeds", || Ok(embeds.to_host()?))?;
         Ok((ids, embeds))
+    }
+
+    /// Runs the prompt once more to dump the prefill hidden states and the
+    /// last position's logits (only when dumping: generation does its own prefill).
+    pub fn dump_prefill(&self, embeds: &Tensor<B>, dump: Option<&Dump>) -> Result<()> {
+        let Some(dump) = dump else {
+            return Ok(());
+        };
+        let t = embeds.dim(1)?;
+        let mut cache = self.llm.new_cache(1, t)?;
+        let out = self.llm.forward_embeds(embeds, &mut cache, Logits::Skip)?;
+        dump.put("prefill_hidden", &out.hidden.to_host()?)?;
+        let last = out.hidden.narrow(1, t - 1, 1)?;
+        dump.put("prefill_logits", &self.llm.logits(&last)?.to_host()?)?;
+        Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! Emu2-Gen: text (and images, and boxes) to image (SPEC §4).
 
+use super::dump::{put, Dump};
 use super::emu2::{check_dtype, Emu2Model};
 use super::error::{PipelineError, Result};
 use super::model::{ModelDir, ModelFamily};
@@ -96,6 +97,7 @@ pub struct GenerationPipeline<B: Backend> {
     unet_at: Component<B>,
     vae_at: Component<B>,
     load_timings: Timings,
+    dump: Option<Dump>,
 }
 
 fn open_component(root: &Path, name: &str) -> Result<Checkpoint> {
@@ -148,11 +150,17 @@ impl<B: Backend> GenerationPipeline<B> {
             unet_at: unet.clone(),
             vae_at: vae.clone(),
             load_timings,
+            dump: None,
         })
     }
 
     pub fn load_timings(&self) -> &Timings {
         &self.load_timings
+    }
+
+    /// Writes every stage's tensors of the following calls into a folder (see [`Dump`]).
+    pub fn set_dump(&mut self, dump: Option<Dump>) {
+        self.dump = dump;
     }
 
     pub fn encoder(&self) -> &Emu2Model<B> {
@@ -191,6 +199,10 @@ impl<B: Backend> GenerationPipeline<B> {
 
     /// The visual conditioning `[1, n_query, d_model]` of a prompt.
     pub fn condition(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<B>> {
+        self.condition_dumped(prompt, self.dump.as_ref(), timings)
+    }
+
+    fn condition_dumped(&self, prompt: &Prompt, dump: Option<&Dump>, timings: &mut Timings) -> Result<Tensor<B>> {
         let enc = &self.encoder;
         let n = enc.n_query();
         if Self::is_autoencoding(prompt)? {
@@ -198,13 +210,13 @@ impl<B: Backend> GenerationPipeline<B> {
                 return Err(PipelineError::Input("the autoencoding mode needs an image".into()));
             };
             let pics = enc.load_pictures(&[emu_prompt::VisualInput::Image(path.clone())])?;
-            return enc.pooled_features(Some(&pics), n, timings);
+            return enc.pooled_features(Some(&pics), n, dump, timings);
         }
         let mut ropts = RenderOptions::new(ModelKind::Emu2Gen);
         ropts.n_query = n;
         ropts.v_query = enc.v_query();
         let rendered = render(prompt, &ropts)?;
-        let (_, embeds) = enc.prompt_embeds(&rendered, timings)?;
+        let (_, embeds) = enc.prompt_embeds(&rendered, dump, timings)?;
         let t0 = Instant::now();
         let (up, down) = enc.projections()?;
         let out = regress_visual(&enc.llm, &embeds, &[], up, down, n)?;
@@ -216,10 +228,13 @@ impl<B: Backend> GenerationPipeline<B> {
     /// all-zero image in the autoencoding mode, else the embeddings
     /// regressed from the empty prompt.
     pub fn default_negative(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<B>> {
+        let dump = self.dump.as_ref().map(|d| d.with_prefix("negative_"));
         if Self::is_autoencoding(prompt)? {
-            return self.encoder.pooled_features(None, self.encoder.n_query(), timings);
+            return self
+                .encoder
+                .pooled_features(None, self.encoder.n_query(), dump.as_ref(), timings);
         }
-        self.condition(&Prompt::new(vec![Item::Text(String::new())]), timings)
+        self.condition_dumped(&Prompt::new(vec![Item::Text(String::new())]), dump.as_ref(), timings)
     }
 
     /// Generates an image for `prompt` (text, images, grounded objects; see
@@ -257,13 +272,18 @@ impl<B: Backend> GenerationPipeline<B> {
         let unet_backend = self.unet_at.backend.clone();
         let to_unet = |t: &Tensor<B>| -> Result<Tensor<B>> { Ok(Tensor::from_host(&unet_backend, &t.to_host()?)?) };
         let cond = to_unet(&self.condition(prompt, &mut timings)?)?;
+        put(self.dump.as_ref(), "condition", || Ok(cond.to_host()?))?;
         let guided = opts.guidance > 1.0;
         let hidden = if guided {
             let neg = match &opts.negative {
-                Some(p) => self.condition(p, &mut timings)?,
+                Some(p) => {
+                    let dump = self.dump.as_ref().map(|d| d.with_prefix("negative_"));
+                    self.condition_dumped(p, dump.as_ref(), &mut timings)?
+                }
                 None => self.default_negative(prompt, &mut timings)?,
             };
             let neg = to_unet(&neg)?;
+            put(self.dump.as_ref(), "negative_condition", || Ok(neg.to_host()?))?;
             if neg.dims() != cond.dims() {
                 return Err(PipelineError::Input(format!(
                     "the negative conditioning is {:?} but the prompt's is {:?}",
@@ -302,6 +322,7 @@ impl<B: Backend> GenerationPipeline<B> {
             }
         };
         let mut latents = noise.affine(scheduler.init_noise_sigma()? as f64, 0.0)?;
+        put(self.dump.as_ref(), "initial_latents", || Ok(latents.to_host()?))?;
         let udtype = self.unet_at.dtype;
         let hidden = hidden.to_dtype(udtype)?;
         let total = scheduler.num_steps();
@@ -323,6 +344,7 @@ impl<B: Backend> GenerationPipeline<B> {
             }
         }
         timings.add("diffusion", t0.elapsed());
+        put(self.dump.as_ref(), "final_latents", || Ok(latents.to_host()?))?;
         let t0 = Instant::now();
         let vae_backend = &self.vae_at.backend;
         let z = Tensor::from_host(vae_backend, &latents.to_host()?)?
@@ -346,6 +368,9 @@ impl<B: Backend> GenerationPipeline<B> {
             }
         }
         timings.add("vae", t0.elapsed());
+        put(self.dump.as_ref(), "image", || {
+            Ok(HostTensor::from_bytes(&[h, w, 3], emu_core::DType::U8, rgb.clone())?)
+        })?;
         Ok(GeneratedImage {
             width: w,
             height: h,

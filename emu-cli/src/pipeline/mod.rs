@@ -27,12 +27,14 @@
 //! # Ok::<(), emu_cli::pipeline::PipelineError>(())
 //! ```
 
+mod dump;
 mod emu2;
 mod error;
 mod generate;
 mod model;
 mod text;
 
+pub use dump::Dump;
 pub use emu2::{check_dtype, Emu2Model};
 pub use error::{PipelineError, Result};
 pub use generate::{gaussian_noise, GeneratedImage, GenerationOptions, GenerationPipeline};

@@ -1,6 +1,7 @@
 //! Text-answering pipelines: Emu2-Chat ([`ChatPipeline`]) and Emu2 base
 //! few-shot completion ([`CompletionPipeline`]).
 
+use super::dump::Dump;
 use super::emu2::Emu2Model;
 use super::error::{PipelineError, Result};
 use super::model::{ModelDir, ModelFamily};
@@ -90,11 +91,13 @@ fn run_text<B: Backend>(
     render_opts: &RenderOptions,
     generation: &GenerationConfig,
     skip_special: bool,
+    dump: Option<&Dump>,
     on_text: Option<&mut dyn FnMut(&str)>,
 ) -> Result<(Vec<u32>, String, usize, Timings)> {
     let mut timings = Timings::default();
     let rendered = render(prompt, render_opts)?;
-    let (ids, embeds) = model.prompt_embeds(&rendered, &mut timings)?;
+    let (ids, embeds) = model.prompt_embeds(&rendered, dump, &mut timings)?;
+    model.dump_prefill(&embeds, dump)?;
     let max = model.llm.config().max_position_embeddings;
     if ids.len() + generation.max_new_tokens > max {
         return Err(PipelineError::Input(format!(
@@ -137,6 +140,9 @@ fn run_text<B: Backend>(
     };
     timings.add("generate", t0.elapsed());
     let new_ids = until_eos(out.first().map(Vec::as_slice).unwrap_or_default(), &eos);
+    if let Some(d) = dump {
+        d.put_ids("generated_ids", &new_ids)?;
+    }
     let text = model.tokenizer.decode(&new_ids, skip_special)?;
     Ok((new_ids, text, ids.len(), timings))
 }
@@ -167,6 +173,7 @@ impl Default for ChatOptions {
 pub struct ChatPipeline<B: Backend> {
     model: Emu2Model<B>,
     load_timings: Timings,
+    dump: Option<Dump>,
 }
 
 impl<B: Backend> ChatPipeline<B> {
@@ -187,7 +194,11 @@ impl<B: Backend> ChatPipeline<B> {
             llm,
             &mut load_timings,
         )?;
-        Ok(Self { model, load_timings })
+        Ok(Self {
+            model,
+            load_timings,
+            dump: None,
+        })
     }
 
     pub fn model(&self) -> &Emu2Model<B> {
@@ -197,6 +208,12 @@ impl<B: Backend> ChatPipeline<B> {
     /// How long loading took.
     pub fn load_timings(&self) -> &Timings {
         &self.load_timings
+    }
+
+    /// Writes every stage's tensors of the following calls into a folder
+    /// (see [`Dump`]); a later call overwrites the files of an earlier one.
+    pub fn set_dump(&mut self, dump: Option<Dump>) {
+        self.dump = dump;
     }
 
     /// The model's answer to `conversation` (turns alternating user and
@@ -220,6 +237,7 @@ impl<B: Backend> ChatPipeline<B> {
             &ropts,
             &opts.generation,
             !opts.grounding,
+            self.dump.as_ref(),
             on_text,
         )?;
         let grounding = if opts.grounding {
@@ -265,6 +283,7 @@ impl Default for CompletionOptions {
 pub struct CompletionPipeline<B: Backend> {
     model: Emu2Model<B>,
     load_timings: Timings,
+    dump: Option<Dump>,
 }
 
 impl<B: Backend> CompletionPipeline<B> {
@@ -285,7 +304,11 @@ impl<B: Backend> CompletionPipeline<B> {
             llm,
             &mut load_timings,
         )?;
-        Ok(Self { model, load_timings })
+        Ok(Self {
+            model,
+            load_timings,
+            dump: None,
+        })
     }
 
     pub fn model(&self) -> &Emu2Model<B> {
@@ -294,6 +317,11 @@ impl<B: Backend> CompletionPipeline<B> {
 
     pub fn load_timings(&self) -> &Timings {
         &self.load_timings
+    }
+
+    /// Writes every stage's tensors of the following calls into a folder (see [`Dump`]).
+    pub fn set_dump(&mut self, dump: Option<Dump>) {
+        self.dump = dump;
     }
 
     /// The model's continuation of `prompt` (one user turn of text, images
@@ -307,8 +335,15 @@ impl<B: Backend> CompletionPipeline<B> {
         let mut ropts = RenderOptions::new(ModelKind::Emu2);
         ropts.n_query = self.model.n_query();
         ropts.v_query = self.model.v_query();
-        let (ids, text, prompt_tokens, timings) =
-            run_text(&self.model, prompt, &ropts, &opts.generation, true, on_text)?;
+        let (ids, text, prompt_tokens, timings) = run_text(
+            &self.model,
+            prompt,
+            &ropts,
+            &opts.generation,
+            true,
+            self.dump.as_ref(),
+            on_text,
+        )?;
         Ok(ChatAnswer {
             text,
             ids,
