@@ -116,9 +116,8 @@ fn header(shard: &[Planned]) -> Vec<u8> {
         offset += t.bytes;
     }
     let mut h = serde_json::to_vec(&serde_json::Value::Object(map)).expect("a JSON map always serializes");
-    while h.len() % 8 != 0 {
-        h.push(b' ');
-    }
+    let pad = (8 - h.len() % 8) % 8;
+    h.resize(h.len() + pad, b' ');
     h
 }
 
@@ -387,24 +386,62 @@ fn copy_tree(src: &Path, dst: &Path, rel: &Path, report: &mut ConvertReport) -> 
     Ok(())
 }
 
+/// Checks that every tensor can be read, so that an unsupported dtype is
+/// reported before anything is written.
+fn check_readable(ckpt: &Checkpoint) -> Result<()> {
+    for key in ckpt.keys() {
+        ckpt.info(key)
+            .map_err(|e| CliError::Unconvertible { reason: e.to_string() })?;
+    }
+    Ok(())
+}
+
 /// Converts `src` (a model directory, a diffusers pipeline folder, an index or
 /// a single weights file) into the directory `dst`.
+///
+/// Everything that can be checked from headers is checked before `dst` is
+/// touched; if writing fails anyway, a `dst` that this call created is removed.
 pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &mut dyn FnMut(&str)) -> Result<ConvertReport> {
-    let started = Instant::now();
     layout::require_exists(src)?;
+    let created = !dst.exists();
+    let result = convert_inner(src, dst, opts, progress);
+    if result.is_err() && created && dst.is_dir() {
+        let _ = std::fs::remove_dir_all(dst);
+    }
+    result
+}
+
+fn convert_inner(
+    src: &Path,
+    dst: &Path,
+    opts: &ConvertOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ConvertReport> {
+    let started = Instant::now();
     let mut report = ConvertReport::default();
     if src.is_dir() {
         let pipeline = src.join("model_index.json").is_file();
         if pipeline {
-            // Parse it first so a broken index fails before anything is written.
+            // Parse and open everything first so that a broken component
+            // fails before anything is written.
             layout::read_json(&src.join("model_index.json"))?;
-        } else if layout::open_weights_dir(src, opts.variant.as_deref())?.is_none() {
-            return Err(CliError::NotACheckpoint {
-                path: src.to_path_buf(),
-                hint: "no weight files (*.safetensors, *.bin, *.pth, *.pt) and no model_index.json; \
-                       give a model directory, a diffusers pipeline folder or a weights file"
-                    .into(),
-            });
+            for sub in layout::subdir_names(src)? {
+                if let Some(o) = layout::open_weights_dir(&src.join(sub), opts.variant.as_deref())? {
+                    check_readable(&o.checkpoint)?;
+                }
+            }
+        } else {
+            match layout::open_weights_dir(src, opts.variant.as_deref())? {
+                Some(o) => check_readable(&o.checkpoint)?,
+                None => {
+                    return Err(CliError::NotACheckpoint {
+                        path: src.to_path_buf(),
+                        hint: "no weight files (*.safetensors, *.bin, *.pth, *.pt) and no model_index.json; \
+                               give a model directory, a diffusers pipeline folder or a weights file"
+                            .into(),
+                    })
+                }
+            }
         }
         prepare_destination(src, dst, opts.force)?;
         if pipeline {
@@ -420,6 +457,7 @@ pub fn convert(src: &Path, dst: &Path, opts: &ConvertOptions, progress: &mut dyn
         }
     } else {
         let ckpt = Checkpoint::open(src)?;
+        check_readable(&ckpt)?;
         prepare_destination(src, dst, opts.force)?;
         if opts.force {
             remove_stale_weights(dst, &ckpt.files().map(Path::to_path_buf).collect::<Vec<_>>())?;

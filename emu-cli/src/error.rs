@@ -40,6 +40,10 @@ pub enum CliError {
     #[error("destination {}: {reason}", path.display())]
     BadDestination { path: PathBuf, reason: String },
 
+    /// A tensor `convert` cannot carry over (a dtype emu-rs does not represent).
+    #[error("{reason}; `emu convert` handles f64/f32/f16/bf16/i64/i32/u32/u8/bool tensors: drop this tensor from the source first")]
+    Unconvertible { reason: String },
+
     /// A command-line value that does not parse.
     #[error("{0}")]
     InvalidValue(String),

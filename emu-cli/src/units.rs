@@ -80,12 +80,14 @@ pub fn human_count(n: u64) -> String {
 /// An exact count with thousands separators (`37,000,000`).
 pub fn grouped(n: u64) -> String {
     let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
+    let first = match s.len() % 3 {
+        0 => 3,
+        r => r,
+    };
+    let mut out = String::from(&s[..first]);
+    for chunk in s.as_bytes()[first..].chunks(3) {
+        out.push(',');
+        out.push_str(std::str::from_utf8(chunk).expect("digits are ASCII"));
     }
     out
 }
@@ -116,6 +118,9 @@ mod tests {
         assert_eq!(human_bytes(148_000_000_000), "148.0 GB");
         assert_eq!(grouped(37_000_123), "37,000,123");
         assert_eq!(grouped(12), "12");
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(123_456), "123,456");
+        assert_eq!(grouped(1_000), "1,000");
         assert_eq!(human_count(37_000_000_000), "37.00B");
         assert_eq!(human_count(1_234), "1.2K");
     }

@@ -273,3 +273,39 @@ fn bad_inputs_fail_with_one_line() {
     let e = emu_err(&[&"convert", &src]);
     assert!(e.contains("<DST>"), "{e}");
 }
+
+#[test]
+fn a_chosen_variant_is_converted_and_the_others_are_reported() {
+    let src = loader_fixture("hf_variant");
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("out");
+    let out = emu_ok(&[&"convert", &src, &dst, &"--variant", &"bf16", &"--dtype", &"f32", &"-q"]);
+    assert!(
+        out.contains("model.safetensors"),
+        "the plain file is not converted: {out}"
+    );
+    let s = Checkpoint::open(src.join("model.safetensors.index.bf16.json")).unwrap();
+    assert_bit_exact(&s, &Checkpoint::open(&dst).unwrap(), DType::F32);
+}
+
+#[test]
+fn tensors_of_unsupported_dtypes_are_listed_by_inspect_and_refused_by_convert() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("i16");
+    std::fs::create_dir(&src).unwrap();
+    write_safetensors(
+        &src.join("model.safetensors"),
+        &[T::new("ok", Dtype::F32, &[2, 2]), T::new("odd", Dtype::I16, &[3])],
+    );
+    let v = json(&emu_ok(&[&"inspect", &src, &"--json"]));
+    let w = &v["components"][0]["weights"];
+    assert_eq!(w["tensors"].as_u64(), Some(1));
+    assert_eq!(w["params"].as_u64(), Some(4));
+    assert_eq!(w["unsupported"][0]["key"], "odd");
+    let e = emu_err(&[&"convert", &src, &tmp.path().join("out")]);
+    assert!(e.contains("`odd`") && e.contains("I16"), "{e}");
+    assert!(
+        !tmp.path().join("out").exists(),
+        "nothing is created for a refused conversion"
+    );
+}
