@@ -1,0 +1,989 @@
+//! The ONNX Runtime backend: [`emu_core::Backend`] as a graph builder.
+//!
+//! A tensor is the output of a node in a graph of standard ONNX operators
+//! (opset 17, default domain only); its shape and dtype are computed while the
+//! graph is built. [`Backend::upload`] makes a graph input that carries its
+//! data, every op appends nodes, and [`Backend::download`] serialises the part
+//! of the graph the tensor depends on into an ONNX `ModelProto` and runs it
+//! with ONNX Runtime. Sessions are cached by the serialised graph, so running
+//! the same computation again on new data does not recompile it. A downloaded
+//! value is remembered, and later graphs start from it instead of recomputing
+//! its history.
+//!
+//! f16/bf16 tensors are stored as such, and every arithmetic op on them runs
+//! in f32 and rounds once (Cast, op, Cast), as PyTorch's CPU kernels do; this
+//! also keeps to the ops ONNX Runtime's CPU provider implements for every type.
+//!
+//! [`OnnxBackend::export`] writes a self-contained model (uploaded data as
+//! initializers, chosen uploads as named inputs) that any ONNX Runtime loads.
+//!
+//! ONNX Runtime is loaded at run time from `ORT_DYLIB_PATH`;
+//! [`OnnxBackend::new`] returns [`Error::BackendUnavailable`] without it.
+
+mod proto;
+mod runtime;
+
+pub use proto::{Attr, IR_VERSION, OPSET};
+pub use runtime::run_model_file;
+
+use emu_core::backend::{Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+use emu_core::host::checked_numel;
+use emu_core::{DType, Error, HostTensor, Result};
+use runtime::{backend_err, SessionCache, NAME};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// What produces a tensor.
+enum Kind {
+    /// Uploaded data: a graph input when running, an initializer when exported.
+    Input(HostTensor),
+    /// Small structural data (shapes, axes, indices, fill values): always an initializer.
+    Const(HostTensor),
+    /// One ONNX node.
+    Op {
+        op_type: &'static str,
+        inputs: Vec<OnnxTensor>,
+        attrs: Vec<(&'static str, Attr)>,
+    },
+}
+
+struct Node {
+    id: u64,
+    dims: Vec<usize>,
+    dtype: DType,
+    kind: Kind,
+    /// The value, once downloaded.
+    value: OnceLock<HostTensor>,
+}
+
+/// A tensor of the ONNX backend: a node output with its static shape and dtype.
+#[derive(Clone)]
+pub struct OnnxTensor(Arc<Node>);
+
+impl std::fmt::Debug for OnnxTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match &self.0.kind {
+            Kind::Input(_) => "input",
+            Kind::Const(_) => "const",
+            Kind::Op { op_type, .. } => op_type,
+        };
+        write!(
+            f,
+            "OnnxTensor(#{} {what} {:?} {})",
+            self.0.id, self.0.dims, self.0.dtype
+        )
+    }
+}
+
+impl OnnxTensor {
+    pub fn dims(&self) -> &[usize] {
+        &self.0.dims
+    }
+    pub fn dtype(&self) -> DType {
+        self.0.dtype
+    }
+    /// The value if it is known without running anything.
+    fn known(&self) -> Option<&HostTensor> {
+        match &self.0.kind {
+            Kind::Input(h) | Kind::Const(h) => Some(h),
+            Kind::Op { .. } => self.0.value.get(),
+        }
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+fn new_node(dims: Vec<usize>, dtype: DType, kind: Kind) -> OnnxTensor {
+    OnnxTensor(Arc::new(Node {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        dims,
+        dtype,
+        kind,
+        value: OnceLock::new(),
+    }))
+}
+
+fn op(
+    op_type: &'static str,
+    inputs: Vec<OnnxTensor>,
+    attrs: Vec<(&'static str, Attr)>,
+    dims: Vec<usize>,
+    dtype: DType,
+) -> OnnxTensor {
+    new_node(dims, dtype, Kind::Op { op_type, inputs, attrs })
+}
+
+fn const_i64(v: &[i64]) -> OnnxTensor {
+    let h = HostTensor::from_i64(&[v.len()], v.to_vec()).expect("length matches");
+    new_node(vec![v.len()], DType::I64, Kind::Const(h))
+}
+
+fn dims_i64(d: &[usize]) -> OnnxTensor {
+    const_i64(&d.iter().map(|&x| x as i64).collect::<Vec<_>>())
+}
+
+/// A rank-0 constant of `dtype`.
+fn scalar(value: f64, dtype: DType) -> Result<OnnxTensor> {
+    let h = if dtype.is_float() {
+        HostTensor::from_f64(&[], vec![value])?.to_dtype(dtype)?
+    } else {
+        HostTensor::from_i64(&[], vec![value as i64])?.to_dtype(dtype)?
+    };
+    Ok(new_node(vec![], dtype, Kind::Const(h)))
+}
+
+fn unsupported(what: impl Into<String>) -> Error {
+    Error::Unsupported {
+        backend: NAME.to_string(),
+        what: what.into(),
+    }
+}
+
+fn is_half(d: DType) -> bool {
+    matches!(d, DType::F16 | DType::BF16)
+}
+
+fn cast_node(t: &OnnxTensor, dtype: DType) -> OnnxTensor {
+    if t.dtype() == dtype {
+        return t.clone();
+    }
+    op(
+        "Cast",
+        vec![t.clone()],
+        vec![("to", Attr::Int(proto::onnx_type(dtype)))],
+        t.dims().to_vec(),
+        dtype,
+    )
+}
+
+/// `Expand` to `dims`; ONNX Runtime's CPU provider has no bf16 Expand, so
+/// bf16 goes through f32 (exact both ways).
+fn expand(t: &OnnxTensor, dims: &[usize]) -> OnnxTensor {
+    let dt = t.dtype();
+    let x = if dt == DType::BF16 {
+        cast_node(t, DType::F32)
+    } else {
+        t.clone()
+    };
+    let y = op(
+        "Expand",
+        vec![x.clone(), dims_i64(dims)],
+        vec![],
+        dims.to_vec(),
+        x.dtype(),
+    );
+    cast_node(&y, dt)
+}
+
+/// Runs `f` on f32 copies of half-precision inputs and rounds the result back once.
+fn in_f32(xs: &[&OnnxTensor], f: impl FnOnce(&[OnnxTensor]) -> Result<OnnxTensor>) -> Result<OnnxTensor> {
+    let dt = xs[0].dtype();
+    if is_half(dt) {
+        let up: Vec<OnnxTensor> = xs.iter().map(|x| cast_node(x, DType::F32)).collect();
+        Ok(cast_node(&f(&up)?, dt))
+    } else {
+        let same: Vec<OnnxTensor> = xs.iter().map(|x| (*x).clone()).collect();
+        f(&same)
+    }
+}
+
+fn check_dim(opn: &str, t: &OnnxTensor, dim: usize) -> Result<()> {
+    if dim >= t.dims().len() {
+        return Err(Error::shape(format!(
+            "{opn}: dimension {dim} out of range for {:?}",
+            t.dims()
+        )));
+    }
+    Ok(())
+}
+
+fn same_dtype(opn: &str, a: &OnnxTensor, b: &OnnxTensor) -> Result<()> {
+    if a.dtype() != b.dtype() {
+        return Err(Error::DType(format!(
+            "{opn}: operands have different dtypes {} and {}",
+            a.dtype(),
+            b.dtype()
+        )));
+    }
+    Ok(())
+}
+
+fn broadcast_dims(opn: &str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let n = a.len().max(b.len());
+    let mut out = vec![0; n];
+    for i in 0..n {
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+        out[i] = match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => return Err(Error::shape(format!("{opn}: shapes {a:?} and {b:?} do not broadcast"))),
+        };
+    }
+    Ok(out)
+}
+
+/// Elementwise node with the shape and dtype of `x`.
+fn ew(op_type: &'static str, inputs: &[&OnnxTensor]) -> OnnxTensor {
+    let x = inputs[0];
+    op(
+        op_type,
+        inputs.iter().map(|t| (*t).clone()).collect(),
+        vec![],
+        x.dims().to_vec(),
+        x.dtype(),
+    )
+}
+
+fn ew2(op_type: &'static str, a: &OnnxTensor, b: &OnnxTensor) -> Result<OnnxTensor> {
+    let dims = broadcast_dims(op_type, a.dims(), b.dims())?;
+    Ok(op(op_type, vec![a.clone(), b.clone()], vec![], dims, a.dtype()))
+}
+
+/// Which uploads become graph inputs when serialising.
+enum Mode<'a> {
+    /// Running: every known value (uploads, earlier downloads) is fed.
+    Run,
+    /// Exporting: only these uploads are inputs, everything else is an initializer.
+    Export(&'a HashMap<u64, String>),
+}
+
+/// The nodes that `outputs` depend on, inputs before users (iterative, so deep graphs do not overflow the stack).
+fn topo_order(outputs: &[&OnnxTensor], stop: &dyn Fn(&OnnxTensor) -> bool) -> Vec<OnnxTensor> {
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    for out in outputs {
+        let mut stack: Vec<(OnnxTensor, usize)> = vec![((*out).clone(), 0)];
+        if !seen.insert(out.0.id) {
+            continue;
+        }
+        while let Some((t, next)) = stack.pop() {
+            let inputs: &[OnnxTensor] = match &t.0.kind {
+                Kind::Op { inputs, .. } if !stop(&t) => inputs,
+                _ => &[],
+            };
+            if next < inputs.len() {
+                let child = inputs[next].clone();
+                stack.push((t, next + 1));
+                if seen.insert(child.0.id) {
+                    stack.push((child, 0));
+                }
+            } else {
+                order.push(t);
+            }
+        }
+    }
+    order
+}
+
+/// A serialised model and the data to feed it.
+struct Serialized {
+    model: Vec<u8>,
+    feeds: Vec<(String, HostTensor)>,
+}
+
+fn serialize(outputs: &[(&str, &OnnxTensor)], mode: Mode<'_>, graph_name: &str) -> Result<Serialized> {
+    let stop = |t: &OnnxTensor| match mode {
+        Mode::Run => t.known().is_some(),
+        Mode::Export(_) => false,
+    };
+    let outs: Vec<&OnnxTensor> = outputs.iter().map(|(_, t)| *t).collect();
+    let order = topo_order(&outs, &stop);
+    // Names follow the topological position, not node ids, so that the same
+    // computation on new data serialises to the same bytes (session cache key).
+    let mut names: HashMap<u64, String> = HashMap::new();
+    let mut nodes = Vec::new();
+    let mut initializers = Vec::new();
+    let mut inputs = Vec::new();
+    let mut feeds = Vec::new();
+    let mut extra_nodes = Vec::new();
+    for (k, t) in order.iter().enumerate() {
+        let name = match &mode {
+            Mode::Export(named) => named.get(&t.0.id).cloned().unwrap_or_else(|| format!("v{k}")),
+            Mode::Run => format!("v{k}"),
+        };
+        names.insert(t.0.id, name.clone());
+        let fed = match (&mode, &t.0.kind) {
+            (Mode::Run, _) if !matches!(t.0.kind, Kind::Const(_)) => t.known(),
+            _ => None,
+        };
+        if let Some(h) = fed {
+            inputs.push(proto::ValueInfo {
+                name: name.clone(),
+                dtype: t.dtype(),
+                dims: t.dims(),
+                doc: None,
+            });
+            feeds.push((name, h.clone()));
+            continue;
+        }
+        match &t.0.kind {
+            Kind::Const(h) => initializers.push((name, h)),
+            Kind::Input(h) => match &mode {
+                Mode::Export(named) if named.contains_key(&t.0.id) => inputs.push(proto::ValueInfo {
+                    name,
+                    dtype: t.dtype(),
+                    dims: t.dims(),
+                    doc: None,
+                }),
+                _ => initializers.push((name, h)),
+            },
+            Kind::Op { .. } => {}
+        }
+    }
+    for t in &order {
+        if let Kind::Op {
+            op_type,
+            inputs: ins,
+            attrs,
+        } = &t.0.kind
+        {
+            if matches!(mode, Mode::Run) && t.known().is_some() {
+                continue;
+            }
+            nodes.push(proto::NodeDef {
+                op_type,
+                inputs: ins.iter().map(|i| names[&i.0.id].clone()).collect(),
+                output: names[&t.0.id].clone(),
+                attrs,
+            });
+        }
+    }
+    // A graph output must be produced by a node; an output that is itself an
+    // input or initializer goes through Identity under its requested name.
+    let mut graph_outputs = Vec::new();
+    for (i, (oname, t)) in outputs.iter().enumerate() {
+        let src = names[&t.0.id].clone();
+        let name = if oname.is_empty() {
+            format!("out{i}")
+        } else {
+            oname.to_string()
+        };
+        if src != name || !matches!(t.0.kind, Kind::Op { .. }) || (matches!(mode, Mode::Run) && t.known().is_some()) {
+            extra_nodes.push((src, name.clone()));
+        }
+        graph_outputs.push(proto::ValueInfo {
+            name,
+            dtype: t.dtype(),
+            dims: t.dims(),
+            doc: None,
+        });
+    }
+    for (src, name) in &extra_nodes {
+        nodes.push(proto::NodeDef {
+            op_type: "Identity",
+            inputs: vec![src.clone()],
+            output: name.clone(),
+            attrs: &[],
+        });
+    }
+    let model = proto::model(&proto::GraphDef {
+        name: graph_name,
+        nodes,
+        initializers,
+        inputs,
+        outputs: graph_outputs,
+    });
+    Ok(Serialized { model, feeds })
+}
+
+/// The ONNX Runtime backend. Cheap to clone; clones share the session cache.
+#[derive(Debug, Clone)]
+pub struct OnnxBackend {
+    sessions: Arc<SessionCache>,
+}
+
+impl OnnxBackend {
+    /// Loads ONNX Runtime from `ORT_DYLIB_PATH` (once per process) and uses its
+    /// default thread count. [`Error::BackendUnavailable`] when the library is missing.
+    pub fn new() -> Result<Self> {
+        Self::with_threads(0)
+    }
+
+    /// Like [`OnnxBackend::new`] with a fixed number of intra-op threads (0: ONNX Runtime's default).
+    pub fn with_threads(threads: usize) -> Result<Self> {
+        runtime::environment()?;
+        Ok(Self {
+            sessions: Arc::new(SessionCache::new(threads)),
+        })
+    }
+
+    /// Number of compiled sessions held (each distinct graph compiles once).
+    pub fn cached_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Serialises the computation of `outputs` as a standalone ONNX model:
+    /// the uploads listed in `inputs` become graph inputs under the given
+    /// names, every other upload an initializer.
+    pub fn export(
+        &self,
+        inputs: &[(&str, &OnnxTensor)],
+        outputs: &[(&str, &OnnxTensor)],
+        graph_name: &str,
+    ) -> Result<Vec<u8>> {
+        let mut named = HashMap::new();
+        for (name, t) in inputs {
+            if !matches!(t.0.kind, Kind::Input(_)) {
+                return Err(Error::InvalidArgument(format!(
+                    "export: input `{name}` is not an uploaded tensor"
+                )));
+            }
+            named.insert(t.0.id, name.to_string());
+        }
+        Ok(serialize(outputs, Mode::Export(&named), graph_name)?.model)
+    }
+
+    fn check_ids_in_range(&self, ids: &OnnxTensor, size: usize, dim: usize, dims: &[usize]) -> Result<()> {
+        if let Some(h) = ids.known() {
+            if let Some(bad) = h.to_i64_vec()?.into_iter().find(|&i| i < 0 || i as usize >= size) {
+                return Err(Error::shape(format!(
+                    "index_select: index {bad} out of range for dim {dim} of {dims:?}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for OnnxBackend {
+    type Tensor = OnnxTensor;
+
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn supports(&self, dtype: DType) -> bool {
+        dtype != DType::Bool
+    }
+
+    fn dims(&self, t: &OnnxTensor) -> Vec<usize> {
+        t.dims().to_vec()
+    }
+
+    fn dtype(&self, t: &OnnxTensor) -> DType {
+        t.dtype()
+    }
+
+    fn upload(&self, host: &HostTensor) -> Result<OnnxTensor> {
+        if !self.supports(host.dtype()) {
+            return Err(unsupported(format!("{} tensors (use u8)", host.dtype())));
+        }
+        Ok(new_node(host.dims().to_vec(), host.dtype(), Kind::Input(host.clone())))
+    }
+
+    fn download(&self, t: &OnnxTensor) -> Result<HostTensor> {
+        if let Some(h) = t.known() {
+            return Ok(h.clone());
+        }
+        let s = serialize(&[("out", t)], Mode::Run, "emu")?;
+        let feeds: Vec<(String, &HostTensor)> = s.feeds.iter().map(|(n, h)| (n.clone(), h)).collect();
+        let mut outs = self.sessions.run(s.model, &feeds)?;
+        let h = outs.pop().ok_or_else(|| backend_err("the graph returned no output"))?;
+        if h.dims() != t.dims() || h.dtype() != t.dtype() {
+            return Err(backend_err(format!(
+                "graph output {:?} {} differs from the expected {:?} {}",
+                h.dims(),
+                h.dtype(),
+                t.dims(),
+                t.dtype()
+            )));
+        }
+        let _ = t.0.value.set(h.clone());
+        Ok(h)
+    }
+
+    fn full(&self, dims: &[usize], value: f64, dtype: DType) -> Result<OnnxTensor> {
+        checked_numel(dims)?;
+        if !self.supports(dtype) {
+            return Err(unsupported(format!("{dtype} tensors")));
+        }
+        let s = scalar(value, dtype)?;
+        if dims.is_empty() {
+            return Ok(s);
+        }
+        Ok(expand(&s, dims))
+    }
+
+    fn cast(&self, t: &OnnxTensor, dtype: DType) -> Result<OnnxTensor> {
+        if !self.supports(dtype) {
+            return Err(unsupported(format!("casting to {dtype}")));
+        }
+        Ok(cast_node(t, dtype))
+    }
+
+    fn reshape(&self, t: &OnnxTensor, dims: &[usize]) -> Result<OnnxTensor> {
+        if checked_numel(dims)? != checked_numel(t.dims())? {
+            return Err(Error::shape(format!("reshape: cannot view {:?} as {dims:?}", t.dims())));
+        }
+        if dims == t.dims() {
+            return Ok(t.clone());
+        }
+        // allowzero: a 0 in the target shape is a real 0, not "copy the input dim".
+        Ok(op(
+            "Reshape",
+            vec![t.clone(), dims_i64(dims)],
+            vec![("allowzero", Attr::Int(1))],
+            dims.to_vec(),
+            t.dtype(),
+        ))
+    }
+
+    fn permute(&self, t: &OnnxTensor, perm: &[usize]) -> Result<OnnxTensor> {
+        let rank = t.dims().len();
+        let mut seen = vec![false; rank];
+        if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
+            return Err(Error::shape(format!(
+                "permute: {perm:?} is not a permutation of the dims of {:?}",
+                t.dims()
+            )));
+        }
+        let dims = perm.iter().map(|&p| t.dims()[p]).collect();
+        Ok(op(
+            "Transpose",
+            vec![t.clone()],
+            vec![("perm", Attr::Ints(perm.iter().map(|&p| p as i64).collect()))],
+            dims,
+            t.dtype(),
+        ))
+    }
+
+    fn narrow(&self, t: &OnnxTensor, dim: usize, start: usize, len: usize) -> Result<OnnxTensor> {
+        check_dim("narrow", t, dim)?;
+        if start.checked_add(len).is_none_or(|end| end > t.dims()[dim]) {
+            return Err(Error::shape(format!(
+                "narrow: {start}..{start}+{len} out of range for dim {dim} of {:?}",
+                t.dims()
+            )));
+        }
+        if start == 0 && len == t.dims()[dim] {
+            return Ok(t.clone());
+        }
+        let mut dims = t.dims().to_vec();
+        dims[dim] = len;
+        Ok(op(
+            "Slice",
+            vec![
+                t.clone(),
+                const_i64(&[start as i64]),
+                const_i64(&[(start + len) as i64]),
+                const_i64(&[dim as i64]),
+            ],
+            vec![],
+            dims,
+            t.dtype(),
+        ))
+    }
+
+    fn concat(&self, ts: &[&OnnxTensor], dim: usize) -> Result<OnnxTensor> {
+        let first = ts.first().ok_or_else(|| Error::shape("concat of no tensors"))?;
+        check_dim("concat", first, dim)?;
+        let mut total = 0;
+        for t in ts {
+            same_dtype("concat", first, t)?;
+            let ok = t.dims().len() == first.dims().len()
+                && t.dims()
+                    .iter()
+                    .zip(first.dims())
+                    .enumerate()
+                    .all(|(i, (a, b))| i == dim || a == b);
+            if !ok {
+                return Err(Error::shape(format!(
+                    "concat along {dim}: {:?} does not fit {:?}",
+                    t.dims(),
+                    first.dims()
+                )));
+            }
+            total += t.dims()[dim];
+        }
+        if ts.len() == 1 {
+            return Ok((*first).clone());
+        }
+        let mut dims = first.dims().to_vec();
+        dims[dim] = total;
+        Ok(op(
+            "Concat",
+            ts.iter().map(|t| (*t).clone()).collect(),
+            vec![("axis", Attr::Int(dim as i64))],
+            dims,
+            first.dtype(),
+        ))
+    }
+
+    fn slice_set(&self, dst: OnnxTensor, src: &OnnxTensor, dim: usize, start: usize) -> Result<OnnxTensor> {
+        check_dim("slice_set", &dst, dim)?;
+        same_dtype("slice_set", &dst, src)?;
+        let fits = src.dims().len() == dst.dims().len()
+            && src
+                .dims()
+                .iter()
+                .zip(dst.dims())
+                .enumerate()
+                .all(|(i, (s, d))| if i == dim { start + s <= *d } else { s == d });
+        if !fits {
+            return Err(Error::shape(format!(
+                "slice_set: {:?} at {start} along {dim} does not fit into {:?}",
+                src.dims(),
+                dst.dims()
+            )));
+        }
+        // A graph value is immutable: the result is [dst before | src | dst after].
+        let size = dst.dims()[dim];
+        let end = start + src.dims()[dim];
+        let mut parts = Vec::new();
+        if start > 0 {
+            parts.push(self.narrow(&dst, dim, 0, start)?);
+        }
+        parts.push(src.clone());
+        if end < size {
+            parts.push(self.narrow(&dst, dim, end, size - end)?);
+        }
+        let refs: Vec<&OnnxTensor> = parts.iter().collect();
+        self.concat(&refs, dim)
+    }
+
+    fn index_select(&self, t: &OnnxTensor, ids: &OnnxTensor, dim: usize) -> Result<OnnxTensor> {
+        check_dim("index_select", t, dim)?;
+        if ids.dims().len() != 1 || !matches!(ids.dtype(), DType::U32 | DType::I64 | DType::I32 | DType::U8) {
+            return Err(Error::shape(format!(
+                "index_select: ids must be a 1-D integer tensor, found {:?} {}",
+                ids.dims(),
+                ids.dtype()
+            )));
+        }
+        self.check_ids_in_range(ids, t.dims()[dim], dim, t.dims())?;
+        let mut dims = t.dims().to_vec();
+        dims[dim] = ids.dims()[0];
+        Ok(op(
+            "Gather",
+            vec![t.clone(), cast_node(ids, DType::I64)],
+            vec![("axis", Attr::Int(dim as i64))],
+            dims,
+            t.dtype(),
+        ))
+    }
+
+    fn broadcast_to(&self, t: &OnnxTensor, dims: &[usize]) -> Result<OnnxTensor> {
+        let out = broadcast_dims("broadcast_to", t.dims(), dims)?;
+        if out != dims {
+            return Err(Error::shape(format!(
+                "broadcast_to: {:?} cannot expand to {dims:?}",
+                t.dims()
+            )));
+        }
+        if dims == t.dims() {
+            return Ok(t.clone());
+        }
+        Ok(expand(t, dims))
+    }
+
+    fn unary(&self, uop: UnaryOp, t: &OnnxTensor) -> Result<OnnxTensor> {
+        if !t.dtype().is_float() {
+            return Err(Error::DType(format!(
+                "{uop:?} needs a float tensor, found {}",
+                t.dtype()
+            )));
+        }
+        in_f32(&[t], |xs| {
+            let x = &xs[0];
+            let dt = x.dtype();
+            Ok(match uop {
+                UnaryOp::Neg => ew("Neg", &[x]),
+                UnaryOp::Abs => ew("Abs", &[x]),
+                UnaryOp::Exp => ew("Exp", &[x]),
+                UnaryOp::Log => ew("Log", &[x]),
+                UnaryOp::Sqrt => ew("Sqrt", &[x]),
+                UnaryOp::Sqr => ew("Mul", &[x, x]),
+                UnaryOp::Recip => ew("Reciprocal", &[x]),
+                UnaryOp::Tanh => ew("Tanh", &[x]),
+                UnaryOp::Sigmoid => ew("Sigmoid", &[x]),
+                UnaryOp::Sin => ew("Sin", &[x]),
+                UnaryOp::Cos => ew("Cos", &[x]),
+                UnaryOp::Relu => ew("Relu", &[x]),
+                UnaryOp::Silu => ew("Mul", &[x, &ew("Sigmoid", &[x])]),
+                UnaryOp::Gelu => {
+                    // 0.5 x (1 + erf(x / sqrt 2)); opset 17 has no Gelu operator.
+                    let e = ew("Erf", &[&ew2("Mul", x, &scalar(std::f64::consts::FRAC_1_SQRT_2, dt)?)?]);
+                    let one_plus = ew2("Add", &e, &scalar(1.0, dt)?)?;
+                    ew2("Mul", &ew2("Mul", x, &scalar(0.5, dt)?)?, &one_plus)?
+                }
+                UnaryOp::GeluTanh => {
+                    // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+                    let x3 = ew("Mul", &[&ew("Mul", &[x, x]), x]);
+                    let inner = ew2("Add", x, &ew2("Mul", &x3, &scalar(0.044715, dt)?)?)?;
+                    let c = (2.0 / std::f64::consts::PI).sqrt();
+                    let th = ew("Tanh", &[&ew2("Mul", &inner, &scalar(c, dt)?)?]);
+                    let one_plus = ew2("Add", &th, &scalar(1.0, dt)?)?;
+                    ew2("Mul", &ew2("Mul", x, &scalar(0.5, dt)?)?, &one_plus)?
+                }
+            })
+        })
+    }
+
+    fn binary(&self, bop: BinaryOp, a: &OnnxTensor, b: &OnnxTensor) -> Result<OnnxTensor> {
+        same_dtype("binary op", a, b)?;
+        broadcast_dims(&format!("{bop:?}"), a.dims(), b.dims())?;
+        let name = match bop {
+            BinaryOp::Add => "Add",
+            BinaryOp::Sub => "Sub",
+            BinaryOp::Mul => "Mul",
+            BinaryOp::Div => "Div",
+            BinaryOp::Maximum => "Max",
+            BinaryOp::Minimum => "Min",
+        };
+        in_f32(&[a, b], |xs| ew2(name, &xs[0], &xs[1]))
+    }
+
+    fn affine(&self, t: &OnnxTensor, mul: f64, add: f64) -> Result<OnnxTensor> {
+        in_f32(&[t], |xs| {
+            let mut y = xs[0].clone();
+            let dt = y.dtype();
+            if mul != 1.0 {
+                y = ew2("Mul", &y, &scalar(mul, dt)?)?;
+            }
+            if add != 0.0 {
+                y = ew2("Add", &y, &scalar(add, dt)?)?;
+            }
+            Ok(y)
+        })
+    }
+
+    fn reduce(&self, rop: ReduceOp, t: &OnnxTensor, dim: usize, keepdim: bool) -> Result<OnnxTensor> {
+        check_dim("reduce", t, dim)?;
+        if t.dims()[dim] == 0 {
+            return Err(Error::shape(format!(
+                "reduce: dimension {dim} of {:?} is empty",
+                t.dims()
+            )));
+        }
+        let mut dims = t.dims().to_vec();
+        if keepdim {
+            dims[dim] = 1;
+        } else {
+            dims.remove(dim);
+        }
+        let keep = ("keepdims", Attr::Int(keepdim as i64));
+        in_f32(&[t], |xs| {
+            let x = xs[0].clone();
+            let dt = x.dtype();
+            Ok(match rop {
+                // Opset 13+ takes ReduceSum's axes as an input, the others (until 18) as an attribute.
+                ReduceOp::Sum => op("ReduceSum", vec![x, const_i64(&[dim as i64])], vec![keep], dims, dt),
+                _ => {
+                    let name = match rop {
+                        ReduceOp::Mean => "ReduceMean",
+                        ReduceOp::Max => "ReduceMax",
+                        _ => "ReduceMin",
+                    };
+                    op(
+                        name,
+                        vec![x],
+                        vec![("axes", Attr::Ints(vec![dim as i64])), keep],
+                        dims,
+                        dt,
+                    )
+                }
+            })
+        })
+    }
+
+    fn argmax(&self, t: &OnnxTensor, dim: usize) -> Result<OnnxTensor> {
+        check_dim("argmax", t, dim)?;
+        if t.dims()[dim] == 0 {
+            return Err(Error::shape(format!(
+                "argmax: dimension {dim} of {:?} is empty",
+                t.dims()
+            )));
+        }
+        let mut dims = t.dims().to_vec();
+        dims.remove(dim);
+        let x = if is_half(t.dtype()) {
+            cast_node(t, DType::F32)
+        } else {
+            t.clone()
+        };
+        let am = op(
+            "ArgMax",
+            vec![x],
+            vec![
+                ("axis", Attr::Int(dim as i64)),
+                ("keepdims", Attr::Int(0)),
+                ("select_last_index", Attr::Int(0)),
+            ],
+            dims,
+            DType::I64,
+        );
+        Ok(cast_node(&am, DType::U32))
+    }
+
+    fn matmul(&self, a: &OnnxTensor, b: &OnnxTensor) -> Result<OnnxTensor> {
+        same_dtype("matmul", a, b)?;
+        let (ad, bd) = (a.dims(), b.dims());
+        if ad.len() < 2 || bd.len() < 2 || ad[ad.len() - 1] != bd[bd.len() - 2] {
+            return Err(Error::shape(format!("matmul: {ad:?} x {bd:?}")));
+        }
+        let mut dims = broadcast_dims("matmul batch", &ad[..ad.len() - 2], &bd[..bd.len() - 2])?;
+        dims.push(ad[ad.len() - 2]);
+        dims.push(bd[bd.len() - 1]);
+        in_f32(&[a, b], |xs| {
+            Ok(op(
+                "MatMul",
+                vec![xs[0].clone(), xs[1].clone()],
+                vec![],
+                dims,
+                xs[0].dtype(),
+            ))
+        })
+    }
+
+    fn conv2d(&self, x: &OnnxTensor, w: &OnnxTensor, bias: Option<&OnnxTensor>, p: Conv2dParams) -> Result<OnnxTensor> {
+        same_dtype("conv2d", x, w)?;
+        let (xd, wd) = (x.dims(), w.dims());
+        if xd.len() != 4 || wd.len() != 4 || p.groups == 0 || xd[1] != wd[1] * p.groups || wd[0] % p.groups != 0 {
+            return Err(Error::shape(format!(
+                "conv2d: input {xd:?}, weight {wd:?}, groups {}",
+                p.groups
+            )));
+        }
+        let (oh, ow) = p.output_hw((xd[2], xd[3]), (wd[2], wd[3]))?;
+        if let Some(b) = bias {
+            same_dtype("conv2d bias", x, b)?;
+            if b.dims() != [wd[0]] {
+                return Err(Error::shape(format!(
+                    "conv2d: bias {:?} for {} output channels",
+                    b.dims(),
+                    wd[0]
+                )));
+            }
+        }
+        let dims = vec![xd[0], wd[0], oh, ow];
+        let i = |v: usize| v as i64;
+        let attrs = vec![
+            ("kernel_shape", Attr::Ints(vec![i(wd[2]), i(wd[3])])),
+            ("strides", Attr::Ints(vec![i(p.stride.0), i(p.stride.1)])),
+            (
+                "pads",
+                Attr::Ints(vec![i(p.padding.0), i(p.padding.1), i(p.padding.0), i(p.padding.1)]),
+            ),
+            ("dilations", Attr::Ints(vec![i(p.dilation.0), i(p.dilation.1)])),
+            ("group", Attr::Int(i(p.groups))),
+        ];
+        let mut ins = vec![x, w];
+        ins.extend(bias);
+        in_f32(&ins, |xs| Ok(op("Conv", xs.to_vec(), attrs, dims, xs[0].dtype())))
+    }
+
+    fn avg_pool2d(&self, x: &OnnxTensor, kernel: (usize, usize), stride: (usize, usize)) -> Result<OnnxTensor> {
+        let d = x.dims();
+        if d.len() != 4
+            || kernel.0 == 0
+            || kernel.1 == 0
+            || stride.0 == 0
+            || stride.1 == 0
+            || d[2] < kernel.0
+            || d[3] < kernel.1
+        {
+            return Err(Error::shape(format!(
+                "avg_pool2d: input {d:?}, kernel {kernel:?}, stride {stride:?}"
+            )));
+        }
+        let dims = vec![
+            d[0],
+            d[1],
+            (d[2] - kernel.0) / stride.0 + 1,
+            (d[3] - kernel.1) / stride.1 + 1,
+        ];
+        let i = |v: usize| v as i64;
+        let attrs = vec![
+            ("kernel_shape", Attr::Ints(vec![i(kernel.0), i(kernel.1)])),
+            ("strides", Attr::Ints(vec![i(stride.0), i(stride.1)])),
+        ];
+        in_f32(&[x], |xs| {
+            Ok(op("AveragePool", xs.to_vec(), attrs, dims, xs[0].dtype()))
+        })
+    }
+
+    fn upsample_nearest2d(&self, x: &OnnxTensor, h: usize, w: usize) -> Result<OnnxTensor> {
+        let d = x.dims();
+        if d.len() != 4 || h == 0 || w == 0 || d[2] == 0 || d[3] == 0 {
+            return Err(Error::shape(format!("upsample_nearest2d: input {d:?} to {h}x{w}")));
+        }
+        // PyTorch's source index, `min(floor(dst * (in / out)), in - 1)` in f32,
+        // as two Gathers with precomputed indices: exact where Resize's
+        // coordinate arithmetic could round differently.
+        let src = |i: usize, o: usize| -> Vec<i64> {
+            (0..o)
+                .map(|dst| (((dst as f32) * (i as f32 / o as f32)).floor() as i64).min(i as i64 - 1))
+                .collect()
+        };
+        let rows = op(
+            "Gather",
+            vec![x.clone(), const_i64(&src(d[2], h))],
+            vec![("axis", Attr::Int(2))],
+            vec![d[0], d[1], h, d[3]],
+            x.dtype(),
+        );
+        Ok(op(
+            "Gather",
+            vec![rows, const_i64(&src(d[3], w))],
+            vec![("axis", Attr::Int(3))],
+            vec![d[0], d[1], h, w],
+            x.dtype(),
+        ))
+    }
+
+    // ---- fused overrides -------------------------------------------------
+
+    fn softmax_last_dim(&self, x: &OnnxTensor) -> Result<OnnxTensor> {
+        if x.dims().is_empty() {
+            return Err(Error::shape("softmax of a scalar"));
+        }
+        in_f32(&[x], |xs| {
+            Ok(op(
+                "Softmax",
+                xs.to_vec(),
+                vec![("axis", Attr::Int(-1))],
+                xs[0].dims().to_vec(),
+                xs[0].dtype(),
+            ))
+        })
+    }
+
+    fn layer_norm(
+        &self,
+        x: &OnnxTensor,
+        w: Option<&OnnxTensor>,
+        b: Option<&OnnxTensor>,
+        eps: f64,
+    ) -> Result<OnnxTensor> {
+        let last = *x.dims().last().ok_or_else(|| Error::shape("layer_norm of a scalar"))?;
+        for p in [w, b].into_iter().flatten() {
+            same_dtype("layer_norm", x, p)?;
+            if p.dims() != [last] {
+                return Err(Error::shape(format!(
+                    "layer_norm: parameter {:?} for input {:?}",
+                    p.dims(),
+                    x.dims()
+                )));
+            }
+        }
+        // The affine part runs in f32 too and rounds once, like PyTorch's kernel.
+        let scale = match w {
+            Some(w) => w.clone(),
+            None => self.full(&[last], 1.0, x.dtype())?,
+        };
+        let mut ins = vec![x, &scale];
+        ins.extend(b);
+        in_f32(&ins, |xs| {
+            Ok(op(
+                "LayerNormalization",
+                xs.to_vec(),
+                vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps as f32))],
+                xs[0].dims().to_vec(),
+                xs[0].dtype(),
+            ))
+        })
+    }
+}

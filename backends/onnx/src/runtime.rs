@@ -1,0 +1,215 @@
+//! Loading ONNX Runtime and running serialised models, with sessions cached
+//! by model bytes so that a graph seen before is not compiled again.
+
+use emu_core::{DType, Error, HostTensor, Result};
+use half::{bf16, f16};
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::value::{DynValue, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub(crate) const NAME: &str = "onnx";
+
+/// Sessions kept at most; beyond this the cache is cleared (graphs whose
+/// structure changes every call would otherwise grow it without bound).
+const MAX_SESSIONS: usize = 256;
+
+pub(crate) fn backend_err(message: impl Into<String>) -> Error {
+    Error::Backend {
+        backend: NAME.to_string(),
+        message: message.into(),
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> Error {
+    Error::BackendUnavailable {
+        backend: NAME.to_string(),
+        reason: reason.into(),
+    }
+}
+
+static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+
+/// The library path: `ORT_DYLIB_PATH`, which `.ci/run` points at the
+/// `onnxruntime` wheel's `onnxruntime/capi/libonnxruntime.so.<version>`.
+pub(crate) fn library_path() -> Result<PathBuf> {
+    let path = std::env::var_os("ORT_DYLIB_PATH").ok_or_else(|| {
+        unavailable(
+            "ORT_DYLIB_PATH is not set; point it at libonnxruntime (e.g. `pip install onnxruntime==1.32.0` \
+             and use onnxruntime/capi/libonnxruntime.so.1.32.0 inside the installed package)",
+        )
+    })?;
+    let path = PathBuf::from(path);
+    if !path.is_file() {
+        return Err(unavailable(format!(
+            "ORT_DYLIB_PATH points at {}, which is not a file",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// The process-wide ONNX Runtime environment, loaded on first use.
+pub(crate) fn environment() -> Result<&'static Environment> {
+    let env = ENV.get_or_init(|| {
+        let path = library_path().map_err(|e| e.to_string())?;
+        ort::init_from(&path)
+            .map_err(|e| format!("cannot load {}: {e}", path.display()))?
+            .with_name("emu-rs")
+            .build()
+            .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
+    });
+    env.as_ref().map_err(|reason| unavailable(reason.clone()))
+}
+
+/// Compiled sessions, keyed by the exact model bytes.
+#[derive(Default)]
+pub(crate) struct SessionCache {
+    sessions: Mutex<HashMap<Vec<u8>, Arc<Mutex<Session>>>>,
+    threads: usize,
+}
+
+impl std::fmt::Debug for SessionCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.sessions.lock().map(|s| s.len()).unwrap_or(0);
+        write!(f, "SessionCache({n} sessions)")
+    }
+}
+
+fn new_session(model: Source<'_>, threads: usize) -> Result<Session> {
+    let env = environment()?;
+    let mut builder = Session::builder(env).map_err(|e| backend_err(e.to_string()))?;
+    if threads > 0 {
+        builder = builder
+            .with_intra_threads(threads)
+            .map_err(|e| backend_err(e.to_string()))?;
+    }
+    match model {
+        Source::Bytes(b) => builder.commit_from_memory(b),
+        Source::File(p) => builder.commit_from_file(p),
+    }
+    .map_err(|e| backend_err(format!("ONNX Runtime rejected the graph: {e}")))
+}
+
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    File(&'a Path),
+}
+
+impl SessionCache {
+    pub(crate) fn new(threads: usize) -> Self {
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            threads,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.sessions.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Runs `model` (compiling it once per distinct byte string) and returns its outputs.
+    pub(crate) fn run(&self, model: Vec<u8>, feeds: &[(String, &HostTensor)]) -> Result<Vec<HostTensor>> {
+        let session = {
+            let mut map = self
+                .sessions
+                .lock()
+                .map_err(|_| backend_err("session cache poisoned"))?;
+            match map.get(&model) {
+                Some(s) => s.clone(),
+                None => {
+                    let s = Arc::new(Mutex::new(new_session(Source::Bytes(&model), self.threads)?));
+                    if map.len() >= MAX_SESSIONS {
+                        map.clear();
+                    }
+                    map.insert(model, s.clone());
+                    s
+                }
+            }
+        };
+        let mut session = session.lock().map_err(|_| backend_err("session poisoned"))?;
+        run_session(&mut session, feeds)
+    }
+}
+
+/// Loads an `.onnx` file with ONNX Runtime and runs it once on named inputs.
+pub fn run_model_file(path: &Path, feeds: &[(&str, &HostTensor)]) -> Result<Vec<HostTensor>> {
+    let mut session = new_session(Source::File(path), 0)?;
+    let feeds: Vec<(String, &HostTensor)> = feeds.iter().map(|(n, t)| (n.to_string(), *t)).collect();
+    run_session(&mut session, &feeds)
+}
+
+fn run_session(session: &mut Session, feeds: &[(String, &HostTensor)]) -> Result<Vec<HostTensor>> {
+    let mut inputs: Vec<(String, DynValue)> = Vec::with_capacity(feeds.len());
+    for (name, t) in feeds {
+        inputs.push((name.clone(), to_value(t)?));
+    }
+    let outputs = session
+        .run(inputs)
+        .map_err(|e| backend_err(format!("ONNX Runtime run failed: {e}")))?;
+    let mut result = Vec::with_capacity(outputs.len());
+    for (_, v) in outputs.iter() {
+        result.push(from_value(&v)?);
+    }
+    Ok(result)
+}
+
+fn to_value(t: &HostTensor) -> Result<DynValue> {
+    let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
+    let b = t.as_bytes();
+    macro_rules! val {
+        ($ty:ty, $n:literal, $conv:expr) => {{
+            let v: Vec<$ty> = b
+                .chunks_exact($n)
+                .map(|c| $conv(c.try_into().expect("chunk size")))
+                .collect();
+            Tensor::from_array((shape, v))
+                .map_err(|e| backend_err(e.to_string()))?
+                .into_dyn()
+        }};
+    }
+    Ok(match t.dtype() {
+        DType::F64 => val!(f64, 8, f64::from_le_bytes),
+        DType::F32 => val!(f32, 4, f32::from_le_bytes),
+        DType::F16 => val!(f16, 2, |c| f16::from_bits(u16::from_le_bytes(c))),
+        DType::BF16 => val!(bf16, 2, |c| bf16::from_bits(u16::from_le_bytes(c))),
+        DType::I64 => val!(i64, 8, i64::from_le_bytes),
+        DType::I32 => val!(i32, 4, i32::from_le_bytes),
+        DType::U32 => val!(u32, 4, u32::from_le_bytes),
+        DType::U8 => val!(u8, 1, u8::from_le_bytes),
+        DType::Bool => {
+            return Err(Error::Unsupported {
+                backend: NAME.to_string(),
+                what: "bool tensors (use u8)".into(),
+            })
+        }
+    })
+}
+
+fn from_value(v: &DynValue) -> Result<HostTensor> {
+    use ort::value::TensorElementType as E;
+    let ty = v
+        .dtype()
+        .tensor_type()
+        .ok_or_else(|| backend_err("a graph output is not a tensor"))?;
+    macro_rules! out {
+        ($ty:ty, $dt:expr, $bytes:expr) => {{
+            let (shape, data) = v.try_extract_tensor::<$ty>().map_err(|e| backend_err(e.to_string()))?;
+            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            HostTensor::from_bytes(&dims, $dt, data.iter().flat_map($bytes).collect())?
+        }};
+    }
+    Ok(match ty {
+        E::Float64 => out!(f64, DType::F64, |x: &f64| x.to_le_bytes()),
+        E::Float32 => out!(f32, DType::F32, |x: &f32| x.to_le_bytes()),
+        E::Float16 => out!(f16, DType::F16, |x: &f16| x.to_le_bytes()),
+        E::Bfloat16 => out!(bf16, DType::BF16, |x: &bf16| x.to_le_bytes()),
+        E::Int64 => out!(i64, DType::I64, |x: &i64| x.to_le_bytes()),
+        E::Int32 => out!(i32, DType::I32, |x: &i32| x.to_le_bytes()),
+        E::Uint32 => out!(u32, DType::U32, |x: &u32| x.to_le_bytes()),
+        E::Uint8 => out!(u8, DType::U8, |x: &u8| x.to_le_bytes()),
+        other => return Err(backend_err(format!("unexpected output element type {other:?}"))),
+    })
+}
