@@ -33,11 +33,15 @@ fn tmp_dir(tag: &str) -> PathBuf {
 }
 
 fn logits_of(path: &Path) -> Vec<f32> {
-    let backend = CpuBackend::new();
     let cfg = LlamaConfig::from_file(fixture_dir("mha").join("config.json")).unwrap();
+    logits_with(path, &cfg)
+}
+
+fn logits_with(path: &Path, cfg: &LlamaConfig) -> Vec<f32> {
+    let backend = CpuBackend::new();
     let ckpt = Checkpoint::open(path).unwrap();
     let root = emu_llm::lm_weights(&ckpt).unwrap();
-    let m = Llama::load(&backend, &root, &cfg, DType::F32).unwrap();
+    let m = Llama::load(&backend, &root, cfg, DType::F32).unwrap();
     let x = m.embed(&[1, 5, 9, 300], 1).unwrap();
     let mut cache = m.new_cache(1, 4).unwrap();
     let o = m.forward_embeds(&x, &mut cache, Logits::All).unwrap();
@@ -89,5 +93,47 @@ fn missing_and_misshapen_tensors_are_named() {
     let ckpt = Checkpoint::open(&path).unwrap();
     let e = emu_llm::lm_weights(&ckpt).unwrap_err();
     assert!(e.to_string().contains("model.embed_tokens.weight"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn tied_embeddings_reuse_the_embedding_matrix() {
+    let dir = tmp_dir("tied");
+    // lm_head.weight replaced by a copy of the embedding matrix ...
+    let src = Checkpoint::open(fixture_dir("mha").join("model.safetensors")).unwrap();
+    let embed = src.get("model.embed_tokens.weight").unwrap();
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = src
+        .keys()
+        .filter(|k| *k != "lm_head.weight")
+        .map(|k| {
+            let h = src.get(k).unwrap();
+            (k.to_string(), h.dims().to_vec(), h.as_bytes().to_vec())
+        })
+        .collect();
+    let tied_path = dir.join("tied.safetensors");
+    write_safetensors(&tied_path, &owned);
+    owned.push((
+        "lm_head.weight".into(),
+        embed.dims().to_vec(),
+        embed.as_bytes().to_vec(),
+    ));
+    let copied_path = dir.join("copied.safetensors");
+    write_safetensors(&copied_path, &owned);
+    // ... gives what a tied config gives without any lm_head tensor.
+    let mut cfg = LlamaConfig::from_file(fixture_dir("mha").join("config.json")).unwrap();
+    let want = logits_with(&copied_path, &cfg);
+    cfg.tie_word_embeddings = true;
+    assert_eq!(rel_err(&logits_with(&tied_path, &cfg), &want), 0.0);
+    // Untied, the missing lm_head is an error naming it.
+    cfg.tie_word_embeddings = false;
+    let ckpt = Checkpoint::open(&tied_path).unwrap();
+    let e = Llama::load(
+        &CpuBackend::new(),
+        &emu_llm::lm_weights(&ckpt).unwrap(),
+        &cfg,
+        DType::F32,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("lm_head.weight"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
