@@ -632,7 +632,7 @@ impl<B: Backend> Suite<'_, B> {
             let host = self.be.download(&t)?;
             Ok((dims, host))
         }) {
-            Ok((dims, host)) if dims != want.dims => OpCheck {
+            Ok((dims, _)) if dims != want.dims => OpCheck {
                 name,
                 rel_err: f64::INFINITY,
                 tol: 0.0,
