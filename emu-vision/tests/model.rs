@@ -111,3 +111,20 @@ fn wrong_inputs_are_errors_not_panics() {
         "{err}"
     );
 }
+
+#[test]
+fn photo_end_to_end_matches_pil_torchvision_and_reference() {
+    let cpu = CpuBackend::new();
+    let enc = VisionEncoder::from_dir(&cpu, fixtures().join("hf"), DType::F32).unwrap();
+    let pre = emu_vision::Preprocessor::for_config(&enc.config().vision).unwrap();
+    let photo = fixtures().join("preprocess/coffee_q90.jpg");
+    let pixels = pre.batch_from_paths(&cpu, &[photo]).unwrap();
+    check("e2e", &enc.encode(&pixels).unwrap(), "e2e_features", 1e-4);
+    let n_query = enc.config().vision.n_query;
+    check(
+        "e2e",
+        &enc.embed_images(&pixels, n_query).unwrap(),
+        "e2e_projected",
+        1e-4,
+    );
+}

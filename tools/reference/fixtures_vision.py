@@ -14,7 +14,9 @@ outputs are written, never the photos). Resized images are stored as PNG (lossle
 import io
 import json
 import pathlib
+import shutil
 import struct
+import subprocess
 import zlib
 
 import numpy as np
@@ -172,6 +174,12 @@ def build_model(out):
             pooled = pool(feats, nq)
             exp[f"pooled_{nq}"] = pooled
             exp[f"projected_{nq}"] = F.linear(pooled, up64)
+        # End to end: a real photo through PIL + torchvision preprocessing, then the encoder.
+        photo = normalize(resize(pil_rgb(sample_inputs()["coffee_q90.jpg"], True), s, s))
+        photo = photo.unsqueeze(0).to(torch.float64)
+        e2e = eva_forward(wr, cfg, photo)
+        exp["e2e_features"] = e2e
+        exp["e2e_projected"] = F.linear(pool(e2e, cfg["n_query"]), up64)
     save_file(f32(exp), str(out / "expected_model.safetensors"))
 
 
@@ -230,6 +238,16 @@ def sample_inputs():
     # Chroma 2 samples wide (plain replication in libjpeg) and 3 wide (fancy).
     inputs["tiny_3x5.jpg"] = encode(Image.fromarray(astro[40:45, 60:63]), "JPEG", quality=95)
     inputs["tiny_5x3.jpg"] = encode(Image.fromarray(astro[40:43, 60:65]), "JPEG", quality=95)
+    # 4:4:0 (chroma halved vertically only: libjpeg's h1v2 upsampler). PIL cannot
+    # write it; libjpeg-turbo's cjpeg can (apt: libjpeg-turbo-progs).
+    cjpeg = shutil.which("cjpeg")
+    if cjpeg:
+        ppm = b"P6 %d %d 255\n" % (chelsea.shape[1], chelsea.shape[0]) + chelsea.tobytes()
+        inputs["chelsea_440.jpg"] = subprocess.run(
+            [cjpeg, "-quality", "90", "-sample", "1x2,1x1,1x1"], input=ppm, capture_output=True, check=True
+        ).stdout
+    else:
+        print("[fixtures] vision: cjpeg not found; the 4:4:0 JPEG sample is not built")
     # EXIF orientation 6 (rotate 90° clockwise for display).
     exif = Image.Exif()
     exif[0x0112] = 6
