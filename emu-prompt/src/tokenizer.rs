@@ -107,11 +107,22 @@ impl Emu2Tokenizer {
                 )))
             }
         };
-        let added: Vec<(u32, String)> = tok
-            .get_added_tokens_decoder()
-            .into_iter()
-            .map(|(id, t)| (id, t.content))
-            .collect();
+        // The file's own ids: tokenizers renumbers added tokens when it loads them.
+        #[derive(serde::Deserialize)]
+        struct Added {
+            id: u32,
+            content: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct File {
+            #[serde(default)]
+            added_tokens: Vec<Added>,
+        }
+        let file: File = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
+            what: path.display().to_string(),
+            source,
+        })?;
+        let added: Vec<(u32, String)> = file.added_tokens.into_iter().map(|a| (a.id, a.content)).collect();
         Self::from_bpe(bpe, &added, variant)
     }
 

@@ -145,3 +145,38 @@ fn random_fragment_strings_equal_reference() {
         bad[..bad.len().min(10)].join("\n")
     );
 }
+
+/// A tokenizer.json that already lists the Emu2 tokens (as Emu2-Gen's `tokenizer/` does) loads
+/// to the same tokenizer; one at a wrong id is refused.
+#[test]
+fn tokenizer_json_with_emu2_tokens_already_added() {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(llama_dir().join("tokenizer.json")).unwrap()).unwrap();
+    let added = json["added_tokens"].as_array_mut().unwrap();
+    for t in emu_prompt::SpecialToken::added(Variant::Base) {
+        added.push(
+            serde_json::json!({"id": t.id(), "content": t.text(), "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}),
+        );
+    }
+    let dir = std::env::temp_dir().join(format!("emu-prompt-tj-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    let tok = Emu2Tokenizer::from_tokenizer_json(&path, Variant::Base).unwrap();
+    let text = "<grounding>An oil painting,<phrase>the dog</phrase><object>[IMG]<image>[/IMG]</object>[IMG]";
+    assert_eq!(
+        tok.encode_markup(text).unwrap(),
+        cached(Variant::Base, Compat::Slow).encode_markup(text).unwrap()
+    );
+    // A token at another id than upstream gives it is refused.
+    let added = json["added_tokens"].as_array_mut().unwrap();
+    let last = added.len() - 1;
+    added[last]["id"] = serde_json::json!(32300);
+    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    let err = Emu2Tokenizer::from_tokenizer_json(&path, Variant::Base)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("<patch_index_0256>") && err.contains("32300"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
