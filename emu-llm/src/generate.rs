@@ -11,6 +11,18 @@
 //! As in transformers with `inputs_embeds` and no `input_ids`, the prompt
 //! has no token ids: the output holds only new tokens, and the repetition
 //! penalty and minimum length see only generated tokens.
+//!
+//! Two deliberate differences from transformers 5.24: with a left-padded
+//! batch, transformers also exempts the first `padding[b]` *generated* tokens
+//! from the repetition penalty (it meant to skip the padded prompt, which
+//! `inputs_embeds` generation does not have); here every generated token is
+//! penalised. And beam sampling (`num_beams > 1` with `do_sample`) is
+//! refused rather than implemented.
+//!
+//! Upstream Emu2 ran transformers 4.31, whose `BeamSearchScorer` scored an
+//! EOS-terminated hypothesis by its length *without* the EOS token; 5.x (and
+//! this module) count it, so beam outputs can differ from 4.31's when a
+//! length penalty is set and beams end in EOS.
 
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Llama, Logits};
@@ -48,6 +60,7 @@ pub struct GenerationConfig {
     /// Nucleus sampling threshold when sampling (1.0: off).
     pub top_p: f32,
     /// Seed of the sampling generator (a fixed seed gives a fixed output).
+    /// The generator is this crate's own, so samples are not PyTorch's.
     pub seed: u64,
     pub num_beams: usize,
     /// Finished beam scores are `sum_logprob / len^length_penalty`.
