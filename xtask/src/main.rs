@@ -1,6 +1,6 @@
 //! `cargo xtask <command>`: project automation that is not a unit test.
 //!
-//! * `test [--backend cpu|wgpu|all] [--dtype f32|bf16|f16|all]` — runs the backend
+//! * `test [--backend cpu|wgpu|onnx|all] [--dtype f32|bf16|f16|all]` — runs the backend
 //!   conformance suite (every op against f64 references) on each selected
 //!   backend and prints the measured error of every check; exits non-zero on
 //!   any failure.
@@ -14,11 +14,11 @@ use std::process::{Command, ExitCode};
 use emu_core::testing::{format_checks, run_error_suite, run_op_suite};
 use emu_core::{Backend, DType};
 
-const USAGE: &str = "usage: cargo xtask test [--backend cpu|wgpu|all] [--dtype f32|bf16|f16|all]
+const USAGE: &str = "usage: cargo xtask test [--backend cpu|wgpu|onnx|all] [--dtype f32|bf16|f16|all]
        cargo xtask fixtures [SET ...]";
 
 /// Backends this build knows about; each new backend crate adds itself here.
-const BACKENDS: &[&str] = &["cpu", "wgpu"];
+const BACKENDS: &[&str] = &["cpu", "wgpu", "onnx"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -67,6 +67,15 @@ fn cmd_test(args: &[String]) -> Result<(), String> {
                 Ok(be) => run_suites(&be, &dtypes)?,
                 Err(e) if backends.len() > 1 => {
                     println!("== wgpu: skipped: {e}");
+                    0
+                }
+                Err(e) => return Err(e.to_string()),
+            },
+            // Without ONNX Runtime (ORT_DYLIB_PATH), `all` skips onnx; asking for it by name fails.
+            "onnx" => match emu_backend_onnx::OnnxBackend::new() {
+                Ok(be) => run_suites(&be, &dtypes)?,
+                Err(e) if backends.len() > 1 => {
+                    println!("== onnx: skipped: {e}");
                     0
                 }
                 Err(e) => return Err(e.to_string()),
