@@ -300,3 +300,48 @@ fn chat_pipeline_library_multi_turn() {
     let chat2 = ChatPipeline::load(&again, &cpu, &cpu).unwrap();
     assert_eq!(chat2.answer(&first, &opts, None).unwrap().ids, a3.ids);
 }
+
+#[test]
+fn grounding_mode_and_box_drawing() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 50, 40);
+    let out = dir.path().join("boxes.png");
+    let o = emu(&[
+        "chat",
+        "--model",
+        "tiny",
+        "--grounding",
+        "--boxes-out",
+        out.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "where is the dog?",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Random weights rarely write a box, but the picture is always saved.
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (50, 40));
+
+    let drawn = dir.path().join("drawn.png");
+    emu_cli::commands::chat::draw_boxes(&img, &drawn, &[[10.0, 5.0, 30.0, 20.0]]).unwrap();
+    let d = image::open(&drawn).unwrap().to_rgb8();
+    let red = image::Rgb([255u8, 0, 0]);
+    for (x, y) in [(10, 5), (30, 20), (20, 5), (10, 12), (11, 6)] {
+        assert_eq!(*d.get_pixel(x, y), red, "({x}, {y}) is on the outline");
+    }
+    let src = image::open(&img).unwrap().to_rgb8();
+    assert_eq!(d.get_pixel(20, 12), src.get_pixel(20, 12), "the inside is untouched");
+
+    let o = emu(&[
+        "chat",
+        "--model",
+        "tiny",
+        "--boxes-out",
+        out.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "q",
+    ]);
+    assert!(!o.status.success(), "--boxes-out needs --grounding");
+}

@@ -27,6 +27,9 @@ pub struct ChatArgs {
     /// Grounding mode: answers with [x1, y1, x2, y2] boxes, printed in pixels of the first image.
     #[arg(long)]
     pub grounding: bool,
+    /// With --grounding: save the first image with the answer's boxes drawn on it (PNG).
+    #[arg(long, value_name = "FILE.png", requires = "grounding")]
+    pub boxes_out: Option<PathBuf>,
     /// Replace the system message.
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
@@ -43,6 +46,14 @@ pub fn run(args: &ChatArgs) -> Result<()> {
                 p.display()
             )));
         }
+    }
+    if let Some(out) = &args.boxes_out {
+        if args.images.is_empty() {
+            return Err(PipelineError::Input(
+                "--boxes-out draws on the first image; give one with --image".into(),
+            ));
+        }
+        super::generate::check_png_output(out)?;
     }
     let (kind, dir) = args.model.resolve(ModelFamily::Emu2Chat)?;
     match kind {
@@ -114,6 +125,9 @@ fn run_on<B: Backend>(backend: B, args: &ChatArgs, dir: &crate::pipeline::ModelD
             for p in &g.problems {
                 eprintln!("warning: unreadable box in the answer: {}", p.message);
             }
+            if let (Some(out), Some(first)) = (&args.boxes_out, args.images.first()) {
+                draw_boxes(first, out, &g.boxes.iter().map(|b| b.pixels).collect::<Vec<_>>())?;
+            }
         }
         report_timings(args.model.verbose, chat.load_timings(), &answer.timings);
         if !interactive {
@@ -124,5 +138,34 @@ fn run_on<B: Backend>(backend: B, args: &ChatArgs, dir: &crate::pipeline::ModelD
             items: vec![Item::Text(answer.text.trim().to_string())],
         });
     }
+    Ok(())
+}
+
+/// Writes `image` with `boxes` (`[left, top, right, bottom]` in its pixels)
+/// outlined in red, 2 px wide, clipped to the image.
+pub fn draw_boxes(image: &std::path::Path, out: &std::path::Path, boxes: &[[f64; 4]]) -> Result<()> {
+    let img = emu_vision::load_image(image, &emu_vision::DecodeOptions::default())?;
+    let (w, h) = (img.width(), img.height());
+    let mut buf = image::RgbImage::from_raw(w, h, img.into_bytes())
+        .ok_or_else(|| PipelineError::Input(format!("`{}`: decoded image has the wrong size", image.display())))?;
+    let red = image::Rgb([255u8, 0, 0]);
+    for b in boxes {
+        let clamp = |v: f64, max: u32| (v.round().max(0.0) as u32).min(max.saturating_sub(1));
+        let (l, t, r, bt) = (clamp(b[0], w), clamp(b[1], h), clamp(b[2], w), clamp(b[3], h));
+        for k in 0..2u32 {
+            for x in l..=r {
+                for y in [t.saturating_add(k).min(bt), bt.saturating_sub(k).max(t)] {
+                    buf.put_pixel(x, y, red);
+                }
+            }
+            for y in t..=bt {
+                for x in [l.saturating_add(k).min(r), r.saturating_sub(k).max(l)] {
+                    buf.put_pixel(x, y, red);
+                }
+            }
+        }
+    }
+    buf.save_with_format(out, image::ImageFormat::Png)
+        .map_err(|e| PipelineError::Input(format!("cannot write `{}`: {e}", out.display())))?;
     Ok(())
 }

@@ -57,7 +57,8 @@ pub fn parse_size(s: &str) -> Result<(usize, usize)> {
     }
 }
 
-fn check_output(path: &Path) -> Result<()> {
+/// Checks that `path` names a .png file in an existing folder.
+pub fn check_png_output(path: &Path) -> Result<()> {
     let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     if ext.as_deref() != Some("png") {
         return Err(PipelineError::Input(format!(
@@ -81,7 +82,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let prompt = emu_prompt::parse_markup(&args.prompt)?;
     let negative = args.negative.as_deref().map(emu_prompt::parse_markup).transpose()?;
     let size = args.size.as_deref().map(parse_size).transpose()?;
-    check_output(&args.output)?;
+    check_png_output(&args.output)?;
     for item in prompt.items().chain(negative.iter().flat_map(|p| p.items())) {
         let paths: Vec<&String> = match item {
             Item::Image(p) => vec![p],
