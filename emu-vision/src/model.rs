@@ -242,13 +242,19 @@ pub struct VisionEncoder<B: Backend> {
 }
 
 impl<B: Backend> VisionEncoder<B> {
-    /// Loads from a checkpoint directory holding `config.json` and
-    /// safetensors weights. An Emu2-Gen pipeline root is accepted too: its
-    /// `multimodal_encoder/` folder is used.
+    /// Loads from a checkpoint directory holding `config.json` and weights
+    /// (anything [`Checkpoint::open_dir`] reads). An Emu2-Gen pipeline root
+    /// is accepted too: its `multimodal_encoder/` folder is used. When the
+    /// plain files cannot be opened but a `bf16` variant can, the variant is
+    /// used: Emu2-Gen ships only `model.bf16-*` shards, beside a plain index
+    /// whose shards are absent.
     pub fn from_dir(backend: &B, dir: impl AsRef<Path>, dtype: DType) -> Result<Self> {
         let dir = resolve_dir(dir.as_ref());
         let config = EmuVisionConfig::from_file(dir.join("config.json"))?;
-        let ckpt = Checkpoint::open(&dir)?;
+        let ckpt = match Checkpoint::open_dir(&dir, None) {
+            Ok(c) => c,
+            Err(plain) => Checkpoint::open_dir(&dir, Some("bf16")).map_err(|_| plain)?,
+        };
         Self::load(backend, &Weights::new(&ckpt), config, dtype)
     }
 
@@ -266,13 +272,10 @@ impl<B: Backend> VisionEncoder<B> {
         // project_up is optional so that encoder-only checkpoints load; its
         // output width comes from the config when known, else from the tensor.
         let project_up = if root.contains(up_key) {
+            // The config's hidden_size when given (checked against the tensor), else the tensor's.
             let out = match config.hidden_size {
                 Some(h) => h,
-                None => {
-                    return Err(VisionError::InvalidConfig(
-                        "the checkpoint has project_up but the config has no `hidden_size`".into(),
-                    ))
-                }
+                None => root.info(up_key)?.dims.first().copied().unwrap_or(0),
             };
             Some(root.tensor(backend, up_key, &[out, config.d_model], dtype)?)
         } else {

@@ -128,3 +128,40 @@ fn photo_end_to_end_matches_pil_torchvision_and_reference() {
         1e-4,
     );
 }
+
+#[test]
+fn gen_bf16_variant_beside_a_dangling_plain_index_loads() {
+    // Emu2-Gen's multimodal_encoder/: model.bf16-0000N-of-0000M.safetensors with
+    // model.safetensors.index.bf16.json, plus a plain index whose shards are absent.
+    let dir = std::env::temp_dir().join(format!("emu-vision-gen-bf16-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let hf = fixtures().join("hf");
+    std::fs::copy(hf.join("config.json"), dir.join("config.json")).unwrap();
+    let shard = "model.bf16-00001-of-00001.safetensors";
+    std::fs::copy(hf.join("model.safetensors"), dir.join(shard)).unwrap();
+    let keys: Vec<String> = Checkpoint::open(hf.join("model.safetensors"))
+        .unwrap()
+        .keys()
+        .map(str::to_string)
+        .collect();
+    let index = |file: &str| {
+        let map: serde_json::Map<String, serde_json::Value> = keys
+            .iter()
+            .map(|k| (k.clone(), serde_json::Value::from(file)))
+            .collect();
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string()
+    };
+    std::fs::write(dir.join("model.safetensors.index.bf16.json"), index(shard)).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        index("model-00001-of-00001.safetensors"),
+    )
+    .unwrap();
+    // The plain layout alone does not open: the fallback is what makes this load.
+    let plain = Checkpoint::open_dir(&dir, None);
+    let cpu = CpuBackend::new();
+    let enc = VisionEncoder::from_dir(&cpu, &dir, DType::F32);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(plain.is_err());
+    run_all("f32/gen_bf16_variant", &enc.unwrap(), 1e-4);
+}
