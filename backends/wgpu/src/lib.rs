@@ -540,6 +540,9 @@ impl WgpuBackend {
             keep.push(pbuf);
         }
         ctx.queue.submit([enc.finish()]);
+        // Non-blocking: lets wgpu retire finished submissions and free what
+        // they held, so long runs without downloads do not accumulate them.
+        let _ = ctx.device.poll(wgpu::PollType::Poll);
         // Params buffers go back to the pool only now: a later write into a
         // reused one is then queued after this submission.
         drop(keep);
