@@ -128,6 +128,21 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
+    fn markup_encoding_and_decoding_never_panic(
+        s in "(\\PC|\\[IMG\\]|</s>|<s>|<unk>|\\[USER\\]| |\n)*",
+        ids in proptest::collection::vec(0u32..32274, 0..40),
+    ) {
+        for compat in [Compat::Slow, Compat::Fast] {
+            let tok = cached(Variant::Chat, compat);
+            let enc = tok.encode_markup(&s).unwrap();
+            prop_assert!(enc.iter().all(|&i| (i as usize) < tok.vocab_size()));
+            let _ = tok.decode(&enc, false).unwrap();
+            let _ = tok.decode(&ids, false).unwrap();
+            let _ = tok.decode(&ids, true).unwrap();
+        }
+    }
+
+    #[test]
     fn user_text_is_never_special_and_decodes_back(s in "[^\u{2581}]{0,40}") {
         for compat in [Compat::Slow, Compat::Fast] {
             let tok = cached(Variant::Chat, compat);
