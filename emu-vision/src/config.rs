@@ -214,6 +214,32 @@ impl EvaConfig {
 }
 
 impl EmuVisionConfig {
+    /// The configuration of every released Emu2 model (SPEC §1.1), for native
+    /// checkpoints that come without a `config.json`: EVA-CLIP-E/14-plus at
+    /// 448 px, `d_model` 1792, LLM width 6656. `n_query` is 64 for Emu2 and
+    /// Emu2-Gen, 256 for Emu2-Chat images.
+    pub fn emu2(n_query: usize) -> Result<Self> {
+        let vision = EvaConfig {
+            image_size: 448,
+            patch_size: 14,
+            width: 1792,
+            layers: 64,
+            head_width: 112,
+            mlp_ratio: 8.571428571428571,
+            mlp_hidden: 15360,
+            layer_norm_eps: 1e-6,
+            n_query,
+            v_query: 64,
+            qkv_bias: true,
+        };
+        vision.validate()?;
+        Ok(Self {
+            vision,
+            d_model: 1792,
+            hidden_size: Some(6656),
+        })
+    }
+
     /// Parses a whole Emu2 `config.json` (text).
     pub fn from_json_str(s: &str) -> Result<Self> {
         let v: Value =
@@ -302,7 +328,9 @@ mod tests {
             assert_eq!((v.n_query, v.v_query), (n_query, 64));
             assert_eq!(v.pool_stride(v.n_query).unwrap(), if n_query == 64 { 4 } else { 2 });
             assert_eq!((c.d_model, c.hidden_size), (1792, Some(6656)));
+            assert_eq!(c, EmuVisionConfig::emu2(n_query).unwrap());
         }
+        assert!(EmuVisionConfig::emu2(48).is_err());
     }
 
     fn base() -> Value {

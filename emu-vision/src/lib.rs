@@ -6,7 +6,10 @@
 //!   final norm), generic over any [`emu_core::Backend`];
 //! * [`VisionEncoder`]: the ViT plus average pooling to `n_query` tokens and
 //!   `project_up`, loaded from HF (`model.visual.*`), native (`visual.*`) or
-//!   Emu2-Gen (`multimodal_encoder.visual.*`) checkpoints;
+//!   Emu2-Gen (`multimodal_encoder.visual.*`) checkpoints
+//!   ([`VisionEncoder::from_dir`] with a `config.json`,
+//!   [`VisionEncoder::from_checkpoint`] with [`EmuVisionConfig::emu2`] for
+//!   native files);
 //! * [`preprocess`]: PNG/JPEG decoding with header-checked limits, PIL-exact
 //!   bicubic resize and CLIP normalisation ([`Preprocessor`]).
 //!

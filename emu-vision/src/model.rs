@@ -258,6 +258,15 @@ impl<B: Backend> VisionEncoder<B> {
         Self::load(backend, &Weights::new(&ckpt), config, dtype)
     }
 
+    /// Loads from a checkpoint file or directory without a `config.json`,
+    /// such as the native `Emu2_pytorch_model.bf16.bin` or
+    /// `Emu2-Gen_pytorch_model.bf16.safetensors`, with the given config
+    /// (usually [`EmuVisionConfig::emu2`]).
+    pub fn from_checkpoint(backend: &B, path: impl AsRef<Path>, config: EmuVisionConfig, dtype: DType) -> Result<Self> {
+        let ckpt = Checkpoint::open(path)?;
+        Self::load(backend, &Weights::new(&ckpt), config, dtype)
+    }
+
     /// Loads from a checkpoint view at its root, finding which key layout it uses.
     pub fn load(backend: &B, root: &Weights, config: EmuVisionConfig, dtype: DType) -> Result<Self> {
         let (prefix, up_key) = LAYOUTS

@@ -165,3 +165,17 @@ fn gen_bf16_variant_beside_a_dangling_plain_index_loads() {
     assert!(plain.is_err());
     run_all("f32/gen_bf16_variant", &enc.unwrap(), 1e-4);
 }
+
+#[test]
+fn native_single_file_with_an_explicit_config() {
+    let cpu = CpuBackend::new();
+    let dir = fixtures().join("gen_native");
+    let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let config = emu_vision::EmuVisionConfig::from_json_str(&text).unwrap();
+    let enc = VisionEncoder::from_checkpoint(&cpu, dir.join("model.safetensors"), config, DType::F32).unwrap();
+    run_all("f32/native_file", &enc, 1e-4);
+    // The Emu2 preset describes the real encoder, not this tiny one: shapes must be refused by name.
+    let real = emu_vision::EmuVisionConfig::emu2(64).unwrap();
+    let err = VisionEncoder::from_checkpoint(&cpu, dir.join("model.safetensors"), real, DType::F32).unwrap_err();
+    assert!(err.to_string().contains("multimodal_encoder.visual."), "{err}");
+}
