@@ -37,6 +37,9 @@
 //! print(len(files) / (time.perf_counter() - t), "images/s;", time.process_time() - c, "CPU s")
 //! ```
 
+// `usize::is_multiple_of` needs Rust 1.87; the workspace supports 1.85.
+#![allow(clippy::manual_is_multiple_of)]
+
 use emu_backend_cpu::CpuBackend;
 use emu_core::{DType, Tensor};
 use emu_vision::{Preprocessor, VisionEncoder};
