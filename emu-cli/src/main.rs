@@ -37,6 +37,9 @@ enum Command {
     /// written as PNG. `--model tiny` runs a built-in model with random
     /// weights whose images are meaningless noise.
     Generate(emu_cli::commands::generate::GenerateArgs),
+    /// Encode images with the EVA vision encoder of any Emu2 model and write
+    /// the features, pooled tokens and projected embeddings as safetensors.
+    Encode(emu_cli::commands::encode::EncodeArgs),
 }
 
 #[derive(Args)]
@@ -91,6 +94,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Chat(a) => emu_cli::commands::chat::run(&a)?,
         Command::Complete(a) => emu_cli::commands::complete::run(&a)?,
         Command::Generate(a) => emu_cli::commands::generate::run(&a)?,
+        Command::Encode(a) => emu_cli::commands::encode::run(&a)?,
         Command::Inspect(a) => {
             let ins = inspect(&a.path, a.variant.as_deref())?;
             if a.json {

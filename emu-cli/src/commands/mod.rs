@@ -3,6 +3,7 @@
 
 pub mod chat;
 pub mod complete;
+pub mod encode;
 pub mod generate;
 
 use crate::pipeline::{check_dtype, Component, ModelDir, ModelFamily, PipelineError, Result, Timings};
@@ -74,15 +75,21 @@ impl ModelArgs {
     /// Checks the backend and dtype names, then resolves the model (the tiny
     /// one is built here), so that a typo fails before anything is loaded.
     pub fn resolve(&self, family: ModelFamily) -> Result<(BackendKind, ModelDir)> {
-        let kind = BackendKind::parse(&self.backend)?;
-        for d in [&self.dtype, &self.vision_dtype].into_iter().flatten() {
-            parse_dtype(d)?;
-        }
+        let kind = self.check_names()?;
         let dir = ModelDir::resolve(&self.model, family)?;
         if dir.is_tiny() {
             eprintln!("{TINY_NOTICE}");
         }
         Ok((kind, dir))
+    }
+
+    /// Checks the backend and dtype names; returns the backend.
+    pub fn check_names(&self) -> Result<BackendKind> {
+        let kind = BackendKind::parse(&self.backend)?;
+        for d in [&self.dtype, &self.vision_dtype].into_iter().flatten() {
+            parse_dtype(d)?;
+        }
+        Ok(kind)
     }
 
     /// The `--dump` folder, created if missing.

@@ -29,6 +29,7 @@
 
 mod dump;
 mod emu2;
+mod encode;
 mod error;
 mod generate;
 mod model;
@@ -36,6 +37,7 @@ mod text;
 
 pub use dump::Dump;
 pub use emu2::{check_dtype, Emu2Model};
+pub use encode::{EncodePipeline, EncodedImages};
 pub use error::{PipelineError, Result};
 pub use generate::{gaussian_noise, GeneratedImage, GenerationOptions, GenerationPipeline};
 pub use model::{detect_family, ModelDir, ModelFamily};

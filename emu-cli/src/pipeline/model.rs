@@ -95,6 +95,26 @@ impl ModelDir {
         })
     }
 
+    /// Resolves `spec` like [`ModelDir::resolve`] but accepts any of the three
+    /// families; `tiny` builds the tiny model of `tiny_family`.
+    pub fn resolve_any(spec: &str, tiny_family: ModelFamily) -> Result<Self> {
+        if spec == "tiny" {
+            return Self::tiny(tiny_family);
+        }
+        let probe = Self::resolve(spec, tiny_family);
+        match probe {
+            Err(PipelineError::Model(_)) => {
+                for f in [ModelFamily::Emu2Chat, ModelFamily::Emu2, ModelFamily::Emu2Gen] {
+                    if let Ok(d) = Self::resolve(spec, f) {
+                        return Ok(d);
+                    }
+                }
+                probe
+            }
+            other => other,
+        }
+    }
+
     /// Resolves `spec` (`tiny`, a directory, or a repo id such as
     /// `BAAI/Emu2-Chat` found in the local Hugging Face cache) and checks
     /// that it holds a model of family `want`.

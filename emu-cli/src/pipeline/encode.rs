@@ -1,0 +1,91 @@
+//! The vision side alone: images to EVA features, pooled tokens and LLM
+//! input embeddings, without loading the language model.
+
+use super::error::{PipelineError, Result};
+use super::model::ModelDir;
+use super::{check_dtype, Component, Timings};
+use emu_core::checkpoint::{Checkpoint, Weights};
+use emu_core::{Backend, HostTensor};
+use emu_vision::{load_image, EmuVisionConfig, Preprocessor, VisionEncoder};
+use std::path::Path;
+use std::time::Instant;
+
+/// What [`EncodePipeline::encode`] returns (host tensors, model dtype).
+#[derive(Debug, Clone)]
+pub struct EncodedImages {
+    /// Raw EVA output `[N, 1 + grid², d_model]`, CLS first.
+    pub features: HostTensor,
+    /// Average-pooled `[N, n_query, d_model]`.
+    pub pooled: HostTensor,
+    /// `project_up` of the pooled tokens `[N, n_query, hidden_size]`, when
+    /// the checkpoint has `project_up`.
+    pub projected: Option<HostTensor>,
+    pub timings: Timings,
+}
+
+/// The EVA encoder of any Emu2 model (base, Chat, or Emu2-Gen's multimodal encoder).
+pub struct EncodePipeline<B: Backend> {
+    vision: VisionEncoder<B>,
+    preprocessor: Preprocessor,
+    backend: B,
+    load_timings: Timings,
+}
+
+impl<B: Backend> EncodePipeline<B> {
+    pub fn load(dir: &ModelDir, vision: &Component<B>) -> Result<Self> {
+        check_dtype(&vision.backend, vision.dtype, "vision encoder")?;
+        let t0 = Instant::now();
+        let enc_dir = dir.encoder_dir();
+        let config = EmuVisionConfig::from_file(enc_dir.join("config.json"))?;
+        let ckpt = Checkpoint::open(&enc_dir)?;
+        let encoder = VisionEncoder::load(&vision.backend, &Weights::new(&ckpt), config, vision.dtype)?;
+        let preprocessor = Preprocessor::for_config(&encoder.config().vision)?;
+        let mut load_timings = Timings::default();
+        load_timings.add("load", t0.elapsed());
+        Ok(Self {
+            vision: encoder,
+            preprocessor,
+            backend: vision.backend.clone(),
+            load_timings,
+        })
+    }
+
+    pub fn load_timings(&self) -> &Timings {
+        &self.load_timings
+    }
+
+    /// The model's `n_query` (tokens per image after pooling).
+    pub fn n_query(&self) -> usize {
+        self.vision.config().vision.n_query
+    }
+
+    /// Encodes image files; `n_query` defaults to the model's.
+    pub fn encode<P: AsRef<Path>>(&self, images: &[P], n_query: Option<usize>) -> Result<EncodedImages> {
+        if images.is_empty() {
+            return Err(PipelineError::Input(
+                "no image to encode; give at least one with --image".into(),
+            ));
+        }
+        let t0 = Instant::now();
+        let pics = images
+            .iter()
+            .map(|p| load_image(p, &self.preprocessor.decode))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let pixels = self.preprocessor.batch(&self.backend, &pics)?;
+        let features = self.vision.encode(&pixels)?;
+        let pooled = self.vision.pool(&features, n_query.unwrap_or(self.n_query()))?;
+        let projected = match self.vision.project(&pooled) {
+            Ok(p) => Some(p.to_host()?),
+            Err(emu_vision::VisionError::InvalidArgument(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let mut timings = Timings::default();
+        timings.add("vision", t0.elapsed());
+        Ok(EncodedImages {
+            features: features.to_host()?,
+            pooled: pooled.to_host()?,
+            projected,
+            timings,
+        })
+    }
+}
