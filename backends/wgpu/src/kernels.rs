@@ -417,6 +417,57 @@ fn store_row(o_base: u32, r: u32, c0: u32, M: u32, N: u32, v: vec4<f32>) {{
     )
 }
 
+/// Matrix-vector product for `M = 1` (decode steps): one workgroup of 64
+/// invocations per output element, splitting K and reducing in workgroup
+/// memory, so a row of a transposed weight is read contiguously. Same `P`
+/// as [`matmul`]; grid `(x, y, batch)` with `x * y >= N`.
+pub fn matvec(out: DType) -> String {
+    format!(
+        "{}{}
+var<workgroup> red: array<f32, 64>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {{
+    let N = P[1];
+    let K = P[2];
+    let col = wid.x + wid.y * nwg.x;
+    if (col >= N) {{ return; }}
+    var rem = wid.z;
+    var a_base = P[10];
+    var b_base = P[19];
+    var d = P[3];
+    loop {{
+        if (d == 0u) {{ break; }}
+        d = d - 1u;
+        let size = P[4u + d];
+        let c = rem % size;
+        rem = rem / size;
+        a_base = a_base + c * P[13u + d];
+        b_base = b_base + c * P[22u + d];
+    }}
+    let a_cs = P[12];
+    let b_rs = P[20];
+    let bc = b_base + col * P[21];
+    let t = lid.x;
+    var acc = 0.0;
+    for (var k = t; k < K; k = k + 64u) {{
+        acc = acc + I0[a_base + k * a_cs] * I1[bc + k * b_rs];
+    }}
+    red[t] = acc;
+    workgroupBarrier();
+    for (var h = 32u; h > 0u; h = h >> 1u) {{
+        if (t < h) {{ red[t] = red[t] + red[t + h]; }}
+        workgroupBarrier();
+    }}
+    if (t == 0u) {{ O[wid.z * N + col] = rnd(red[0]); }}
+}}
+",
+        header(&["f32", "f32"], "f32"),
+        round_fn(out)
+    )
+}
+
 /// Direct 2-D convolution, one invocation per output element.
 ///
 /// `P`: 0 total, 1 C, 2 H, 3 W, 4 O, 5 C/groups, 6 KH, 7 KW, 8 OH, 9 OW,

@@ -1256,6 +1256,19 @@ impl Backend for WgpuBackend {
         p[19] = u32_of("offset", b.offset)?;
         p[20] = u32_of("stride", b.strides[br - 2])?;
         p[21] = u32_of("stride", b.strides[br - 1])?;
+        if m == 1 {
+            let key = format!("matvec {}", dt_key(a.dtype));
+            let pipeline = self.pipeline(&key, 2, || kernels::matvec(a.dtype))?;
+            let [x, y, _] = groups_rows(n);
+            self.submit(&[Launch {
+                pipeline,
+                params: p,
+                inputs: vec![a.buffer(), b.buffer()],
+                output: out.buffer(),
+                groups: [x, y, nbatch as u32],
+            }])?;
+            return Ok(out);
+        }
         let key = format!("matmul {}", dt_key(a.dtype));
         let pipeline = self.pipeline(&key, 2, || kernels::matmul(a.dtype))?;
         let t = kernels::MM_TILE as usize;
