@@ -278,6 +278,36 @@ fn topo_order(outputs: &[&OnnxTensor], stop: &dyn Fn(&OnnxTensor) -> bool) -> Ve
     order
 }
 
+/// The not-yet-computed nodes of `t`'s graph that something besides that graph
+/// still holds (a KV cache, a tensor the caller keeps, a branch built but not
+/// yet downloaded). They become extra outputs of the run and are remembered,
+/// so the next graph (the next decode step) starts from them instead of
+/// recomputing the whole history.
+fn held_elsewhere(t: &OnnxTensor) -> Vec<OnnxTensor> {
+    let order = topo_order(&[t], &|n: &OnnxTensor| n.known().is_some());
+    let mut uses: HashMap<u64, usize> = HashMap::new();
+    for n in &order {
+        if let Kind::Op { inputs, .. } = &n.0.kind {
+            if n.known().is_none() {
+                for i in inputs {
+                    *uses.entry(i.0.id).or_insert(0) += 1;
+                }
+            }
+        }
+    }
+    order
+        .iter()
+        .filter(|n| {
+            n.0.id != t.0.id
+                && matches!(n.0.kind, Kind::Op { .. })
+                && n.known().is_none()
+                // One reference is `order`'s own clone.
+                && Arc::strong_count(&n.0) > uses.get(&n.0.id).copied().unwrap_or(0) + 1
+        })
+        .cloned()
+        .collect()
+}
+
 /// A serialised model and the data to feed it.
 struct Serialized {
     model: Vec<u8>,
@@ -478,10 +508,27 @@ impl Backend for OnnxBackend {
         if let Some(h) = t.known() {
             return Ok(h.clone());
         }
-        let s = serialize(&[("out", t)], Mode::Run, "emu")?;
+        let kept = held_elsewhere(t);
+        let names: Vec<String> = (0..kept.len()).map(|i| format!("kept{i}")).collect();
+        let mut outputs = vec![("out", t)];
+        outputs.extend(names.iter().map(String::as_str).zip(kept.iter()));
+        let s = serialize(&outputs, Mode::Run, "emu")?;
         let feeds: Vec<(String, &HostTensor)> = s.feeds.iter().map(|(n, h)| (n.clone(), h)).collect();
-        let mut outs = self.sessions.run(s.model, &feeds)?;
-        let h = outs.pop().ok_or_else(|| backend_err("the graph returned no output"))?;
+        let outs = self.sessions.run(s.model, &feeds)?;
+        if outs.len() != outputs.len() {
+            return Err(backend_err(format!(
+                "the graph returned {} outputs instead of {}",
+                outs.len(),
+                outputs.len()
+            )));
+        }
+        let mut outs = outs.into_iter();
+        let h = outs.next().ok_or_else(|| backend_err("the graph returned no output"))?;
+        for (k, v) in kept.iter().zip(outs) {
+            if v.dims() == k.dims() && v.dtype() == k.dtype() {
+                let _ = k.0.value.set(v);
+            }
+        }
         if h.dims() != t.dims() || h.dtype() != t.dtype() {
             return Err(backend_err(format!(
                 "graph output {:?} {} differs from the expected {:?} {}",

@@ -6,7 +6,7 @@ use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::OnnxBackend;
 use emu_core::checkpoint::Checkpoint;
 use emu_core::{Backend, DType, Error, Tensor};
-use emu_llm::{Llama, LlamaConfig, Logits, SlotIds};
+use emu_llm::{generate, GenerationConfig, Llama, LlamaConfig, Logits, SlotIds};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -111,4 +111,51 @@ fn mha_decoder_matches_transformers_on_onnx_runtime() {
 #[test]
 fn gqa_decoder_matches_transformers_on_onnx_runtime() {
     decoder_matches_transformers("gqa");
+}
+
+fn load<B: Backend>(be: &B, set: &str) -> Llama<B> {
+    let d = dir(set);
+    let cfg = LlamaConfig::from_file(d.join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(d.join("model.safetensors")).unwrap();
+    Llama::load(be, &emu_llm::lm_weights(&ckpt).unwrap(), &cfg, DType::F32).unwrap()
+}
+
+#[test]
+fn greedy_generation_gives_the_cpu_backends_tokens() {
+    let Ok(be) = OnnxBackend::new() else {
+        return eprintln!("skipping: ONNX Runtime unavailable");
+    };
+    let cpu = CpuBackend::new();
+    let greedy = GenerationConfig {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    let mut checked = 0;
+    for set in ["mha", "gqa"] {
+        let cases = Checkpoint::open(dir(set).join("cases.safetensors")).unwrap();
+        let (m_onnx, m_cpu) = (load(&be, set), load(&cpu, set));
+        // Three prompts per config keep this at a few seconds: every decode step
+        // is a differently shaped graph, compiled once.
+        for i in 0..3 {
+            let Ok(h) = cases.get(&format!("gen.embeds.{i}")) else {
+                break;
+            };
+            let h = h.to_dtype(DType::F32).unwrap();
+            let t = Instant::now();
+            let got = generate(&m_onnx, &Tensor::from_host(&be, &h).unwrap(), &[], &greedy, None).unwrap();
+            let t_onnx = t.elapsed();
+            let t = Instant::now();
+            let want = generate(&m_cpu, &Tensor::from_host(&cpu, &h).unwrap(), &[], &greedy, None).unwrap();
+            let t_cpu = t.elapsed();
+            assert_eq!(got, want, "{set} prompt {i}");
+            eprintln!(
+                "{set} prompt {i}: {} tokens equal; onnx {:.1} ms, cpu {:.1} ms",
+                got[0].len(),
+                t_onnx.as_secs_f64() * 1e3,
+                t_cpu.as_secs_f64() * 1e3
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 2, "no generation prompts in the fixtures");
 }
