@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod host;
+pub mod shape;
 pub mod tensor;
 pub mod testing;
 

@@ -16,6 +16,7 @@
 
 use candle_core::{DType as CDType, Device, Tensor as CTensor};
 use emu_core::backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, Result};
 
 /// The candle CPU backend. Cheap to clone.
@@ -96,40 +97,11 @@ fn in_f32(x: &CTensor, f: impl FnOnce(&CTensor) -> candle_core::Result<CTensor>)
 }
 
 fn check_dim(op: &str, t: &CTensor, dim: usize) -> Result<()> {
-    if dim >= t.rank() {
-        return Err(Error::shape(format!(
-            "{op}: dimension {dim} out of range for {:?}",
-            t.dims()
-        )));
-    }
-    Ok(())
+    shape::check_dim(op, t.dims(), dim)
 }
 
 fn same_dtype(op: &str, a: &CTensor, b: &CTensor) -> Result<()> {
-    if a.dtype() != b.dtype() {
-        return Err(Error::DType(format!(
-            "{op}: operands have different dtypes {} and {}",
-            from_candle(a.dtype()),
-            from_candle(b.dtype())
-        )));
-    }
-    Ok(())
-}
-
-fn broadcast_dims(op: &str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
-    let n = a.len().max(b.len());
-    let mut out = vec![0; n];
-    for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
-        out[i] = match (da, db) {
-            (x, y) if x == y => x,
-            (1, y) => y,
-            (x, 1) => x,
-            _ => return Err(Error::shape(format!("{op}: shapes {a:?} and {b:?} do not broadcast"))),
-        };
-    }
-    Ok(out)
+    shape::check_same_dtype(op, from_candle(a.dtype()), from_candle(b.dtype()))
 }
 
 impl Backend for CpuBackend {

@@ -34,6 +34,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 
 use emu_core::backend::{Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, Result};
 use half::{bf16, f16};
 use kernels::{Word, MAX_RANK, WG};
@@ -613,13 +614,7 @@ impl WgpuBackend {
     }
 
     fn same_dtype(&self, op: &str, a: &WgpuTensor, b: &WgpuTensor) -> Result<()> {
-        if a.dtype != b.dtype {
-            return Err(Error::DType(format!(
-                "{op}: operands have different dtypes {} and {}",
-                a.dtype, b.dtype
-            )));
-        }
-        Ok(())
+        shape::check_same_dtype(op, a.dtype, b.dtype)
     }
 
     /// A one-input kernel over a strided input producing a contiguous output.
@@ -659,13 +654,7 @@ impl WgpuBackend {
     }
 
     fn check_dim(op: &str, t: &WgpuTensor, dim: usize) -> Result<()> {
-        if dim >= t.dims.len() {
-            return Err(Error::shape(format!(
-                "{op}: dimension {dim} out of range for {:?}",
-                t.dims
-            )));
-        }
-        Ok(())
+        shape::check_dim(op, &t.dims, dim)
     }
 
     /// Row-wise kernel (softmax, norms) over the last dimension.
@@ -729,22 +718,6 @@ impl WgpuBackend {
             }
         }
     }
-}
-
-fn broadcast_dims(op: &str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
-    let n = a.len().max(b.len());
-    let mut out = vec![0; n];
-    for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
-        out[i] = match (da, db) {
-            (x, y) if x == y => x,
-            (1, y) => y,
-            (x, 1) => x,
-            _ => return Err(Error::shape(format!("{op}: shapes {a:?} and {b:?} do not broadcast"))),
-        };
-    }
-    Ok(out)
 }
 
 /// Strides of `t` viewed as broadcast to `dims` (0 on expanded dimensions).
