@@ -54,7 +54,10 @@ pub(crate) fn library_path() -> Result<PathBuf> {
 /// The process-wide ONNX Runtime environment, loaded on first use.
 pub(crate) fn environment() -> Result<&'static Environment> {
     let env = ENV.get_or_init(|| {
-        let path = library_path().map_err(|e| e.to_string())?;
+        let path = library_path().map_err(|e| match e {
+            Error::BackendUnavailable { reason, .. } => reason,
+            other => other.to_string(),
+        })?;
         ort::init_from(&path)
             .map_err(|e| format!("cannot load {}: {e}", path.display()))?
             .with_name("emu-rs")
