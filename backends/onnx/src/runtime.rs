@@ -61,6 +61,9 @@ pub(crate) fn environment() -> Result<&'static Environment> {
         ort::init_from(&path)
             .map_err(|e| format!("cannot load {}: {e}", path.display()))?
             .with_name("emu-rs")
+            // One shared pool: a thread pool per session would be created
+            // for every distinct graph, which dominates small graphs.
+            .with_global_thread_pool(ort::environment::GlobalThreadPoolOptions::default())
             .build()
             .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
     });
@@ -86,7 +89,8 @@ fn new_session(model: Source<'_>, threads: usize) -> Result<Session> {
     let mut builder = Session::builder(env).map_err(|e| backend_err(e.to_string()))?;
     if threads > 0 {
         builder = builder
-            .with_intra_threads(threads)
+            .with_independent_thread_pool()
+            .and_then(|b| b.with_intra_threads(threads))
             .map_err(|e| backend_err(e.to_string()))?;
     }
     match model {
