@@ -90,7 +90,8 @@ fn new_session(model: Source<'_>, threads: usize) -> Result<Session> {
     if threads > 0 {
         builder = builder
             .with_independent_thread_pool()
-            .and_then(|b| b.with_intra_threads(threads))
+            .map_err(|e| backend_err(e.to_string()))?
+            .with_intra_threads(threads)
             .map_err(|e| backend_err(e.to_string()))?;
     }
     match model {
