@@ -1,9 +1,8 @@
 //! `emu chat`: ask Emu2-Chat about images and videos.
 
-use super::{report_timings, BackendKind, DecodeArgs, ModelArgs};
+use super::{report_timings, Backends, DecodeArgs, ModelArgs};
 use crate::pipeline::{ChatOptions, ChatPipeline, ModelFamily, PipelineError, Result};
 use clap::Args;
-use emu_backend_cpu::CpuBackend;
 use emu_core::Backend;
 use emu_prompt::{Item, Prompt, Role, Turn, Video};
 use std::io::{BufRead, IsTerminal, Write};
@@ -56,9 +55,8 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         super::generate::check_png_output(out)?;
     }
     let (kind, dir) = args.model.resolve(ModelFamily::Emu2Chat)?;
-    match kind {
-        BackendKind::Cpu => run_on(CpuBackend::new(), args, &dir),
-    }
+    let (v, l) = args.model.open(kind, &mut Backends::default())?;
+    with_backend!(v, |vb| with_backend!(l, |lb| run_on(vb, lb, args, &dir)))
 }
 
 fn path_str(p: &std::path::Path) -> Result<String> {
@@ -67,8 +65,8 @@ fn path_str(p: &std::path::Path) -> Result<String> {
         .ok_or_else(|| PipelineError::Input(format!("path `{}` is not valid UTF-8", p.display())))
 }
 
-fn run_on<B: Backend>(backend: B, args: &ChatArgs, dir: &crate::pipeline::ModelDir) -> Result<()> {
-    let (vision, llm) = args.model.components(&backend, dir)?;
+fn run_on<V: Backend, L: Backend>(vision: V, llm: L, args: &ChatArgs, dir: &crate::pipeline::ModelDir) -> Result<()> {
+    let (vision, llm) = args.model.components(&vision, &llm, dir)?;
     let mut chat = ChatPipeline::load(dir, &vision, &llm)?;
     chat.set_dump(args.model.dump()?);
     let opts = ChatOptions {

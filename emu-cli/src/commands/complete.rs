@@ -1,9 +1,8 @@
 //! `emu complete`: let Emu2 (base) continue an interleaved image/text prompt.
 
-use super::{report_timings, BackendKind, DecodeArgs, ModelArgs};
+use super::{report_timings, Backends, DecodeArgs, ModelArgs};
 use crate::pipeline::{CompletionOptions, CompletionPipeline, ModelFamily, Result};
 use clap::Args;
-use emu_backend_cpu::CpuBackend;
 use emu_core::Backend;
 use std::io::Write;
 
@@ -24,18 +23,18 @@ pub struct CompleteArgs {
 pub fn run(args: &CompleteArgs) -> Result<()> {
     let prompt = emu_prompt::parse_markup(&args.prompt)?;
     let (kind, dir) = args.model.resolve(ModelFamily::Emu2)?;
-    match kind {
-        BackendKind::Cpu => run_on(CpuBackend::new(), args, &prompt, &dir),
-    }
+    let (v, l) = args.model.open(kind, &mut Backends::default())?;
+    with_backend!(v, |vb| with_backend!(l, |lb| run_on(vb, lb, args, &prompt, &dir)))
 }
 
-fn run_on<B: Backend>(
-    backend: B,
+fn run_on<V: Backend, L: Backend>(
+    vision: V,
+    llm: L,
     args: &CompleteArgs,
     prompt: &emu_prompt::Prompt,
     dir: &crate::pipeline::ModelDir,
 ) -> Result<()> {
-    let (vision, llm) = args.model.components(&backend, dir)?;
+    let (vision, llm) = args.model.components(&vision, &llm, dir)?;
     let mut pipe = CompletionPipeline::load(dir, &vision, &llm)?;
     pipe.set_dump(args.model.dump()?);
     let opts = CompletionOptions {

@@ -1,9 +1,8 @@
 //! `emu encode`: images to EVA features, as safetensors.
 
-use super::{report_timings, BackendKind, ModelArgs};
+use super::{report_timings, Backends, ModelArgs};
 use crate::pipeline::{EncodePipeline, ModelDir, ModelFamily, PipelineError, Result};
 use clap::Args;
-use emu_backend_cpu::CpuBackend;
 use emu_core::{Backend, DType, HostTensor};
 use std::path::PathBuf;
 
@@ -57,13 +56,14 @@ pub fn run(args: &EncodeArgs) -> Result<()> {
     if dir.is_tiny() {
         eprintln!("{}", crate::tiny::TINY_NOTICE);
     }
-    match kind {
-        BackendKind::Cpu => run_on(CpuBackend::new(), args, &dir),
-    }
+    // Only the vision encoder runs here.
+    let vision = Backends::default().open(kind.vision)?;
+    with_backend!(vision, |b| run_on(b, args, &dir))
 }
 
 fn run_on<B: Backend>(backend: B, args: &EncodeArgs, dir: &ModelDir) -> Result<()> {
-    let (vision, _) = args.model.components(&backend, dir)?;
+    let (vision_dtype, _) = args.model.dtypes(dir)?;
+    let vision = super::component(&backend, vision_dtype, "vision encoder")?;
     let pipe = EncodePipeline::load(dir, &vision)?;
     let enc = pipe.encode(&args.images, args.n_query)?;
     let mut tensors: Vec<(&str, &HostTensor)> =

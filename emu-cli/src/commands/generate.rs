@@ -1,9 +1,8 @@
 //! `emu generate`: Emu2-Gen, a prompt to a PNG image.
 
-use super::{report_timings, BackendKind, ModelArgs};
+use super::{report_timings, BackendKind, Backends, ModelArgs};
 use crate::pipeline::{GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError, Result};
 use clap::Args;
-use emu_backend_cpu::CpuBackend;
 use emu_core::Backend;
 use emu_prompt::{Item, Prompt};
 use std::io::{IsTerminal, Write};
@@ -38,6 +37,9 @@ pub struct GenerateArgs {
     /// Negative prompt (markup). Default: upstream's, the empty prompt.
     #[arg(long, value_name = "PROMPT")]
     pub negative: Option<String>,
+    /// Where to run the UNet and the VAE (overrides --backend).
+    #[arg(long, value_name = "NAME")]
+    pub decoder_backend: Option<String>,
 }
 
 /// Parses `N` or `WxH` into `(height, width)`.
@@ -98,6 +100,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             }
         }
     }
+    let decoder_kind = match &args.decoder_backend {
+        Some(name) => BackendKind::parse(name)?,
+        None => BackendKind::parse(&args.model.backend)?,
+    };
     let (kind, dir) = args.model.resolve(ModelFamily::Emu2Gen)?;
     let opts = GenerationOptions {
         steps: args.steps,
@@ -107,22 +113,27 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         negative,
         latents: None,
     };
-    match kind {
-        BackendKind::Cpu => run_on(CpuBackend::new(), args, &prompt, &opts, &dir),
-    }
+    let mut backends = Backends::default();
+    let (v, l) = args.model.open(kind, &mut backends)?;
+    let d = backends.open(decoder_kind)?;
+    with_backend!(v, |vb| with_backend!(l, |lb| with_backend!(d, |db| run_on(
+        vb, lb, db, args, &prompt, &opts, &dir
+    ))))
 }
 
-fn run_on<B: Backend>(
-    backend: B,
+fn run_on<V: Backend, L: Backend, D: Backend>(
+    vision: V,
+    llm: L,
+    decoder: D,
     args: &GenerateArgs,
     prompt: &Prompt,
     opts: &GenerationOptions,
     dir: &ModelDir,
 ) -> Result<()> {
-    let (vision, llm) = args.model.components(&backend, dir)?;
-    // The EVA encoder and the LLM share one component here; --vision-dtype
-    // applies to the whole multimodal encoder, --dtype to the UNet and VAE.
-    let mut pipe = GenerationPipeline::load(dir, &vision, &llm, &llm)?;
+    let (vision, llm) = args.model.components(&vision, &llm, dir)?;
+    // --vision-dtype applies to the EVA encoder, --dtype to the LLM, the UNet and the VAE.
+    let decoder = super::component(&decoder, llm.dtype, "UNet and VAE")?;
+    let mut pipe = GenerationPipeline::load(dir, &vision, &llm, &decoder)?;
     pipe.set_dump(args.model.dump()?);
     let progress = std::io::stderr().is_terminal();
     let mut on_step = |k: usize, n: usize| {

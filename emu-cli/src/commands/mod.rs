@@ -1,6 +1,19 @@
 //! The `emu chat`, `emu complete` and `emu generate` subcommands: argument
 //! definitions (clap) and the code that runs a pipeline for them.
 
+/// Runs `$body` with `$b` bound to the concrete backend inside an
+/// [`AnyBackend`], so each pipeline is written once, generically, and
+/// monomorphised per backend (nest it to place components separately).
+macro_rules! with_backend {
+    ($any:expr, |$b:ident| $body:expr) => {
+        match $any {
+            $crate::commands::AnyBackend::Cpu($b) => $body,
+            $crate::commands::AnyBackend::Wgpu($b) => $body,
+            $crate::commands::AnyBackend::Onnx($b) => $body,
+        }
+    };
+}
+
 pub mod chat;
 pub mod complete;
 pub mod encode;
@@ -9,27 +22,78 @@ pub mod generate;
 use crate::pipeline::{check_dtype, Component, ModelDir, ModelFamily, PipelineError, Result, Timings};
 use crate::tiny::TINY_NOTICE;
 use clap::Args;
+use emu_backend_cpu::CpuBackend;
+use emu_backend_onnx::OnnxBackend;
+use emu_backend_wgpu::WgpuBackend;
 use emu_core::{Backend, DType};
 
 /// Backends compiled into this binary.
-pub const BACKENDS: &[&str] = &["cpu"];
+pub const BACKENDS: &[&str] = &["cpu", "wgpu", "onnx"];
 
 /// A backend chosen by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Cpu,
+    Wgpu,
+    Onnx,
 }
 
 impl BackendKind {
     pub fn parse(name: &str) -> Result<Self> {
         match name.to_ascii_lowercase().as_str() {
             "cpu" => Ok(BackendKind::Cpu),
+            "wgpu" => Ok(BackendKind::Wgpu),
+            "onnx" => Ok(BackendKind::Onnx),
             _ => Err(PipelineError::UnknownBackend {
                 name: name.to_string(),
                 available: BACKENDS.join(", "),
             }),
         }
     }
+}
+
+/// An opened backend of any kind compiled in; `with_backend!` turns it
+/// back into its concrete type.
+#[derive(Debug, Clone)]
+pub enum AnyBackend {
+    Cpu(CpuBackend),
+    Wgpu(WgpuBackend),
+    Onnx(OnnxBackend),
+}
+
+/// Opens each kind of backend at most once, so components placed on the
+/// same kind share one device (and one ONNX Runtime environment).
+#[derive(Debug, Default)]
+pub struct Backends {
+    cpu: Option<CpuBackend>,
+    wgpu: Option<WgpuBackend>,
+    onnx: Option<OnnxBackend>,
+}
+
+impl Backends {
+    /// The backend of `kind`, opened on first use. A backend that cannot
+    /// start here (no GPU adapter, no ONNX Runtime library) is an error
+    /// that says why.
+    pub fn open(&mut self, kind: BackendKind) -> Result<AnyBackend> {
+        Ok(match kind {
+            BackendKind::Cpu => AnyBackend::Cpu(self.cpu.get_or_insert_with(CpuBackend::new).clone()),
+            BackendKind::Wgpu => AnyBackend::Wgpu(match &self.wgpu {
+                Some(b) => b.clone(),
+                None => self.wgpu.insert(WgpuBackend::new()?).clone(),
+            }),
+            BackendKind::Onnx => AnyBackend::Onnx(match &self.onnx {
+                Some(b) => b.clone(),
+                None => self.onnx.insert(OnnxBackend::new()?).clone(),
+            }),
+        })
+    }
+}
+
+/// Where the vision encoder and the language model run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub vision: BackendKind,
+    pub llm: BackendKind,
 }
 
 /// Options every model-running subcommand takes.
@@ -41,9 +105,16 @@ pub struct ModelArgs {
     /// Hugging Face cache. Nothing is downloaded.
     #[arg(long, value_name = "MODEL")]
     pub model: String,
-    /// Where to run: cpu.
+    /// Where to run: cpu, wgpu (a GPU through Vulkan/Metal/DX12/GL) or
+    /// onnx (ONNX Runtime; set ORT_DYLIB_PATH to its shared library).
     #[arg(long, default_value = "cpu", value_name = "NAME")]
     pub backend: String,
+    /// Where to run the vision encoder (overrides --backend).
+    #[arg(long, value_name = "NAME")]
+    pub vision_backend: Option<String>,
+    /// Where to run the language model (overrides --backend).
+    #[arg(long, value_name = "NAME")]
+    pub llm_backend: Option<String>,
     /// Compute dtype of every component: f32, bf16 or f16. Default: f32 for
     /// the tiny model, bf16 for real checkpoints.
     #[arg(long, value_name = "DTYPE")]
@@ -74,7 +145,7 @@ fn parse_dtype(s: &str) -> Result<DType> {
 impl ModelArgs {
     /// Checks the backend and dtype names, then resolves the model (the tiny
     /// one is built here), so that a typo fails before anything is loaded.
-    pub fn resolve(&self, family: ModelFamily) -> Result<(BackendKind, ModelDir)> {
+    pub fn resolve(&self, family: ModelFamily) -> Result<(Placement, ModelDir)> {
         let kind = self.check_names()?;
         let dir = ModelDir::resolve(&self.model, family)?;
         if dir.is_tiny() {
@@ -83,13 +154,23 @@ impl ModelArgs {
         Ok((kind, dir))
     }
 
-    /// Checks the backend and dtype names; returns the backend.
-    pub fn check_names(&self) -> Result<BackendKind> {
-        let kind = BackendKind::parse(&self.backend)?;
+    /// Checks the backend and dtype names; returns where each part runs.
+    pub fn check_names(&self) -> Result<Placement> {
+        let all = BackendKind::parse(&self.backend)?;
+        let or_all = |o: &Option<String>| {
+            o.as_deref()
+                .map(BackendKind::parse)
+                .transpose()
+                .map(|k| k.unwrap_or(all))
+        };
+        let placement = Placement {
+            vision: or_all(&self.vision_backend)?,
+            llm: or_all(&self.llm_backend)?,
+        };
         for d in [&self.dtype, &self.vision_dtype].into_iter().flatten() {
             parse_dtype(d)?;
         }
-        Ok(kind)
+        Ok(placement)
     }
 
     /// The `--dump` folder, created if missing.
@@ -97,8 +178,8 @@ impl ModelArgs {
         self.dump.as_ref().map(crate::pipeline::Dump::new).transpose()
     }
 
-    /// The (vision, language model) components on `backend`.
-    pub fn components<B: Backend>(&self, backend: &B, dir: &ModelDir) -> Result<(Component<B>, Component<B>)> {
+    /// The compute dtypes `(vision encoder, everything else)`.
+    pub fn dtypes(&self, dir: &ModelDir) -> Result<(DType, DType)> {
         let default = if dir.is_tiny() { DType::F32 } else { DType::BF16 };
         let dtype = self.dtype.as_deref().map(parse_dtype).transpose()?.unwrap_or(default);
         let vision_dtype = self
@@ -107,12 +188,34 @@ impl ModelArgs {
             .map(parse_dtype)
             .transpose()?
             .unwrap_or(dtype);
-        check_dtype(backend, dtype, "model")?;
-        check_dtype(backend, vision_dtype, "vision encoder")?;
+        Ok((vision_dtype, dtype))
+    }
+
+    /// The (vision, language model) components on their backends.
+    pub fn components<V: Backend, L: Backend>(
+        &self,
+        vision: &V,
+        llm: &L,
+        dir: &ModelDir,
+    ) -> Result<(Component<V>, Component<L>)> {
+        let (vision_dtype, dtype) = self.dtypes(dir)?;
         Ok((
-            Component::new(backend.clone(), vision_dtype),
-            Component::new(backend.clone(), dtype),
+            component(vision, vision_dtype, "vision encoder")?,
+            component(llm, dtype, "language model")?,
         ))
+    }
+}
+
+/// `backend` with `dtype`, checked to run there.
+pub fn component<B: Backend>(backend: &B, dtype: DType, what: &str) -> Result<Component<B>> {
+    check_dtype(backend, dtype, what)?;
+    Ok(Component::new(backend.clone(), dtype))
+}
+
+impl ModelArgs {
+    /// Opens the backends of `placement`: `(vision, language model)`.
+    pub fn open(&self, placement: Placement, backends: &mut Backends) -> Result<(AnyBackend, AnyBackend)> {
+        Ok((backends.open(placement.vision)?, backends.open(placement.llm)?))
     }
 }
 

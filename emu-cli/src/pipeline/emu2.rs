@@ -33,31 +33,34 @@ pub fn check_dtype<B: Backend>(backend: &B, dtype: DType, what: &str) -> Result<
 }
 
 /// Emu2 (base, Chat, or Emu2-Gen's multimodal encoder), loaded.
-pub struct Emu2Model<B: Backend> {
-    pub vision: VisionEncoder<B>,
-    pub llm: Llama<B>,
+/// The vision encoder runs on `V`, the language model (and the projections
+/// of the visual regression) on `L`; visual tokens cross from one to the
+/// other through the host.
+pub struct Emu2Model<V: Backend, L: Backend> {
+    pub vision: VisionEncoder<V>,
+    pub llm: Llama<L>,
     pub tokenizer: Emu2Tokenizer,
     pub preprocessor: Preprocessor,
-    vision_backend: B,
+    vision_backend: V,
     /// `project_up` / `project_down` on the LLM's backend, for the visual
     /// regression of Emu2-Gen (`None` when the checkpoint lacks them).
-    project_up: Option<Tensor<B>>,
-    project_down: Option<Tensor<B>>,
+    project_up: Option<Tensor<L>>,
+    project_down: Option<Tensor<L>>,
 }
 
 /// Where `project_up`/`project_down` sit relative to the checkpoint root,
 /// in the layouts the vision encoder accepts (HF, native, native Gen).
 const PROJECTION_PREFIXES: [&str; 2] = ["", "multimodal_encoder."];
 
-impl<B: Backend> Emu2Model<B> {
+impl<V: Backend, L: Backend> Emu2Model<V, L> {
     /// Loads `config.json`, the weights and the tokenizer. `vision` and `llm`
     /// say where each part runs and in which dtype.
     pub fn load(
         encoder_dir: &Path,
         tokenizer_dir: &Path,
         variant: Variant,
-        vision: &Component<B>,
-        llm: &Component<B>,
+        vision: &Component<V>,
+        llm: &Component<L>,
         timings: &mut Timings,
     ) -> Result<Self> {
         check_dtype(&vision.backend, vision.dtype, "vision encoder")?;
@@ -114,7 +117,7 @@ impl<B: Backend> Emu2Model<B> {
     }
 
     /// The weights of `project_up` and `project_down` (for the regression).
-    pub fn projections(&self) -> Result<(&Tensor<B>, &Tensor<B>)> {
+    pub fn projections(&self) -> Result<(&Tensor<L>, &Tensor<L>)> {
         match (&self.project_up, &self.project_down) {
             (Some(u), Some(d)) => Ok((u, d)),
             _ => Err(PipelineError::Model(
@@ -143,7 +146,7 @@ impl<B: Backend> Emu2Model<B> {
         frames: bool,
         dump: Option<&Dump>,
         timings: &mut Timings,
-    ) -> Result<Tensor<B>> {
+    ) -> Result<Tensor<L>> {
         let t0 = Instant::now();
         let pixels = self.preprocessor.batch(&self.vision_backend, images)?;
         let names = if frames {
@@ -182,7 +185,7 @@ impl<B: Backend> Emu2Model<B> {
         n_query: usize,
         dump: Option<&Dump>,
         timings: &mut Timings,
-    ) -> Result<Tensor<B>> {
+    ) -> Result<Tensor<V>> {
         let t0 = Instant::now();
         let pixels = match images {
             Some(images) => self.preprocessor.batch(&self.vision_backend, images)?,
@@ -207,7 +210,7 @@ impl<B: Backend> Emu2Model<B> {
         rendered: &Rendered,
         dump: Option<&Dump>,
         timings: &mut Timings,
-    ) -> Result<(Vec<u32>, Tensor<B>)> {
+    ) -> Result<(Vec<u32>, Tensor<L>)> {
         let ids = self.tokenizer.encode_pieces(&rendered.pieces)?;
         let max = self.llm.config().max_position_embeddings;
         if ids.len() >= max {
@@ -245,7 +248,7 @@ impl<B: Backend> Emu2Model<B> {
 
     /// Runs the prompt once more to dump the prefill hidden states and the
     /// last position's logits (only when dumping: generation does its own prefill).
-    pub fn dump_prefill(&self, embeds: &Tensor<B>, dump: Option<&Dump>) -> Result<()> {
+    pub fn dump_prefill(&self, embeds: &Tensor<L>, dump: Option<&Dump>) -> Result<()> {
         let Some(dump) = dump else {
             return Ok(());
         };

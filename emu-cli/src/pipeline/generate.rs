@@ -89,13 +89,14 @@ pub fn gaussian_noise(seed: u64, n: usize) -> Vec<f32> {
 
 /// Emu2-Gen: the multimodal encoder regresses visual embeddings from the
 /// prompt; the UNet denoises latents attending to them; the VAE decodes.
-pub struct GenerationPipeline<B: Backend> {
-    encoder: Emu2Model<B>,
-    unet: UNet2DConditionModel<B>,
-    vae: AutoencoderKL<B>,
+/// The vision encoder runs on `V`, the language model on `L`, the UNet and
+/// the VAE on `D`; tensors cross between them through the host.
+pub struct GenerationPipeline<V: Backend, L: Backend, D: Backend> {
+    encoder: Emu2Model<V, L>,
+    unet: UNet2DConditionModel<D>,
+    vae: AutoencoderKL<D>,
     scheduler: EulerDiscreteScheduler,
-    unet_at: Component<B>,
-    vae_at: Component<B>,
+    decoder_at: Component<D>,
     load_timings: Timings,
     dump: Option<Dump>,
 }
@@ -111,35 +112,40 @@ fn open_component(root: &Path, name: &str) -> Result<Checkpoint> {
     Ok(Checkpoint::open(&dir)?)
 }
 
-impl<B: Backend> GenerationPipeline<B> {
-    /// Loads an Emu2-Gen pipeline folder: `encoder` runs the EVA encoder and
-    /// the LLM, `unet` and `vae` the diffusion decoder.
-    pub fn load(dir: &ModelDir, encoder: &Component<B>, unet: &Component<B>, vae: &Component<B>) -> Result<Self> {
+/// Moves a tensor to another backend through the host.
+fn transfer<A: Backend, B: Backend>(t: &Tensor<A>, to: &B) -> Result<Tensor<B>> {
+    Ok(Tensor::from_host(to, &t.to_host()?)?)
+}
+
+impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
+    /// Loads an Emu2-Gen pipeline folder: `vision` runs the EVA encoder,
+    /// `llm` the language model (and the visual regression), `decoder` the
+    /// UNet and the VAE.
+    pub fn load(dir: &ModelDir, vision: &Component<V>, llm: &Component<L>, decoder: &Component<D>) -> Result<Self> {
         if dir.family() != ModelFamily::Emu2Gen {
             return Err(PipelineError::Model(format!(
                 "{} is not an Emu2-Gen pipeline folder; image generation needs BAAI/Emu2-Gen",
                 dir.root().display()
             )));
         }
-        check_dtype(&unet.backend, unet.dtype, "UNet")?;
-        check_dtype(&vae.backend, vae.dtype, "VAE")?;
+        check_dtype(&decoder.backend, decoder.dtype, "UNet and VAE")?;
         let mut load_timings = Timings::default();
         let enc = Emu2Model::load(
             &dir.encoder_dir(),
             &dir.tokenizer_dir(),
             Variant::Base,
-            encoder,
-            encoder,
+            vision,
+            llm,
             &mut load_timings,
         )?;
         let t0 = Instant::now();
         let root = dir.root();
         let unet_cfg = UNet2DConditionConfig::from_file(root.join("unet").join("config.json"))?;
         let unet_ckpt = open_component(root, "unet")?;
-        let unet_model = UNet2DConditionModel::load(&unet.backend, &unet_ckpt.weights(), &unet_cfg, unet.dtype)?;
+        let unet_model = UNet2DConditionModel::load(&decoder.backend, &unet_ckpt.weights(), &unet_cfg, decoder.dtype)?;
         let vae_cfg = AutoencoderKLConfig::from_file(root.join("vae").join("config.json"))?;
         let vae_ckpt = open_component(root, "vae")?;
-        let vae_model = AutoencoderKL::load(&vae.backend, &vae_ckpt.weights(), &vae_cfg, vae.dtype)?;
+        let vae_model = AutoencoderKL::load(&decoder.backend, &vae_ckpt.weights(), &vae_cfg, decoder.dtype)?;
         let scheduler = EulerDiscreteScheduler::from_config_file(root.join("scheduler").join("scheduler_config.json"))?;
         load_timings.add("load", t0.elapsed());
         Ok(Self {
@@ -147,8 +153,7 @@ impl<B: Backend> GenerationPipeline<B> {
             unet: unet_model,
             vae: vae_model,
             scheduler,
-            unet_at: unet.clone(),
-            vae_at: vae.clone(),
+            decoder_at: decoder.clone(),
             load_timings,
             dump: None,
         })
@@ -163,7 +168,7 @@ impl<B: Backend> GenerationPipeline<B> {
         self.dump = dump;
     }
 
-    pub fn encoder(&self) -> &Emu2Model<B> {
+    pub fn encoder(&self) -> &Emu2Model<V, L> {
         &self.encoder
     }
 
@@ -197,12 +202,14 @@ impl<B: Backend> GenerationPipeline<B> {
         Ok(all_images)
     }
 
-    /// The visual conditioning `[1, n_query, d_model]` of a prompt.
-    pub fn condition(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<B>> {
+    /// The visual conditioning `[1, n_query, d_model]` of a prompt, on the
+    /// UNet's backend.
+    pub fn condition(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<D>> {
         self.condition_dumped(prompt, self.dump.as_ref(), timings)
     }
 
-    fn condition_dumped(&self, prompt: &Prompt, dump: Option<&Dump>, timings: &mut Timings) -> Result<Tensor<B>> {
+    fn condition_dumped(&self, prompt: &Prompt, dump: Option<&Dump>, timings: &mut Timings) -> Result<Tensor<D>> {
+        let to = &self.decoder_at.backend;
         let enc = &self.encoder;
         let n = enc.n_query();
         if Self::is_autoencoding(prompt)? {
@@ -210,7 +217,7 @@ impl<B: Backend> GenerationPipeline<B> {
                 return Err(PipelineError::Input("the autoencoding mode needs an image".into()));
             };
             let pics = enc.load_pictures(&[emu_prompt::VisualInput::Image(path.clone())])?;
-            return enc.pooled_features(Some(&pics), n, dump, timings);
+            return transfer(&enc.pooled_features(Some(&pics), n, dump, timings)?, to);
         }
         let mut ropts = RenderOptions::new(ModelKind::Emu2Gen);
         ropts.n_query = n;
@@ -221,18 +228,19 @@ impl<B: Backend> GenerationPipeline<B> {
         let (up, down) = enc.projections()?;
         let out = regress_visual(&enc.llm, &embeds, &[], up, down, n)?;
         timings.add("regress", t0.elapsed());
-        Ok(out)
+        transfer(&out, to)
     }
 
     /// Upstream's negative conditioning for `prompt`: the encoding of an
     /// all-zero image in the autoencoding mode, else the embeddings
     /// regressed from the empty prompt.
-    pub fn default_negative(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<B>> {
+    pub fn default_negative(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<D>> {
         let dump = self.dump.as_ref().map(|d| d.with_prefix("negative_"));
         if Self::is_autoencoding(prompt)? {
-            return self
+            let pooled = self
                 .encoder
-                .pooled_features(None, self.encoder.n_query(), dump.as_ref(), timings);
+                .pooled_features(None, self.encoder.n_query(), dump.as_ref(), timings)?;
+            return transfer(&pooled, &self.decoder_at.backend);
         }
         self.condition_dumped(&Prompt::new(vec![Item::Text(String::new())]), dump.as_ref(), timings)
     }
@@ -269,9 +277,8 @@ impl<B: Backend> GenerationPipeline<B> {
                 )));
             }
         }
-        let unet_backend = self.unet_at.backend.clone();
-        let to_unet = |t: &Tensor<B>| -> Result<Tensor<B>> { Ok(Tensor::from_host(&unet_backend, &t.to_host()?)?) };
-        let cond = to_unet(&self.condition(prompt, &mut timings)?)?;
+        let unet_backend = &self.decoder_at.backend;
+        let cond = self.condition(prompt, &mut timings)?;
         put(self.dump.as_ref(), "condition", || Ok(cond.to_host()?))?;
         let guided = opts.guidance > 1.0;
         let hidden = if guided {
@@ -282,7 +289,6 @@ impl<B: Backend> GenerationPipeline<B> {
                 }
                 None => self.default_negative(prompt, &mut timings)?,
             };
-            let neg = to_unet(&neg)?;
             put(self.dump.as_ref(), "negative_condition", || Ok(neg.to_host()?))?;
             if neg.dims() != cond.dims() {
                 return Err(PipelineError::Input(format!(
@@ -314,16 +320,16 @@ impl<B: Backend> GenerationPipeline<B> {
                         l.dims()
                     )));
                 }
-                Tensor::from_host(&unet_backend, &l.to_dtype(emu_core::DType::F32)?)?
+                Tensor::from_host(unet_backend, &l.to_dtype(emu_core::DType::F32)?)?
             }
             None => {
                 let n = dims.iter().product();
-                Tensor::from_f32(&unet_backend, &dims, gaussian_noise(opts.seed, n))?
+                Tensor::from_f32(unet_backend, &dims, gaussian_noise(opts.seed, n))?
             }
         };
         let mut latents = noise.affine(scheduler.init_noise_sigma()? as f64, 0.0)?;
         put(self.dump.as_ref(), "initial_latents", || Ok(latents.to_host()?))?;
-        let udtype = self.unet_at.dtype;
+        let udtype = self.decoder_at.dtype;
         let hidden = hidden.to_dtype(udtype)?;
         let total = scheduler.num_steps();
         for step in 0..total {
@@ -346,10 +352,9 @@ impl<B: Backend> GenerationPipeline<B> {
         timings.add("diffusion", t0.elapsed());
         put(self.dump.as_ref(), "final_latents", || Ok(latents.to_host()?))?;
         let t0 = Instant::now();
-        let vae_backend = &self.vae_at.backend;
-        let z = Tensor::from_host(vae_backend, &latents.to_host()?)?
+        let z = latents
             .affine(1.0 / self.vae.config().scaling_factor, 0.0)?
-            .to_dtype(self.vae_at.dtype)?;
+            .to_dtype(self.decoder_at.dtype)?;
         let img = self.vae.decode(&z)?;
         let values = img.to_f32_vec()?;
         let (h, w) = (height, width);

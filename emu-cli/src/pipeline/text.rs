@@ -85,8 +85,8 @@ fn until_eos(ids: &[u32], eos: &[u32]) -> Vec<u32> {
     ids.iter().copied().take_while(|id| !eos.contains(id)).collect()
 }
 
-fn run_text<B: Backend>(
-    model: &Emu2Model<B>,
+fn run_text<V: Backend, L: Backend>(
+    model: &Emu2Model<V, L>,
     prompt: &Prompt,
     render_opts: &RenderOptions,
     generation: &GenerationConfig,
@@ -170,15 +170,15 @@ impl Default for ChatOptions {
 }
 
 /// Emu2-Chat: answers about images and videos, in one or several turns.
-pub struct ChatPipeline<B: Backend> {
-    model: Emu2Model<B>,
+pub struct ChatPipeline<V: Backend, L: Backend> {
+    model: Emu2Model<V, L>,
     load_timings: Timings,
     dump: Option<Dump>,
 }
 
-impl<B: Backend> ChatPipeline<B> {
+impl<V: Backend, L: Backend> ChatPipeline<V, L> {
     /// Loads an Emu2-Chat model directory.
-    pub fn load(dir: &ModelDir, vision: &Component<B>, llm: &Component<B>) -> Result<Self> {
+    pub fn load(dir: &ModelDir, vision: &Component<V>, llm: &Component<L>) -> Result<Self> {
         if dir.family() != ModelFamily::Emu2Chat {
             return Err(PipelineError::Model(format!(
                 "{} is not an Emu2-Chat model; the chat pipeline needs BAAI/Emu2-Chat",
@@ -201,7 +201,7 @@ impl<B: Backend> ChatPipeline<B> {
         })
     }
 
-    pub fn model(&self) -> &Emu2Model<B> {
+    pub fn model(&self) -> &Emu2Model<V, L> {
         &self.model
     }
 
@@ -280,15 +280,15 @@ impl Default for CompletionOptions {
 
 /// Emu2 (base): continues an interleaved image/text prompt (few-shot,
 /// in-context; SPEC §3.6).
-pub struct CompletionPipeline<B: Backend> {
-    model: Emu2Model<B>,
+pub struct CompletionPipeline<V: Backend, L: Backend> {
+    model: Emu2Model<V, L>,
     load_timings: Timings,
     dump: Option<Dump>,
 }
 
-impl<B: Backend> CompletionPipeline<B> {
+impl<V: Backend, L: Backend> CompletionPipeline<V, L> {
     /// Loads an Emu2 (base) model directory.
-    pub fn load(dir: &ModelDir, vision: &Component<B>, llm: &Component<B>) -> Result<Self> {
+    pub fn load(dir: &ModelDir, vision: &Component<V>, llm: &Component<L>) -> Result<Self> {
         if dir.family() != ModelFamily::Emu2 {
             return Err(PipelineError::Model(format!(
                 "{} is not an Emu2 base model; the completion pipeline needs BAAI/Emu2",
@@ -311,7 +311,7 @@ impl<B: Backend> CompletionPipeline<B> {
         })
     }
 
-    pub fn model(&self) -> &Emu2Model<B> {
+    pub fn model(&self) -> &Emu2Model<V, L> {
         &self.model
     }
 
