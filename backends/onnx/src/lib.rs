@@ -28,6 +28,7 @@ pub use runtime::run_model_file;
 
 use emu_core::backend::{Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
 use emu_core::host::checked_numel;
+use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, Result};
 use runtime::{backend_err, SessionCache, NAME};
 use std::collections::{HashMap, HashSet};
@@ -189,40 +190,11 @@ fn in_f32(xs: &[&OnnxTensor], f: impl FnOnce(&[OnnxTensor]) -> Result<OnnxTensor
 }
 
 fn check_dim(opn: &str, t: &OnnxTensor, dim: usize) -> Result<()> {
-    if dim >= t.dims().len() {
-        return Err(Error::shape(format!(
-            "{opn}: dimension {dim} out of range for {:?}",
-            t.dims()
-        )));
-    }
-    Ok(())
+    shape::check_dim(opn, t.dims(), dim)
 }
 
 fn same_dtype(opn: &str, a: &OnnxTensor, b: &OnnxTensor) -> Result<()> {
-    if a.dtype() != b.dtype() {
-        return Err(Error::DType(format!(
-            "{opn}: operands have different dtypes {} and {}",
-            a.dtype(),
-            b.dtype()
-        )));
-    }
-    Ok(())
-}
-
-fn broadcast_dims(opn: &str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
-    let n = a.len().max(b.len());
-    let mut out = vec![0; n];
-    for i in 0..n {
-        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
-        out[i] = match (da, db) {
-            (x, y) if x == y => x,
-            (1, y) => y,
-            (x, 1) => x,
-            _ => return Err(Error::shape(format!("{opn}: shapes {a:?} and {b:?} do not broadcast"))),
-        };
-    }
-    Ok(out)
+    shape::check_same_dtype(opn, a.dtype(), b.dtype())
 }
 
 /// Elementwise node with the shape and dtype of `x`.
