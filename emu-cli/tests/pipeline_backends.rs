@@ -171,6 +171,21 @@ fn generate_same_image_on_every_backend() {
     if onnx().is_some() {
         let o = generate_cli(tmp.path(), "onnx", &["--backend", "onnx"]);
         check_image("onnx", &cpu, &o);
+        if wgpu().is_some() {
+            let three = generate_cli(
+                tmp.path(),
+                "three",
+                &[
+                    "--vision-backend",
+                    "cpu",
+                    "--llm-backend",
+                    "wgpu",
+                    "--decoder-backend",
+                    "onnx",
+                ],
+            );
+            check_image("vision cpu, llm wgpu, decoder onnx", &cpu, &three);
+        }
     }
 }
 
