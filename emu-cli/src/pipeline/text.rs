@@ -169,27 +169,32 @@ impl Default for ChatOptions {
     }
 }
 
-/// Emu2-Chat: answers about images and videos, in one or several turns.
-pub struct ChatPipeline<V: Backend, L: Backend> {
+/// What both text pipelines hold: the model, how long loading took, and
+/// where to dump stage tensors.
+struct TextModel<V: Backend, L: Backend> {
     model: Emu2Model<V, L>,
     load_timings: Timings,
     dump: Option<Dump>,
 }
 
-impl<V: Backend, L: Backend> ChatPipeline<V, L> {
-    /// Loads an Emu2-Chat model directory.
-    pub fn load(dir: &ModelDir, vision: &Component<V>, llm: &Component<L>) -> Result<Self> {
-        if dir.family() != ModelFamily::Emu2Chat {
-            return Err(PipelineError::Model(format!(
-                "{} is not an Emu2-Chat model; the chat pipeline needs BAAI/Emu2-Chat",
-                dir.root().display()
-            )));
+impl<V: Backend, L: Backend> TextModel<V, L> {
+    /// Loads `dir`, which must hold a model of `family` (`needs` names it in the error).
+    fn load(
+        dir: &ModelDir,
+        family: ModelFamily,
+        variant: Variant,
+        needs: &str,
+        vision: &Component<V>,
+        llm: &Component<L>,
+    ) -> Result<Self> {
+        if dir.family() != family {
+            return Err(PipelineError::Model(format!("{} is not {needs}", dir.root().display())));
         }
         let mut load_timings = Timings::default();
         let model = Emu2Model::load(
             &dir.encoder_dir(),
             &dir.tokenizer_dir(),
-            Variant::Chat,
+            variant,
             vision,
             llm,
             &mut load_timings,
@@ -200,20 +205,35 @@ impl<V: Backend, L: Backend> ChatPipeline<V, L> {
             dump: None,
         })
     }
+}
+
+/// Emu2-Chat: answers about images and videos, in one or several turns.
+pub struct ChatPipeline<V: Backend, L: Backend> {
+    inner: TextModel<V, L>,
+}
+
+impl<V: Backend, L: Backend> ChatPipeline<V, L> {
+    /// Loads an Emu2-Chat model directory.
+    pub fn load(dir: &ModelDir, vision: &Component<V>, llm: &Component<L>) -> Result<Self> {
+        let needs = "an Emu2-Chat model; the chat pipeline needs BAAI/Emu2-Chat";
+        Ok(Self {
+            inner: TextModel::load(dir, ModelFamily::Emu2Chat, Variant::Chat, needs, vision, llm)?,
+        })
+    }
 
     pub fn model(&self) -> &Emu2Model<V, L> {
-        &self.model
+        &self.inner.model
     }
 
     /// How long loading took.
     pub fn load_timings(&self) -> &Timings {
-        &self.load_timings
+        &self.inner.load_timings
     }
 
     /// Writes every stage's tensors of the following calls into a folder
     /// (see [`Dump`]); a later call overwrites the files of an earlier one.
     pub fn set_dump(&mut self, dump: Option<Dump>) {
-        self.dump = dump;
+        self.inner.dump = dump;
     }
 
     /// The model's answer to `conversation` (turns alternating user and
@@ -227,24 +247,24 @@ impl<V: Backend, L: Backend> ChatPipeline<V, L> {
         on_text: Option<&mut dyn FnMut(&str)>,
     ) -> Result<ChatAnswer> {
         let mut ropts = RenderOptions::new(ModelKind::Emu2Chat).grounding(opts.grounding);
-        ropts.n_query = self.model.n_query();
-        ropts.v_query = self.model.v_query();
+        ropts.n_query = self.inner.model.n_query();
+        ropts.v_query = self.inner.model.v_query();
         ropts.system = opts.system.clone();
         // Upstream decodes grounding answers with their special tokens kept.
         let (ids, text, prompt_tokens, timings) = run_text(
-            &self.model,
+            &self.inner.model,
             conversation,
             &ropts,
             &opts.generation,
             !opts.grounding,
-            self.dump.as_ref(),
+            self.inner.dump.as_ref(),
             on_text,
         )?;
         let grounding = if opts.grounding {
             let first = emu_prompt::render(conversation, &ropts)?.images.into_iter().next();
             let (w, h) = match first {
                 Some(v) => {
-                    let img = self.model.load_pictures(std::slice::from_ref(&v))?;
+                    let img = self.inner.model.load_pictures(std::slice::from_ref(&v))?;
                     (img[0].width(), img[0].height())
                 }
                 None => (224, 224),
@@ -281,47 +301,29 @@ impl Default for CompletionOptions {
 /// Emu2 (base): continues an interleaved image/text prompt (few-shot,
 /// in-context; SPEC §3.6).
 pub struct CompletionPipeline<V: Backend, L: Backend> {
-    model: Emu2Model<V, L>,
-    load_timings: Timings,
-    dump: Option<Dump>,
+    inner: TextModel<V, L>,
 }
 
 impl<V: Backend, L: Backend> CompletionPipeline<V, L> {
     /// Loads an Emu2 (base) model directory.
     pub fn load(dir: &ModelDir, vision: &Component<V>, llm: &Component<L>) -> Result<Self> {
-        if dir.family() != ModelFamily::Emu2 {
-            return Err(PipelineError::Model(format!(
-                "{} is not an Emu2 base model; the completion pipeline needs BAAI/Emu2",
-                dir.root().display()
-            )));
-        }
-        let mut load_timings = Timings::default();
-        let model = Emu2Model::load(
-            &dir.encoder_dir(),
-            &dir.tokenizer_dir(),
-            Variant::Base,
-            vision,
-            llm,
-            &mut load_timings,
-        )?;
+        let needs = "an Emu2 base model; the completion pipeline needs BAAI/Emu2";
         Ok(Self {
-            model,
-            load_timings,
-            dump: None,
+            inner: TextModel::load(dir, ModelFamily::Emu2, Variant::Base, needs, vision, llm)?,
         })
     }
 
     pub fn model(&self) -> &Emu2Model<V, L> {
-        &self.model
+        &self.inner.model
     }
 
     pub fn load_timings(&self) -> &Timings {
-        &self.load_timings
+        &self.inner.load_timings
     }
 
     /// Writes every stage's tensors of the following calls into a folder (see [`Dump`]).
     pub fn set_dump(&mut self, dump: Option<Dump>) {
-        self.dump = dump;
+        self.inner.dump = dump;
     }
 
     /// The model's continuation of `prompt` (one user turn of text, images
@@ -333,15 +335,15 @@ impl<V: Backend, L: Backend> CompletionPipeline<V, L> {
         on_text: Option<&mut dyn FnMut(&str)>,
     ) -> Result<ChatAnswer> {
         let mut ropts = RenderOptions::new(ModelKind::Emu2);
-        ropts.n_query = self.model.n_query();
-        ropts.v_query = self.model.v_query();
+        ropts.n_query = self.inner.model.n_query();
+        ropts.v_query = self.inner.model.v_query();
         let (ids, text, prompt_tokens, timings) = run_text(
-            &self.model,
+            &self.inner.model,
             prompt,
             &ropts,
             &opts.generation,
             true,
-            self.dump.as_ref(),
+            self.inner.dump.as_ref(),
             on_text,
         )?;
         Ok(ChatAnswer {
