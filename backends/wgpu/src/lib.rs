@@ -657,6 +657,52 @@ impl WgpuBackend {
         shape::check_dim(op, &t.dims, dim)
     }
 
+    /// One invocation per output element, each folding dimension `dim` of
+    /// the input (reductions and argmax share this launch shape).
+    #[allow(clippy::too_many_arguments)]
+    fn along_dim(
+        &self,
+        op: &str,
+        t: &WgpuTensor,
+        dim: usize,
+        keepdim: bool,
+        out_dtype: DType,
+        key: &str,
+        src: impl FnOnce() -> String,
+    ) -> Result<WgpuTensor> {
+        Self::check_dim(op, t, dim)?;
+        self.float_only(op, t)?;
+        if t.dims[dim] == 0 {
+            return Err(Error::shape(format!("{op}: dimension {dim} of {:?} is empty", t.dims)));
+        }
+        let tc = self.contiguous(t)?;
+        let (outer, r, inner) = Self::split3(&tc.dims, dim);
+        let mut dims = t.dims.clone();
+        if keepdim {
+            dims[dim] = 1;
+        } else {
+            dims.remove(dim);
+        }
+        let out = self.alloc(&dims, out_dtype)?;
+        let n = outer * inner;
+        if n > 0 {
+            let pipeline = self.pipeline(key, 1, src)?;
+            self.submit(&[Launch {
+                pipeline,
+                params: vec![
+                    u32_of("elements", n)?,
+                    u32_of("dimension", r)?,
+                    u32_of("inner size", inner)?,
+                    u32_of("offset", tc.offset)?,
+                ],
+                inputs: vec![tc.buffer()],
+                output: out.buffer(),
+                groups: groups_1d(n),
+            }])?;
+        }
+        Ok(out)
+    }
+
     /// Row-wise kernel (softmax, norms) over the last dimension.
     fn rows_kernel(
         &self,
@@ -1098,74 +1144,14 @@ impl Backend for WgpuBackend {
     }
 
     fn reduce(&self, op: ReduceOp, t: &WgpuTensor, dim: usize, keepdim: bool) -> Result<WgpuTensor> {
-        Self::check_dim("reduce", t, dim)?;
-        self.float_only("reduce", t)?;
-        if t.dims[dim] == 0 {
-            return Err(Error::shape(format!(
-                "reduce: dimension {dim} of {:?} is empty",
-                t.dims
-            )));
-        }
-        let tc = self.contiguous(t)?;
-        let (outer, r, inner) = Self::split3(&tc.dims, dim);
-        let mut dims = t.dims.clone();
-        if keepdim {
-            dims[dim] = 1;
-        } else {
-            dims.remove(dim);
-        }
-        let out = self.alloc(&dims, t.dtype)?;
-        let n = outer * inner;
-        if n > 0 {
-            let key = format!("reduce {op:?} {}", dt_key(t.dtype));
-            let pipeline = self.pipeline(&key, 1, || kernels::reduce(op, t.dtype))?;
-            self.submit(&[Launch {
-                pipeline,
-                params: vec![
-                    u32_of("elements", n)?,
-                    u32_of("dimension", r)?,
-                    u32_of("inner size", inner)?,
-                    u32_of("offset", tc.offset)?,
-                ],
-                inputs: vec![tc.buffer()],
-                output: out.buffer(),
-                groups: groups_1d(n),
-            }])?;
-        }
-        Ok(out)
+        let key = format!("reduce {op:?} {}", dt_key(t.dtype));
+        self.along_dim("reduce", t, dim, keepdim, t.dtype, &key, || {
+            kernels::reduce(op, t.dtype)
+        })
     }
 
     fn argmax(&self, t: &WgpuTensor, dim: usize) -> Result<WgpuTensor> {
-        Self::check_dim("argmax", t, dim)?;
-        self.float_only("argmax", t)?;
-        if t.dims[dim] == 0 {
-            return Err(Error::shape(format!(
-                "argmax: dimension {dim} of {:?} is empty",
-                t.dims
-            )));
-        }
-        let tc = self.contiguous(t)?;
-        let (outer, r, inner) = Self::split3(&tc.dims, dim);
-        let mut dims = t.dims.clone();
-        dims.remove(dim);
-        let out = self.alloc(&dims, DType::U32)?;
-        let n = outer * inner;
-        if n > 0 {
-            let pipeline = self.pipeline("argmax", 1, kernels::argmax)?;
-            self.submit(&[Launch {
-                pipeline,
-                params: vec![
-                    u32_of("elements", n)?,
-                    u32_of("dimension", r)?,
-                    u32_of("inner size", inner)?,
-                    u32_of("offset", tc.offset)?,
-                ],
-                inputs: vec![tc.buffer()],
-                output: out.buffer(),
-                groups: groups_1d(n),
-            }])?;
-        }
-        Ok(out)
+        self.along_dim("argmax", t, dim, false, DType::U32, "argmax", kernels::argmax)
     }
 
     fn matmul(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
