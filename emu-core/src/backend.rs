@@ -504,7 +504,7 @@ pub fn causal_bias(tq: usize, tk: usize, offset: usize) -> Result<HostTensor> {
     HostTensor::from_f32(&[tq, tk], m)
 }
 
-fn upcast<B: Backend + ?Sized>(b: &B, x: &B::Tensor) -> Result<B::Tensor> {
+fn upcast<B: Backend>(b: &B, x: &B::Tensor) -> Result<B::Tensor> {
     match b.dtype(x) {
         DType::F16 | DType::BF16 => b.cast(x, DType::F32),
         _ => Ok(x.clone()),

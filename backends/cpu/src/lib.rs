@@ -565,7 +565,7 @@ impl Backend for CpuBackend {
     fn rope(&self, x: &CTensor, cos: &CTensor, sin: &CTensor) -> Result<CTensor> {
         let xd = x.dims();
         let fused = xd.len() == 4
-            && xd[3] % 2 == 0
+            && xd[3].is_multiple_of(2)
             && cos.dims() == [xd[2], xd[3] / 2]
             && sin.dims() == cos.dims()
             && cos.dtype() == x.dtype()

@@ -717,7 +717,7 @@ impl WgpuBackend {
             .dims
             .last()
             .ok_or_else(|| Error::shape(format!("{key}: input is a scalar")))?;
-        let rows = if cols == 0 { 0 } else { x.numel() / cols };
+        let rows = x.numel().checked_div(cols).unwrap_or(0);
         let out = self.alloc(&x.dims, x.dtype)?;
         if rows == 0 {
             return Ok(out);
