@@ -1163,6 +1163,46 @@ pub fn run_error_suite<B: Backend>(be: &B) -> Result<Vec<String>> {
     Ok(wrongly_ok)
 }
 
+/// Runs the op suite on `be` in `dtype`, prints the worst error, and panics
+/// with the table of failed checks: the body of every backend's op tests.
+pub fn assert_op_suite_passes<B: Backend>(be: &B, dtype: DType) {
+    let checks = match run_op_suite(be, dtype) {
+        Ok(c) => c,
+        Err(e) => panic!("{} {dtype}: op suite setup failed: {e}", be.name()),
+    };
+    assert!(checks.len() > 80, "suite ran only {} checks", checks.len());
+    let worst = checks
+        .iter()
+        .filter(|c| c.error.is_none())
+        .map(|c| c.rel_err)
+        .fold(0.0, f64::max);
+    eprintln!(
+        "{} {dtype}: {} checks, worst relative error {worst:.2e}",
+        be.name(),
+        checks.len()
+    );
+    let failed: Vec<_> = checks.iter().filter(|c| !c.passed()).cloned().collect();
+    assert!(
+        failed.is_empty(),
+        "{} {dtype} op checks failed:\n{}",
+        be.name(),
+        format_checks(&failed)
+    );
+}
+
+/// Runs [`run_error_suite`] and panics naming the calls that wrongly succeeded.
+pub fn assert_error_suite_passes<B: Backend>(be: &B) {
+    let wrongly_ok = match run_error_suite(be) {
+        Ok(w) => w,
+        Err(e) => panic!("{}: error suite setup failed: {e}", be.name()),
+    };
+    assert!(
+        wrongly_ok.is_empty(),
+        "{}: these calls should have failed: {wrongly_ok:?}",
+        be.name()
+    );
+}
+
 /// Formats a suite's results as a table (for `cargo xtask test` and test failures).
 pub fn format_checks(checks: &[OpCheck]) -> String {
     let mut s = String::new();

@@ -5,7 +5,7 @@
 
 use emu_backend_cpu::CpuBackend;
 use emu_core::backend::{Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
-use emu_core::testing::{format_checks, run_error_suite, run_op_suite};
+use emu_core::testing::{assert_error_suite_passes, assert_op_suite_passes};
 use emu_core::{DType, HostTensor, Result};
 
 #[derive(Debug, Clone)]
@@ -90,13 +90,7 @@ impl Backend for PrimitivesOnly {
 }
 
 fn assert_suite_passes(dtype: DType) {
-    let checks = run_op_suite(&PrimitivesOnly(CpuBackend::new()), dtype).expect("suite setup");
-    let failed: Vec<_> = checks.iter().filter(|c| !c.passed()).cloned().collect();
-    assert!(
-        failed.is_empty(),
-        "{dtype} default composites failed:\n{}",
-        format_checks(&failed)
-    );
+    assert_op_suite_passes(&PrimitivesOnly(CpuBackend::new()), dtype);
 }
 
 #[test]
@@ -111,6 +105,5 @@ fn default_composites_match_the_reference_in_bf16() {
 
 #[test]
 fn default_composites_reject_malformed_calls() {
-    let wrongly_ok = run_error_suite(&PrimitivesOnly(CpuBackend::new())).expect("suite setup");
-    assert!(wrongly_ok.is_empty(), "these calls should have failed: {wrongly_ok:?}");
+    assert_error_suite_passes(&PrimitivesOnly(CpuBackend::new()));
 }

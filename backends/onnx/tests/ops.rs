@@ -2,7 +2,7 @@
 //! `ORT_DYLIB_PATH` (`.ci/run` provides it); without it the tests say so and skip.
 
 use emu_backend_onnx::OnnxBackend;
-use emu_core::testing::{format_checks, run_error_suite, run_op_suite};
+use emu_core::testing::{assert_error_suite_passes, assert_op_suite_passes};
 use emu_core::{DType, Error};
 
 fn backend() -> Option<OnnxBackend> {
@@ -18,20 +18,7 @@ fn backend() -> Option<OnnxBackend> {
 
 fn assert_suite_passes(dtype: DType) {
     let Some(be) = backend() else { return };
-    let checks = run_op_suite(&be, dtype).expect("suite setup");
-    assert!(checks.len() > 80, "suite ran only {} checks", checks.len());
-    let worst = checks
-        .iter()
-        .filter(|c| c.error.is_none())
-        .map(|c| c.rel_err)
-        .fold(0f64, f64::max);
-    eprintln!("{dtype}: {} checks, worst rel err {worst:.2e}", checks.len());
-    let failed: Vec<_> = checks.iter().filter(|c| !c.passed()).cloned().collect();
-    assert!(
-        failed.is_empty(),
-        "{dtype} op checks failed:\n{}",
-        format_checks(&failed)
-    );
+    assert_op_suite_passes(&be, dtype);
 }
 
 #[test]
@@ -52,6 +39,5 @@ fn every_op_matches_the_f64_reference_in_f16() {
 #[test]
 fn malformed_op_calls_are_errors() {
     let Some(be) = backend() else { return };
-    let wrongly_ok = run_error_suite(&be).expect("suite setup");
-    assert!(wrongly_ok.is_empty(), "these calls should have failed: {wrongly_ok:?}");
+    assert_error_suite_passes(&be);
 }

@@ -3,7 +3,7 @@
 //! Mesa's lavapipe so they run there.
 
 use emu_backend_wgpu::WgpuBackend;
-use emu_core::testing::{format_checks, run_error_suite, run_op_suite};
+use emu_core::testing::{assert_error_suite_passes, assert_op_suite_passes};
 use emu_core::{DType, Error};
 
 fn backend() -> Option<WgpuBackend> {
@@ -19,25 +19,7 @@ fn backend() -> Option<WgpuBackend> {
 
 fn assert_suite_passes(dtype: DType) {
     let Some(be) = backend() else { return };
-    let checks = run_op_suite(&be, dtype).expect("suite setup");
-    assert!(checks.len() > 80, "suite ran only {} checks", checks.len());
-    let worst = checks
-        .iter()
-        .filter(|c| c.error.is_none())
-        .map(|c| c.rel_err)
-        .fold(0.0, f64::max);
-    eprintln!(
-        "{} {dtype}: {} checks, worst relative error {worst:.2e}",
-        be.adapter_name(),
-        checks.len()
-    );
-    let failed: Vec<_> = checks.iter().filter(|c| !c.passed()).cloned().collect();
-    assert!(
-        failed.is_empty(),
-        "{dtype} op checks failed on {}:\n{}",
-        be.adapter_name(),
-        format_checks(&failed)
-    );
+    assert_op_suite_passes(&be, dtype);
 }
 
 #[test]
@@ -48,8 +30,7 @@ fn every_op_matches_the_f64_reference_in_f32() {
 #[test]
 fn malformed_op_calls_are_errors() {
     let Some(be) = backend() else { return };
-    let wrongly_ok = run_error_suite(&be).expect("suite setup");
-    assert!(wrongly_ok.is_empty(), "these calls should have failed: {wrongly_ok:?}");
+    assert_error_suite_passes(&be);
 }
 
 #[test]
