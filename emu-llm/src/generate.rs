@@ -19,6 +19,13 @@
 //! penalised. And beam sampling (`num_beams > 1` with `do_sample`) is
 //! refused rather than implemented.
 //!
+//! Stop strings (transformers' `stop_strings` with `StopStringCriteria`)
+//! need text, and this crate has no tokenizer: [`generate_with`] takes the
+//! caller's decoder in [`Hooks::decode`], as transformers' `generate` takes
+//! `tokenizer=`. A sequence stops at the token that completes a stop string,
+//! which is kept in the output. [`Hooks::stop`] adds any other per-sequence
+//! stopping rule.
+//!
 //! Upstream Emu2 ran transformers 4.31, whose `BeamSearchScorer` scored an
 //! EOS-terminated hypothesis by its length *without* the EOS token; 5.x (and
 //! this module) count it, so beam outputs can differ from 4.31's when a
@@ -68,6 +75,9 @@ pub struct GenerationConfig {
     pub early_stopping: EarlyStopping,
     /// Penalty on tokens already generated (1.0: off).
     pub repetition_penalty: f32,
+    /// A sequence ends once its decoded text ends with any of these strings
+    /// (the token completing one may run past it). Needs [`Hooks::decode`].
+    pub stop_strings: Vec<String>,
 }
 
 impl Default for GenerationConfig {
@@ -86,6 +96,7 @@ impl Default for GenerationConfig {
             length_penalty: 1.0,
             early_stopping: EarlyStopping::Heuristic,
             repetition_penalty: 1.0,
+            stop_strings: Vec::new(),
         }
     }
 }
@@ -117,6 +128,9 @@ impl GenerationConfig {
         if !self.length_penalty.is_finite() {
             return bad(format!("length_penalty must be finite, found {}", self.length_penalty));
         }
+        if self.stop_strings.iter().any(String::is_empty) {
+            return bad("stop strings must not be empty".into());
+        }
         Ok(())
     }
 }
@@ -125,12 +139,77 @@ impl GenerationConfig {
 /// sequence (finished sequences get the pad id), as transformers' streamers.
 pub type OnToken<'a> = &'a mut dyn FnMut(&[u32]);
 
+/// Decodes generated ids into text (for stop strings).
+pub type Decode<'a> = &'a dyn Fn(&[u32]) -> String;
+
+/// An extra stopping rule: called with one sequence's generated ids (the
+/// newest last; for beam search, each candidate continuation) after every
+/// step; `true` ends that sequence, keeping the newest token.
+pub type StopCheck<'a> = &'a mut dyn FnMut(&[u32]) -> bool;
+
+/// Caller-side hooks of [`generate_with`].
+#[derive(Default)]
+pub struct Hooks<'a> {
+    /// Streaming (greedy search and sampling only).
+    pub on_token: Option<OnToken<'a>>,
+    /// Turns ids into text; required when `stop_strings` is set.
+    pub decode: Option<Decode<'a>>,
+    /// Any other stopping rule, checked with EOS and the stop strings.
+    pub stop: Option<StopCheck<'a>>,
+}
+
+/// transformers' `StopStringCriteria` on decoded text: matches when a stop
+/// string occurs in the text of `tokens` and that occurrence reaches into the
+/// text of the newest token (it may begin in earlier tokens and the newest
+/// token may run past its end), so a sequence stops at the first token that
+/// completes a stop string.
+pub struct StopStrings<'a> {
+    strings: &'a [String],
+    decode: Decode<'a>,
+}
+
+impl<'a> StopStrings<'a> {
+    pub fn new(strings: &'a [String], decode: Decode<'a>) -> Self {
+        Self { strings, decode }
+    }
+
+    /// Whether the newest token of `tokens` completes a stop string.
+    pub fn matches(&self, tokens: &[u32]) -> bool {
+        let Some((_, before)) = tokens.split_last() else {
+            return false;
+        };
+        if self.strings.is_empty() {
+            return false;
+        }
+        let text = (self.decode)(tokens);
+        let prev = (self.decode)(before);
+        // Decoding a prefix can differ at its end (an incomplete multi-byte
+        // character decodes as U+FFFD), so the newest token's text starts
+        // where the two texts stop agreeing.
+        let mut boundary = text.bytes().zip(prev.bytes()).take_while(|(a, b)| a == b).count();
+        while !text.is_char_boundary(boundary) {
+            boundary -= 1;
+        }
+        self.strings.iter().any(|s| {
+            let mut from = boundary.saturating_sub(s.len().saturating_sub(1));
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            text[from..]
+                .match_indices(s.as_str())
+                .any(|(i, m)| from + i + m.len() > boundary)
+        })
+    }
+}
+
 /// Generates continuations of `embeds` (`[B, T, H]`; sequence `b` is
 /// left-padded by `padding[b]` positions, or `padding` is empty for none).
 ///
 /// Returns, per sequence, the generated ids padded to a common length the
 /// way transformers returns them (after EOS: the pad id for greedy/sampling,
 /// `pad_token_id or eos_token_id[0]` for beam search).
+///
+/// `cfg.stop_strings` needs a decoder: use [`generate_with`].
 pub fn generate<B: Backend>(
     model: &Llama<B>,
     embeds: &Tensor<B>,
@@ -138,7 +217,45 @@ pub fn generate<B: Backend>(
     cfg: &GenerationConfig,
     on_token: Option<OnToken<'_>>,
 ) -> Result<Vec<Vec<u32>>> {
+    generate_with(
+        model,
+        embeds,
+        padding,
+        cfg,
+        Hooks {
+            on_token,
+            ..Hooks::default()
+        },
+    )
+}
+
+/// [`generate`] with a decoder for stop strings and an optional extra
+/// stopping rule (see [`Hooks`]).
+pub fn generate_with<B: Backend>(
+    model: &Llama<B>,
+    embeds: &Tensor<B>,
+    padding: &[usize],
+    cfg: &GenerationConfig,
+    hooks: Hooks<'_>,
+) -> Result<Vec<Vec<u32>>> {
     cfg.validate()?;
+    let Hooks {
+        on_token,
+        decode,
+        mut stop,
+    } = hooks;
+    let strings = match (cfg.stop_strings.is_empty(), decode) {
+        (true, _) => None,
+        (false, Some(d)) => Some(StopStrings::new(&cfg.stop_strings, d)),
+        (false, None) => {
+            return Err(Error::Generation(
+                "stop strings need a decoder from ids to text (Hooks::decode)".into(),
+            ))
+        }
+    };
+    let mut stop_rule = |tokens: &[u32]| {
+        strings.as_ref().is_some_and(|s| s.matches(tokens)) || stop.as_mut().is_some_and(|f| f(tokens))
+    };
     let dims = embeds.dims();
     let (b, t) = match dims.as_slice() {
         [b, t, _] if *b > 0 && *t > 0 => (*b, *t),
@@ -173,9 +290,9 @@ pub fn generate<B: Backend>(
         if on_token.is_some() {
             return Err(Error::Generation("streaming is not available with beam search".into()));
         }
-        beam_search(model, cache, logits, b, cfg)
+        beam_search(model, cache, logits, b, cfg, &mut stop_rule)
     } else {
-        sample(model, cache, logits, b, cfg, on_token)
+        sample(model, cache, logits, b, cfg, on_token, &mut stop_rule)
     }
 }
 
@@ -346,6 +463,7 @@ fn sample<B: Backend>(
     b: usize,
     cfg: &GenerationConfig,
     mut on_token: Option<OnToken<'_>>,
+    stop_rule: &mut dyn FnMut(&[u32]) -> bool,
 ) -> Result<Vec<Vec<u32>>> {
     let v = model.config().vocab_size;
     let pad = cfg.pad_token_id.or(cfg.eos_token_ids.first().copied());
@@ -370,8 +488,11 @@ fn sample<B: Backend>(
         }
         for (row, &tok) in next.iter().enumerate() {
             seqs[row].push(tok);
-            let done = seqs[row].len() >= cfg.max_new_tokens || cfg.eos_token_ids.contains(&tok);
-            unfinished[row] &= !done;
+            if unfinished[row] {
+                let done =
+                    seqs[row].len() >= cfg.max_new_tokens || cfg.eos_token_ids.contains(&tok) || stop_rule(&seqs[row]);
+                unfinished[row] = !done;
+            }
         }
         if let Some(f) = on_token.as_mut() {
             f(&next);
@@ -420,6 +541,7 @@ fn beam_search<B: Backend>(
     prefill_logits: Vec<f32>,
     b: usize,
     cfg: &GenerationConfig,
+    stop_rule: &mut dyn FnMut(&[u32]) -> bool,
 ) -> Result<Vec<Vec<u32>>> {
     let v = model.config().vocab_size;
     let k = cfg.num_beams;
@@ -478,17 +600,17 @@ fn beam_search<B: Backend>(
             // c. the top `keep` continuations over all beams.
             let top = top_k_indices(&acc, keep);
             let cands: Vec<(usize, u32, f32)> = top.iter().map(|&i| (i / v, (i % v) as u32, acc[i])).collect();
-            // d. which of them hit a stopping criterion (max length or EOS).
-            let stops: Vec<bool> = cands
-                .iter()
-                .map(|&(_, tok, _)| cur_len + 1 >= max_len || cfg.eos_token_ids.contains(&tok))
-                .collect();
-            all_stop &= stops.iter().all(|&s| s);
             let with_tok = |&(src, tok, _): &(usize, u32, f32)| {
                 let mut t = st.running[src].tokens.clone();
                 t.push(tok);
                 t
             };
+            // d. which of them hit a stopping criterion (max length, EOS, stop rules).
+            let stops: Vec<bool> = cands
+                .iter()
+                .map(|c| cur_len + 1 >= max_len || cfg.eos_token_ids.contains(&c.1) || stop_rule(&with_tok(c)))
+                .collect();
+            all_stop &= stops.iter().all(|&s| s);
             // e. the best `k` continuations that did not stop keep running.
             let run_scores: Vec<f32> = cands
                 .iter()
@@ -634,6 +756,72 @@ mod tests {
         warp(&mut s, &cfg);
         assert_eq!(s[0], 3.0);
         assert!(s[1..].iter().all(|x| *x == f32::NEG_INFINITY), "{s:?}");
+    }
+
+    /// A fake tokenizer: ids index a vocabulary of strings.
+    fn vocab_decode(vocab: &'static [&'static str]) -> impl Fn(&[u32]) -> String {
+        move |ids| ids.iter().map(|&i| vocab[i as usize]).collect()
+    }
+
+    #[test]
+    fn stop_strings_match_like_transformers() {
+        // transformers' StopStringCriteria docstring, for the stop string "stop".
+        const V: &[&str] = &[
+            "st", "op", "stop", "opera", "sto", "pper", "las", "topper", "s", "to", "pped", "at", "tion",
+        ];
+        let tok = |w: &str| V.iter().position(|v| *v == w).unwrap() as u32;
+        let ids = |ws: &[&str]| ws.iter().map(|w| tok(w)).collect::<Vec<_>>();
+        let decode = vocab_decode(V);
+        let strings = vec!["stop".to_string()];
+        let stop = StopStrings::new(&strings, &decode);
+        for hit in [
+            &["st", "op"][..],
+            &["stop"],
+            &["st", "opera"],
+            &["sto", "pper"],
+            &["las", "topper"],
+            &["s", "to", "pped"],
+        ] {
+            assert!(stop.matches(&ids(hit)), "{hit:?} should stop");
+        }
+        for miss in [
+            &["stop", "at"][..],
+            &["st", "op", "at"],
+            &["st", "opera", "tion"],
+            &["st"],
+            &[],
+        ] {
+            assert!(!stop.matches(&ids(miss)), "{miss:?} should not stop");
+        }
+        // Any of several strings; none at all never stops.
+        let several = vec!["xyz".to_string(), "pera".to_string()];
+        assert!(StopStrings::new(&several, &decode).matches(&ids(&["st", "opera"])));
+        assert!(!StopStrings::new(&[], &decode).matches(&ids(&["stop"])));
+    }
+
+    #[test]
+    fn stop_strings_handle_incomplete_characters() {
+        // Byte tokens: "é" is two bytes; the prefix decodes with U+FFFD, as
+        // sentencepiece byte fallback does.
+        fn decode(ids: &[u32]) -> String {
+            let bytes: Vec<u8> = ids
+                .iter()
+                .flat_map(|&i| match i {
+                    0 => b"caf".to_vec(),
+                    1 => vec![0xC3],
+                    2 => vec![0xA9],
+                    _ => b"!".to_vec(),
+                })
+                .collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        }
+        let strings = vec!["café".to_string()];
+        let stop = StopStrings::new(&strings, &decode);
+        assert!(!stop.matches(&[0, 1]));
+        assert!(stop.matches(&[0, 1, 2]));
+        assert!(!stop.matches(&[0, 1, 2, 3]));
+        let strings = vec!["é!".to_string()];
+        assert!(StopStrings::new(&strings, &decode).matches(&[0, 1, 2, 3]));
     }
 
     #[test]

@@ -42,6 +42,8 @@ pub mod visual;
 
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
-pub use generate::{generate, EarlyStopping, GenerationConfig, OnToken};
+pub use generate::{
+    generate, generate_with, Decode, EarlyStopping, GenerationConfig, Hooks, OnToken, StopCheck, StopStrings,
+};
 pub use model::{lm_weights, KvCache, Llama, LlamaOutput, Logits, SlotIds, LM_PREFIXES};
 pub use visual::regress_visual;

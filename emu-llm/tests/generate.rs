@@ -6,7 +6,7 @@ mod common;
 
 use common::Fixture;
 use emu_core::DType;
-use emu_llm::{generate, EarlyStopping, Error, GenerationConfig};
+use emu_llm::{generate, generate_with, EarlyStopping, Error, GenerationConfig, Hooks, StopStrings};
 use serde_json::Value;
 
 const SETS: [&str; 2] = ["mha", "gqa"];
@@ -200,4 +200,116 @@ fn invalid_settings_are_rejected() {
     };
     let e = generate(&f.model, &x, &[], &too_long, None).unwrap_err();
     assert!(matches!(e, Error::ContextOverflow { .. }), "{e}");
+}
+
+/// Token `i` decodes as `<i>`: stop strings can then span and cut tokens.
+fn angle(ids: &[u32]) -> String {
+    ids.iter().map(|i| format!("<{i}>")).collect()
+}
+
+/// The length of the shortest prefix of `ids` whose text contains `s`.
+fn first_completion(ids: &[u32], s: &str) -> Option<usize> {
+    (1..=ids.len()).find(|&n| angle(&ids[..n]).contains(s))
+}
+
+/// A stop string cut out of `ids[i-1..=i]`'s text that starts and ends inside tokens.
+fn straddling(ids: &[u32], i: usize) -> String {
+    let t = angle(&ids[i - 1..=i]);
+    t[2..t.len() - 1].to_string()
+}
+
+fn with_stops(f: &Fixture, x: &emu_core::Tensor<emu_backend_cpu::CpuBackend>, cfg: &GenerationConfig) -> Vec<Vec<u32>> {
+    let hooks = Hooks {
+        decode: Some(&angle),
+        ..Hooks::default()
+    };
+    generate_with(&f.model, x, &[], cfg, hooks).unwrap()
+}
+
+#[test]
+fn stop_strings_end_greedy_and_sampled_sequences() {
+    let f = Fixture::load("mha", DType::F32);
+    let x = f.tensor("gen.embeds.1");
+    let greedy = GenerationConfig {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
+    for cfg in [greedy, sampling(5, 50, 0.95, 1.5)] {
+        let cfg = GenerationConfig {
+            max_new_tokens: 12,
+            ..cfg
+        };
+        let free = generate(&f.model, &x, &[], &cfg, None).unwrap().remove(0);
+        assert_eq!(free.len(), 12);
+        for i in [1, 4, 9] {
+            let s = straddling(&free, i);
+            let n = first_completion(&free, &s).unwrap();
+            let stopped = GenerationConfig {
+                stop_strings: vec!["never generated".into(), s.clone()],
+                ..cfg.clone()
+            };
+            let got = with_stops(&f, &x, &stopped).remove(0);
+            assert_eq!(got, free[..n].to_vec(), "stop {s:?} in {}", angle(&free));
+        }
+    }
+}
+
+#[test]
+fn stop_strings_end_beams() {
+    let f = Fixture::load("mha", DType::F32);
+    let x = f.tensor("gen.embeds.1");
+    for lp in [-1.0, 2.0] {
+        let cfg = GenerationConfig {
+            max_new_tokens: 12,
+            num_beams: 5,
+            length_penalty: lp,
+            ..Default::default()
+        };
+        let free = generate(&f.model, &x, &[], &cfg, None).unwrap().remove(0);
+        let s = straddling(&free, 3);
+        let stopped = GenerationConfig {
+            stop_strings: vec![s.clone()],
+            ..cfg.clone()
+        };
+        let got = with_stops(&f, &x, &stopped).remove(0);
+        // Every beam ends at the token that completes the stop string: the
+        // best hypothesis holds it exactly once, at its end, or never.
+        match first_completion(&got, &s) {
+            Some(n) => assert_eq!(n, got.len(), "lp {lp}: {} continues past {s:?}", angle(&got)),
+            None => assert_eq!(got.len(), 12, "lp {lp}: {}", angle(&got)),
+        }
+        assert_ne!(got, free, "lp {lp}: the stop string changed nothing");
+        // The same rule given as a plain stopping check gives the same beams.
+        let mut rule = |ids: &[u32]| StopStrings::new(std::slice::from_ref(&s), &angle).matches(ids);
+        let hooks = Hooks {
+            stop: Some(&mut rule),
+            ..Hooks::default()
+        };
+        assert_eq!(generate_with(&f.model, &x, &[], &cfg, hooks).unwrap().remove(0), got);
+    }
+}
+
+#[test]
+fn stop_strings_need_a_decoder() {
+    let f = Fixture::load("mha", DType::F32);
+    let x = f.tensor("gen.embeds.0");
+    let cfg = GenerationConfig {
+        stop_strings: vec!["x".into()],
+        ..Default::default()
+    };
+    let e = generate(&f.model, &x, &[], &cfg, None).unwrap_err();
+    assert!(
+        matches!(e, Error::Generation(_)) && e.to_string().contains("decoder"),
+        "{e}"
+    );
+    let empty = GenerationConfig {
+        stop_strings: vec![String::new()],
+        ..Default::default()
+    };
+    let hooks = Hooks {
+        decode: Some(&angle),
+        ..Hooks::default()
+    };
+    let e = generate_with(&f.model, &x, &[], &empty, hooks).unwrap_err();
+    assert!(matches!(e, Error::Generation(_)), "{e}");
 }
