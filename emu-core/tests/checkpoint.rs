@@ -559,3 +559,48 @@ fn large_sparse_file_opens_without_reading_its_data() {
     assert_eq!(ckpt.info("big").unwrap().dims, vec![big]);
     assert_eq!(ckpt.get("small").unwrap().to_f32_vec().unwrap(), vec![1.0, -2.0]);
 }
+
+#[test]
+fn load_observer_sees_opening_and_every_read() {
+    use emu_core::checkpoint::{set_load_observer, LoadEvent};
+    use std::sync::{Arc, Mutex};
+    // A private copy: other tests in this binary open the fixtures concurrently.
+    let tmp = TempDir::new("observer");
+    for f in std::fs::read_dir(fixture("safetensors_sharded")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, tmp.0.join(f.file_name().unwrap())).unwrap();
+    }
+    let dir = tmp.0.clone();
+    let seen: Arc<Mutex<Vec<(String, u64)>>> = Arc::default();
+    let log = seen.clone();
+    let ours = dir.clone();
+    let prev = set_load_observer(Some(Arc::new(move |e: &LoadEvent<'_>| match *e {
+        LoadEvent::Opened { origin, tensors, bytes } if origin.starts_with(&ours) => {
+            log.lock().unwrap().push((format!("open {tensors}"), bytes))
+        }
+        LoadEvent::Read { origin, key, bytes } if origin.starts_with(&ours) => {
+            log.lock().unwrap().push((key.to_string(), bytes))
+        }
+        _ => {}
+    })));
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let keys: Vec<String> = ckpt.keys().map(str::to_string).collect();
+    for k in &keys {
+        ckpt.get_as(k, DType::F32).unwrap();
+    }
+    set_load_observer(prev);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen[0].0, format!("open {}", keys.len()));
+    let read: Vec<&String> = seen[1..].iter().map(|(k, _)| k).collect();
+    assert_eq!(read, keys.iter().collect::<Vec<_>>());
+    let total: u64 = seen[1..].iter().map(|(_, b)| b).sum();
+    let expected: u64 = keys
+        .iter()
+        .map(|k| {
+            let i = ckpt.info(k).unwrap();
+            i.dims.iter().product::<usize>() as u64 * i.dtype.size_in_bytes() as u64
+        })
+        .sum();
+    assert_eq!((seen[0].1, total), (expected, expected));
+    assert!(expected > 0);
+}

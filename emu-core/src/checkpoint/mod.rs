@@ -46,7 +46,42 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+/// What a [load observer](set_load_observer) is told, so that front ends can
+/// show loading progress without the loaders knowing about terminals.
+#[derive(Debug, Clone, Copy)]
+pub enum LoadEvent<'a> {
+    /// A checkpoint was opened (headers only): its tensor count and stored bytes.
+    Opened {
+        origin: &'a Path,
+        tensors: usize,
+        bytes: u64,
+    },
+    /// One tensor of it was read (`get`, `get_as` and everything built on them).
+    Read { origin: &'a Path, key: &'a str, bytes: u64 },
+}
+
+/// A process-wide callback for [`LoadEvent`]s.
+pub type LoadObserver = Arc<dyn Fn(&LoadEvent<'_>) + Send + Sync>;
+
+// Process-wide because checkpoints are opened deep inside model loaders;
+// threading a callback through every `load` would change every signature.
+static OBSERVER: RwLock<Option<LoadObserver>> = RwLock::new(None);
+
+/// Installs (or with `None` removes) the observer of checkpoint loading;
+/// returns the previous one.
+pub fn set_load_observer(observer: Option<LoadObserver>) -> Option<LoadObserver> {
+    let mut slot = OBSERVER.write().unwrap_or_else(|e| e.into_inner());
+    std::mem::replace(&mut *slot, observer)
+}
+
+fn notify(event: LoadEvent<'_>) {
+    let observer = OBSERVER.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if let Some(o) = observer {
+        o(&event);
+    }
+}
 
 /// Shape and element type of a stored tensor (metadata only).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +139,16 @@ pub(crate) struct Entry {
     pub(crate) dtype: StoredDType,
     pub(crate) dims: Vec<usize>,
     pub(crate) layout: Layout,
+}
+
+impl Entry {
+    /// Bytes of the tensor as stored (0 for dtypes emu-rs cannot read).
+    fn stored_bytes(&self) -> u64 {
+        match &self.dtype {
+            StoredDType::Known(d) => self.dims.iter().map(|&n| n as u64).product::<u64>() * d.size_in_bytes() as u64,
+            StoredDType::Unsupported(_) => 0,
+        }
+    }
 }
 
 pub(crate) fn format_err(path: &Path, message: impl Into<String>) -> Error {
@@ -285,13 +330,19 @@ impl Checkpoint {
                 map,
             });
         }
-        Ok(Checkpoint {
+        let ckpt = Checkpoint {
             inner: Arc::new(Inner {
                 origin: origin.to_path_buf(),
                 files,
                 tensors,
             }),
-        })
+        };
+        notify(LoadEvent::Opened {
+            origin,
+            tensors: ckpt.inner.tensors.len(),
+            bytes: ckpt.inner.tensors.values().map(Entry::stored_bytes).sum(),
+        });
+        Ok(ckpt)
     }
 
     /// The file, index or directory this checkpoint was opened from.
@@ -398,6 +449,11 @@ impl Checkpoint {
                 Cow::Owned(gather(&file.map, *base, *offset, &e.dims, strides, es).ok_or_else(out_of_file)?)
             }
         };
+        notify(LoadEvent::Read {
+            origin: &self.inner.origin,
+            key,
+            bytes: e.stored_bytes(),
+        });
         Ok((
             TensorInfo {
                 dims: e.dims.clone(),
