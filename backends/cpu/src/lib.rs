@@ -39,6 +39,39 @@ impl CpuBackend {
 
 const NAME: &str = "cpu";
 
+/// Sets how many threads the CPU backend computes with; 0 keeps candle's
+/// default (one per physical core, or `RAYON_NUM_THREADS`).
+///
+/// Call it before the first computation and before starting other threads:
+/// candle sizes its gemm parallelism from `RAYON_NUM_THREADS` on every
+/// matmul and runs on rayon's global pool, which is built once, so this sets
+/// that variable and builds the pool. Setting a different count after the
+/// pool exists is an error.
+pub fn set_num_threads(n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    // Fails when the pool already exists; the count check below reports that.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let running = rayon::current_num_threads();
+    if running != n {
+        return Err(Error::Backend {
+            backend: NAME.to_string(),
+            message: format!(
+                "cannot use {n} threads: the thread pool already runs {running}; set the count before the first computation"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// How many threads the CPU backend computes with.
+pub fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
 fn err(e: candle_core::Error) -> Error {
     Error::Backend {
         backend: NAME.to_string(),
