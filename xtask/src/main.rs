@@ -7,6 +7,12 @@
 //! * `fixtures [SET ...]` — regenerates `tests/fixtures/` with the PyTorch
 //!   reference (needs a venv with `tools/reference/requirements.txt`; set
 //!   `EMU_REF_PYTHON` to its python, default `.venv-ref/bin/python`).
+//! * `bench [...]` — times every component (single ops, vision, LLM, UNet,
+//!   VAE) on every available backend and, with `--torch PYTHON`, PyTorch,
+//!   in one table with each output's error against the CPU backend; see
+//!   [`bench`].
+
+mod bench;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -15,7 +21,8 @@ use emu_core::testing::{format_checks, run_error_suite, run_op_suite};
 use emu_core::{Backend, DType};
 
 const USAGE: &str = "usage: cargo xtask test [--backend cpu|wgpu|onnx|all] [--dtype f32|bf16|f16|all]
-       cargo xtask fixtures [SET ...]";
+       cargo xtask fixtures [SET ...]
+       ";
 
 /// Backends this build knows about; each new backend crate adds itself here.
 const BACKENDS: &[&str] = &["cpu", "wgpu", "onnx"];
@@ -25,7 +32,8 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => cmd_test(&args[1..]),
         Some("fixtures") => cmd_fixtures(&args[1..]),
-        _ => Err(USAGE.to_string()),
+        Some("bench") => bench::cmd_bench(&args[1..]).map_err(|e| e.to_string()),
+        _ => Err(format!("{USAGE}{}", bench::USAGE)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
