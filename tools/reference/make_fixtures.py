@@ -25,6 +25,7 @@ SETS = {
     "loader": "fixtures_loader",
     "decoder": "fixtures_decoder",
     "llm": "fixtures_llm",
+    "pipeline": "fixtures_pipeline",
 }
 
 

@@ -4,13 +4,13 @@
 
 use super::dump::{put, Dump};
 use super::error::{PipelineError, Result};
+use super::model::ModelDir;
 use super::{Component, Timings};
 use emu_core::checkpoint::{Checkpoint, Weights};
 use emu_core::{Backend, DType, HostTensor, Tensor};
 use emu_llm::{Llama, LlamaConfig, Logits, SlotIds};
 use emu_prompt::{Emu2Tokenizer, Rendered, SpecialToken, Variant, VisualInput};
-use emu_vision::{load_image, EmuVisionConfig, Preprocessor, RgbImage, VisionEncoder};
-use std::path::Path;
+use emu_vision::{load_image, EmuVisionConfig, Preprocessor, RgbImage, VisionEncoder, VisionError};
 use std::time::Instant;
 
 /// Checks that `dtype` can run on `backend`, with a message that lists what can.
@@ -48,16 +48,54 @@ pub struct Emu2Model<V: Backend, L: Backend> {
     project_down: Option<Tensor<L>>,
 }
 
-/// Where `project_up`/`project_down` sit relative to the checkpoint root,
-/// in the layouts the vision encoder accepts (HF, native, native Gen).
-const PROJECTION_PREFIXES: [&str; 2] = ["", "multimodal_encoder."];
+/// Where `project_up`/`project_down` sit relative to the checkpoint root:
+/// Hugging Face `EmuForCausalLM` (top level), and upstream's native
+/// `EmuModel`, where they are modules of the LLaMA (`decoder.lm.`, Emu2/emu/lm.py),
+/// alone or under Emu2-Gen's `multimodal_encoder.`.
+const PROJECTION_PREFIXES: [&str; 4] = [
+    "",
+    "decoder.lm.",
+    "multimodal_encoder.",
+    "multimodal_encoder.decoder.lm.",
+];
+
+/// The `(project_up, project_down)` keys of `ckpt`, if it has them.
+/// Older native checkpoints name them `vl_adapter.projection` and
+/// `decoder.lm.stu_regress_head` (upstream renames both when it loads them,
+/// `EmuModel.load_state_dict`).
+pub(crate) fn projection_keys(ckpt: &Checkpoint) -> Option<(String, String)> {
+    let found = PROJECTION_PREFIXES
+        .iter()
+        .find(|p| ckpt.contains(&format!("{p}project_up.weight")))
+        .map(|p| (format!("{p}project_up.weight"), format!("{p}project_down.weight")));
+    found.or_else(|| {
+        ckpt.contains("vl_adapter.projection.weight").then(|| {
+            (
+                "vl_adapter.projection.weight".to_string(),
+                "decoder.lm.stu_regress_head.weight".to_string(),
+            )
+        })
+    })
+}
+
+/// Parses the vision and LLaMA halves of an Emu2 `config.json`, naming `origin` on errors.
+pub(crate) fn parse_config(config: &serde_json::Value, origin: &str) -> Result<(EmuVisionConfig, LlamaConfig)> {
+    let vision = EmuVisionConfig::from_value(config).map_err(|e| match e {
+        VisionError::InvalidConfig(m) => PipelineError::Model(format!("{origin}: {m}")),
+        other => other.into(),
+    })?;
+    let llm =
+        LlamaConfig::from_json_value(config.clone()).map_err(|e| PipelineError::Model(format!("{origin}: {e}")))?;
+    Ok((vision, llm))
+}
 
 impl<V: Backend, L: Backend> Emu2Model<V, L> {
-    /// Loads `config.json`, the weights and the tokenizer. `vision` and `llm`
-    /// say where each part runs and in which dtype.
+    /// Loads the configuration, the weights and the tokenizer of `dir` (see
+    /// [`ModelDir::emu_config`], [`ModelDir::open_encoder_weights`],
+    /// [`ModelDir::tokenizer_dir`]). `vision` and `llm` say where each part
+    /// runs and in which dtype.
     pub fn load(
-        encoder_dir: &Path,
-        tokenizer_dir: &Path,
+        dir: &ModelDir,
         variant: Variant,
         vision: &Component<V>,
         llm: &Component<L>,
@@ -66,20 +104,26 @@ impl<V: Backend, L: Backend> Emu2Model<V, L> {
         check_dtype(&vision.backend, vision.dtype, "vision encoder")?;
         check_dtype(&llm.backend, llm.dtype, "language model")?;
         let t0 = Instant::now();
-        let config_path = encoder_dir.join("config.json");
-        let vision_cfg = EmuVisionConfig::from_file(&config_path)?;
-        let llm_cfg = LlamaConfig::from_file(&config_path)?;
+        let (config, origin) = dir.emu_config()?;
+        let (vision_cfg, llm_cfg) = parse_config(&config, &origin)?;
         if llm_cfg.vocab_size != variant.vocab_size() {
             return Err(PipelineError::Model(format!(
-                "{}: vocab_size is {}, but an Emu2{} vocabulary has {} tokens",
-                config_path.display(),
+                "{origin}: vocab_size is {}, but an Emu2{} vocabulary has {} tokens",
                 llm_cfg.vocab_size,
                 if variant == Variant::Chat { "-Chat" } else { "" },
                 variant.vocab_size()
             )));
         }
-        let tokenizer = Emu2Tokenizer::from_dir(tokenizer_dir, variant)?;
-        let ckpt = Checkpoint::open(encoder_dir)?;
+        let tokenizer_dir = dir.tokenizer_dir();
+        let tokenizer = Emu2Tokenizer::from_dir(&tokenizer_dir, variant).map_err(|e| match e {
+            // A native single file comes without a tokenizer: say where one is.
+            emu_prompt::Error::Tokenizer(m) if dir.native_file().is_some() => PipelineError::Model(format!(
+                "{m}; put the LLaMA tokenizer (upstream's Emu2/emu/conf/llama_config/tokenizer.model, or the tokenizer files of {}) beside the checkpoint",
+                dir.family().repo_id()
+            )),
+            other => other.into(),
+        })?;
+        let ckpt = dir.open_encoder_weights()?;
         let root = Weights::new(&ckpt);
         let encoder = VisionEncoder::load(&vision.backend, &root, vision_cfg, vision.dtype)?;
         let preprocessor = Preprocessor::for_config(&encoder.config().vision)?;
@@ -87,13 +131,9 @@ impl<V: Backend, L: Backend> Emu2Model<V, L> {
         let (h, d) = (llm_cfg.hidden_size, encoder.config().d_model);
         let mut project_up = None;
         let mut project_down = None;
-        if let Some(prefix) = PROJECTION_PREFIXES
-            .iter()
-            .find(|p| ckpt.contains(&format!("{p}project_up.weight")))
-        {
-            let w = Weights::with_prefix(&ckpt, *prefix);
-            project_up = Some(w.tensor(&llm.backend, "project_up.weight", &[h, d], llm.dtype)?);
-            project_down = w.tensor_opt(&llm.backend, "project_down.weight", &[d, h], llm.dtype)?;
+        if let Some((up, down)) = projection_keys(&ckpt) {
+            project_up = Some(root.tensor(&llm.backend, &up, &[h, d], llm.dtype)?);
+            project_down = root.tensor_opt(&llm.backend, &down, &[d, h], llm.dtype)?;
         }
         timings.add("load", t0.elapsed());
         Ok(Self {
@@ -166,11 +206,24 @@ impl<V: Backend, L: Backend> Emu2Model<V, L> {
         put(dump, names[2], || Ok(pooled.to_host()?))?;
         let n = images.len() * n_query;
         let h = self.llm.config().hidden_size;
-        let tokens = self.vision.project(&pooled)?.reshape(&[n, h])?;
-        put(dump, names[3], || Ok(tokens.to_host()?))?;
         // The parts may run on different devices: hand over through the host.
-        let host = tokens.to_host()?;
-        let out = Tensor::from_host(self.llm.backend(), &host)?.to_dtype(self.llm.dtype())?;
+        let out = match (self.vision.project(&pooled), &self.project_up) {
+            (Ok(tokens), _) => {
+                let host = tokens.reshape(&[n, h])?.to_host()?;
+                Tensor::from_host(self.llm.backend(), &host)?.to_dtype(self.llm.dtype())?
+            }
+            // Native checkpoints keep project_up on the LLaMA module
+            // (`decoder.lm.project_up`), where the vision encoder does not
+            // look: project on the language model's side.
+            (Err(VisionError::InvalidArgument(_)), Some(up)) => {
+                let d = pooled.dim(2)?;
+                let host = pooled.reshape(&[n, d])?.to_host()?;
+                let pooled = Tensor::from_host(self.llm.backend(), &host)?.to_dtype(self.llm.dtype())?;
+                pooled.linear(up, None)?
+            }
+            (Err(e), _) => return Err(e.into()),
+        };
+        put(dump, names[3], || Ok(out.to_host()?))?;
         timings.add("vision", t0.elapsed());
         Ok(out)
     }

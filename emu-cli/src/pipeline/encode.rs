@@ -1,12 +1,13 @@
 //! The vision side alone: images to EVA features, pooled tokens and LLM
 //! input embeddings, without loading the language model.
 
+use super::emu2::projection_keys;
 use super::error::{PipelineError, Result};
 use super::model::ModelDir;
 use super::{check_dtype, Component, Timings};
-use emu_core::checkpoint::{Checkpoint, Weights};
-use emu_core::{Backend, HostTensor};
-use emu_vision::{load_image, EmuVisionConfig, Preprocessor, VisionEncoder};
+use emu_core::checkpoint::Weights;
+use emu_core::{Backend, HostTensor, Tensor};
+use emu_vision::{load_image, Preprocessor, VisionEncoder};
 use std::path::Path;
 use std::time::Instant;
 
@@ -28,6 +29,9 @@ pub struct EncodePipeline<B: Backend> {
     vision: VisionEncoder<B>,
     preprocessor: Preprocessor,
     backend: B,
+    /// `project_up` found outside the vision encoder's reach (native
+    /// checkpoints keep it on the LLaMA module, `decoder.lm.project_up`).
+    project_up: Option<Tensor<B>>,
     load_timings: Timings,
 }
 
@@ -35,17 +39,28 @@ impl<B: Backend> EncodePipeline<B> {
     pub fn load(dir: &ModelDir, vision: &Component<B>) -> Result<Self> {
         check_dtype(&vision.backend, vision.dtype, "vision encoder")?;
         let t0 = Instant::now();
-        let enc_dir = dir.encoder_dir();
-        let config = EmuVisionConfig::from_file(enc_dir.join("config.json"))?;
-        let ckpt = Checkpoint::open(&enc_dir)?;
+        let (config, origin) = dir.emu_config()?;
+        let (config, _) = super::emu2::parse_config(&config, &origin)?;
+        let ckpt = dir.open_encoder_weights()?;
         let encoder = VisionEncoder::load(&vision.backend, &Weights::new(&ckpt), config, vision.dtype)?;
         let preprocessor = Preprocessor::for_config(&encoder.config().vision)?;
+        // The vision encoder finds `project_up` where Hugging Face puts it;
+        // native checkpoints have it on the LLaMA module.
+        let project_up = match projection_keys(&ckpt) {
+            Some((up, _)) if up.contains("decoder.lm.") || up.starts_with("vl_adapter.") => {
+                let d = encoder.config().d_model;
+                let h = ckpt.info(&up)?.dims.first().copied().unwrap_or(0);
+                Some(Weights::new(&ckpt).tensor(&vision.backend, &up, &[h, d], vision.dtype)?)
+            }
+            _ => None,
+        };
         let mut load_timings = Timings::default();
         load_timings.add("load", t0.elapsed());
         Ok(Self {
             vision: encoder,
             preprocessor,
             backend: vision.backend.clone(),
+            project_up,
             load_timings,
         })
     }
@@ -74,10 +89,11 @@ impl<B: Backend> EncodePipeline<B> {
         let pixels = self.preprocessor.batch(&self.backend, &pics)?;
         let features = self.vision.encode(&pixels)?;
         let pooled = self.vision.pool(&features, n_query.unwrap_or(self.n_query()))?;
-        let projected = match self.vision.project(&pooled) {
-            Ok(p) => Some(p.to_host()?),
-            Err(emu_vision::VisionError::InvalidArgument(_)) => None,
-            Err(e) => return Err(e.into()),
+        let projected = match (self.vision.project(&pooled), &self.project_up) {
+            (Ok(p), _) => Some(p.to_host()?),
+            (Err(emu_vision::VisionError::InvalidArgument(_)), Some(up)) => Some(pooled.linear(up, None)?.to_host()?),
+            (Err(emu_vision::VisionError::InvalidArgument(_)), None) => None,
+            (Err(e), _) => return Err(e.into()),
         };
         let mut timings = Timings::default();
         timings.add("vision", t0.elapsed());

@@ -16,6 +16,10 @@ use emu_prompt::{render, Item, ModelKind, Prompt, RenderOptions, Variant};
 use std::path::Path;
 use std::time::Instant;
 
+/// Upstream's `original_size` time ids (`EmuVisualGeneration.forward`
+/// default), used for every output size.
+const UPSTREAM_ORIGINAL_SIZE: (f32, f32) = (1024.0, 1024.0);
+
 /// Settings of [`GenerationPipeline::generate`]; the defaults are upstream's.
 #[derive(Debug, Clone)]
 pub struct GenerationOptions {
@@ -130,14 +134,7 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         }
         check_dtype(&decoder.backend, decoder.dtype, "UNet and VAE")?;
         let mut load_timings = Timings::default();
-        let enc = Emu2Model::load(
-            &dir.encoder_dir(),
-            &dir.tokenizer_dir(),
-            Variant::Base,
-            vision,
-            llm,
-            &mut load_timings,
-        )?;
+        let enc = Emu2Model::load(dir, Variant::Base, vision, llm, &mut load_timings)?;
         let t0 = Instant::now();
         let root = dir.root();
         let unet_cfg = UNet2DConditionConfig::from_file(root.join("unet").join("config.json"))?;
@@ -305,7 +302,12 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         let t0 = Instant::now();
         let batch = hidden.dim(0)?;
         let text_embeds = hidden.mean(1, false)?;
-        let time_ids = vec![[height as f32, width as f32, 0.0, 0.0, height as f32, width as f32]; batch];
+        // SDXL micro-conditioning as upstream passes it (diffusion.py):
+        // original_size + crop_info + [height, width], with upstream's fixed
+        // defaults original_size = 1024x1024 and crop_info = (0, 0) whatever
+        // the output size.
+        let (oh, ow) = UPSTREAM_ORIGINAL_SIZE;
+        let time_ids = vec![[oh, ow, 0.0, 0.0, height as f32, width as f32]; batch];
         let added = TextTimeCond { text_embeds, time_ids };
         let factor = self.vae.config().downscale_factor();
         let channels = self.unet.config().in_channels;

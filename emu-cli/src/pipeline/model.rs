@@ -1,8 +1,11 @@
-//! Finding a model: `tiny`, a local directory, or a repo id in the local
-//! Hugging Face cache (offline; nothing is downloaded).
+//! Finding a model: `tiny`, a local directory, a native single-file
+//! checkpoint, or a repo id in the local Hugging Face cache (offline; nothing
+//! is downloaded).
 
 use super::error::{PipelineError, Result};
 use crate::tiny::{TinyKind, TinyModel};
+use emu_core::checkpoint::Checkpoint;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 /// The three Emu2 checkpoints; each pipeline needs one of them.
@@ -43,19 +46,29 @@ impl ModelFamily {
     }
 }
 
-/// A model directory ready to load, in the Hugging Face layout of its family.
+/// A model ready to load: a directory in the Hugging Face layout of its
+/// family, or one of upstream's native single-file checkpoints
+/// (`Emu2-Chat_pytorch_model.bf16.bin`, `Emu2_pytorch_model.bf16.bin`: the
+/// `EmuModel` state dict with `visual.*` and `decoder.lm.*` keys).
 #[derive(Debug)]
 pub struct ModelDir {
     root: PathBuf,
     family: ModelFamily,
     /// Keeps the tiny model's temporary directory alive while it is used.
     tiny: Option<TinyModel>,
+    /// The native single file, when that is what was given (`root` is then its directory).
+    native_file: Option<PathBuf>,
 }
 
 impl ModelDir {
-    /// The directory given or found.
+    /// The directory given or found (for a native single file: the directory holding it).
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The native single-file checkpoint, when the model is one.
+    pub fn native_file(&self) -> Option<&Path> {
+        self.native_file.as_deref()
     }
 
     pub fn family(&self) -> ModelFamily {
@@ -76,12 +89,61 @@ impl ModelDir {
         }
     }
 
-    /// The directory with the tokenizer files (`tokenizer/` in Emu2-Gen).
+    /// The directory with the tokenizer files (`tokenizer/` in Emu2-Gen; for
+    /// a native single file, the directory holding it).
     pub fn tokenizer_dir(&self) -> PathBuf {
         match self.family {
             ModelFamily::Emu2Gen if self.root.join("tokenizer").is_dir() => self.root.join("tokenizer"),
             ModelFamily::Emu2Gen => self.encoder_dir(),
             _ => self.root.clone(),
+        }
+    }
+
+    /// The Emu2 `config.json` (LLaMA fields at the top level, EVA under
+    /// `vision_config`) and where it came from. Native checkpoints ship
+    /// without one: a `config.json` beside the weights is used when present
+    /// (e.g. the Hugging Face one of the same model), otherwise upstream's
+    /// configuration of the family (SPEC §1.1, §3.1), as upstream's own
+    /// native loader builds it in code.
+    pub fn emu_config(&self) -> Result<(Value, String)> {
+        let path = self.encoder_dir().join("config.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let v: Value = serde_json::from_str(&text)
+                    .map_err(|e| PipelineError::Model(format!("{}: not valid JSON: {e}", path.display())))?;
+                Ok((v, path.display().to_string()))
+            }
+            // Native checkpoints (a single file, or upstream's native Emu2-Gen
+            // `multimodal_encoder/pytorch_model.bin`) come without one.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((
+                upstream_config(self.family),
+                format!(
+                    "upstream's {} configuration (no config.json beside the weights)",
+                    self.family.repo_id()
+                ),
+            )),
+            Err(e) => Err(PipelineError::Model(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    /// Opens the Emu2 weights (headers only): the native file, or the
+    /// checkpoint of [`ModelDir::encoder_dir`]. In a directory, files without
+    /// a variant are tried first, then each variant present: Emu2-Gen ships a
+    /// `model.safetensors.index.json` naming fp32 shards it does not include,
+    /// next to the `bf16` ones.
+    pub fn open_encoder_weights(&self) -> Result<Checkpoint> {
+        if let Some(file) = &self.native_file {
+            return Ok(Checkpoint::open(file)?);
+        }
+        let dir = self.encoder_dir();
+        match crate::layout::open_weights_dir(&dir, None) {
+            Ok(Some(opened)) => Ok(opened.checkpoint),
+            Ok(None) => Err(PipelineError::Model(format!(
+                "`{}` holds no weight files (*.safetensors, *.bin and their *.index.json)",
+                dir.display()
+            ))),
+            Err(crate::error::CliError::Core(e)) => Err(e.into()),
+            Err(e) => Err(PipelineError::Model(e.to_string())),
         }
     }
 
@@ -92,6 +154,7 @@ impl ModelDir {
             root: tiny.path().to_path_buf(),
             family,
             tiny: Some(tiny),
+            native_file: None,
         })
     }
 
@@ -125,10 +188,7 @@ impl ModelDir {
         let path = Path::new(spec);
         let root = if path.exists() {
             if !path.is_dir() {
-                return Err(PipelineError::Model(format!(
-                    "--model `{spec}` is a file; give the model directory (the Hugging Face layout of {})",
-                    want.repo_id()
-                )));
+                return Self::native(path, want);
             }
             path.to_path_buf()
         } else if looks_like_repo_id(spec) {
@@ -140,23 +200,118 @@ impl ModelDir {
             )));
         };
         let family = detect_family(&root)?;
-        if family != want {
-            return Err(PipelineError::Model(format!(
-                "`{}` holds {} ({}), but this command needs {}; run `{}` with it or pass a {} checkpoint",
-                root.display(),
-                family.repo_id(),
-                describe(family),
-                want.repo_id(),
-                family.command(),
-                want.repo_id()
-            )));
-        }
+        check_family(&root, family, want)?;
         Ok(Self {
             root,
             family,
             tiny: None,
+            native_file: None,
         })
     }
+
+    /// A native single-file checkpoint: the `EmuModel` state dict of Emu2 or
+    /// Emu2-Chat (`visual.*`, `decoder.lm.*`), whose family is read from its
+    /// vocabulary size (32272 or 32274 rows).
+    fn native(path: &Path, want: ModelFamily) -> Result<Self> {
+        let not_native = |why: &str| {
+            PipelineError::Model(format!(
+                "--model `{}` is a file but {why}; give a model directory (the Hugging Face layout of {}) or one of upstream's native single files (Emu2-Chat_pytorch_model.bf16.bin, Emu2_pytorch_model.bf16.bin)",
+                path.display(),
+                want.repo_id()
+            ))
+        };
+        let ckpt = Checkpoint::open(path).map_err(|e| not_native(&format!("not a checkpoint ({e})")))?;
+        let has = |p: &str| ckpt.keys_with_prefix(p).next().is_some();
+        if has("multimodal_encoder.") && has("unet.") {
+            return Err(not_native(
+                "a native Emu2-Gen file, which is not supported: use the BAAI/Emu2-Gen diffusers folder",
+            ));
+        }
+        let embed = "decoder.lm.model.embed_tokens.weight";
+        if !has("visual.") || !ckpt.contains(embed) {
+            return Err(not_native("it has no native Emu2 weights (`visual.*`, `decoder.lm.*`)"));
+        }
+        let vocab = ckpt.info(embed)?.dims.first().copied().unwrap_or(0);
+        let family = match vocab {
+            32274 => ModelFamily::Emu2Chat,
+            32272 => ModelFamily::Emu2,
+            n => {
+                return Err(not_native(&format!(
+                    "its vocabulary has {n} tokens, neither Emu2's 32272 nor Emu2-Chat's 32274"
+                )))
+            }
+        };
+        let root = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        check_family(path, family, want)?;
+        Ok(Self {
+            root,
+            family,
+            tiny: None,
+            native_file: Some(path.to_path_buf()),
+        })
+    }
+}
+
+/// The error for a checkpoint of the wrong family.
+fn check_family(path: &Path, family: ModelFamily, want: ModelFamily) -> Result<()> {
+    if family == want {
+        return Ok(());
+    }
+    Err(PipelineError::Model(format!(
+        "`{}` holds {} ({}), but this command needs {}; run `{}` with it or pass a {} checkpoint",
+        path.display(),
+        family.repo_id(),
+        describe(family),
+        want.repo_id(),
+        family.command(),
+        want.repo_id()
+    )))
+}
+
+/// Upstream's Emu2 configuration of `family`, in the layout of the Hugging
+/// Face `config.json` (SPEC §1.1, §3.1): EVA-CLIP-E/14-plus at 448 px and
+/// LLaMA-33B; n_query 256 for Emu2-Chat, 64 otherwise.
+pub fn upstream_config(family: ModelFamily) -> Value {
+    let chat = family == ModelFamily::Emu2Chat;
+    json!({
+        "architectures": ["EmuForCausalLM"],
+        "model_version": if chat { "chat" } else { "base" },
+        "attention_bias": false,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 32000,
+        "d_model": 1792,
+        "hidden_act": "silu",
+        "hidden_size": 6656,
+        "intermediate_size": 17920,
+        "max_position_embeddings": 2048,
+        "num_attention_heads": 52,
+        "num_hidden_layers": 60,
+        "num_key_value_heads": 52,
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": null,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": false,
+        "vocab_size": if chat { 32274 } else { 32272 },
+        "vision_config": {
+            "image_size": 448,
+            "patch_size": 14,
+            "width": 1792,
+            "layers": 64,
+            "head_width": 112,
+            "mlp_ratio": 8.571428571428571,
+            "intermediate_size": 15360,
+            "layer_norm_eps": 1e-6,
+            "n_query": if chat { 256 } else { 64 },
+            "v_query": 64,
+            "postnorm": true,
+            "qkv_bias": true,
+            "xattn": !chat
+        }
+    })
 }
 
 fn describe(f: ModelFamily) -> &'static str {

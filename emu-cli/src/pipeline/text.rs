@@ -7,7 +7,7 @@ use super::error::{PipelineError, Result};
 use super::model::{ModelDir, ModelFamily};
 use super::{Component, Timings};
 use emu_core::Backend;
-use emu_llm::{generate, GenerationConfig};
+use emu_llm::{generate_with, GenerationConfig, Hooks};
 use emu_prompt::{
     parse_boxes, render, Emu2Tokenizer, Grounding, ModelKind, Prompt, RenderOptions, SpecialToken, Variant,
 };
@@ -108,6 +108,13 @@ fn run_text<V: Backend, L: Backend>(
     }
     let t0 = Instant::now();
     let eos = generation.eos_token_ids.clone();
+    // Stop strings match the text as the answer is decoded; an id the
+    // tokenizer cannot decode matches nothing.
+    let decode = |ids: &[u32]| model.tokenizer.decode(ids, skip_special).unwrap_or_default();
+    let hooks = || Hooks {
+        decode: Some(&decode),
+        ..Hooks::default()
+    };
     let out = match on_text {
         Some(sink) if generation.num_beams == 1 => {
             let mut stream = TextStream {
@@ -125,18 +132,22 @@ fn run_text<V: Backend, L: Backend>(
                         stream.push(id);
                     }
                 };
-                generate(&model.llm, &embeds, &[], generation, Some(&mut on_token))?
+                let hooks = Hooks {
+                    on_token: Some(&mut on_token),
+                    ..hooks()
+                };
+                generate_with(&model.llm, &embeds, &[], generation, hooks)?
             };
             stream.flush(true);
             out
         }
         Some(sink) => {
-            let out = generate(&model.llm, &embeds, &[], generation, None)?;
+            let out = generate_with(&model.llm, &embeds, &[], generation, hooks())?;
             let ids = until_eos(out.first().map(Vec::as_slice).unwrap_or_default(), &eos);
             sink(&model.tokenizer.decode(&ids, skip_special)?);
             out
         }
-        None => generate(&model.llm, &embeds, &[], generation, None)?,
+        None => generate_with(&model.llm, &embeds, &[], generation, hooks())?,
     };
     timings.add("generate", t0.elapsed());
     let new_ids = until_eos(out.first().map(Vec::as_slice).unwrap_or_default(), &eos);
@@ -191,14 +202,7 @@ impl<V: Backend, L: Backend> TextModel<V, L> {
             return Err(PipelineError::Model(format!("{} is not {needs}", dir.root().display())));
         }
         let mut load_timings = Timings::default();
-        let model = Emu2Model::load(
-            &dir.encoder_dir(),
-            &dir.tokenizer_dir(),
-            variant,
-            vision,
-            llm,
-            &mut load_timings,
-        )?;
+        let model = Emu2Model::load(dir, variant, vision, llm, &mut load_timings)?;
         Ok(Self {
             model,
             load_timings,
