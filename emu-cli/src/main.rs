@@ -14,6 +14,17 @@ use std::process::ExitCode;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads for computing on the CPU: the cpu backend's thread pool and
+    /// ONNX Runtime's intra-op threads (default: one per physical core).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    /// Draw progress bars (loading, denoising steps) on stderr even when it
+    /// is not a terminal.
+    #[arg(long, global = true, overrides_with = "no_progress")]
+    progress: bool,
+    /// Never draw progress bars (by default they are drawn when stderr is a terminal).
+    #[arg(long, global = true, overrides_with = "progress")]
+    no_progress: bool,
 }
 
 #[derive(Subcommand)]
@@ -90,6 +101,12 @@ fn parse_shard_size(s: &str) -> Result<u64, String> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    emu_cli::commands::set_threads(cli.threads.unwrap_or(0))?;
+    emu_cli::commands::progress::set_mode(match (cli.progress, cli.no_progress) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    });
     match cli.command {
         Command::Chat(a) => emu_cli::commands::chat::run(&a)?,
         Command::Complete(a) => emu_cli::commands::complete::run(&a)?,

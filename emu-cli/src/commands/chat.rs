@@ -67,7 +67,9 @@ fn path_str(p: &std::path::Path) -> Result<String> {
 
 fn run_on<V: Backend, L: Backend>(vision: V, llm: L, args: &ChatArgs, dir: &crate::pipeline::ModelDir) -> Result<()> {
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
+    let loading = super::progress::loading();
     let mut chat = ChatPipeline::load(dir, &vision, &llm)?;
+    drop(loading);
     chat.set_dump(args.model.dump()?);
     let opts = ChatOptions {
         grounding: args.grounding,

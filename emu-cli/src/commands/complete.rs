@@ -35,7 +35,9 @@ fn run_on<V: Backend, L: Backend>(
     dir: &crate::pipeline::ModelDir,
 ) -> Result<()> {
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
+    let loading = super::progress::loading();
     let mut pipe = CompletionPipeline::load(dir, &vision, &llm)?;
+    drop(loading);
     pipe.set_dump(args.model.dump()?);
     let opts = CompletionOptions {
         generation: args.decode.generation(),

@@ -64,7 +64,9 @@ pub fn run(args: &EncodeArgs) -> Result<()> {
 fn run_on<B: Backend>(backend: B, args: &EncodeArgs, dir: &ModelDir) -> Result<()> {
     let (vision_dtype, _) = args.model.dtypes(dir)?;
     let vision = super::component(&backend, vision_dtype, "vision encoder")?;
+    let loading = super::progress::loading();
     let pipe = EncodePipeline::load(dir, &vision)?;
+    drop(loading);
     let enc = pipe.encode(&args.images, args.n_query)?;
     let mut tensors: Vec<(&str, &HostTensor)> =
         vec![("vision_features", &enc.features), ("pooled_tokens", &enc.pooled)];

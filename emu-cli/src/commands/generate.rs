@@ -5,7 +5,6 @@ use crate::pipeline::{GenerationOptions, GenerationPipeline, ModelDir, ModelFami
 use clap::Args;
 use emu_core::Backend;
 use emu_prompt::{Item, Prompt};
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `emu generate`.
@@ -133,18 +132,11 @@ fn run_on<V: Backend, L: Backend, D: Backend>(
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
     // --vision-dtype applies to the EVA encoder, --dtype to the LLM, the UNet and the VAE.
     let decoder = super::component(&decoder, llm.dtype, "UNet and VAE")?;
+    let loading = super::progress::loading();
     let mut pipe = GenerationPipeline::load(dir, &vision, &llm, &decoder)?;
+    drop(loading);
     pipe.set_dump(args.model.dump()?);
-    let progress = std::io::stderr().is_terminal();
-    let mut on_step = |k: usize, n: usize| {
-        if progress {
-            eprint!("\rdenoising: step {k}/{n}");
-            if k == n {
-                eprintln!();
-            }
-            let _ = std::io::stderr().flush();
-        }
-    };
+    let mut on_step = super::progress::steps("denoising");
     let img = pipe.generate(prompt, opts, Some(&mut on_step))?;
     let buf = image::RgbImage::from_raw(img.width as u32, img.height as u32, img.rgb)
         .ok_or_else(|| PipelineError::Input("the decoded image has the wrong number of pixels".into()))?;

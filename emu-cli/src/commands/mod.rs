@@ -18,6 +18,7 @@ pub mod chat;
 pub mod complete;
 pub mod encode;
 pub mod generate;
+pub mod progress;
 
 use crate::pipeline::{check_dtype, Component, ModelDir, ModelFamily, PipelineError, Result, Timings};
 use crate::tiny::TINY_NOTICE;
@@ -26,6 +27,18 @@ use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::OnnxBackend;
 use emu_backend_wgpu::WgpuBackend;
 use emu_core::{Backend, DType};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets the threads of CPU computation for this process: the cpu backend's
+/// pool and ONNX Runtime's intra-op threads of backends opened afterwards
+/// (0: each library's default). Call it before any computation.
+pub fn set_threads(n: usize) -> Result<()> {
+    emu_backend_cpu::set_num_threads(n)?;
+    THREADS.store(n, Ordering::Relaxed);
+    Ok(())
+}
 
 /// Backends compiled into this binary.
 pub const BACKENDS: &[&str] = &["cpu", "wgpu", "onnx"];
@@ -83,7 +96,10 @@ impl Backends {
             }),
             BackendKind::Onnx => AnyBackend::Onnx(match &self.onnx {
                 Some(b) => b.clone(),
-                None => self.onnx.insert(OnnxBackend::new()?).clone(),
+                None => self
+                    .onnx
+                    .insert(OnnxBackend::with_threads(THREADS.load(Ordering::Relaxed))?)
+                    .clone(),
             }),
         })
     }
@@ -250,6 +266,10 @@ pub struct DecodeArgs {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Stop once the answer's text ends with STRING (kept in the answer);
+    /// repeat for several. Applies to every beam in beam search.
+    #[arg(long = "stop", value_name = "STRING")]
+    pub stop: Vec<String>,
 }
 
 impl DecodeArgs {
@@ -264,6 +284,7 @@ impl DecodeArgs {
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
+            stop_strings: self.stop.clone(),
             ..crate::pipeline::upstream_generation()
         }
     }
@@ -275,5 +296,6 @@ pub fn report_timings(verbose: bool, load: &Timings, run: &Timings) {
         let mut all = load.clone();
         all.merge(run);
         eprintln!("timings: {all}");
+        eprintln!("cpu threads: {}", emu_backend_cpu::num_threads());
     }
 }
