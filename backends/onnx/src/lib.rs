@@ -7,8 +7,17 @@
 //! of the graph the tensor depends on into an ONNX `ModelProto` and runs it
 //! with ONNX Runtime. Sessions are cached by the serialised graph, so running
 //! the same computation again on new data does not recompile it. A downloaded
-//! value is remembered, and later graphs start from it instead of recomputing
-//! its history.
+//! value is remembered (on the host and as ONNX Runtime's value), and later
+//! graphs start from it instead of recomputing its history.
+//!
+//! Offsets that can change while every shape stays the same — a middle
+//! slice's start (the RoPE table row of a decode step), a `slice_set`
+//! position (the KV-cache write), a causal mask offset — are fed as i64
+//! inputs rather than baked in as constants. With emu-llm's static-capacity
+//! KV cache, every greedy decode step after the prefill therefore runs one
+//! cached session. The diffusion sampling loop downloads only its final
+//! latents, so all its steps form one graph, compiled once per step count and
+//! latent shape and reused by later generations.
 //!
 //! f16/bf16 tensors are stored as such, and every arithmetic op on them runs
 //! in f32 and rounds once (Cast, op, Cast), as PyTorch's CPU kernels do; this
@@ -23,10 +32,10 @@
 mod proto;
 mod runtime;
 
-pub use proto::{Attr, IR_VERSION, OPSET};
+pub use proto::{onnx_type, Attr, IR_VERSION, OPSET};
 pub use runtime::run_model_file;
 
-use emu_core::backend::{Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+use emu_core::backend::{default_attention, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp, MASK_VALUE};
 use emu_core::host::checked_numel;
 use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, Result};
@@ -41,6 +50,13 @@ enum Kind {
     Input(HostTensor),
     /// Small structural data (shapes, axes, indices, fill values): always an initializer.
     Const(HostTensor),
+    /// A runtime integer (i64 `[1]`): an offset that can change while every
+    /// shape stays the same (a middle slice's start, a KV-cache write
+    /// position, a causal mask offset). Fed when running, so graphs that
+    /// differ only in it (successive decode steps) share one compiled
+    /// session; when exporting, bound by value to a named graph input (e.g.
+    /// `position`) or else written as an initializer.
+    Param(HostTensor),
     /// One ONNX node.
     Op {
         op_type: &'static str,
@@ -56,6 +72,10 @@ struct Node {
     kind: Kind,
     /// The value, once downloaded.
     value: OnceLock<HostTensor>,
+    /// The value as ONNX Runtime takes it, made on the first run that feeds
+    /// it (or kept from the run that computed it), so weights and caches are
+    /// not copied again for every graph that reads them.
+    fed: OnceLock<runtime::Value>,
 }
 
 /// A tensor of the ONNX backend: a node output with its static shape and dtype.
@@ -67,6 +87,7 @@ impl std::fmt::Debug for OnnxTensor {
         let what = match &self.0.kind {
             Kind::Input(_) => "input",
             Kind::Const(_) => "const",
+            Kind::Param(_) => "param",
             Kind::Op { op_type, .. } => op_type,
         };
         write!(
@@ -87,7 +108,7 @@ impl OnnxTensor {
     /// The value if it is known without running anything.
     fn known(&self) -> Option<&HostTensor> {
         match &self.0.kind {
-            Kind::Input(h) | Kind::Const(h) => Some(h),
+            Kind::Input(h) | Kind::Const(h) | Kind::Param(h) => Some(h),
             Kind::Op { .. } => self.0.value.get(),
         }
     }
@@ -102,6 +123,7 @@ fn new_node(dims: Vec<usize>, dtype: DType, kind: Kind) -> OnnxTensor {
         dtype,
         kind,
         value: OnceLock::new(),
+        fed: OnceLock::new(),
     }))
 }
 
@@ -118,6 +140,19 @@ fn op(
 fn const_i64(v: &[i64]) -> OnnxTensor {
     let h = HostTensor::from_i64(&[v.len()], v.to_vec()).expect("length matches");
     new_node(vec![v.len()], DType::I64, Kind::Const(h))
+}
+
+/// An i64 constant of shape `dims` holding `0, 1, ..` (`dims` has one non-unit dim).
+fn arange_i64(dims: &[usize]) -> OnnxTensor {
+    let n: usize = dims.iter().product();
+    let h = HostTensor::from_i64(dims, (0..n as i64).collect()).expect("length matches");
+    new_node(dims.to_vec(), DType::I64, Kind::Const(h))
+}
+
+/// A runtime offset (see [`Kind::Param`]).
+fn param(v: usize) -> OnnxTensor {
+    let h = HostTensor::from_i64(&[1], vec![v as i64]).expect("length matches");
+    new_node(vec![1], DType::I64, Kind::Param(h))
 }
 
 fn dims_i64(d: &[usize]) -> OnnxTensor {
@@ -216,10 +251,23 @@ fn ew2(op_type: &'static str, a: &OnnxTensor, b: &OnnxTensor) -> Result<OnnxTens
 
 /// Which uploads become graph inputs when serialising.
 enum Mode<'a> {
-    /// Running: every known value (uploads, earlier downloads) is fed.
+    /// Running: every known value (uploads, earlier downloads, params) is fed.
     Run,
-    /// Exporting: only these uploads are inputs, everything else is an initializer.
-    Export(&'a HashMap<u64, String>),
+    /// Exporting: only the named uploads and bound params are inputs,
+    /// everything else is an initializer.
+    Export(&'a ExportNames),
+}
+
+/// The names an export gives to uploads, params and documented values.
+struct ExportNames {
+    inputs: HashMap<u64, String>,
+    /// Traced param value -> input name.
+    params: HashMap<i64, String>,
+    /// Input/output name -> doc string.
+    docs: HashMap<String, String>,
+    /// Total initializer bytes above which initializers go to an external
+    /// file, and that file's name (relative to the model file).
+    external: Option<(usize, String)>,
 }
 
 /// The nodes that `outputs` depend on, inputs before users (iterative, so deep graphs do not overflow the stack).
@@ -283,55 +331,84 @@ fn held_elsewhere(t: &OnnxTensor) -> Vec<OnnxTensor> {
 /// A serialised model and the data to feed it.
 struct Serialized {
     model: Vec<u8>,
-    feeds: Vec<(String, HostTensor)>,
+    feeds: Vec<(String, OnnxTensor)>,
+    /// Graph inputs as declared (name, dtype, dims).
+    inputs: Vec<(String, DType, Vec<usize>)>,
+    /// Bytes written to the external data sink.
+    external_bytes: u64,
 }
 
-fn serialize(outputs: &[(&str, &OnnxTensor)], mode: Mode<'_>, graph_name: &str) -> Result<Serialized> {
+/// Initializers of at least this many bytes go to the external data file
+/// (the `onnx` package's default `size_threshold`); smaller ones stay inline.
+const EXTERNAL_MIN_TENSOR_BYTES: usize = 1024;
+/// External tensors start at multiples of this (page-aligned, so ONNX
+/// Runtime can map them directly).
+const EXTERNAL_ALIGN: u64 = 4096;
+
+fn serialize(
+    outputs: &[(&str, &OnnxTensor)],
+    mode: Mode<'_>,
+    graph_name: &str,
+    data_sink: Option<&mut dyn std::io::Write>,
+) -> Result<Serialized> {
     let stop = |t: &OnnxTensor| match mode {
         Mode::Run => t.known().is_some(),
         Mode::Export(_) => false,
     };
     let outs: Vec<&OnnxTensor> = outputs.iter().map(|(_, t)| *t).collect();
     let order = topo_order(&outs, &stop);
+    let doc = |name: &str| match &mode {
+        Mode::Export(x) => x.docs.get(name).cloned(),
+        Mode::Run => None,
+    };
     // Names follow the topological position, not node ids, so that the same
     // computation on new data serialises to the same bytes (session cache key).
     let mut names: HashMap<u64, String> = HashMap::new();
     let mut nodes = Vec::new();
     let mut initializers = Vec::new();
     let mut inputs = Vec::new();
+    let mut declared = HashSet::new();
     let mut feeds = Vec::new();
     let mut extra_nodes = Vec::new();
     for (k, t) in order.iter().enumerate() {
-        let name = match &mode {
-            Mode::Export(named) => named.get(&t.0.id).cloned().unwrap_or_else(|| format!("v{k}")),
-            Mode::Run => format!("v{k}"),
+        let bound = match (&mode, &t.0.kind) {
+            (Mode::Export(x), Kind::Param(h)) => h.to_i64_vec()?.first().and_then(|v| x.params.get(v)).cloned(),
+            (Mode::Export(x), Kind::Input(_)) => x.inputs.get(&t.0.id).cloned(),
+            _ => None,
         };
+        let name = bound.clone().unwrap_or_else(|| format!("v{k}"));
         names.insert(t.0.id, name.clone());
         let fed = match (&mode, &t.0.kind) {
             (Mode::Run, _) if !matches!(t.0.kind, Kind::Const(_)) => t.known(),
             _ => None,
         };
-        if let Some(h) = fed {
+        if fed.is_some() {
             inputs.push(proto::ValueInfo {
                 name: name.clone(),
                 dtype: t.dtype(),
                 dims: t.dims(),
                 doc: None,
             });
-            feeds.push((name, h.clone()));
+            feeds.push((name, t.clone()));
             continue;
         }
         match &t.0.kind {
             Kind::Const(h) => initializers.push((name, h)),
-            Kind::Input(h) => match &mode {
-                Mode::Export(named) if named.contains_key(&t.0.id) => inputs.push(proto::ValueInfo {
-                    name,
-                    dtype: t.dtype(),
-                    dims: t.dims(),
-                    doc: None,
-                }),
-                _ => initializers.push((name, h)),
-            },
+            Kind::Input(h) | Kind::Param(h) => {
+                if bound.is_some() {
+                    // Several param nodes bind to one input: declare it once.
+                    if declared.insert(name.clone()) {
+                        inputs.push(proto::ValueInfo {
+                            doc: doc(&name),
+                            name,
+                            dtype: t.dtype(),
+                            dims: t.dims(),
+                        });
+                    }
+                } else {
+                    initializers.push((name, h));
+                }
+            }
             Kind::Op { .. } => {}
         }
     }
@@ -367,10 +444,10 @@ fn serialize(outputs: &[(&str, &OnnxTensor)], mode: Mode<'_>, graph_name: &str) 
             extra_nodes.push((src, name.clone()));
         }
         graph_outputs.push(proto::ValueInfo {
+            doc: doc(&name),
             name,
             dtype: t.dtype(),
             dims: t.dims(),
-            doc: None,
         });
     }
     for (src, name) in &extra_nodes {
@@ -381,14 +458,155 @@ fn serialize(outputs: &[(&str, &OnnxTensor)], mode: Mode<'_>, graph_name: &str) 
             attrs: &[],
         });
     }
+    // External data: when the initializers together exceed the threshold,
+    // every large one is written to the sink and referenced by offset.
+    let mut placed = vec![None; initializers.len()];
+    let mut external_bytes = 0u64;
+    let mut location = None;
+    if let (Mode::Export(x), Some(sink)) = (&mode, data_sink) {
+        if let Some((threshold, loc)) = &x.external {
+            let total: usize = initializers.iter().map(|(_, h)| h.as_bytes().len()).sum();
+            if total > *threshold {
+                location = Some(loc.as_str());
+                let io = |e: std::io::Error| backend_err(format!("writing external data {loc}: {e}"));
+                for (slot, (_, h)) in placed.iter_mut().zip(&initializers) {
+                    let b = h.as_bytes();
+                    if b.len() < EXTERNAL_MIN_TENSOR_BYTES {
+                        continue;
+                    }
+                    let pad = (EXTERNAL_ALIGN - external_bytes % EXTERNAL_ALIGN) % EXTERNAL_ALIGN;
+                    sink.write_all(&vec![0u8; pad as usize]).map_err(io)?;
+                    external_bytes += pad;
+                    sink.write_all(b).map_err(io)?;
+                    *slot = Some((external_bytes, b.len() as u64));
+                    external_bytes += b.len() as u64;
+                }
+            }
+        }
+    }
+    let declared_inputs = inputs
+        .iter()
+        .map(|v| (v.name.clone(), v.dtype, v.dims.to_vec()))
+        .collect();
     let model = proto::model(&proto::GraphDef {
         name: graph_name,
         nodes,
         initializers,
+        external: location.map(|loc| proto::External { location: loc, placed }),
         inputs,
         outputs: graph_outputs,
     });
-    Ok(Serialized { model, feeds })
+    Ok(Serialized {
+        model,
+        feeds,
+        inputs: declared_inputs,
+        external_bytes,
+    })
+}
+
+fn export_names(
+    inputs: &[Port<'_>],
+    params: &[ParamInput<'_>],
+    outputs: &[Port<'_>],
+    external: Option<(usize, String)>,
+) -> Result<ExportNames> {
+    let mut names = ExportNames {
+        inputs: HashMap::new(),
+        params: HashMap::new(),
+        docs: HashMap::new(),
+        external,
+    };
+    for p in inputs {
+        if !matches!(p.tensor.0.kind, Kind::Input(_)) {
+            return Err(Error::InvalidArgument(format!(
+                "export: input `{}` is not an uploaded tensor",
+                p.name
+            )));
+        }
+        names.inputs.insert(p.tensor.0.id, p.name.to_string());
+    }
+    for p in params {
+        if names.params.insert(p.traced as i64, p.name.to_string()).is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "export: two params traced with the value {}",
+                p.traced
+            )));
+        }
+    }
+    let docs = inputs
+        .iter()
+        .chain(outputs)
+        .map(|p| (p.name, p.doc))
+        .chain(params.iter().map(|p| (p.name, p.doc)));
+    for (name, doc) in docs {
+        if !doc.is_empty() {
+            names.docs.insert(name.to_string(), doc.to_string());
+        }
+    }
+    Ok(names)
+}
+
+/// A named, documented graph input or output of an export.
+#[derive(Debug, Clone, Copy)]
+pub struct Port<'a> {
+    pub name: &'a str,
+    pub tensor: &'a OnnxTensor,
+    pub doc: &'a str,
+}
+
+impl<'a> Port<'a> {
+    pub fn new(name: &'a str, tensor: &'a OnnxTensor, doc: &'a str) -> Self {
+        Self { name, tensor, doc }
+    }
+}
+
+/// A runtime offset exposed as an i64 `[1]` graph input: every offset that
+/// the traced computation used with the value `traced` (a middle slice's
+/// start, a cache write position, a causal mask offset) reads this input
+/// instead. Trace at a value no structural offset takes (e.g. a decode
+/// position past the head dimension), and check the export at other values.
+#[derive(Debug, Clone, Copy)]
+pub struct ParamInput<'a> {
+    pub name: &'a str,
+    pub traced: usize,
+    pub doc: &'a str,
+}
+
+/// Initializer bytes above which [`OnnxBackend::export_to_file`] moves
+/// weights to an external data file by default: protobuf limits a model to
+/// 2 GiB, and the graph itself needs some room.
+pub const EXTERNAL_DATA_THRESHOLD: usize = 2_000_000_000;
+
+/// What [`OnnxBackend::export_to_file`] writes.
+#[derive(Debug, Clone, Copy)]
+pub struct ExportSpec<'a> {
+    pub graph_name: &'a str,
+    pub inputs: &'a [Port<'a>],
+    pub params: &'a [ParamInput<'a>],
+    pub outputs: &'a [Port<'a>],
+    /// See [`EXTERNAL_DATA_THRESHOLD`]; 0 forces external data.
+    pub external_data_threshold: usize,
+}
+
+/// A graph input or output as declared in an exported file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dtype: DType,
+    pub dims: Vec<usize>,
+    pub doc: String,
+}
+
+/// What [`OnnxBackend::export_to_file`] wrote.
+#[derive(Debug, Clone)]
+pub struct ExportedFile {
+    pub path: std::path::PathBuf,
+    /// The external data file, when the weights went to one.
+    pub external_data: Option<std::path::PathBuf>,
+    pub external_bytes: u64,
+    pub model_bytes: u64,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
 }
 
 /// The ONNX Runtime backend. Cheap to clone; clones share the session cache.
@@ -426,16 +644,88 @@ impl OnnxBackend {
         outputs: &[(&str, &OnnxTensor)],
         graph_name: &str,
     ) -> Result<Vec<u8>> {
-        let mut named = HashMap::new();
-        for (name, t) in inputs {
-            if !matches!(t.0.kind, Kind::Input(_)) {
+        let names = export_names(
+            &inputs.iter().map(|(n, t)| Port::new(n, t, "")).collect::<Vec<_>>(),
+            &[],
+            &[],
+            None,
+        )?;
+        Ok(serialize(outputs, Mode::Export(&names), graph_name, None)?.model)
+    }
+
+    /// Writes the computation of `spec.outputs` to `path` as a standalone
+    /// ONNX model with documented inputs and outputs. Uploads listed in
+    /// `spec.inputs` become graph inputs, every runtime offset traced with a
+    /// value listed in `spec.params` becomes that i64 `[1]` input, and all
+    /// other uploads become initializers. When the initializers exceed
+    /// `spec.external_data_threshold` bytes, every initializer of 1 KiB or
+    /// more is stored in `<file name>.data` beside the model (ONNX external
+    /// data), as protobuf cannot hold a model over 2 GiB.
+    pub fn export_to_file(&self, spec: &ExportSpec<'_>, path: &std::path::Path) -> Result<ExportedFile> {
+        let file_name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| Error::InvalidArgument(format!("export: bad file name {}", path.display())))?;
+        let data_name = format!("{file_name}.data");
+        let data_path = path.with_file_name(&data_name);
+        let names = export_names(
+            spec.inputs,
+            spec.params,
+            spec.outputs,
+            Some((spec.external_data_threshold, data_name)),
+        )?;
+        let io = |p: &std::path::Path, e: std::io::Error| backend_err(format!("writing {}: {e}", p.display()));
+        let mut sink = std::io::BufWriter::new(std::fs::File::create(&data_path).map_err(|e| io(&data_path, e))?);
+        let outputs: Vec<(&str, &OnnxTensor)> = spec.outputs.iter().map(|p| (p.name, p.tensor)).collect();
+        let s = serialize(&outputs, Mode::Export(&names), spec.graph_name, Some(&mut sink))?;
+        std::io::Write::flush(&mut sink).map_err(|e| io(&data_path, e))?;
+        drop(sink);
+        let external_data = if s.external_bytes > 0 {
+            Some(data_path)
+        } else {
+            std::fs::remove_file(&data_path).map_err(|e| io(&data_path, e))?;
+            None
+        };
+        // Protobuf's hard limit for one message.
+        if s.model.len() >= i32::MAX as usize {
+            return Err(Error::InvalidArgument(format!(
+                "export: the graph of {} bytes exceeds protobuf's 2 GiB; lower external_data_threshold",
+                s.model.len()
+            )));
+        }
+        let declared: HashSet<&str> = s.inputs.iter().map(|(n, _, _)| n.as_str()).collect();
+        let expected = spec
+            .inputs
+            .iter()
+            .map(|p| p.name)
+            .chain(spec.params.iter().map(|p| p.name));
+        for name in expected {
+            if !declared.contains(name) {
                 return Err(Error::InvalidArgument(format!(
-                    "export: input `{name}` is not an uploaded tensor"
+                    "export: input `{name}` does not reach the outputs of `{}`",
+                    spec.graph_name
                 )));
             }
-            named.insert(t.0.id, name.to_string());
         }
-        Ok(serialize(outputs, Mode::Export(&named), graph_name)?.model)
+        std::fs::write(path, &s.model).map_err(|e| io(path, e))?;
+        let info = |name: &str, dtype: DType, dims: &[usize]| TensorInfo {
+            name: name.to_string(),
+            dtype,
+            dims: dims.to_vec(),
+            doc: names.docs.get(name).cloned().unwrap_or_default(),
+        };
+        Ok(ExportedFile {
+            path: path.to_path_buf(),
+            external_data,
+            external_bytes: s.external_bytes,
+            model_bytes: s.model.len() as u64,
+            inputs: s.inputs.iter().map(|(n, dt, d)| info(n, *dt, d)).collect(),
+            outputs: spec
+                .outputs
+                .iter()
+                .map(|p| info(p.name, p.tensor.dtype(), p.tensor.dims()))
+                .collect(),
+        })
     }
 
     fn check_ids_in_range(&self, ids: &OnnxTensor, size: usize, dim: usize, dims: &[usize]) -> Result<()> {
@@ -484,8 +774,18 @@ impl Backend for OnnxBackend {
         let names: Vec<String> = (0..kept.len()).map(|i| format!("kept{i}")).collect();
         let mut outputs = vec![("out", t)];
         outputs.extend(names.iter().map(String::as_str).zip(kept.iter()));
-        let s = serialize(&outputs, Mode::Run, "emu")?;
-        let feeds: Vec<(String, &HostTensor)> = s.feeds.iter().map(|(n, h)| (n.clone(), h)).collect();
+        let s = serialize(&outputs, Mode::Run, "emu", None)?;
+        for (_, t) in &s.feeds {
+            if t.0.fed.get().is_none() {
+                let h = t.known().ok_or_else(|| backend_err("a fed value is unknown"))?;
+                let _ = t.0.fed.set(runtime::to_value(h)?);
+            }
+        }
+        let feeds: Vec<(&str, &runtime::Value)> = s
+            .feeds
+            .iter()
+            .filter_map(|(n, t)| Some((n.as_str(), t.0.fed.get()?)))
+            .collect();
         let outs = self.sessions.run(s.model, &feeds)?;
         if outs.len() != outputs.len() {
             return Err(backend_err(format!(
@@ -495,10 +795,11 @@ impl Backend for OnnxBackend {
             )));
         }
         let mut outs = outs.into_iter();
-        let h = outs.next().ok_or_else(|| backend_err("the graph returned no output"))?;
-        for (k, v) in kept.iter().zip(outs) {
+        let (h, hv) = outs.next().ok_or_else(|| backend_err("the graph returned no output"))?;
+        for (k, (v, value)) in kept.iter().zip(outs) {
             if v.dims() == k.dims() && v.dtype() == k.dtype() {
                 let _ = k.0.value.set(v);
+                let _ = k.0.fed.set(value);
             }
         }
         if h.dims() != t.dims() || h.dtype() != t.dtype() {
@@ -511,6 +812,7 @@ impl Backend for OnnxBackend {
             )));
         }
         let _ = t.0.value.set(h.clone());
+        let _ = t.0.fed.set(hv);
         Ok(h)
     }
 
@@ -582,14 +884,24 @@ impl Backend for OnnxBackend {
         }
         let mut dims = t.dims().to_vec();
         dims[dim] = len;
+        // A prefix or suffix is fixed by the shapes; a middle slice's start
+        // is free (a RoPE table row at the decode position), so it is fed.
+        let (starts, ends) = if start > 0 && start + len < t.dims()[dim] {
+            let p = param(start);
+            let end = op(
+                "Add",
+                vec![p.clone(), const_i64(&[len as i64])],
+                vec![],
+                vec![1],
+                DType::I64,
+            );
+            (p, end)
+        } else {
+            (const_i64(&[start as i64]), const_i64(&[(start + len) as i64]))
+        };
         Ok(op(
             "Slice",
-            vec![
-                t.clone(),
-                const_i64(&[start as i64]),
-                const_i64(&[(start + len) as i64]),
-                const_i64(&[dim as i64]),
-            ],
+            vec![t.clone(), starts, ends, const_i64(&[dim as i64])],
             vec![],
             dims,
             t.dtype(),
@@ -648,19 +960,35 @@ impl Backend for OnnxBackend {
                 dst.dims()
             )));
         }
-        // A graph value is immutable: the result is [dst before | src | dst after].
-        let size = dst.dims()[dim];
-        let end = start + src.dims()[dim];
-        let mut parts = Vec::new();
-        if start > 0 {
-            parts.push(self.narrow(&dst, dim, 0, start)?);
+        if src.dims() == dst.dims() {
+            return Ok(src.clone());
         }
-        parts.push(src.clone());
-        if end < size {
-            parts.push(self.narrow(&dst, dim, end, size - end)?);
-        }
-        let refs: Vec<&OnnxTensor> = parts.iter().collect();
-        self.concat(&refs, dim)
+        // A graph value is immutable: ScatterElements writes `src` into a
+        // copy of `dst` at indices `start + i` along `dim`. `start` is fed
+        // (a KV-cache write position), so every decode step is one graph.
+        let mut idx_dims = vec![1; dst.dims().len()];
+        idx_dims[dim] = src.dims()[dim];
+        let idx = op(
+            "Add",
+            vec![arange_i64(&idx_dims), param(start)],
+            vec![],
+            idx_dims,
+            DType::I64,
+        );
+        let idx = op(
+            "Expand",
+            vec![idx, dims_i64(src.dims())],
+            vec![],
+            src.dims().to_vec(),
+            DType::I64,
+        );
+        Ok(op(
+            "ScatterElements",
+            vec![dst.clone(), idx, src.clone()],
+            vec![("axis", Attr::Int(dim as i64))],
+            dst.dims().to_vec(),
+            dst.dtype(),
+        ))
     }
 
     fn index_select(&self, t: &OnnxTensor, ids: &OnnxTensor, dim: usize) -> Result<OnnxTensor> {
@@ -954,6 +1282,57 @@ impl Backend for OnnxBackend {
     }
 
     // ---- fused overrides -------------------------------------------------
+
+    /// The default attention, with the causal mask computed in the graph from
+    /// a fed offset instead of uploaded from the host, so that decode steps
+    /// share a graph and an exported decode graph takes the position as input.
+    fn attention(
+        &self,
+        q: &OnnxTensor,
+        k: &OnnxTensor,
+        v: &OnnxTensor,
+        mask: &AttnMask<'_, OnnxTensor>,
+        scale: f64,
+    ) -> Result<OnnxTensor> {
+        let (qd, kd) = (q.dims(), k.dims());
+        let Some(offset) = mask.causal_offset.filter(|_| qd.len() == 4 && kd.len() == 4) else {
+            // No causal part, or malformed shapes that the default reports.
+            return default_attention(self, q, k, v, mask, scale);
+        };
+        let (tq, tk) = (qd[2], kd[2]);
+        // Scores are f32 for half inputs, else q's dtype.
+        let sdt = if is_half(q.dtype()) { DType::F32 } else { q.dtype() };
+        let limit = op(
+            "Add",
+            vec![arange_i64(&[tq, 1]), param(offset)],
+            vec![],
+            vec![tq, 1],
+            DType::I64,
+        );
+        let hide = op(
+            "Greater",
+            vec![arange_i64(&[1, tk]), limit],
+            vec![],
+            vec![tq, tk],
+            DType::Bool,
+        );
+        let causal = op(
+            "Where",
+            vec![hide, scalar(MASK_VALUE, sdt)?, scalar(0.0, sdt)?],
+            vec![],
+            vec![tq, tk],
+            sdt,
+        );
+        let bias = match mask.bias {
+            Some(b) => self.binary(BinaryOp::Add, &cast_node(b, sdt), &causal)?,
+            None => causal,
+        };
+        let mask = AttnMask {
+            causal_offset: None,
+            bias: Some(&bias),
+        };
+        default_attention(self, q, k, v, &mask, scale)
+    }
 
     fn softmax_last_dim(&self, x: &OnnxTensor) -> Result<OnnxTensor> {
         if x.dims().is_empty() {

@@ -89,19 +89,46 @@ pub struct GraphDef<'a> {
     pub name: &'a str,
     pub nodes: Vec<NodeDef<'a>>,
     pub initializers: Vec<(String, &'a HostTensor)>,
+    /// Where initializers live outside the model file, if any do.
+    pub external: Option<External<'a>>,
     pub inputs: Vec<ValueInfo<'a>>,
     pub outputs: Vec<ValueInfo<'a>>,
 }
 
-fn tensor(name: &str, t: &HostTensor) -> Vec<u8> {
+/// Initializers stored in a separate file (ONNX external data): the file
+/// name relative to the model, and per initializer (in
+/// [`GraphDef::initializers`] order) its `(offset, length)` there, or `None`
+/// for one kept inline.
+pub struct External<'a> {
+    pub location: &'a str,
+    pub placed: Vec<Option<(u64, u64)>>,
+}
+
+fn string_entry(key: &str, value: &str) -> Vec<u8> {
+    let mut b = Buf::default();
+    b.str(1, key);
+    b.str(2, value);
+    b.0
+}
+
+fn tensor(name: &str, t: &HostTensor, external: Option<(&str, u64, u64)>) -> Vec<u8> {
     let mut b = Buf::default();
     for &d in t.dims() {
         b.int(1, d as i64);
     }
     b.int(2, onnx_type(t.dtype()));
     b.str(8, name);
-    // raw_data is little-endian, exactly HostTensor's layout.
-    b.bytes(9, t.as_bytes());
+    match external {
+        // raw_data is little-endian, exactly HostTensor's layout.
+        None => b.bytes(9, t.as_bytes()),
+        Some((location, offset, length)) => {
+            b.bytes(13, &string_entry("location", location));
+            b.bytes(13, &string_entry("offset", &offset.to_string()));
+            b.bytes(13, &string_entry("length", &length.to_string()));
+            // data_location = EXTERNAL
+            b.int(14, 1);
+        }
+    }
     b.0
 }
 
@@ -173,8 +200,12 @@ pub fn model(g: &GraphDef<'_>) -> Vec<u8> {
         graph.bytes(1, &node(n));
     }
     graph.str(2, g.name);
-    for (name, t) in &g.initializers {
-        graph.bytes(5, &tensor(name, t));
+    for (i, (name, t)) in g.initializers.iter().enumerate() {
+        let ext = g
+            .external
+            .as_ref()
+            .and_then(|e| e.placed.get(i).copied().flatten().map(|(o, l)| (e.location, o, l)));
+        graph.bytes(5, &tensor(name, t, ext));
     }
     for v in &g.inputs {
         graph.bytes(11, &value_info(v));

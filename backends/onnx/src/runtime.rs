@@ -12,6 +12,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 pub(crate) const NAME: &str = "onnx";
 
+/// A tensor as ONNX Runtime holds it.
+pub(crate) type Value = DynValue;
+
 /// Sessions kept at most; beyond this the cache is cleared (graphs whose
 /// structure changes every call would otherwise grow it without bound).
 const MAX_SESSIONS: usize = 256;
@@ -118,8 +121,10 @@ impl SessionCache {
         self.sessions.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    /// Runs `model` (compiling it once per distinct byte string) and returns its outputs.
-    pub(crate) fn run(&self, model: Vec<u8>, feeds: &[(String, &HostTensor)]) -> Result<Vec<HostTensor>> {
+    /// Runs `model` (compiling it once per distinct byte string) and returns
+    /// its outputs, each on the host and as ONNX Runtime's value (which a
+    /// later run can take as an input without another copy).
+    pub(crate) fn run(&self, model: Vec<u8>, feeds: &[(&str, &Value)]) -> Result<Vec<(HostTensor, Value)>> {
         let session = {
             let mut map = self
                 .sessions
@@ -138,7 +143,15 @@ impl SessionCache {
             }
         };
         let mut session = session.lock().map_err(|_| backend_err("session poisoned"))?;
-        run_session(&mut session, feeds)
+        let inputs: Vec<(&str, &Value)> = feeds.to_vec();
+        let outputs = session
+            .run(inputs)
+            .map_err(|e| backend_err(format!("ONNX Runtime run failed: {e}")))?;
+        let mut result = Vec::with_capacity(outputs.len());
+        for (_, v) in outputs {
+            result.push((from_value(&v)?, v));
+        }
+        Ok(result)
     }
 }
 
@@ -164,7 +177,7 @@ fn run_session(session: &mut Session, feeds: &[(String, &HostTensor)]) -> Result
     Ok(result)
 }
 
-fn to_value(t: &HostTensor) -> Result<DynValue> {
+pub(crate) fn to_value(t: &HostTensor) -> Result<DynValue> {
     let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
     let b = t.as_bytes();
     macro_rules! val {

@@ -134,8 +134,8 @@ fn greedy_generation_gives_the_cpu_backends_tokens() {
     for set in ["mha", "gqa"] {
         let cases = Checkpoint::open(dir(set).join("cases.safetensors")).unwrap();
         let (m_onnx, m_cpu) = (load(&be, set), load(&cpu, set));
-        // Three prompts per config keep this at a few seconds: every decode step
-        // is a differently shaped graph, compiled once.
+        // Three prompts per config keep this at a few seconds: each prompt
+        // length compiles its own prefill and decode graphs.
         for i in 0..3 {
             let Ok(h) = cases.get(&format!("gen.embeds.{i}")) else {
                 break;

@@ -1,0 +1,119 @@
+//! Loops reuse their compiled sessions: every greedy decode step after the
+//! prefill runs one cached graph (the KV-cache write position, the RoPE row
+//! and the causal offset are fed, not baked in), and a second run of the
+//! guided sampling loop with new noise compiles nothing.
+
+use emu_backend_cpu::CpuBackend;
+use emu_backend_onnx::OnnxBackend;
+use emu_core::checkpoint::Checkpoint;
+use emu_core::{Backend, DType, Error, HostTensor, Tensor};
+use emu_decoder::{DiffusionDecoder, SamplingParams};
+use emu_llm::{generate, GenerationConfig, Llama, LlamaConfig};
+use std::path::PathBuf;
+
+fn fixtures(sub: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(sub)
+}
+
+fn backend() -> Option<OnnxBackend> {
+    match OnnxBackend::new() {
+        Ok(b) => Some(b),
+        Err(e @ Error::BackendUnavailable { .. }) => {
+            eprintln!("skipping: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn llama<B: Backend>(be: &B, set: &str) -> Llama<B> {
+    let d = fixtures("llm").join(set);
+    let cfg = LlamaConfig::from_file(d.join("config.json")).unwrap();
+    let ckpt = Checkpoint::open(d.join("model.safetensors")).unwrap();
+    Llama::load(be, &emu_llm::lm_weights(&ckpt).unwrap(), &cfg, DType::F32).unwrap()
+}
+
+#[test]
+fn greedy_decoding_runs_one_session_for_every_step_and_gives_the_cpu_tokens() {
+    let cpu = CpuBackend::new();
+    for set in ["mha", "gqa"] {
+        // A fresh backend per config: its session count is this test's alone.
+        let Some(be) = backend() else { return };
+        let cases = Checkpoint::open(fixtures("llm").join(set).join("cases.safetensors")).unwrap();
+        let h = cases.get("gen.embeds.0").unwrap().to_dtype(DType::F32).unwrap();
+        let (m_onnx, m_cpu) = (llama(&be, set), llama(&cpu, set));
+        let mut sessions = Vec::new();
+        for new in [10, 16] {
+            let cfg = GenerationConfig {
+                max_new_tokens: new,
+                // No end-of-sequence ids (the default): every step runs.
+                ..Default::default()
+            };
+            let before = be.cached_sessions();
+            let got = generate(&m_onnx, &Tensor::from_host(&be, &h).unwrap(), &[], &cfg, None).unwrap();
+            let want = generate(&m_cpu, &Tensor::from_host(&cpu, &h).unwrap(), &[], &cfg, None).unwrap();
+            assert_eq!(got, want, "{set}: {new} tokens differ from the cpu backend");
+            assert_eq!(got[0].len(), new, "{set}: generation stopped early");
+            sessions.push(be.cached_sessions() - before);
+        }
+        // Prefill and one decode graph per cache capacity, however many tokens.
+        assert_eq!(sessions, vec![2, 2], "{set}: sessions compiled per generation");
+    }
+}
+
+fn f32s(c: &Checkpoint, k: &str) -> HostTensor {
+    c.get(k).unwrap().to_dtype(DType::F32).unwrap()
+}
+
+#[test]
+fn the_sampling_loop_compiles_once_and_runs_again_on_new_noise_without_compiling() {
+    let Some(be) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let io = Checkpoint::open(fixtures("decoder/sampling_io.safetensors")).unwrap();
+    let p = f32s(&io, "params").to_f32_vec().unwrap();
+    let params = SamplingParams {
+        num_inference_steps: p[0] as usize,
+        guidance_scale: p[1] as f64,
+        height: p[2] as usize,
+        width: p[3] as usize,
+        original_size: (p[2] as usize, p[3] as usize),
+        crop_coords: (0, 0),
+    };
+    assert!(params.num_inference_steps >= 3);
+    let dir = fixtures("decoder/pipeline");
+    let dec = DiffusionDecoder::load_dir(&be, &dir, None, DType::F32).unwrap();
+    let dec_cpu = DiffusionDecoder::load_dir(&cpu, &dir, None, DType::F32).unwrap();
+    let (cond, uncond) = (f32s(&io, "cond"), f32s(&io, "uncond"));
+    let noise = f32s(&io, "noise");
+    let other: Vec<f32> = noise.to_f32_vec().unwrap().iter().map(|x| -0.5 * x).collect();
+    let other = HostTensor::from_f32(noise.dims(), other).unwrap();
+    let mut compiled = Vec::new();
+    for n in [&noise, &other] {
+        let run = |be: &_| {
+            let up = |h: &HostTensor| Tensor::from_host(be, h).unwrap();
+            dec.denoise(&up(&cond), Some(&up(&uncond)), &up(n), &params, &mut |_| {})
+                .unwrap()
+                .to_f32_vec()
+                .unwrap()
+        };
+        let before = be.cached_sessions();
+        let got = run(&be);
+        compiled.push(be.cached_sessions() - before);
+        let up = |h: &HostTensor| Tensor::from_host(&cpu, h).unwrap();
+        let want = dec_cpu
+            .denoise(&up(&cond), Some(&up(&uncond)), &up(n), &params, &mut |_| {})
+            .unwrap()
+            .to_f32_vec()
+            .unwrap();
+        let num = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let den = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        assert!(num / den <= 1e-4, "latents vs cpu rel err {}", num / den);
+    }
+    assert_eq!(
+        compiled,
+        vec![1, 0],
+        "sessions compiled by the first and second sampling run"
+    );
+}
