@@ -30,6 +30,12 @@ use std::path::{Path, PathBuf};
 const F32_TOL: f64 = 1e-4;
 /// Relative tolerance of the final latents after the whole generation.
 const LATENTS_TOL: f64 = 1e-3;
+/// bf16 end to end against PyTorch's bf16 run, for the stages up to the
+/// prompt embeddings (a few bf16 roundings of 2^-8 each).
+const BF16_TOL: f64 = 2.5e-2;
+/// After the visual regression, bf16 is held to the f32 reference: its error
+/// may be at most this multiple of PyTorch's own bf16 error there.
+const BF16_VS_TORCH: f64 = 5.0;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/pipeline")
@@ -88,6 +94,15 @@ fn is_float(d: Dtype) -> bool {
 /// Compares dumped stage `name` with the reference; returns the measured
 /// error (relative for floats, absolute for integers).
 fn check_stage(reference: &Path, dump: &Path, name: &str, tol: f64) -> f64 {
+    let err = stage_error(reference, dump, name);
+    eprintln!("  {name:<24} {err:.3e}");
+    assert!(err <= tol, "{name}: error {err:.3e} above {tol:e}");
+    err
+}
+
+/// The error of `dump`'s stage `name` against `reference`'s: max |difference|
+/// over max |reference| for floats, max |difference| for integers.
+fn stage_error(reference: &Path, dump: &Path, name: &str) -> f64 {
     let file = format!("{name}.safetensors");
     let want = read_stage(&reference.join(&file));
     let got = read_stage(&dump.join(&file));
@@ -118,8 +133,6 @@ fn check_stage(reference: &Path, dump: &Path, name: &str, tol: f64) -> f64 {
     } else {
         max_diff
     };
-    eprintln!("  {name:<24} {:?} {err:.3e}", want.shape);
-    assert!(err <= tol, "{name}: error {err:.3e} above {tol:e}");
     err
 }
 
@@ -195,12 +208,12 @@ fn native_single_file_matches_the_reference() {
     check_chat(&fixtures().join("native/Emu2-Chat_pytorch_model.bf16.bin"), "native");
 }
 
-#[test]
-fn hf_gen_bf16_variants_match_the_reference() {
+/// Runs the Emu2-Gen fixture with every part in `dtype`; returns the dump folder.
+fn run_gen(dtype: DType) -> tempfile::TempDir {
     let cases = cases();
     let gen = &cases["gen"];
     let dir = ModelDir::resolve(fixtures().join("gen").to_str().unwrap(), ModelFamily::Emu2Gen).unwrap();
-    let cpu = f32_cpu();
+    let cpu = Component::new(CpuBackend::new(), dtype);
     let mut pipe = GenerationPipeline::load(&dir, &cpu, &cpu, &cpu).unwrap();
     let dump_dir = tempfile::tempdir().unwrap();
     pipe.set_dump(Some(Dump::new(dump_dir.path()).unwrap()));
@@ -220,24 +233,68 @@ fn hf_gen_bf16_variants_match_the_reference() {
     ]);
     let image = pipe.generate(&prompt, &opts, None).unwrap();
     assert_eq!((image.width, image.height), (size, size));
+    dump_dir
+}
+
+/// Every stage of an Emu2-Gen run, in pipeline order.
+const GEN_STAGES: [&str; 11] = [
+    "pixel_values",
+    "vision_features",
+    "pooled_tokens",
+    "projected_tokens",
+    "input_ids",
+    "input_embeds",
+    "condition",
+    "negative_input_ids",
+    "negative_input_embeds",
+    "negative_condition",
+    "initial_latents",
+];
+
+#[test]
+fn hf_gen_bf16_variants_match_the_reference() {
+    let dump = run_gen(DType::F32);
     let reference = fixtures().join("reference/gen");
-    eprintln!("gen: {}", dir.root().display());
-    for name in [
-        "pixel_values",
-        "vision_features",
-        "pooled_tokens",
-        "projected_tokens",
-        "input_ids",
-        "input_embeds",
-        "condition",
-        "negative_input_ids",
-        "negative_input_embeds",
-        "negative_condition",
-        "initial_latents",
-    ] {
+    eprintln!("gen (f32 compute on the bf16 files)");
+    for name in GEN_STAGES {
         let tol = if name.ends_with("input_ids") { 0.0 } else { F32_TOL };
-        check_stage(&reference, dump_dir.path(), name, tol);
+        check_stage(&reference, dump.path(), name, tol);
     }
-    check_stage(&reference, dump_dir.path(), "final_latents", LATENTS_TOL);
-    check_stage(&reference, dump_dir.path(), "image", 1.0);
+    check_stage(&reference, dump.path(), "final_latents", LATENTS_TOL);
+    check_stage(&reference, dump.path(), "image", 1.0);
+}
+
+/// Upstream runs Emu2-Gen in bf16 throughout; so does the reference in
+/// `reference/gen_bf16` (weights, pixels and latents in bf16). Two bf16
+/// implementations round differently (summation order, where results are
+/// rounded), so the stages up to the prompt embeddings must agree to
+/// [`BF16_TOL`]. The visual regression then feeds each output back as the
+/// next input, and on this 4-wide tiny LLaMA it amplifies rounding
+/// differences about 50-fold (PyTorch's own bf16 condition is 12% off its
+/// f32 one), so from there on the check is accuracy rather than agreement:
+/// the error against the f32 reference at most [`BF16_VS_TORCH`] times
+/// PyTorch's bf16 error (plus one bf16 rounding).
+#[test]
+fn hf_gen_in_bf16_matches_the_bf16_reference() {
+    let dump = run_gen(DType::BF16);
+    let torch_bf16 = fixtures().join("reference/gen_bf16");
+    let exact = fixtures().join("reference/gen");
+    eprintln!("gen (bf16 compute)");
+    for name in GEN_STAGES {
+        let tol = if name.ends_with("input_ids") { 0.0 } else { BF16_TOL };
+        if !name.contains("condition") {
+            check_stage(&torch_bf16, dump.path(), name, tol);
+        }
+    }
+    eprintln!("  error vs the f32 reference (PyTorch bf16's in brackets)");
+    for name in ["condition", "negative_condition", "final_latents", "image"] {
+        let ours = stage_error(&exact, dump.path(), name);
+        let torch = stage_error(&exact, &torch_bf16, name);
+        let floor = if name == "image" { 1.0 } else { 2f64.powi(-8) };
+        eprintln!("  {name:<24} {ours:.3e} ({torch:.3e})");
+        assert!(
+            ours <= BF16_VS_TORCH * torch + floor,
+            "{name}: bf16 error {ours:.3e} against the f32 reference, PyTorch's bf16 has {torch:.3e}"
+        );
+    }
 }

@@ -401,9 +401,12 @@ def _write_gen(out: pathlib.Path, w: dict, unet, vae) -> None:
 class Emu2Ref:
     """Upstream EmuModel (emu.py) over HF-named weights, in float32."""
 
-    def __init__(self, w: dict, vocab: int):
+    def __init__(self, w: dict, vocab: int, dtype=None):
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
+
+        self.dtype = dtype or torch.float32
+        w = {k: v.to(self.dtype) for k, v in w.items()}
 
         self.vis = {k[len("model.visual."):]: v for k, v in w.items() if k.startswith("model.visual.")}
         self.up = w["project_up.weight"]
@@ -419,6 +422,7 @@ class Emu2Ref:
         sd = {k[len("model.decoder.lm."):]: v for k, v in w.items() if k.startswith("model.decoder.lm.")}
         missing, unexpected = self.lm.load_state_dict(sd, strict=False)
         assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+        self.lm.to(self.dtype)
         self.torch = torch
 
     def preprocess(self, path: pathlib.Path):
@@ -435,7 +439,8 @@ class Emu2Ref:
             T.ToTensor(),
             T.Normalize(fixtures_vision.CLIP_MEAN, fixtures_vision.CLIP_STD),
         ])
-        return t(im).unsqueeze(0)
+        # chat.py / diffusion.py: `image_prompt.type(dtype)`.
+        return t(im).unsqueeze(0).to(self.dtype)
 
     def encode_image(self, pixels, n_query, stages):
         sys.path.insert(0, str(HERE))
@@ -513,7 +518,7 @@ def _chat_case(ref: Emu2Ref, ids, picture, out_dir: pathlib.Path) -> dict:
     return {"greedy": greedy, "beam5_lp-1": beam, "beam3_lp2": beam_lp2}
 
 
-def _gen_case(ref: Emu2Ref, ids, neg_ids, picture, noise, unet, vae, out_dir: pathlib.Path) -> None:
+def _gen_case(ref: Emu2Ref, ids, neg_ids, picture, noise, unet, vae, out_dir: pathlib.Path, dtype=None) -> None:
     import torch
     from diffusers import EulerDiscreteScheduler
 
@@ -536,7 +541,8 @@ def _gen_case(ref: Emu2Ref, ids, neg_ids, picture, noise, unet, vae, out_dir: pa
         prompt_embeds = torch.cat([cond, uncond])
         time_ids = torch.LongTensor([1024, 1024] + [0, 0] + [GEN_SIZE, GEN_SIZE])
         added = {"time_ids": torch.cat([time_ids, time_ids], dim=0), "text_embeds": prompt_embeds.mean(dim=1)}
-        latents = noise * sched.init_noise_sigma
+        # diffusion.py draws the noise in the model dtype.
+        latents = noise.to(ref.dtype) * sched.init_noise_sigma
         stages["initial_latents"] = latents
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([latents] * 2), t)
@@ -604,6 +610,10 @@ def build(out_dir: pathlib.Path) -> None:
         print(f"  {name}: {cases[name]}")
     ref = Emu2Ref(gen_w, BASE_VOCAB)
     _gen_case(ref, ids["gen"], ids["gen_negative"], picture, noise, unet, vae, ref_dir / "gen")
+    # The same in bfloat16 end to end, as upstream runs Emu2-Gen (weights, pixels, latents in bf16).
+    ref16 = Emu2Ref(gen_w, BASE_VOCAB, dtype=torch.bfloat16)
+    _gen_case(ref16, ids["gen"], ids["gen_negative"], picture, noise, unet.to(torch.bfloat16), vae.to(torch.bfloat16),
+              ref_dir / "gen_bf16")
     (ref_dir / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
     total = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     print(f"  pipeline fixtures: {total / 1e6:.2f} MB")
