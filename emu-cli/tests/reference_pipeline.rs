@@ -298,3 +298,65 @@ fn hf_gen_in_bf16_matches_the_bf16_reference() {
         );
     }
 }
+
+/// `emu chat` finds both Emu2-Chat layouts the way users give them (a model
+/// directory, a native file) and answers as the reference does.
+#[test]
+fn emu_chat_command_on_both_chat_layouts() {
+    let cases = cases();
+    let picture = fixtures().join("inputs/picture.png");
+    for (model, case) in [
+        (fixtures().join("chat"), "chat"),
+        (fixtures().join("native/Emu2-Chat_pytorch_model.bf16.bin"), "native"),
+    ] {
+        let dump = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_emu"))
+            .arg("chat")
+            .arg("--model")
+            .arg(&model)
+            .arg("--image")
+            .arg(&picture)
+            .args(["--dtype", "f32", "--num-beams", "1", "--max-new-tokens", "12", "--dump"])
+            .arg(dump.path())
+            .arg("What is in this picture?")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "emu chat --model {}: {}",
+            model.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reference = fixtures().join("reference").join(case);
+        assert_eq!(stage_error(&reference, dump.path(), "input_ids"), 0.0, "{case}: prompt ids");
+        let ids = read_stage(&dump.path().join("generated_ids.safetensors")).values;
+        let want: Vec<f64> = ids_of(&cases[case]["greedy"]).iter().map(|&i| i as f64).collect();
+        assert_eq!(ids, want, "{case}: `emu chat` answer ids");
+    }
+}
+
+#[test]
+fn native_file_resolution_errors_say_what_to_change() {
+    let native = fixtures().join("native/Emu2-Chat_pytorch_model.bf16.bin");
+    let err = ModelDir::resolve(native.to_str().unwrap(), ModelFamily::Emu2Gen).unwrap_err().to_string();
+    assert!(err.contains("BAAI/Emu2-Chat") && err.contains("emu chat"), "{err}");
+    // A shard of a Hugging Face checkpoint is a file, but not a native one.
+    let shard = fixtures().join("chat/pytorch_model-00001-of-00002.bin");
+    let err = ModelDir::resolve(shard.to_str().unwrap(), ModelFamily::Emu2Chat).unwrap_err().to_string();
+    assert!(err.contains("no native Emu2 weights") && err.contains("model directory"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+}
+
+#[test]
+fn native_file_without_a_tokenizer_says_where_one_goes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("Emu2-Chat_pytorch_model.bf16.bin");
+    std::fs::copy(fixtures().join("native/Emu2-Chat_pytorch_model.bf16.bin"), &file).unwrap();
+    // No config.json either: upstream's configuration is assumed, and the
+    // tokenizer is looked for before any weight is read.
+    let dir = ModelDir::resolve(file.to_str().unwrap(), ModelFamily::Emu2Chat).unwrap();
+    let cpu = f32_cpu();
+    let err = ChatPipeline::load(&dir, &cpu, &cpu).err().unwrap().to_string();
+    assert!(err.contains("tokenizer.model") && err.contains("beside the checkpoint"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+}
