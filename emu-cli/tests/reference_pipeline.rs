@@ -328,7 +328,11 @@ fn emu_chat_command_on_both_chat_layouts() {
             String::from_utf8_lossy(&out.stderr)
         );
         let reference = fixtures().join("reference").join(case);
-        assert_eq!(stage_error(&reference, dump.path(), "input_ids"), 0.0, "{case}: prompt ids");
+        assert_eq!(
+            stage_error(&reference, dump.path(), "input_ids"),
+            0.0,
+            "{case}: prompt ids"
+        );
         let ids = read_stage(&dump.path().join("generated_ids.safetensors")).values;
         let want: Vec<f64> = ids_of(&cases[case]["greedy"]).iter().map(|&i| i as f64).collect();
         assert_eq!(ids, want, "{case}: `emu chat` answer ids");
@@ -338,12 +342,19 @@ fn emu_chat_command_on_both_chat_layouts() {
 #[test]
 fn native_file_resolution_errors_say_what_to_change() {
     let native = fixtures().join("native/Emu2-Chat_pytorch_model.bf16.bin");
-    let err = ModelDir::resolve(native.to_str().unwrap(), ModelFamily::Emu2Gen).unwrap_err().to_string();
+    let err = ModelDir::resolve(native.to_str().unwrap(), ModelFamily::Emu2Gen)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("BAAI/Emu2-Chat") && err.contains("emu chat"), "{err}");
     // A shard of a Hugging Face checkpoint is a file, but not a native one.
     let shard = fixtures().join("chat/pytorch_model-00001-of-00002.bin");
-    let err = ModelDir::resolve(shard.to_str().unwrap(), ModelFamily::Emu2Chat).unwrap_err().to_string();
-    assert!(err.contains("no native Emu2 weights") && err.contains("model directory"), "{err}");
+    let err = ModelDir::resolve(shard.to_str().unwrap(), ModelFamily::Emu2Chat)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no native Emu2 weights") && err.contains("model directory"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1);
 }
 
@@ -357,6 +368,9 @@ fn native_file_without_a_tokenizer_says_where_one_goes() {
     let dir = ModelDir::resolve(file.to_str().unwrap(), ModelFamily::Emu2Chat).unwrap();
     let cpu = f32_cpu();
     let err = ChatPipeline::load(&dir, &cpu, &cpu).err().unwrap().to_string();
-    assert!(err.contains("tokenizer.model") && err.contains("beside the checkpoint"), "{err}");
+    assert!(
+        err.contains("tokenizer.model") && err.contains("beside the checkpoint"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1);
 }
