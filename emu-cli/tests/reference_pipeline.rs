@@ -22,7 +22,7 @@ use emu_cli::pipeline::{
     ModelFamily,
 };
 use emu_core::{DType, HostTensor};
-use emu_prompt::{Item, Prompt};
+use emu_prompt::{Item, Prompt, Role, Turn, Video};
 use safetensors::{Dtype, SafeTensors};
 use std::path::{Path, PathBuf};
 
@@ -148,19 +148,71 @@ fn f32_cpu() -> Component<CpuBackend> {
     Component::new(CpuBackend::new(), DType::F32)
 }
 
+fn input(name: &str) -> String {
+    fixtures().join("inputs").join(name).to_string_lossy().into_owned()
+}
+
+/// One question about one picture (reference cases `chat`, `native`).
+fn single_turn() -> Prompt {
+    Prompt::new(vec![
+        Item::Image(input("picture.png")),
+        Item::Text("What is in this picture?".into()),
+    ])
+}
+
+/// Two user turns around an assistant answer: a two-frame video, then a
+/// picture (reference cases `chat_multi`, `native_multi`).
+fn multi_turn() -> Prompt {
+    let turn = |role, items| Turn { role, items };
+    Prompt {
+        turns: vec![
+            turn(
+                Role::User,
+                vec![
+                    Item::Video(Video {
+                        frames: vec![input("picture.png"), input("frame2.png")],
+                    }),
+                    Item::Text("What happens in this video?".into()),
+                ],
+            ),
+            turn(Role::Assistant, vec![Item::Text("A red box moves.".into())]),
+            turn(
+                Role::User,
+                vec![
+                    Item::Image(input("picture2.png")),
+                    Item::Text("And in this picture?".into()),
+                ],
+            ),
+        ],
+    }
+}
+
+const CHAT_STAGES: [&str; 8] = [
+    "pixel_values",
+    "vision_features",
+    "pooled_tokens",
+    "projected_tokens",
+    "input_ids",
+    "input_embeds",
+    "prefill_hidden",
+    "prefill_logits",
+];
+
+const FRAME_STAGES: [&str; 4] = [
+    "frame_values",
+    "frame_features",
+    "frame_pooled_tokens",
+    "frame_projected_tokens",
+];
+
 /// The chat pipeline on `model` (a directory or a native file) against reference case `case`.
-fn check_chat(model: &Path, case: &str) {
+fn check_chat(model: &Path, case: &str, prompt: &Prompt, frames: bool) {
     let cases = cases();
     let dir = ModelDir::resolve(model.to_str().unwrap(), ModelFamily::Emu2Chat).unwrap();
     let cpu = f32_cpu();
     let mut pipe = ChatPipeline::load(&dir, &cpu, &cpu).unwrap();
     let dump_dir = tempfile::tempdir().unwrap();
     pipe.set_dump(Some(Dump::new(dump_dir.path()).unwrap()));
-    let question = "What is in this picture?";
-    let prompt = Prompt::new(vec![
-        Item::Image(fixtures().join("inputs/picture.png").to_string_lossy().into_owned()),
-        Item::Text(question.into()),
-    ]);
     let reference = fixtures().join("reference").join(case);
     eprintln!("{case}: {}", model.display());
     for (name, beams, penalty) in [("greedy", 1, 1.0), ("beam5_lp-1", 5, -1.0), ("beam3_lp2", 3, 2.0)] {
@@ -173,19 +225,11 @@ fn check_chat(model: &Path, case: &str) {
             },
             ..ChatOptions::default()
         };
-        let answer = pipe.answer(&prompt, &opts, None).unwrap();
+        let answer = pipe.answer(prompt, &opts, None).unwrap();
         if name == "greedy" {
             // The stages up to the prefill are the same for every decoding.
-            for stage in [
-                "pixel_values",
-                "vision_features",
-                "pooled_tokens",
-                "projected_tokens",
-                "input_ids",
-                "input_embeds",
-                "prefill_hidden",
-                "prefill_logits",
-            ] {
+            let frame_stages = if frames { &FRAME_STAGES[..] } else { &[] };
+            for &stage in CHAT_STAGES.iter().chain(frame_stages) {
                 let tol = if stage == "input_ids" { 0.0 } else { F32_TOL };
                 check_stage(&reference, dump_dir.path(), stage, tol);
             }
@@ -200,12 +244,16 @@ fn check_chat(model: &Path, case: &str) {
 
 #[test]
 fn hf_chat_pickle_shards_match_the_reference() {
-    check_chat(&fixtures().join("chat"), "chat");
+    let model = fixtures().join("chat");
+    check_chat(&model, "chat", &single_turn(), false);
+    check_chat(&model, "chat_multi", &multi_turn(), true);
 }
 
 #[test]
 fn native_single_file_matches_the_reference() {
-    check_chat(&fixtures().join("native/Emu2-Chat_pytorch_model.bf16.bin"), "native");
+    let model = fixtures().join("native/Emu2-Chat_pytorch_model.bf16.bin");
+    check_chat(&model, "native", &single_turn(), false);
+    check_chat(&model, "native_multi", &multi_turn(), true);
 }
 
 /// Runs the Emu2-Gen fixture with every part in `dtype`; returns the dump folder.
@@ -228,7 +276,7 @@ fn run_gen(dtype: DType) -> tempfile::TempDir {
         ..GenerationOptions::default()
     };
     let prompt = Prompt::new(vec![
-        Item::Image(fixtures().join("inputs/picture.png").to_string_lossy().into_owned()),
+        Item::Image(input("picture.png")),
         Item::Text("a red cube on the grass".into()),
     ]);
     let image = pipe.generate(&prompt, &opts, None).unwrap();

@@ -91,6 +91,12 @@ MAX_NEW = 12
 IMG_SLOTS = "[IMG]" + "<image>" * VISION["n_query"] + "[/IMG]"
 CHAT_QUESTION = "What is in this picture?"
 CHAT_TEXT = SYSTEM + " [USER]: " + IMG_SLOTS + CHAT_QUESTION + " [ASSISTANT]:"
+# Multi-turn with a video (two frames) and an image: the `</s>` turn separator of the native
+# template is EOS for the slow tokenizer (SPEC 3.3), frames fill `[gIMG]` slots with v_query tokens.
+FRAME_SLOTS = "[IMG]" + "[gIMG]" * VISION["v_query"] + "[/IMG]"
+MULTI_Q1, MULTI_A1, MULTI_Q2 = "What happens in this video?", "A red box moves.", "And in this picture?"
+CHAT_MULTI_TEXT = (SYSTEM + " [USER]: " + "[VIDEO]" + FRAME_SLOTS * 2 + MULTI_Q1 + " [ASSISTANT]: " + MULTI_A1
+                   + "</s>[USER]: " + IMG_SLOTS + MULTI_Q2 + " [ASSISTANT]:")
 GEN_TEXT_PROMPT = "a red cube on the grass"
 GEN_TEXT = IMG_SLOTS + GEN_TEXT_PROMPT + "[IMG]"
 GEN_NEG_TEXT = "[IMG]"
@@ -99,6 +105,9 @@ CORPUS = [
     SYSTEM,
     CHAT_QUESTION,
     GEN_TEXT_PROMPT,
+    MULTI_Q1,
+    MULTI_A1,
+    MULTI_Q2,
     "Describe the image in details.",
     "The quick brown fox jumps over the lazy dog near the river bank.",
     "An impressionist painting of an astronaut in a jungle, wearing a red hat on the beach.",
@@ -190,6 +199,7 @@ def _tokenizer_main(out: pathlib.Path) -> None:
     (gen_tok / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
     ids = {
         "chat": chat(CHAT_TEXT).input_ids,
+        "chat_multi": chat(CHAT_MULTI_TEXT).input_ids,
         "gen": base(GEN_TEXT).input_ids,
         "gen_negative": base(GEN_NEG_TEXT).input_ids,
         "gen_fast": fast(GEN_TEXT).input_ids,
@@ -442,23 +452,26 @@ class Emu2Ref:
         # chat.py / diffusion.py: `image_prompt.type(dtype)`.
         return t(im).unsqueeze(0).to(self.dtype)
 
-    def encode_image(self, pixels, n_query, stages):
+    def encode_image(self, pixels, n_query, stages, frames=False):
         sys.path.insert(0, str(HERE))
         import fixtures_vision
 
         feats = fixtures_vision.eva_forward(self.vis, VISION, pixels)
         pooled = fixtures_vision.pool(feats, n_query)
         projected = pooled.reshape(-1, pooled.shape[-1]) @ self.up.T
-        stages.update(pixel_values=pixels, vision_features=feats, pooled_tokens=pooled,
-                      projected_tokens=projected)
+        names = (["frame_values", "frame_features", "frame_pooled_tokens", "frame_projected_tokens"] if frames
+                 else ["pixel_values", "vision_features", "pooled_tokens", "projected_tokens"])
+        stages.update(zip(names, (pixels, feats, pooled, projected)))
         return projected
 
-    def embeds(self, ids, projected, stages):
+    def embeds(self, ids, projected, stages, frames=None):
         torch = self.torch
         ids_t = torch.tensor([ids])
         e = self.lm.model.embed_tokens(ids_t).detach().clone()
         if projected is not None:
             e[ids_t == 32003] = projected
+        if frames is not None:
+            e[ids_t == 32004] = frames
         stages.update(input_ids=torch.tensor(ids, dtype=torch.int64), input_embeds=e)
         return e
 
@@ -503,13 +516,17 @@ def _save_stages(d: pathlib.Path, stages: dict) -> None:
         save_file({name: t}, str(d / f"{name}.safetensors"))
 
 
-def _chat_case(ref: Emu2Ref, ids, picture, out_dir: pathlib.Path) -> dict:
+def _chat_case(ref: Emu2Ref, ids, picture, out_dir: pathlib.Path, frames=()) -> dict:
     import torch
 
     with torch.no_grad():
         stages = {}
         proj = ref.encode_image(ref.preprocess(picture), VISION["n_query"], stages)
-        e = ref.embeds(ids, proj, stages)
+        fproj = None
+        if frames:
+            fpix = torch.cat([ref.preprocess(f) for f in frames])
+            fproj = ref.encode_image(fpix, VISION["v_query"], stages, frames=True)
+        e = ref.embeds(ids, proj, stages, frames=fproj)
         ref.prefill(e, stages)
         greedy = ref.generate(e, num_beams=1)
         beam = ref.generate(e, num_beams=5, length_penalty=-1.0, early_stopping=False)
@@ -556,13 +573,13 @@ def _gen_case(ref: Emu2Ref, ids, neg_ids, picture, noise, unet, vae, out_dir: pa
     _save_stages(out_dir, stages)
 
 
-def _picture(path: pathlib.Path) -> None:
+def _picture(path: pathlib.Path, h=30, w=40, box=(8, 20, 12, 28)) -> None:
     import numpy as np
     from PIL import Image
 
-    y, x = np.mgrid[0:30, 0:40]
+    y, x = np.mgrid[0:h, 0:w]
     rgb = np.stack([(x * 6) % 256, (y * 8) % 256, ((x * y) * 3) % 256], axis=-1).astype(np.uint8)
-    rgb[8:20, 12:28] = [200, 30, 40]
+    rgb[box[0]:box[1], box[2]:box[3]] = [200, 30, 40]
     Image.fromarray(rgb).save(path)
 
 
@@ -585,6 +602,11 @@ def build(out_dir: pathlib.Path) -> None:
     inputs.mkdir(parents=True, exist_ok=True)
     picture = inputs / "picture.png"
     _picture(picture)
+    # A second picture (portrait) and a video frame with the box moved.
+    picture2 = inputs / "picture2.png"
+    _picture(picture2, h=44, w=24, box=(10, 30, 4, 16))
+    frame2 = inputs / "frame2.png"
+    _picture(frame2, box=(12, 24, 18, 34))
     g = torch.Generator().manual_seed(5)
     noise = torch.randn(1, 4, GEN_SIZE // 2, GEN_SIZE // 2, generator=g)
     save_file({"noise": noise}, str(inputs / "gen_noise.safetensors"))
@@ -601,6 +623,7 @@ def build(out_dir: pathlib.Path) -> None:
     cases = {
         "about": "Reference outputs of tools/reference/fixtures_pipeline.py; stage tensors in <case>/",
         "chat": {"rendered": CHAT_TEXT, "max_new_tokens": MAX_NEW},
+        "chat_multi_rendered": CHAT_MULTI_TEXT,
         "gen": {"rendered": GEN_TEXT, "negative_rendered": GEN_NEG_TEXT, "steps": GEN_STEPS,
                 "guidance": GEN_GUIDANCE, "size": GEN_SIZE},
     }
@@ -608,6 +631,9 @@ def build(out_dir: pathlib.Path) -> None:
         ref = Emu2Ref(w, CHAT_VOCAB)
         cases[name] = dict(cases.get(name, {}), **_chat_case(ref, ids["chat"], picture, ref_dir / name))
         print(f"  {name}: {cases[name]}")
+        multi = f"{name}_multi"
+        cases[multi] = _chat_case(ref, ids["chat_multi"], picture2, ref_dir / multi, frames=(picture, frame2))
+        print(f"  {multi}: {cases[multi]}")
     ref = Emu2Ref(gen_w, BASE_VOCAB)
     _gen_case(ref, ids["gen"], ids["gen_negative"], picture, noise, unet, vae, ref_dir / "gen")
     # The same in bfloat16 end to end, as upstream runs Emu2-Gen (weights, pixels, latents in bf16).
