@@ -67,7 +67,7 @@ fn path_str(p: &std::path::Path) -> Result<String> {
 
 fn run_on<V: Backend, L: Backend>(vision: V, llm: L, args: &ChatArgs, dir: &crate::pipeline::ModelDir) -> Result<()> {
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
-    let loading = super::progress::loading();
+    let loading = super::progress::loading(dir.root());
     let mut chat = ChatPipeline::load(dir, &vision, &llm)?;
     drop(loading);
     chat.set_dump(args.model.dump()?);

@@ -35,7 +35,7 @@ fn run_on<V: Backend, L: Backend>(
     dir: &crate::pipeline::ModelDir,
 ) -> Result<()> {
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
-    let loading = super::progress::loading();
+    let loading = super::progress::loading(dir.root());
     let mut pipe = CompletionPipeline::load(dir, &vision, &llm)?;
     drop(loading);
     pipe.set_dump(args.model.dump()?);

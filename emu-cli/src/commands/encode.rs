@@ -64,7 +64,7 @@ pub fn run(args: &EncodeArgs) -> Result<()> {
 fn run_on<B: Backend>(backend: B, args: &EncodeArgs, dir: &ModelDir) -> Result<()> {
     let (vision_dtype, _) = args.model.dtypes(dir)?;
     let vision = super::component(&backend, vision_dtype, "vision encoder")?;
-    let loading = super::progress::loading();
+    let loading = super::progress::loading(dir.root());
     let pipe = EncodePipeline::load(dir, &vision)?;
     drop(loading);
     let enc = pipe.encode(&args.images, args.n_query)?;

@@ -132,7 +132,7 @@ fn run_on<V: Backend, L: Backend, D: Backend>(
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
     // --vision-dtype applies to the EVA encoder, --dtype to the LLM, the UNet and the VAE.
     let decoder = super::component(&decoder, llm.dtype, "UNet and VAE")?;
-    let loading = super::progress::loading();
+    let loading = super::progress::loading(dir.root());
     let mut pipe = GenerationPipeline::load(dir, &vision, &llm, &decoder)?;
     drop(loading);
     pipe.set_dump(args.model.dump()?);

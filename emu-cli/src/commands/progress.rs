@@ -7,6 +7,7 @@
 
 use crate::units::human_bytes;
 use emu_core::checkpoint::{set_load_observer, LoadEvent, LoadObserver};
+use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -148,8 +149,14 @@ pub fn steps(label: &str) -> impl FnMut(usize, usize) {
     }
 }
 
-/// `dir/file` of a checkpoint's origin: which component is loading.
-fn component_name(origin: &Path) -> String {
+/// Which component is loading: the checkpoint's path under the model
+/// `root`, else its last two components (`unet/diffusion_pytorch_model.safetensors`).
+fn component_name(origin: &Path, root: &Path) -> String {
+    if let Ok(rel) = origin.strip_prefix(root) {
+        if !rel.as_os_str().is_empty() {
+            return rel.display().to_string();
+        }
+    }
     let mut parts: Vec<String> = origin
         .components()
         .rev()
@@ -165,7 +172,8 @@ struct LoadState {
     origin: std::path::PathBuf,
     bytes_total: u64,
     bytes: u64,
-    tensors: u64,
+    /// Keys read so far: a loader may read a tensor twice (e.g. to probe it).
+    read: HashSet<String>,
 }
 
 /// Shows loading progress while alive (a bar per checkpoint opened);
@@ -175,8 +183,9 @@ pub struct Loading {
     previous: Option<LoadObserver>,
 }
 
-/// Starts showing loading progress (nothing when bars are off).
-pub fn loading() -> Loading {
+/// Starts showing loading progress of the model in `root` (nothing when
+/// bars are off).
+pub fn loading(root: &Path) -> Loading {
     if !enabled() {
         return Loading {
             state: None,
@@ -188,9 +197,10 @@ pub fn loading() -> Loading {
         origin: Default::default(),
         bytes_total: 0,
         bytes: 0,
-        tensors: 0,
+        read: HashSet::new(),
     }));
     let s = state.clone();
+    let root = root.to_path_buf();
     let observer: LoadObserver = Arc::new(move |e: &LoadEvent<'_>| {
         let mut st = s.lock().unwrap_or_else(|e| e.into_inner());
         match *e {
@@ -201,14 +211,19 @@ pub fn loading() -> Loading {
                 st.origin = origin.to_path_buf();
                 st.bytes_total = bytes;
                 st.bytes = 0;
-                st.tensors = 0;
-                st.bar = Some(Bar::new(format!("loading {}", component_name(origin)), tensors as u64));
+                st.read.clear();
+                st.bar = Some(Bar::new(
+                    format!("loading {}", component_name(origin, &root)),
+                    tensors as u64,
+                ));
             }
-            LoadEvent::Read { origin, bytes, .. } if origin == st.origin => {
-                st.tensors += 1;
+            LoadEvent::Read { origin, key, bytes } if origin == st.origin => {
+                if !st.read.insert(key.to_string()) {
+                    return;
+                }
                 st.bytes += bytes;
                 let (done, note) = (
-                    st.tensors,
+                    st.read.len() as u64,
                     format!("tensors, {} / {}", human_bytes(st.bytes), human_bytes(st.bytes_total)),
                 );
                 if let Some(b) = st.bar.as_mut() {
@@ -258,9 +273,15 @@ mod tests {
 
     #[test]
     fn components_are_named_by_folder_and_file() {
+        let unet = Path::new("/m/Emu2-Gen/unet/diffusion_pytorch_model.safetensors");
         assert_eq!(
-            component_name(Path::new("/m/Emu2-Gen/unet/diffusion_pytorch_model.safetensors")),
+            component_name(unet, Path::new("/elsewhere")),
             "unet/diffusion_pytorch_model.safetensors"
+        );
+        let model = Path::new("/m/Emu2/model.safetensors.index.json");
+        assert_eq!(
+            component_name(model, Path::new("/m/Emu2")),
+            "model.safetensors.index.json"
         );
     }
 }
