@@ -8,6 +8,8 @@
 //!   serves left-padded batches.
 //! * [`generate()`]: greedy, sampling and beam search with transformers'
 //!   `generate` semantics.
+//!   [`generate_with`] adds stop strings (`GenerationConfig::stop_strings`,
+//!   matched on text from the caller's decoder) and custom stop rules.
 //! * [`regress_visual`]: Emu2-Gen's autoregressive regression of visual
 //!   embeddings on the KV cache.
 //!
