@@ -51,6 +51,9 @@ enum Command {
     /// Encode images with the EVA vision encoder of any Emu2 model and write
     /// the features, pooled tokens and projected embeddings as safetensors.
     Encode(emu_cli::commands::encode::EncodeArgs),
+    /// Export model components (vision, llm, unet, vae) as standalone ONNX
+    /// files with documented inputs/outputs and a JSON manifest.
+    ExportOnnx(emu_cli::commands::export_onnx::ExportOnnxArgs),
 }
 
 #[derive(Args)]
@@ -112,6 +115,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Complete(a) => emu_cli::commands::complete::run(&a)?,
         Command::Generate(a) => emu_cli::commands::generate::run(&a)?,
         Command::Encode(a) => emu_cli::commands::encode::run(&a)?,
+        Command::ExportOnnx(a) => {
+            emu_cli::commands::export_onnx::run(&a)?;
+        }
         Command::Inspect(a) => {
             let ins = inspect(&a.path, a.variant.as_deref())?;
             if a.json {

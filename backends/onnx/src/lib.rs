@@ -353,7 +353,7 @@ fn serialize(
 ) -> Result<Serialized> {
     let stop = |t: &OnnxTensor| match mode {
         Mode::Run => t.known().is_some(),
-        Mode::Export(_) => false,
+        Mode::Export(x) => x.inputs.contains_key(&t.0.id),
     };
     let outs: Vec<&OnnxTensor> = outputs.iter().map(|(_, t)| *t).collect();
     let order = topo_order(&outs, &stop);
@@ -373,7 +373,7 @@ fn serialize(
     for (k, t) in order.iter().enumerate() {
         let bound = match (&mode, &t.0.kind) {
             (Mode::Export(x), Kind::Param(h)) => h.to_i64_vec()?.first().and_then(|v| x.params.get(v)).cloned(),
-            (Mode::Export(x), Kind::Input(_)) => x.inputs.get(&t.0.id).cloned(),
+            (Mode::Export(x), Kind::Input(_) | Kind::Op { .. }) => x.inputs.get(&t.0.id).cloned(),
             _ => None,
         };
         let name = bound.clone().unwrap_or_else(|| format!("v{k}"));
@@ -394,6 +394,12 @@ fn serialize(
         }
         match &t.0.kind {
             Kind::Const(h) => initializers.push((name, h)),
+            Kind::Op { .. } if bound.is_some() => inputs.push(proto::ValueInfo {
+                doc: doc(&name),
+                name,
+                dtype: t.dtype(),
+                dims: t.dims(),
+            }),
             Kind::Input(h) | Kind::Param(h) => {
                 if bound.is_some() {
                     // Several param nodes bind to one input: declare it once.
@@ -419,7 +425,11 @@ fn serialize(
             attrs,
         } = &t.0.kind
         {
-            if matches!(mode, Mode::Run) && t.known().is_some() {
+            let skip = match &mode {
+                Mode::Run => t.known().is_some(),
+                Mode::Export(x) => x.inputs.contains_key(&t.0.id),
+            };
+            if skip {
                 continue;
             }
             nodes.push(proto::NodeDef {
@@ -517,9 +527,9 @@ fn export_names(
         external,
     };
     for p in inputs {
-        if !matches!(p.tensor.0.kind, Kind::Input(_)) {
+        if !matches!(p.tensor.0.kind, Kind::Input(_) | Kind::Op { .. }) {
             return Err(Error::InvalidArgument(format!(
-                "export: input `{}` is not an uploaded tensor",
+                "export: input `{}` is a structural constant, not a value to feed",
                 p.name
             )));
         }
@@ -630,6 +640,37 @@ impl OnnxBackend {
         })
     }
 
+    /// The `slice_set` writes in the not-yet-computed graph of `out`, in the
+    /// order they were made: `(destination before, result)`. For a decode
+    /// step of a model with a preallocated KV cache these are the cache
+    /// updates, `(past, present)` per buffer, which an export names as
+    /// inputs and outputs.
+    pub fn slice_set_updates(&self, out: &OnnxTensor) -> Vec<(OnnxTensor, OnnxTensor)> {
+        let order = topo_order(&[out], &|n: &OnnxTensor| n.known().is_some());
+        let mut found: Vec<(OnnxTensor, OnnxTensor)> = order
+            .into_iter()
+            .filter_map(|n| match &n.0.kind {
+                Kind::Op {
+                    op_type: "ScatterElements",
+                    inputs,
+                    ..
+                } if n.known().is_none() => Some((inputs[0].clone(), n.clone())),
+                _ => None,
+            })
+            .collect();
+        found.sort_by_key(|(_, n)| n.0.id);
+        found
+    }
+
+    /// The upload in the graph of `out` that holds exactly `value` (same
+    /// dtype, shape and bytes), e.g. an embedding a model computed on the
+    /// host, so that an export can name it as an input.
+    pub fn find_upload(&self, out: &OnnxTensor, value: &HostTensor) -> Option<OnnxTensor> {
+        topo_order(&[out], &|_: &OnnxTensor| false)
+            .into_iter()
+            .find(|n| matches!(&n.0.kind, Kind::Input(h) if h.dtype() == value.dtype() && h.dims() == value.dims() && h.as_bytes() == value.as_bytes()))
+    }
+
     /// Number of compiled sessions held (each distinct graph compiles once).
     pub fn cached_sessions(&self) -> usize {
         self.sessions.len()
@@ -654,8 +695,9 @@ impl OnnxBackend {
     }
 
     /// Writes the computation of `spec.outputs` to `path` as a standalone
-    /// ONNX model with documented inputs and outputs. Uploads listed in
-    /// `spec.inputs` become graph inputs, every runtime offset traced with a
+    /// ONNX model with documented inputs and outputs. Tensors listed in
+    /// `spec.inputs` (uploads, or computed values such as a KV cache from an
+    /// earlier step: the graph then starts there) become graph inputs, every runtime offset traced with a
     /// value listed in `spec.params` becomes that i64 `[1]` input, and all
     /// other uploads become initializers. When the initializers exceed
     /// `spec.external_data_threshold` bytes, every initializer of 1 KiB or

@@ -17,6 +17,7 @@ macro_rules! with_backend {
 pub mod chat;
 pub mod complete;
 pub mod encode;
+pub mod export_onnx;
 pub mod generate;
 pub mod progress;
 
