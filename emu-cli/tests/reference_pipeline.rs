@@ -18,8 +18,8 @@
 
 use emu_backend_cpu::CpuBackend;
 use emu_cli::pipeline::{
-    upstream_generation, ChatOptions, ChatPipeline, Component, Dump, GenerationOptions, GenerationPipeline, ModelDir,
-    ModelFamily,
+    upstream_generation, ChatOptions, ChatPipeline, Component, Dump, EncodePipeline, GenerationOptions,
+    GenerationPipeline, ModelDir, ModelFamily,
 };
 use emu_core::{DType, HostTensor};
 use emu_prompt::{Item, Prompt, Role, Turn, Video};
@@ -419,4 +419,28 @@ fn native_file_without_a_tokenizer_says_where_one_goes() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1);
+}
+
+/// `EncodePipeline` (what `emu encode` runs) on the native file: the vision
+/// encoder does not see `decoder.lm.project_up`, the pipeline finds it.
+#[test]
+fn encode_pipeline_on_the_native_file_matches_the_reference() {
+    let native = fixtures().join("native/Emu2-Chat_pytorch_model.bf16.bin");
+    let dir = ModelDir::resolve_any(native.to_str().unwrap(), ModelFamily::Emu2Chat).unwrap();
+    let pipe = EncodePipeline::load(&dir, &f32_cpu()).unwrap();
+    let out = pipe.encode(&[input("picture.png")], None).unwrap();
+    let dump = tempfile::tempdir().unwrap();
+    let d = Dump::new(dump.path()).unwrap();
+    d.put("vision_features", &out.features).unwrap();
+    d.put("pooled_tokens", &out.pooled).unwrap();
+    d.put(
+        "projected_tokens",
+        &out.projected.expect("project_up of the native file"),
+    )
+    .unwrap();
+    let reference = fixtures().join("reference/native");
+    eprintln!("encode (native file)");
+    for name in ["vision_features", "pooled_tokens", "projected_tokens"] {
+        check_stage(&reference, dump.path(), name, F32_TOL);
+    }
 }
