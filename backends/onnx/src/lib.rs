@@ -28,12 +28,14 @@
 //!
 //! ONNX Runtime is loaded at run time from `ORT_DYLIB_PATH`;
 //! [`OnnxBackend::new`] returns [`Error::BackendUnavailable`] without it.
+//! Sessions run on the CPU provider unless `EMU_ONNX_EP=cuda[:N]` (or
+//! [`OnnxBackend::with_options`]) asks for CUDA, which the library must have.
 
 mod proto;
 mod runtime;
 
 pub use proto::{onnx_type, Attr, IR_VERSION, OPSET};
-pub use runtime::run_model_file;
+pub use runtime::{run_model_file, ExecutionProvider};
 
 use emu_core::backend::{default_attention, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp, MASK_VALUE};
 use emu_core::host::checked_numel;
@@ -633,11 +635,27 @@ impl OnnxBackend {
     }
 
     /// Like [`OnnxBackend::new`] with a fixed number of intra-op threads (0: ONNX Runtime's default).
+    /// The execution provider comes from `EMU_ONNX_EP` (`cpu`, `cuda`,
+    /// `cuda:N`; CPU when unset).
     pub fn with_threads(threads: usize) -> Result<Self> {
+        Self::with_options(threads, ExecutionProvider::from_env()?)
+    }
+
+    /// ONNX Runtime with `threads` intra-op threads (0: its default) on the
+    /// execution provider `ep`. [`Error::BackendUnavailable`] when the
+    /// library is missing or lacks that provider (e.g. CUDA with the
+    /// CPU-only wheel).
+    pub fn with_options(threads: usize, ep: ExecutionProvider) -> Result<Self> {
         runtime::environment()?;
+        ep.check_available()?;
         Ok(Self {
-            sessions: Arc::new(SessionCache::new(threads)),
+            sessions: Arc::new(SessionCache::new(threads, ep)),
         })
+    }
+
+    /// Where this backend's sessions run.
+    pub fn execution_provider(&self) -> ExecutionProvider {
+        self.sessions.execution_provider()
     }
 
     /// The `slice_set` writes in the not-yet-computed graph of `out`, in the

@@ -73,11 +73,65 @@ pub(crate) fn environment() -> Result<&'static Environment> {
     env.as_ref().map_err(|reason| unavailable(reason.clone()))
 }
 
+/// Where ONNX Runtime runs the graphs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExecutionProvider {
+    /// ONNX Runtime's CPU provider (every build has it).
+    #[default]
+    Cpu,
+    /// The CUDA provider on this device ordinal; needs a library built with
+    /// it (the `onnxruntime-gpu` wheel's, not the CPU wheel's).
+    Cuda { device: i32 },
+}
+
+impl ExecutionProvider {
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim().to_ascii_lowercase();
+        match s.as_str() {
+            "" | "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda { device: 0 }),
+            _ => match s.strip_prefix("cuda:").and_then(|d| d.parse().ok()) {
+                Some(device) if device >= 0 => Ok(Self::Cuda { device }),
+                _ => Err(Error::InvalidArgument(format!(
+                    "ONNX Runtime execution provider `{s}`: use cpu, cuda or cuda:N"
+                ))),
+            },
+        }
+    }
+
+    /// From `EMU_ONNX_EP` (`cpu`, `cuda`, `cuda:N`); CPU when it is unset.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("EMU_ONNX_EP") {
+            Ok(v) => Self::parse(&v),
+            Err(_) => Ok(Self::Cpu),
+        }
+    }
+
+    /// Checks that the loaded library has this provider.
+    pub(crate) fn check_available(self) -> Result<()> {
+        use ort::ep::ExecutionProvider as _;
+        if let Self::Cuda { .. } = self {
+            let has = ort::ep::CUDA::is_available().map_err(|e| backend_err(e.to_string()))?;
+            if !has {
+                let lib = library_path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|_| "ONNX Runtime".into());
+                return Err(unavailable(format!(
+                    "{lib} has no CUDA execution provider (the CPU-only `onnxruntime` wheel has none; point ORT_DYLIB_PATH at the `onnxruntime-gpu` library, or use EMU_ONNX_EP=cpu)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Compiled sessions, keyed by the exact model bytes.
 #[derive(Default)]
 pub(crate) struct SessionCache {
     sessions: Mutex<HashMap<Vec<u8>, Arc<Mutex<Session>>>>,
     threads: usize,
+    ep: ExecutionProvider,
 }
 
 impl std::fmt::Debug for SessionCache {
@@ -87,9 +141,19 @@ impl std::fmt::Debug for SessionCache {
     }
 }
 
-fn new_session(model: Source<'_>, threads: usize) -> Result<Session> {
+fn new_session(model: Source<'_>, threads: usize, ep: ExecutionProvider) -> Result<Session> {
     let env = environment()?;
     let mut builder = Session::builder(env).map_err(|e| backend_err(e.to_string()))?;
+    if let ExecutionProvider::Cuda { device } = ep {
+        // Fail rather than fall back to the CPU silently.
+        let cuda = ort::ep::CUDA::default()
+            .with_device_id(device)
+            .build()
+            .error_on_failure();
+        builder = builder
+            .with_execution_providers([cuda])
+            .map_err(|e| unavailable(format!("cannot use the CUDA execution provider: {e}")))?;
+    }
     if threads > 0 {
         builder = builder
             .with_independent_thread_pool()
@@ -110,11 +174,16 @@ enum Source<'a> {
 }
 
 impl SessionCache {
-    pub(crate) fn new(threads: usize) -> Self {
+    pub(crate) fn new(threads: usize, ep: ExecutionProvider) -> Self {
         Self {
             sessions: Mutex::new(HashMap::new()),
             threads,
+            ep,
         }
+    }
+
+    pub(crate) fn execution_provider(&self) -> ExecutionProvider {
+        self.ep
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -133,7 +202,7 @@ impl SessionCache {
             match map.get(&model) {
                 Some(s) => s.clone(),
                 None => {
-                    let s = Arc::new(Mutex::new(new_session(Source::Bytes(&model), self.threads)?));
+                    let s = Arc::new(Mutex::new(new_session(Source::Bytes(&model), self.threads, self.ep)?));
                     if map.len() >= MAX_SESSIONS {
                         map.clear();
                     }
@@ -157,7 +226,7 @@ impl SessionCache {
 
 /// Loads an `.onnx` file with ONNX Runtime and runs it once on named inputs.
 pub fn run_model_file(path: &Path, feeds: &[(&str, &HostTensor)]) -> Result<Vec<HostTensor>> {
-    let mut session = new_session(Source::File(path), 0)?;
+    let mut session = new_session(Source::File(path), 0, ExecutionProvider::Cpu)?;
     let feeds: Vec<(String, &HostTensor)> = feeds.iter().map(|(n, t)| (n.to_string(), *t)).collect();
     run_session(&mut session, &feeds)
 }
