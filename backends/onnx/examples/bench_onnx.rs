@@ -1,30 +1,49 @@
 //! Component times on ONNX Runtime against the CPU backend, in the same run
-//! on the same random weights: LLaMA prefill and per-token decode (the
-//! decode loop of `emu_llm::generate`: one token's embedding, logits of the
-//! last position downloaded per step).
+//! on the same weights:
+//!
+//! * LLaMA prefill and per-token decode on random weights (the decode loop
+//!   of `emu_llm::generate`: one token's embedding, logits of the last
+//!   position downloaded per step);
+//! * the EVA vision encoder, one UNet call and one VAE decode, loaded from
+//!   component folders (default: the reference fixtures under
+//!   `tests/fixtures`; point them at real checkpoints for real numbers).
 //!
 //! ```text
 //! ORT_DYLIB_PATH=.../libonnxruntime.so.1.32.0 \
 //! cargo run --release -p emu-backend-onnx --example bench_onnx -- \
 //!     [--hidden 256] [--layers 4] [--heads 4] [--kv-heads 4] [--intermediate 688] \
-//!     [--vocab 1024] [--prompt 32] [--new 32]
+//!     [--vocab 1024] [--prompt 32] [--new 32] \
+//!     [--vision DIR] [--unet DIR] [--vae DIR] [--latent 8] [--context 5] [--runs 3] \
+//!     [--only llm|components]
 //! ```
 //!
-//! Prints one line per backend: prefill milliseconds, decode tokens per
-//! second (the first decode step, which compiles the decode graph on ONNX
-//! Runtime, is reported separately) and the number of compiled sessions.
+//! Prints per backend: prefill milliseconds, decode tokens per second (the
+//! first decode step, which compiles the decode graph on ONNX Runtime, is
+//! reported separately), the number of compiled sessions, and for each
+//! component the first call (graph compile on ONNX Runtime) and the mean of
+//! `--runs` later calls.
 
 use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::OnnxBackend;
 use emu_core::checkpoint::Checkpoint;
-use emu_core::{Backend, DType};
+use emu_core::{Backend, DType, Tensor};
+use emu_decoder::unet::PerBlock;
+use emu_decoder::{AutoencoderKL, AutoencoderKLConfig, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
 use emu_llm::{Llama, LlamaConfig, Logits};
+use emu_vision::VisionEncoder;
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 struct Args {
+    only: Option<String>,
+    vision: PathBuf,
+    unet: PathBuf,
+    vae: PathBuf,
+    latent: usize,
+    context: usize,
+    runs: usize,
     hidden: usize,
     layers: usize,
     heads: usize,
@@ -38,7 +57,15 @@ struct Args {
 // `is_multiple_of` is newer than the workspace's rust-version (1.85).
 #[allow(clippy::manual_is_multiple_of)]
 fn parse_args() -> Result<Args, String> {
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
     let mut a = Args {
+        only: None,
+        vision: fixtures.join("vision/hf"),
+        unet: fixtures.join("decoder/pipeline/unet"),
+        vae: fixtures.join("decoder/pipeline/vae"),
+        latent: 8,
+        context: 5,
+        runs: 3,
         hidden: 256,
         layers: 4,
         heads: 4,
@@ -51,8 +78,27 @@ fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let val = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--only" => {
+                a.only = Some(val);
+                continue;
+            }
+            "--vision" | "--unet" | "--vae" => {
+                let p = PathBuf::from(&val);
+                match flag.as_str() {
+                    "--vision" => a.vision = p,
+                    "--unet" => a.unet = p,
+                    _ => a.vae = p,
+                }
+                continue;
+            }
+            _ => {}
+        }
         let n: usize = val.parse().map_err(|_| format!("{flag}: not a number: {val}"))?;
         match flag.as_str() {
+            "--latent" => a.latent = n,
+            "--context" => a.context = n,
+            "--runs" => a.runs = n.max(1),
             "--hidden" => a.hidden = n,
             "--layers" => a.layers = n,
             "--heads" => a.heads = n,
@@ -220,8 +266,97 @@ fn run<B: Backend>(be: &B, a: &Args, dir: &Path) -> Result<Timing, Box<dyn std::
     })
 }
 
+/// First call and mean of `runs` later calls of `f`, in milliseconds.
+fn time_calls(
+    runs: usize,
+    mut f: impl FnMut() -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let t = Instant::now();
+    f()?;
+    let first = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    for _ in 0..runs {
+        f()?;
+    }
+    Ok((first, t.elapsed().as_secs_f64() * 1e3 / runs as f64))
+}
+
+/// Vision encoder, UNet and VAE times on one backend: `(name, first, mean)`.
+fn components<B: Backend>(be: &B, a: &Args) -> Result<Vec<(String, f64, f64)>, Box<dyn std::error::Error>> {
+    let mut rows = Vec::new();
+    let mut noise = Noise(7);
+    let mut rand = |dims: &[usize]| -> Result<Tensor<B>, Box<dyn std::error::Error>> {
+        let n = dims.iter().product();
+        Ok(Tensor::from_f32(
+            be,
+            dims,
+            (0..n).map(|_| noise.next() * 0.5).collect(),
+        )?)
+    };
+    if a.vision.is_dir() {
+        let enc = VisionEncoder::from_dir(be, &a.vision, DType::F32)?;
+        let s = enc.config().vision.image_size;
+        let px = rand(&[1, 3, s, s])?;
+        let (first, mean) = time_calls(a.runs, || {
+            enc.encode(&px)?.to_f32_vec()?;
+            Ok(())
+        })?;
+        rows.push((format!("vision encoder 1x{s}x{s}"), first, mean));
+    }
+    if a.unet.is_dir() {
+        let cfg = UNet2DConditionConfig::from_file(a.unet.join("config.json"))?;
+        let unet = UNet2DConditionModel::load(be, &Checkpoint::open(&a.unet)?.weights(), &cfg, DType::F32)?;
+        let cross = match &cfg.cross_attention_dim {
+            PerBlock::One(v) => *v,
+            PerBlock::Each(v) => v.first().copied().unwrap_or(0),
+        };
+        let (b, l) = (2, a.latent);
+        let sample = rand(&[b, cfg.in_channels, l, l])?;
+        let ctx = rand(&[b, a.context, cross])?;
+        let cond = match (cfg.addition_time_embed_dim, cfg.projection_class_embeddings_input_dim) {
+            (Some(td), Some(pd)) => Some(TextTimeCond {
+                text_embeds: rand(&[b, pd.saturating_sub(6 * td)])?,
+                time_ids: vec![[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]; b],
+            }),
+            _ => None,
+        };
+        let mut step = 0;
+        let (first, mean) = time_calls(a.runs, || {
+            step += 1;
+            // A new timestep per call, as in a sampling loop.
+            unet.forward(&sample, 999.0 - step as f32 * 37.0, &ctx, cond.as_ref())?
+                .to_f32_vec()?;
+            Ok(())
+        })?;
+        rows.push((format!("unet batch {b} latent {l}x{l}"), first, mean));
+    }
+    if a.vae.is_dir() {
+        let cfg = AutoencoderKLConfig::from_file(a.vae.join("config.json"))?;
+        let vae = AutoencoderKL::load(be, &Checkpoint::open(&a.vae)?.weights(), &cfg, DType::F32)?;
+        let z = rand(&[1, cfg.latent_channels, a.latent, a.latent])?;
+        let (first, mean) = time_calls(a.runs, || {
+            vae.decode(&z)?.to_f32_vec()?;
+            Ok(())
+        })?;
+        rows.push((format!("vae decode latent {0}x{0}", a.latent), first, mean));
+    }
+    Ok(rows)
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = parse_args()?;
+    if a.only.as_deref() != Some("llm") {
+        let onnx = OnnxBackend::new()?;
+        let cpu = components(&CpuBackend::new(), &a)?;
+        let ort = components(&onnx, &a)?;
+        println!("component (f32)                     cpu first / mean ms     onnx first / mean ms");
+        for ((name, f0, m0), (_, f1, m1)) in cpu.iter().zip(&ort) {
+            println!("{name:<34} {f0:>9.1} / {m0:>8.1}     {f1:>9.1} / {m1:>8.1}");
+        }
+        if a.only.as_deref() == Some("components") {
+            return Ok(());
+        }
+    }
     let dir = std::env::temp_dir().join(format!("emu-onnx-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     write_model(&a, &dir)?;
