@@ -281,8 +281,11 @@ fn time_calls(
     Ok((first, t.elapsed().as_secs_f64() * 1e3 / runs as f64))
 }
 
-/// Vision encoder, UNet and VAE times on one backend: `(name, first, mean)`.
-fn components<B: Backend>(be: &B, a: &Args) -> Result<Vec<(String, f64, f64)>, Box<dyn std::error::Error>> {
+/// A component's name, first call and mean later call (ms).
+type Row = (String, f64, f64);
+
+/// Vision encoder, UNet and VAE times on one backend.
+fn components<B: Backend>(be: &B, a: &Args) -> Result<Vec<Row>, Box<dyn std::error::Error>> {
     let mut rows = Vec::new();
     let mut noise = Noise(7);
     let mut rand = |dims: &[usize]| -> Result<Tensor<B>, Box<dyn std::error::Error>> {
