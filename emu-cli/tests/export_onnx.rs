@@ -1,8 +1,8 @@
 //! `emu export-onnx` on the tiny model: every component's file loads back
 //! into ONNX Runtime (with the weights inline, and with external data forced)
-//! and reproduces what the onnx backend computed in process, the LLM graphs at
-//! a cache position other than the one they were traced at; the manifest
-//! lists what the files declare.
+//! and reproduces what the onnx backend computed in process (the LLM graphs at
+//! a cache position, the UNet at a timestep and time ids, other than the ones
+//! they were traced at); the manifest lists what the files declare.
 //!
 //! With `EMU_ONNX_EXPORT_DIR` set, the external-data export is kept in
 //! `$EMU_ONNX_EXPORT_DIR/export-onnx` for `tools/onnx/check_export_onnx.py`.
@@ -140,6 +140,13 @@ fn every_component_exports_reloads_and_matches_in_process() {
     assert_eq!(names(&by_name("vision.onnx")["outputs"])[..2], ["features", "pooled"]);
     assert_eq!(names(&by_name("vae.onnx")["outputs"]), ["image"]);
     assert_eq!(names(&by_name("unet.onnx")["outputs"]), ["noise_pred"]);
+    let mut unet_in = names(&by_name("unet.onnx")["inputs"]);
+    unet_in.sort();
+    // The tiny Emu2-Gen UNet has SDXL's text_time addition embedding.
+    assert_eq!(
+        unet_in,
+        ["encoder_hidden_states", "sample", "text_embeds", "time_ids", "timestep"]
+    );
     for g in ["llm_decode.onnx", "llm_prefill.onnx"] {
         let f = by_name(g);
         let ins = names(&f["inputs"]);

@@ -267,6 +267,8 @@ struct ExportNames {
     params: HashMap<i64, String>,
     /// Input/output name -> doc string.
     docs: HashMap<String, String>,
+    /// Node id -> the tensor its users read instead.
+    replace: HashMap<u64, OnnxTensor>,
     /// Total initializer bytes above which initializers go to an external
     /// file, and that file's name (relative to the model file).
     external: Option<(usize, String)>,
@@ -274,6 +276,15 @@ struct ExportNames {
 
 /// The nodes that `outputs` depend on, inputs before users (iterative, so deep graphs do not overflow the stack).
 fn topo_order(outputs: &[&OnnxTensor], stop: &dyn Fn(&OnnxTensor) -> bool) -> Vec<OnnxTensor> {
+    topo_order_with(outputs, stop, &HashMap::new())
+}
+
+/// [`topo_order`] where every use of a node in `replace` reads its replacement.
+fn topo_order_with(
+    outputs: &[&OnnxTensor],
+    stop: &dyn Fn(&OnnxTensor) -> bool,
+    replace: &HashMap<u64, OnnxTensor>,
+) -> Vec<OnnxTensor> {
     let mut order = Vec::new();
     let mut seen = HashSet::new();
     for out in outputs {
@@ -287,7 +298,7 @@ fn topo_order(outputs: &[&OnnxTensor], stop: &dyn Fn(&OnnxTensor) -> bool) -> Ve
                 _ => &[],
             };
             if next < inputs.len() {
-                let child = inputs[next].clone();
+                let child = replace.get(&inputs[next].0.id).unwrap_or(&inputs[next]).clone();
                 stack.push((t, next + 1));
                 if seen.insert(child.0.id) {
                     stack.push((child, 0));
@@ -358,7 +369,13 @@ fn serialize(
         Mode::Export(x) => x.inputs.contains_key(&t.0.id),
     };
     let outs: Vec<&OnnxTensor> = outputs.iter().map(|(_, t)| *t).collect();
-    let order = topo_order(&outs, &stop);
+    let no_replace = HashMap::new();
+    let replace = match &mode {
+        Mode::Export(x) => &x.replace,
+        Mode::Run => &no_replace,
+    };
+    let resolve = |i: &OnnxTensor| replace.get(&i.0.id).map_or(i.0.id, |r| r.0.id);
+    let order = topo_order_with(&outs, &stop, replace);
     let doc = |name: &str| match &mode {
         Mode::Export(x) => x.docs.get(name).cloned(),
         Mode::Run => None,
@@ -436,7 +453,7 @@ fn serialize(
             }
             nodes.push(proto::NodeDef {
                 op_type,
-                inputs: ins.iter().map(|i| names[&i.0.id].clone()).collect(),
+                inputs: ins.iter().map(|i| names[&resolve(i)].clone()).collect(),
                 output: names[&t.0.id].clone(),
                 attrs,
             });
@@ -526,6 +543,7 @@ fn export_names(
         inputs: HashMap::new(),
         params: HashMap::new(),
         docs: HashMap::new(),
+        replace: HashMap::new(),
         external,
     };
     for p in inputs {
@@ -598,6 +616,11 @@ pub struct ExportSpec<'a> {
     pub outputs: &'a [Port<'a>],
     /// See [`EXTERNAL_DATA_THRESHOLD`]; 0 forces external data.
     pub external_data_threshold: usize,
+    /// `(old, new)`: every use of `old` in the graph reads `new` (same shape
+    /// and dtype) instead, e.g. an embedding the model computed on the host
+    /// and uploaded, replaced by the same computation in the graph from a
+    /// plainer input.
+    pub replace: &'a [(&'a OnnxTensor, &'a OnnxTensor)],
 }
 
 /// A graph input or output as declared in an exported file.
@@ -728,12 +751,24 @@ impl OnnxBackend {
             .ok_or_else(|| Error::InvalidArgument(format!("export: bad file name {}", path.display())))?;
         let data_name = format!("{file_name}.data");
         let data_path = path.with_file_name(&data_name);
-        let names = export_names(
+        let mut names = export_names(
             spec.inputs,
             spec.params,
             spec.outputs,
             Some((spec.external_data_threshold, data_name)),
         )?;
+        for (old, new) in spec.replace {
+            if old.dims() != new.dims() || old.dtype() != new.dtype() {
+                return Err(Error::InvalidArgument(format!(
+                    "export: replacement {:?} {} for {:?} {}",
+                    new.dims(),
+                    new.dtype(),
+                    old.dims(),
+                    old.dtype()
+                )));
+            }
+            names.replace.insert(old.0.id, (*new).clone());
+        }
         let io = |p: &std::path::Path, e: std::io::Error| backend_err(format!("writing {}: {e}", p.display()));
         let mut sink = std::io::BufWriter::new(std::fs::File::create(&data_path).map_err(|e| io(&data_path, e))?);
         let outputs: Vec<(&str, &OnnxTensor)> = spec.outputs.iter().map(|p| (p.name, p.tensor)).collect();

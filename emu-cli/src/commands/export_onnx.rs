@@ -21,13 +21,12 @@
 //!   masked, so a fresh cache is all zeros. A prompt of any length runs as
 //!   whole prefill chunks then single decode steps; `position + T` must not
 //!   exceed `max_len`.
-//! * `unet.onnx`: `sample` `[B, C, h, w]`, `timestep_embedding` `[B, c0]`
-//!   (diffusers' `get_timestep_embedding(timesteps, c0, flip_sin_to_cos,
-//!   freq_shift)`, computed on the host as the UNet does), `encoder_hidden_states`
-//!   `[B, S, cross_attention_dim]` and, with `addition_embed_type
-//!   "text_time"`, `text_embeds` `[B, D]` and `time_ids_embedding`
-//!   `[B, 6 * addition_time_embed_dim]` (the same sinusoidal embedding of the
-//!   six time ids, concatenated) → `noise_pred` `[B, out_channels, h, w]`.
+//! * `unet.onnx`: `sample` `[B, C, h, w]`, `timestep` (f32 `[B]`),
+//!   `encoder_hidden_states` `[B, S, cross_attention_dim]` and, with
+//!   `addition_embed_type "text_time"`, `text_embeds` `[B, D]` and
+//!   `time_ids` (f32 `[B, 6]`: original size, crop offset, target size) →
+//!   `noise_pred` `[B, out_channels, h, w]`. The sinusoidal embeddings the
+//!   UNet computes on the host are computed in the graph here.
 //! * `vae.onnx`: `latents` `[1, C, h, w]` as the sampler leaves them →
 //!   `image` `[1, 3, 8h, 8w]` in `[0, 1]` (scaled by `1 / scaling_factor`,
 //!   decoded, mapped from `[-1, 1]` and clamped).
@@ -106,6 +105,10 @@ fn parse_threshold(s: &str) -> std::result::Result<u64, String> {
 }
 
 const COMPONENTS: [&str; 4] = ["vision", "llm", "unet", "vae"];
+
+/// The UNet check data's timestep and time ids (other than the traced ones).
+const CHECK_TIMESTEP: f32 = 123.5;
+const CHECK_TIME_IDS: [f32; 6] = [96.0, 80.0, 8.0, 4.0, 64.0, 48.0];
 
 /// One exported graph: the file written and the sample run used for checking.
 struct Graph {
@@ -246,6 +249,7 @@ impl Exporter<'_> {
         inputs: &[Port<'_>],
         params: &[ParamInput<'_>],
         outputs: &[Port<'_>],
+        replace: &[(&emu_backend_onnx::OnnxTensor, &emu_backend_onnx::OnnxTensor)],
     ) -> Result<ExportedFile> {
         let spec = ExportSpec {
             graph_name: name,
@@ -253,6 +257,7 @@ impl Exporter<'_> {
             params,
             outputs,
             external_data_threshold: self.threshold,
+            replace,
         };
         Ok(self.be.export_to_file(&spec, &self.out.join(format!("{name}.onnx")))?)
     }
@@ -296,7 +301,7 @@ impl Exporter<'_> {
             px.raw(),
             "[1, 3, S, S] RGB, resized and normalised with the encoder's mean/std (emu-vision Preprocessor)",
         )];
-        let file = self.write("vision", &ins, &[], &outs)?;
+        let file = self.write("vision", &ins, &[], &outs, &[])?;
         let check = self.check.then(|| -> Result<_> {
             let mut o = vec![
                 ("features".to_string(), features.to_host()?),
@@ -437,7 +442,7 @@ impl Exporter<'_> {
                     traced: position,
                     doc: "i64 [1]: positions already in the cache (RoPE position of the first input row)",
                 }];
-                Some(self.write(name, &ins, &params, &outs)?)
+                Some(self.write(name, &ins, &params, &outs, &[])?)
             }
             false => None,
         };
@@ -522,12 +527,12 @@ impl Exporter<'_> {
                 let te = timestep_embedding(&flat, td, flip, shift)?
                     .reshape(&[b, 6 * td])?
                     .to_dtype(self.dtype)?;
-                Some((text_host, te))
+                Some((text_host, te, td))
             }
             _ => None,
         };
         let cond = match &added {
-            Some((text_host, _)) => Some(TextTimeCond {
+            Some((text_host, _, _)) => Some(TextTimeCond {
                 text_embeds: Tensor::from_host(self.be, text_host)?,
                 time_ids: vec![time_ids; b],
             }),
@@ -539,44 +544,72 @@ impl Exporter<'_> {
                 .find_upload(y.raw(), hst)
                 .ok_or_else(|| PipelineError::Model(format!("the UNet graph has no {what} upload")))
         };
+        // The UNet embeds the timestep (and the time ids) on the host and
+        // uploads the result; the exported graph computes the same embedding
+        // from plain inputs instead.
         let t_node = find(&t_emb, "timestep embedding")?;
+        let t_host = HostTensor::from_f32(&[b], vec![timestep; b])?;
+        let t_in = Tensor::from_host(self.be, &t_host)?;
+        let t_graph = embed_in_graph(&t_in, c0, flip, shift)?.to_dtype(self.dtype)?;
+        let mut replace = vec![(t_node, t_graph.raw().clone())];
         let mut ins = vec![
-            Port::new("sample", s.raw(), "[B, in_channels, h, w] latents, already scaled by the scheduler (scale_model_input)"),
             Port::new(
-                "timestep_embedding",
-                &t_node,
-                "[B, block_out_channels[0]] diffusers get_timestep_embedding(timesteps, dim, flip_sin_to_cos, freq_shift)",
+                "sample",
+                s.raw(),
+                "[B, in_channels, h, w] latents, already scaled by the scheduler (scale_model_input)",
             ),
-            Port::new("encoder_hidden_states", e.raw(), "[B, S, cross_attention_dim] conditioning (Emu2-Gen: regressed visual embeddings)"),
+            Port::new("timestep", t_in.raw(), "f32 [B] the scheduler's timestep per row"),
+            Port::new(
+                "encoder_hidden_states",
+                e.raw(),
+                "[B, S, cross_attention_dim] conditioning (Emu2-Gen: regressed visual embeddings)",
+            ),
         ];
-        let te_node;
         let mut check_in = vec![
             ("sample".to_string(), s_host.clone()),
-            ("timestep_embedding".to_string(), t_emb.clone()),
+            // Checked at another timestep and other time ids than traced.
+            (
+                "timestep".to_string(),
+                HostTensor::from_f32(&[b], vec![CHECK_TIMESTEP; b])?,
+            ),
             ("encoder_hidden_states".to_string(), e_host.clone()),
         ];
-        if let (Some((text_host, te)), Some(c)) = (&added, &cond) {
-            te_node = find(te, "time ids embedding")?;
+        let ids_in;
+        if let (Some((text_host, te, td)), Some(c)) = (&added, &cond) {
+            let ids_host = HostTensor::from_f32(&[b, 6], (0..b).flat_map(|_| time_ids).collect())?;
+            ids_in = Tensor::from_host(self.be, &ids_host)?;
+            let te_graph = embed_in_graph(&ids_in.reshape(&[b * 6])?, *td, flip, shift)?
+                .reshape(&[b, 6 * td])?
+                .to_dtype(self.dtype)?;
+            replace.push((find(te, "time ids embedding")?, te_graph.raw().clone()));
             ins.push(Port::new(
                 "text_embeds",
                 c.text_embeds.raw(),
                 "[B, D] pooled conditioning (Emu2-Gen: mean of encoder_hidden_states over tokens)",
             ));
             ins.push(Port::new(
-                "time_ids_embedding",
-                &te_node,
-                "[B, 6 * addition_time_embed_dim] get_timestep_embedding of (orig h, orig w, crop top, crop left, h, w) per row, concatenated",
+                "time_ids",
+                ids_in.raw(),
+                "f32 [B, 6] SDXL micro-conditioning: original height, width, crop top, left, target height, width",
             ));
             check_in.push(("text_embeds".to_string(), text_host.clone()));
-            check_in.push(("time_ids_embedding".to_string(), te.clone()));
+            let check_ids: Vec<f32> = (0..b).flat_map(|_| CHECK_TIME_IDS).collect();
+            check_in.push(("time_ids".to_string(), HostTensor::from_f32(&[b, 6], check_ids)?));
         }
+        let replace: Vec<(&emu_backend_onnx::OnnxTensor, &emu_backend_onnx::OnnxTensor)> =
+            replace.iter().map(|(a, b)| (a, b)).collect();
         let outs = [Port::new(
             "noise_pred",
             y.raw(),
             "[B, out_channels, h, w] the UNet's prediction (prediction_type of the scheduler)",
         )];
-        let file = self.write("unet", &ins, &[], &outs)?;
+        let file = self.write("unet", &ins, &[], &outs, &replace)?;
         let check = if self.check {
+            let cond = cond.as_ref().map(|c| TextTimeCond {
+                text_embeds: c.text_embeds.clone(),
+                time_ids: vec![CHECK_TIME_IDS; b],
+            });
+            let y = unet.forward(&s, CHECK_TIMESTEP, &e, cond.as_ref())?;
             Some((check_in, vec![("noise_pred".to_string(), y.to_host()?)]))
         } else {
             None
@@ -617,7 +650,7 @@ impl Exporter<'_> {
             "[1, latent_channels, h, w] f32 latents as the sampler returns them",
         )];
         let outs = [Port::new("image", img.raw(), "[1, 3, H, W] RGB in [0, 1]")];
-        let file = self.write("vae", &ins, &[], &outs)?;
+        let file = self.write("vae", &ins, &[], &outs, &[])?;
         let check = if self.check {
             Some((
                 vec![("latents".to_string(), z_host)],
@@ -634,6 +667,29 @@ impl Exporter<'_> {
             check,
         })
     }
+}
+
+/// diffusers' `get_timestep_embedding` in the graph: `[N]` f32 to `[N, dim]`
+/// f32, the computation `emu_decoder::unet::timestep_embedding` does on the host.
+fn embed_in_graph(t: &T, dim: usize, flip_sin_to_cos: bool, shift: f64) -> Result<T> {
+    let be = t.backend();
+    let n = t.dims()[0];
+    let half = dim / 2;
+    let log_max = -(10000f64.ln()) as f32;
+    let denom = (half as f64 - shift) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| ((log_max * i as f32) / denom).exp()).collect();
+    let args = t.reshape(&[n, 1])?.mul(&Tensor::from_f32(be, &[1, half], freqs)?)?;
+    let (sin, cos) = (args.sin()?, args.cos()?);
+    let mut parts = if flip_sin_to_cos {
+        vec![cos, sin]
+    } else {
+        vec![sin, cos]
+    };
+    if dim % 2 == 1 {
+        parts.push(Tensor::zeros(be, &[n, 1], DType::F32)?);
+    }
+    let refs: Vec<&T> = parts.iter().collect();
+    Ok(Tensor::concat(&refs, 1)?)
 }
 
 fn dtype_name(d: DType) -> &'static str {
