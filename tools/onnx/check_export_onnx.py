@@ -10,8 +10,11 @@ checker runs on load; external data files are read from beside the model),
 checks that the graph's inputs and outputs have the names, dtypes and shapes
 the manifest lists, runs it on the sample inputs under OUT/check/<graph>/ and
 compares every output with what emu-rs computed in process (the LLM graphs at
-a cache position other than the one they were traced at). Fails when a
-relative error max|a-b| / max|b| exceeds 1e-4.
+a cache position, the UNet at a timestep, other than the ones they were traced
+at). Fails when a relative error max|a-b| / max|b| exceeds the tolerance of
+the export dtype (float32 1e-4, float16 5e-3, as the backend suite). bfloat16
+exports are loaded and their signatures checked, but not run: numpy has no
+bfloat16 to feed them with.
 """
 import json
 import pathlib
@@ -20,7 +23,7 @@ import sys
 import numpy as np
 import onnxruntime as ort
 
-TOL = 1e-4
+TOL = {"float32": 1e-4, "float16": 5e-3}
 ORT_TYPES = {
     "float32": "tensor(float)",
     "float16": "tensor(float16)",
@@ -54,6 +57,7 @@ def main() -> int:
     manifest = json.loads((out / "manifest.json").read_text())
     failed = 0
     checked = 0
+    tol = TOL.get(manifest["dtype"])
     for f in manifest["files"]:
         path = out / f["file"]
         if f["external_data"] and not (out / f["external_data"]).is_file():
@@ -63,8 +67,9 @@ def main() -> int:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         problems = check_ports("inputs", sess.get_inputs(), f["inputs"])
         problems += check_ports("outputs", sess.get_outputs(), f["outputs"])
-        if f["check"] is None:
-            print(f"{f['file']}: loads, signature {'ok' if not problems else 'WRONG'} (no check data)")
+        if f["check"] is None or tol is None:
+            why = "no check data" if f["check"] is None else f"numpy cannot feed {manifest['dtype']}"
+            print(f"{f['file']}: loads, signature {'ok' if not problems else 'WRONG'} (not run: {why})")
         else:
             d = out / f["check"]
             feeds = {}
@@ -86,8 +91,8 @@ def main() -> int:
                         np.abs(g.astype(np.float64) - want).max() / max(float(np.abs(want).max()), 1e-30)
                     )
                     worst = max(worst, err)
-                    if err > TOL:
-                        problems.append(f"output {name}: rel err {err:.2e} > {TOL:.0e}")
+                    if err > tol:
+                        problems.append(f"output {name}: rel err {err:.2e} > {tol:.0e}")
                 ext = f", weights in {f['external_data']}" if f["external_data"] else ""
                 print(f"{f['file']}{ext}: {len(names)} outputs, worst rel err vs emu-rs {worst:.2e}")
                 checked += 1
@@ -95,7 +100,7 @@ def main() -> int:
             print(f"  {f['file']}: {p}")
         failed += bool(problems)
     print(f"onnxruntime {ort.__version__}: {checked} graphs run, {failed} with problems")
-    return 1 if failed or checked == 0 else 0
+    return 1 if failed or (checked == 0 and tol is not None) else 0
 
 
 if __name__ == "__main__":
