@@ -342,10 +342,13 @@ impl Exporter<'_> {
         }
         let mut graphs = Vec::new();
         for (name, t) in [("llm_decode", 1), ("llm_prefill", prefill)] {
-            // Traced at a position inside the cache (no structural offset
-            // takes it); checked at the last position that fits.
-            let traced = ((cap - t) / 2).max(1);
-            let checked = if cap - t != traced { cap - t } else { 1 };
+            // Traced a few positions in (the slices of the RoPE table are
+            // then middle slices, whose offsets are the only ones fed in a
+            // LLaMA step, so every fed offset is the position), after a
+            // short warm-up prefill that stays cheap on a real model; checked
+            // one position further.
+            let traced = 3.min(cap - t - 1);
+            let checked = traced + 1;
             let (run, file) = self.llm_step(&m, &cfg, name, cap, t, traced, true)?;
             let file = file.ok_or_else(|| PipelineError::Model("llm export wrote nothing".into()))?;
             drop(run);
