@@ -1,7 +1,8 @@
 //! Loops reuse their compiled sessions: every greedy decode step after the
 //! prefill runs one cached graph (the KV-cache write position, the RoPE row
-//! and the causal offset are fed, not baked in), and a second run of the
-//! guided sampling loop with new noise compiles nothing.
+//! and the causal offset are fed, not baked in), and the guided sampling loop
+//! (timestep embeddings and sigmas are uploads, so fed) compiles a bounded
+//! number of sessions once: a second run with new noise compiles nothing.
 
 use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::OnnxBackend;
@@ -111,9 +112,13 @@ fn the_sampling_loop_compiles_once_and_runs_again_on_new_noise_without_compiling
         let den = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
         assert!(num / den <= 1e-4, "latents vs cpu rel err {}", num / den);
     }
-    assert_eq!(
-        compiled,
-        vec![1, 0],
-        "sessions compiled by the first and second sampling run"
+    // The loop downloads only its final latents, so today all steps form one
+    // graph (1 session); were it to download every step, the first step
+    // (which also builds the context) and the others would be 2. Either way
+    // the number does not grow with the steps, and a second run compiles
+    // nothing.
+    assert!(
+        compiled[0] <= 2 && compiled[1] == 0,
+        "sessions compiled by the first and second sampling run: {compiled:?}"
     );
 }
