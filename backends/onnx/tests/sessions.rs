@@ -8,7 +8,9 @@ use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::OnnxBackend;
 use emu_core::checkpoint::Checkpoint;
 use emu_core::{Backend, DType, Error, HostTensor, Tensor};
-use emu_decoder::{DiffusionDecoder, SamplingParams};
+use emu_decoder::{
+    DiffusionDecoder, EulerDiscreteScheduler, SamplingParams, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel,
+};
 use emu_llm::{generate, GenerationConfig, Llama, LlamaConfig};
 use std::path::PathBuf;
 
@@ -121,4 +123,59 @@ fn the_sampling_loop_compiles_once_and_runs_again_on_new_noise_without_compiling
         compiled[0] <= 2 && compiled[1] == 0,
         "sessions compiled by the first and second sampling run: {compiled:?}"
     );
+}
+
+/// Euler sampling without guidance, downloading the latents after every step
+/// (as a caller that shows progress or streams intermediate images does):
+/// final latents and the number of sessions after each step.
+fn euler_downloading_each_step<B: Backend>(be: &B, steps: usize, count: &dyn Fn() -> usize) -> (Vec<f32>, Vec<usize>) {
+    let dir = fixtures("decoder/pipeline");
+    let io = Checkpoint::open(fixtures("decoder/sampling_io.safetensors")).unwrap();
+    let cfg = UNet2DConditionConfig::from_file(dir.join("unet/config.json")).unwrap();
+    let unet = UNet2DConditionModel::load(
+        be,
+        &Checkpoint::open(dir.join("unet")).unwrap().weights(),
+        &cfg,
+        DType::F32,
+    )
+    .unwrap();
+    let mut sched = EulerDiscreteScheduler::from_config_file(dir.join("scheduler/scheduler_config.json")).unwrap();
+    sched.set_timesteps(steps).unwrap();
+    let ctx = Tensor::from_host(be, &f32s(&io, "cond")).unwrap();
+    let cond = TextTimeCond {
+        text_embeds: ctx.mean(1, false).unwrap(),
+        time_ids: vec![[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]],
+    };
+    let sigma0 = sched.init_noise_sigma().unwrap();
+    let noise: Vec<f32> = f32s(&io, "noise")
+        .to_f32_vec()
+        .unwrap()
+        .iter()
+        .map(|x| x * sigma0)
+        .collect();
+    let mut latents = HostTensor::from_f32(&[1, 4, 8, 8], noise).unwrap();
+    let mut sessions = Vec::new();
+    for i in 0..sched.num_steps() {
+        let x = Tensor::from_host(be, &latents).unwrap();
+        let input = sched.scale_model_input(&x, i).unwrap();
+        let eps = unet.forward(&input, sched.timesteps()[i], &ctx, Some(&cond)).unwrap();
+        latents = sched.step(&eps, i, &x).unwrap().to_host().unwrap();
+        sessions.push(count());
+    }
+    (latents.to_f32_vec().unwrap(), sessions)
+}
+
+#[test]
+fn a_sampling_loop_that_downloads_every_step_compiles_the_unet_step_once() {
+    let Some(be) = backend() else { return };
+    let cpu = CpuBackend::new();
+    let (got, sessions) = euler_downloading_each_step(&be, 6, &|| be.cached_sessions());
+    let (want, _) = euler_downloading_each_step(&cpu, 6, &|| 0);
+    // The timestep embedding and the sigmas are uploads, so fed: every step
+    // after the first (whose graph also pools the conditioning, which later
+    // steps then read as a value) runs one session.
+    assert_eq!(sessions, vec![1, 2, 2, 2, 2, 2], "sessions after each step");
+    let num = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let den = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
+    assert!(num / den <= 1e-4, "latents vs cpu rel err {}", num / den);
 }
