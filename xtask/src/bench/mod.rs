@@ -26,6 +26,10 @@
 //! (default: all cores) sets candle's rayon pool, lavapipe's
 //! `LP_NUM_THREADS`, ONNX Runtime's intra-op threads and
 //! `torch.set_num_threads`.
+//!
+//! `cargo xtask` builds the dev profile, in which dependencies (candle,
+//! wgpu, ort) are optimised and this workspace's crates are at opt-level 1;
+//! `cargo run --release -p xtask -- bench ...` optimises everything.
 
 pub mod models;
 pub mod run;
@@ -336,6 +340,8 @@ fn bench_backend<B: Backend>(be: &B, label: &str, o: &Options, work: &Workdir, r
         return;
     }
     for &c in &o.components {
+        // Progress on stderr: a mid-size run takes minutes.
+        eprintln!("bench: {label} {} ...", c.name());
         match run::component(be, c, work, o.dtype, o.timing) {
             Ok(calls) => report.rows.extend(calls.into_iter().map(|call| Row {
                 component: c,
@@ -380,6 +386,7 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
     }
     if let Some(python) = &o.torch {
         for &c in &o.components {
+            eprintln!("bench: torch {} ...", c.name());
             let t = match torch::run(python, c, &work, o) {
                 Ok(t) => t,
                 Err(e) => {
