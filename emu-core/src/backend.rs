@@ -244,6 +244,15 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     /// Nearest-neighbour resize of NCHW to `(h, w)` (PyTorch's `mode="nearest"`).
     fn upsample_nearest2d(&self, x: &Self::Tensor, h: usize, w: usize) -> Result<Self::Tensor>;
 
+    /// Marks the end of one iteration of a model's loop (a sampling step):
+    /// the tensor carried into the next iteration. Eager backends have
+    /// already computed it, so the default is the identity. A graph backend
+    /// computes it here, so that each iteration runs the same cached graph
+    /// instead of the whole loop being unrolled into one graph per step count.
+    fn materialize(&self, t: &Self::Tensor) -> Result<Self::Tensor> {
+        Ok(t.clone())
+    }
+
     // ---- composites: fusable, with reference defaults --------------------
     /// `x @ w^T + b` with `w` `[out, in]` as stored by `nn.Linear`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Tensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor> {

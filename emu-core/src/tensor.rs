@@ -107,6 +107,11 @@ impl<B: Backend> Tensor<B> {
         self.backend.download(&self.inner)
     }
 
+    /// The loop-carried value at the end of an iteration; see [`Backend::materialize`].
+    pub fn materialize(&self) -> Result<Self> {
+        self.wrap(self.backend.materialize(&self.inner)?)
+    }
+
     /// Copies the tensor to the host as f32 values.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         self.to_host()?.to_f32_vec()

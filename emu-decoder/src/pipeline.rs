@@ -191,7 +191,7 @@ impl<B: Backend> DiffusionDecoder<B> {
             } else {
                 eps
             };
-            latents = sched.step(&eps.to_dtype(DType::F32)?, i, &latents)?;
+            latents = sched.step(&eps.to_dtype(DType::F32)?, i, &latents)?.materialize()?;
             progress(Progress {
                 step: i + 1,
                 total,

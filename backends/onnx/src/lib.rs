@@ -861,6 +861,15 @@ impl Backend for OnnxBackend {
         Ok(new_node(host.dims().to_vec(), host.dtype(), Kind::Input(host.clone())))
     }
 
+    /// Runs the graph up to `t` now: the next sampling step then starts from
+    /// its value, so every step is the same graph and one cached session
+    /// serves the whole loop (otherwise the loop unrolls into one graph,
+    /// compiled anew for each step count).
+    fn materialize(&self, t: &OnnxTensor) -> Result<OnnxTensor> {
+        self.download(t)?;
+        Ok(t.clone())
+    }
+
     fn download(&self, t: &OnnxTensor) -> Result<HostTensor> {
         if let Some(h) = t.known() {
             return Ok(h.clone());

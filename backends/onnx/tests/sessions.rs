@@ -114,15 +114,25 @@ fn the_sampling_loop_compiles_once_and_runs_again_on_new_noise_without_compiling
         let den = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
         assert!(num / den <= 1e-4, "latents vs cpu rel err {}", num / den);
     }
-    // The loop downloads only its final latents, so today all steps form one
-    // graph (1 session); were it to download every step, the first step
-    // (which also builds the context) and the others would be 2. Either way
-    // the number does not grow with the steps, and a second run compiles
-    // nothing.
+    // `denoise` materializes the latents after every step, so the first step
+    // (whose graph also builds the conditioning) and all later steps are two
+    // graphs, whatever the number of steps; a second run compiles nothing.
     assert!(
         compiled[0] <= 2 && compiled[1] == 0,
         "sessions compiled by the first and second sampling run: {compiled:?}"
     );
+    // More steps reuse the same two sessions.
+    let more = SamplingParams {
+        num_inference_steps: params.num_inference_steps + 2,
+        ..params
+    };
+    let before = be.cached_sessions();
+    let up = |h: &HostTensor| Tensor::from_host(&be, h).unwrap();
+    dec.denoise(&up(&cond), Some(&up(&uncond)), &up(&noise), &more, &mut |_| {})
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
+    assert_eq!(be.cached_sessions() - before, 0, "a longer loop compiled new sessions");
 }
 
 /// Euler sampling without guidance, downloading the latents after every step
