@@ -658,6 +658,9 @@ impl OnnxBackend {
     }
 
     /// Like [`OnnxBackend::new`] with a fixed number of intra-op threads (0: ONNX Runtime's default).
+    /// The first such request in a process sizes the shared thread pool
+    /// that all sessions run on; a backend asking for another size later
+    /// gets a pool per session.
     /// The execution provider comes from `EMU_ONNX_EP` (`cpu`, `cuda`,
     /// `cuda:N`; CPU when unset).
     pub fn with_threads(threads: usize) -> Result<Self> {

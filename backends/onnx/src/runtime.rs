@@ -34,6 +34,16 @@ fn unavailable(reason: impl Into<String>) -> Error {
 }
 
 static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+/// Intra-op threads of the shared pool (0: ONNX Runtime's default, one per
+/// core), fixed when the environment is created.
+static GLOBAL_THREADS: OnceLock<usize> = OnceLock::new();
+
+/// Asks for a shared pool of `threads`; true when the shared pool has (or,
+/// created later, will have) that size. Only the first request before the
+/// environment exists can size it.
+fn request_global_threads(threads: usize) -> bool {
+    *GLOBAL_THREADS.get_or_init(|| threads) == threads
+}
 
 /// The library path: `ORT_DYLIB_PATH`, which `.ci/run` points at the
 /// `onnxruntime` wheel's `onnxruntime/capi/libonnxruntime.so.<version>`.
@@ -66,11 +76,21 @@ pub(crate) fn environment() -> Result<&'static Environment> {
             .with_name("emu-rs")
             // One shared pool: a thread pool per session would be created
             // for every distinct graph, which dominates small graphs.
-            .with_global_thread_pool(ort::environment::GlobalThreadPoolOptions::default())
+            .with_global_thread_pool(global_pool_options()?)
             .build()
             .map_err(|e| format!("cannot create the ONNX Runtime environment: {e}"))
     });
     env.as_ref().map_err(|reason| unavailable(reason.clone()))
+}
+
+fn global_pool_options() -> std::result::Result<ort::environment::GlobalThreadPoolOptions, String> {
+    let opts = ort::environment::GlobalThreadPoolOptions::default();
+    match *GLOBAL_THREADS.get_or_init(|| 0) {
+        0 => Ok(opts),
+        n => opts
+            .with_intra_threads(n)
+            .map_err(|e| format!("cannot size ONNX Runtime's thread pool to {n}: {e}")),
+    }
 }
 
 /// Where ONNX Runtime runs the graphs.
@@ -174,10 +194,14 @@ enum Source<'a> {
 }
 
 impl SessionCache {
+    /// `threads` > 0 sizes the shared pool when this is the first request;
+    /// a different size asked for later gets a pool per session (correct,
+    /// but each distinct graph then starts its own threads).
     pub(crate) fn new(threads: usize, ep: ExecutionProvider) -> Self {
+        let own_pool = threads > 0 && !request_global_threads(threads);
         Self {
             sessions: Mutex::new(HashMap::new()),
-            threads,
+            threads: if own_pool { threads } else { 0 },
             ep,
         }
     }
