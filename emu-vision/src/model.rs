@@ -222,14 +222,21 @@ impl<B: Backend> EvaVisionTransformer<B> {
 }
 
 /// Key prefixes of the `visual` module in the known checkpoint layouts, and
-/// the `project_up` weight that goes with each.
-const LAYOUTS: &[(&str, &str)] = &[
+/// where the `project_up` weight that goes with each may be (first found wins).
+const LAYOUTS: &[(&str, &[&str])] = &[
     // Hugging Face EmuForCausalLM (Emu2, Emu2-Chat, Emu2-Gen's multimodal_encoder/).
-    ("model.visual.", "project_up.weight"),
-    // Native EmuModel state dicts (Emu2 / Emu2-Chat .bin/.pth).
-    ("visual.", "project_up.weight"),
+    ("model.visual.", &["project_up.weight"]),
+    // Native EmuModel state dicts (Emu2 / Emu2-Chat .bin/.pth): upstream's
+    // `lm.py` keeps the projections inside the language model.
+    ("visual.", &["decoder.lm.project_up.weight", "project_up.weight"]),
     // Native Emu2-Gen single file (EmuVisualGeneration).
-    ("multimodal_encoder.visual.", "multimodal_encoder.project_up.weight"),
+    (
+        "multimodal_encoder.visual.",
+        &[
+            "multimodal_encoder.decoder.lm.project_up.weight",
+            "multimodal_encoder.project_up.weight",
+        ],
+    ),
 ];
 
 /// The Emu2 vision side as a unit: the ViT plus `project_up`, with the
@@ -269,7 +276,7 @@ impl<B: Backend> VisionEncoder<B> {
 
     /// Loads from a checkpoint view at its root, finding which key layout it uses.
     pub fn load(backend: &B, root: &Weights, config: EmuVisionConfig, dtype: DType) -> Result<Self> {
-        let (prefix, up_key) = LAYOUTS
+        let (prefix, up_keys) = LAYOUTS
             .iter()
             .find(|(prefix, _)| root.contains(&format!("{prefix}cls_token")))
             .ok_or_else(|| VisionError::NoVisionWeights {
@@ -280,7 +287,7 @@ impl<B: Backend> VisionEncoder<B> {
         let vit = EvaVisionTransformer::load(backend, &visual, &config.vision, dtype)?;
         // project_up is optional so that encoder-only checkpoints load; its
         // output width comes from the config when known, else from the tensor.
-        let project_up = if root.contains(up_key) {
+        let project_up = if let Some(up_key) = up_keys.iter().copied().find(|k| root.contains(k)) {
             // The config's hidden_size when given (checked against the tensor), else the tensor's.
             let out = match config.hidden_size {
                 Some(h) => h,

@@ -179,3 +179,34 @@ fn native_single_file_with_an_explicit_config() {
     let err = VisionEncoder::from_checkpoint(&cpu, dir.join("model.safetensors"), real, DType::F32).unwrap_err();
     assert!(err.to_string().contains("multimodal_encoder.visual."), "{err}");
 }
+
+/// Upstream's native Emu2/Emu2-Chat files keep the projection inside the
+/// language model (`decoder.lm.project_up.weight`, upstream `lm.py`); the
+/// fixture's native file is rewritten with that key and must load the same.
+#[test]
+fn native_file_with_the_projection_under_decoder_lm() {
+    use safetensors::tensor::TensorView;
+    let src = std::fs::read(fixtures().join("native/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&src).unwrap();
+    let tensors: Vec<(String, TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let k = if k == "project_up.weight" {
+                "decoder.lm.project_up.weight".to_string()
+            } else {
+                k
+            };
+            (k, v)
+        })
+        .collect();
+    assert!(tensors.iter().any(|(k, _)| k == "decoder.lm.project_up.weight"));
+    let dir = std::env::temp_dir().join(format!("emu-vision-native-lm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixtures().join("native/config.json"), dir.join("config.json")).unwrap();
+    safetensors::serialize_to_file(tensors, None, &dir.join("model.safetensors")).unwrap();
+    let cpu = CpuBackend::new();
+    let enc = VisionEncoder::from_dir(&cpu, &dir, DType::F32);
+    std::fs::remove_dir_all(&dir).unwrap();
+    run_all("f32/native_decoder_lm", &enc.unwrap(), 1e-4);
+}
