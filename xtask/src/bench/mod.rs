@@ -13,7 +13,9 @@
 //! DIR` keeps it there). The CPU backend always runs first: its outputs are
 //! the reference every other row is checked against (relative error
 //! `max|x - cpu| / max|cpu|`, printed per row), since a time for a wrong
-//! result is worthless. Then each requested backend that is available runs
+//! result is worthless; with `--dtype bf16` the reference is one untimed
+//! CPU run in f32, so every row, the CPU backend's included, shows its own
+//! rounding error. Then each requested backend that is available runs
 //! the same calls (wgpu without an adapter and onnx without
 //! `ORT_DYLIB_PATH` are skipped with the reason). With `--torch PYTHON` (a
 //! Python with torch, transformers, diffusers, safetensors), the
@@ -356,7 +358,7 @@ fn bench_backend<B: Backend>(be: &B, label: &str, o: &Options, work: &Workdir, r
 }
 
 /// Builds the models, runs every backend and PyTorch, and checks every
-/// row against the CPU backend.
+/// row against the CPU backend (in f32 when `o.dtype` is not).
 pub fn run(o: &Options, root: &Path) -> Res<Report> {
     let work = Workdir {
         root: root.to_path_buf(),
@@ -413,9 +415,27 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
             }
         }
     }
-    let reference: Vec<(Component, &'static str, Vec<f32>)> = report
+    // Reduced-precision rows are checked against the CPU backend in f32
+    // (one untimed run), so the CPU backend's own rounding shows too.
+    let mut f32_ref = Report::default();
+    if o.dtype != DType::F32 {
+        let f32_opts = Options {
+            dtype: DType::F32,
+            timing: Timing { warmup: 0, iters: 1 },
+            ..o.clone()
+        };
+        bench_backend(&CpuBackend::new(), "cpu", &f32_opts, &work, &mut f32_ref);
+        report
+            .notes
+            .extend(f32_ref.notes.iter().map(|n| format!("{n} (f32 reference)")));
+        report
+            .notes
+            .push(format!("rel err of {} rows: against the cpu backend in f32", o.dtype));
+    }
+    let reference: Vec<(Component, &'static str, Vec<f32>)> = f32_ref
         .rows
         .iter()
+        .chain(report.rows.iter().filter(|_| o.dtype == DType::F32))
         .filter(|r| r.backend == "cpu")
         .map(|r| (r.component, r.call.key, r.call.out.clone()))
         .collect();
@@ -600,6 +620,30 @@ mod tests {
         let table = format_table(&report);
         println!("{table}");
         assert_eq!(table.lines().count(), 1 + expected.len() * ran.len(), "{table}");
+    }
+
+    /// bf16 rows are checked against the CPU backend in f32, so the CPU
+    /// row itself shows a rounding error of bf16 size.
+    #[test]
+    fn bf16_rows_are_checked_against_f32() {
+        let args: Vec<String> = "--size tiny --backends cpu --component llm,vae --dtype bf16 --warmup 0 --iters 1"
+            .split(' ')
+            .map(String::from)
+            .collect();
+        let o = Options::parse(&args).unwrap();
+        let root = std::env::temp_dir().join(format!("emu-xtask-bench-bf16-{}", std::process::id()));
+        let report = run(&o, &root).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(report.rows.len(), 4, "{}", format_table(&report));
+        for r in &report.rows {
+            let err = r.rel_err.expect("checked against the cpu in f32");
+            assert!(
+                err > 0.0 && err < 5e-2,
+                "{} {}: {err:e}",
+                r.component.name(),
+                r.call.key
+            );
+        }
     }
 
     #[test]
