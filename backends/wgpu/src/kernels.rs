@@ -668,3 +668,154 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         round_fn(out)
     )
 }
+
+/// Keys per chunk of the fused attention kernel (its workgroup size).
+pub const ATTN_CHUNK: u32 = 64;
+/// Largest head size the fused attention kernel holds (4 accumulators per
+/// invocation).
+pub const ATTN_MAX_D: u32 = 4 * ATTN_CHUNK;
+
+/// Fused scaled dot-product attention, one workgroup of 64 invocations per
+/// query row, keys in chunks of 64 (invocation `t` scores key `c + t`).
+///
+/// Scores follow `default_attention` step by step: `rnd(rnd(q.k) * scale)`,
+/// plus the bias, plus `MASK_VALUE` where causally masked, all in f32. For
+/// f32 outputs one pass with an online softmax (running max, rescaled sums
+/// and accumulators); for f16/bf16 two passes (max and sum first, then the
+/// probabilities rounded to the dtype before they weight `v`), because the
+/// composite rounds the softmax output before its second matmul.
+///
+/// `P`: 0 rows (B*H*Tq), 1 H, 2 Tq, 3 Tk, 4 D, 5 H/Hkv, 6 scale bits,
+/// 7 has bias, 8 causal, 9 causal offset, 10 skip masked keys (causal
+/// without bias: keys past `offset + i` add exactly 0), then offset and
+/// 4 strides (b, h, t, d) of q at 11, k at 16, v at 21, bias at 26.
+pub fn attention(out: DType) -> String {
+    let two_pass = !matches!(out, DType::F32);
+    format!(
+        "{}{}
+const TWO_PASS: bool = {two_pass};
+const MASK: f32 = -1e30;
+var<workgroup> qs: array<f32, {ATTN_MAX_D}>;
+var<workgroup> ps: array<f32, 64>;
+var<workgroup> red: array<f32, 64>;
+
+fn score(j: u32, i: u32, kb: u32, bb: u32, D: u32, scale: f32) -> f32 {{
+    var dot = 0.0;
+    let ks = P[20];
+    for (var d = 0u; d < D; d = d + 1u) {{ dot = dot + qs[d] * I1[kb + j * P[19] + d * ks]; }}
+    var s = rnd(rnd(dot) * scale);
+    if (P[7] != 0u) {{ s = s + I3[bb + j * P[30]]; }}
+    if (P[8] != 0u && j > P[9] + i) {{ s = s + MASK; }}
+    return s;
+}}
+
+fn chunk_max(t: u32, s: f32) -> f32 {{
+    red[t] = s;
+    workgroupBarrier();
+    for (var h = 32u; h > 0u; h = h >> 1u) {{
+        if (t < h) {{ red[t] = max(red[t], red[t + h]); }}
+        workgroupBarrier();
+    }}
+    let m = red[0];
+    workgroupBarrier();
+    return m;
+}}
+
+fn total(t: u32, x: f32) -> f32 {{
+    red[t] = x;
+    workgroupBarrier();
+    for (var h = 32u; h > 0u; h = h >> 1u) {{
+        if (t < h) {{ red[t] = red[t] + red[t + h]; }}
+        workgroupBarrier();
+    }}
+    let s = red[0];
+    workgroupBarrier();
+    return s;
+}}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {{
+    let row = wid.x + wid.y * nwg.x;
+    if (row >= P[0]) {{ return; }}
+    let H = P[1];
+    let Tq = P[2];
+    let D = P[4];
+    let scale = bitcast<f32>(P[6]);
+    let i = row % Tq;
+    let h = (row / Tq) % H;
+    let b = row / (Tq * H);
+    let hk = h / P[5];
+    let t = lid.x;
+    var Tk = P[3];
+    if (P[10] != 0u) {{ Tk = min(Tk, P[9] + i + 1u); }}
+    let qb = P[11] + b * P[12] + h * P[13] + i * P[14];
+    let kb = P[16] + b * P[17] + hk * P[18];
+    let vb = P[21] + b * P[22] + hk * P[23];
+    let bb = P[26] + b * P[27] + h * P[28] + i * P[29];
+    for (var d = t; d < D; d = d + 64u) {{ qs[d] = I0[qb + d * P[15]]; }}
+    workgroupBarrier();
+    let vt = P[24];
+    let vd = P[25];
+    var m = -3.4028234663852886e38;
+    var l = 0.0;
+    if (TWO_PASS) {{
+        for (var c = 0u; c < Tk; c = c + 64u) {{
+            let j = c + t;
+            var s = -3.4028234663852886e38;
+            if (j < Tk) {{ s = score(j, i, kb, bb, D, scale); }}
+            let mn = max(m, chunk_max(t, s));
+            l = l * exp(m - mn);
+            if (j < Tk) {{ l = l + exp(s - mn); }}
+            m = mn;
+        }}
+        l = total(t, l);
+    }}
+    var a0 = 0.0;
+    var a1 = 0.0;
+    var a2 = 0.0;
+    var a3 = 0.0;
+    for (var c = 0u; c < Tk; c = c + 64u) {{
+        let j = c + t;
+        var s = -3.4028234663852886e38;
+        if (j < Tk) {{ s = score(j, i, kb, bb, D, scale); }}
+        var p = 0.0;
+        if (TWO_PASS) {{
+            if (j < Tk) {{ p = rnd(exp(s - m) / l); }}
+        }} else {{
+            let mn = max(m, chunk_max(t, s));
+            let alpha = exp(m - mn);
+            l = l * alpha;
+            if (j < Tk) {{ p = exp(s - mn); l = l + p; }}
+            m = mn;
+            a0 = a0 * alpha;
+            a1 = a1 * alpha;
+            a2 = a2 * alpha;
+            a3 = a3 * alpha;
+        }}
+        ps[t] = p;
+        workgroupBarrier();
+        let n = min(64u, Tk - c);
+        for (var jj = 0u; jj < n; jj = jj + 1u) {{
+            let pj = ps[jj];
+            let vr = vb + (c + jj) * vt;
+            if (t < D) {{ a0 = a0 + pj * I2[vr + t * vd]; }}
+            if (t + 64u < D) {{ a1 = a1 + pj * I2[vr + (t + 64u) * vd]; }}
+            if (t + 128u < D) {{ a2 = a2 + pj * I2[vr + (t + 128u) * vd]; }}
+            if (t + 192u < D) {{ a3 = a3 + pj * I2[vr + (t + 192u) * vd]; }}
+        }}
+        workgroupBarrier();
+    }}
+    var norm = 1.0;
+    if (!TWO_PASS) {{ norm = 1.0 / total(t, l); }}
+    let ob = row * D;
+    if (t < D) {{ O[ob + t] = rnd(a0 * norm); }}
+    if (t + 64u < D) {{ O[ob + t + 64u] = rnd(a1 * norm); }}
+    if (t + 128u < D) {{ O[ob + t + 128u] = rnd(a2 * norm); }}
+    if (t + 192u < D) {{ O[ob + t + 192u] = rnd(a3 * norm); }}
+}}
+",
+        header(&["f32", "f32", "f32", "f32"], "f32"),
+        round_fn(out)
+    )
+}

@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use emu_core::backend::{Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+use emu_core::backend::{default_attention, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
 use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, Result};
 use half::{bf16, f16};
@@ -418,7 +418,7 @@ impl WgpuBackend {
         };
         let mut layouts = Vec::new();
         let mut pipeline_layouts = Vec::new();
-        for nin in 0..=3u32 {
+        for nin in 0..=4u32 {
             let mut entries = vec![storage(0, true)];
             for i in 0..nin {
                 entries.push(storage(i + 1, true));
@@ -1428,6 +1428,97 @@ impl Backend for WgpuBackend {
             [w.as_ref(), b.as_ref()],
             &tail,
         )
+    }
+
+    /// One fused kernel (see `kernels::attention`) for head sizes up to
+    /// 256 and biases that broadcast to the scores; anything else goes
+    /// through `default_attention`.
+    fn attention(
+        &self,
+        q: &WgpuTensor,
+        k: &WgpuTensor,
+        v: &WgpuTensor,
+        mask: &AttnMask<'_, WgpuTensor>,
+        scale: f64,
+    ) -> Result<WgpuTensor> {
+        let (qd, kd, vd) = (&q.dims, &k.dims, &v.dims);
+        let fits = qd.len() == 4
+            && kd.len() == 4
+            && kd == vd
+            && qd[0] == kd[0]
+            && qd[3] == kd[3]
+            && kd[1] != 0
+            && qd[1] % kd[1] == 0;
+        if !fits || q.dtype != k.dtype || q.dtype != v.dtype || !q.dtype.is_float() {
+            // The default body reports malformed calls with the shared messages.
+            return default_attention(self, q, k, v, mask, scale);
+        }
+        let (b, h, tq, d) = (qd[0], qd[1], qd[2], qd[3]);
+        let (hkv, tk) = (kd[1], kd[2]);
+        let sdims = [b, h, tq, tk];
+        let bias = match mask.bias {
+            Some(bias) => {
+                let covered = bias.dtype.is_float()
+                    && bias.dims.len() <= 4
+                    && broadcast_dims("attention bias", &sdims, &bias.dims).is_ok_and(|bd| bd == sdims);
+                if !covered {
+                    return default_attention(self, q, k, v, mask, scale);
+                }
+                Some(bias)
+            }
+            None => None,
+        };
+        if tk == 0 || d == 0 || d > kernels::ATTN_MAX_D as usize {
+            return default_attention(self, q, k, v, mask, scale);
+        }
+        let out = self.alloc(&[b, h, tq, d], q.dtype)?;
+        let rows = out.numel() / d;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let mut p = vec![
+            u32_of("attention rows", rows)?,
+            u32_of("heads", h)?,
+            u32_of("queries", tq)?,
+            u32_of("keys", tk)?,
+            u32_of("head size", d)?,
+            u32_of("heads per kv head", h / hkv)?,
+            (scale as f32).to_bits(),
+            bias.is_some() as u32,
+            mask.causal_offset.is_some() as u32,
+            u32_of("causal offset", mask.causal_offset.unwrap_or(0))?,
+            (mask.causal_offset.is_some() && bias.is_none()) as u32,
+        ];
+        for t in [q, k, v] {
+            p.push(u32_of("offset", t.offset)?);
+            for &s in &t.strides {
+                p.push(u32_of("stride", s)?);
+            }
+        }
+        match bias {
+            Some(bt) => {
+                p.push(u32_of("offset", bt.offset)?);
+                for s in broadcast_strides(bt, &sdims) {
+                    p.push(u32_of("stride", s)?);
+                }
+            }
+            None => p.extend([0; 5]),
+        }
+        let key = format!("attention {}", dt_key(q.dtype));
+        let pipeline = self.pipeline(&key, 4, || kernels::attention(q.dtype))?;
+        self.submit(&[Launch {
+            pipeline,
+            params: p,
+            inputs: vec![
+                q.buffer(),
+                k.buffer(),
+                v.buffer(),
+                bias.map_or(q.buffer(), |t| t.buffer()),
+            ],
+            output: out.buffer(),
+            groups: groups_rows(rows),
+        }])?;
+        Ok(out)
     }
 
     fn rms_norm(&self, x: &WgpuTensor, w: &WgpuTensor, eps: f64) -> Result<WgpuTensor> {
