@@ -19,6 +19,8 @@ use emu_core::backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, Una
 use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, Result};
 
+mod matvec;
+
 /// The candle CPU backend. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
@@ -512,6 +514,15 @@ impl Backend for CpuBackend {
         let (xd, wd) = (x.dims(), w.dims());
         if wd.len() != 2 || xd.is_empty() || xd[xd.len() - 1] != wd[1] {
             return Err(Error::shape(format!("linear: input {xd:?}, weight {wd:?}")));
+        }
+        if let Some(b) = b {
+            if b.dims() == [wd[0]] && b.dtype() == x.dtype() {
+                if let Some(y) = matvec::linear(x, w, Some(b)).map_err(err)? {
+                    return Ok(y);
+                }
+            }
+        } else if let Some(y) = matvec::linear(x, w, None).map_err(err)? {
+            return Ok(y);
         }
         // `w.t()` is a column-major view that gemm consumes without a copy.
         let rows: usize = xd[..xd.len() - 1].iter().product();

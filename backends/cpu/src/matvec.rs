@@ -1,0 +1,279 @@
+//! Small-batch `linear` on half-precision weights.
+//!
+//! Decoding one token multiplies a handful of rows by every weight matrix,
+//! so it is bound by how fast the weights stream from memory. candle's bf16
+//! gemm is tuned for large products and reaches a quarter of the f32 speed
+//! there, although bf16 weights are half the bytes. This kernel reads each
+//! weight row once, widens it to f32 (a 16-bit shift for bf16), takes its dot
+//! product with every input row in f32 and rounds each output once, as
+//! PyTorch's CPU half-precision linear does. Output features are split over
+//! rayon's global pool, the one [`crate::set_num_threads`] sizes.
+
+use candle_core::{DType as CDType, Storage, Tensor as CTensor};
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+use rayon::prelude::*;
+
+/// Inputs with at most this many rows take the kernel; more rows go to
+/// candle's gemm, which reuses each loaded weight across rows.
+pub(crate) const MAX_ROWS: usize = 16;
+
+/// Lanes of independent partial sums: enough for the compiler to fill two
+/// 256-bit registers, and the order of summation the tests check against.
+const LANES: usize = 16;
+
+/// Half-precision element types whose rows widen to f32.
+pub(crate) trait Half: Copy + Send + Sync + 'static {
+    fn widen(src: &[Self], dst: &mut [f32]);
+    fn widen_one(self) -> f32;
+    fn round(x: f32) -> Self;
+}
+
+impl Half for bf16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        // bf16 is the top half of an f32: a shift the compiler vectorises.
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+    }
+    fn widen_one(self) -> f32 {
+        self.to_f32()
+    }
+    fn round(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+}
+
+impl Half for f16 {
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        // `half` uses the F16C instructions when the CPU has them.
+        src.convert_to_f32_slice(dst);
+    }
+    fn widen_one(self) -> f32 {
+        self.to_f32()
+    }
+    fn round(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
+
+/// `sum(a[i] * b[i])` in f32 over `LANES` independent accumulators, so the
+/// loop vectorises without reassociation flags.
+#[inline]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ca.remainder().iter().zip(cb.remainder()).enumerate() {
+        acc[l] += x * y;
+    }
+    // Pairwise, so the rounding error grows with log(LANES) here.
+    let mut w = LANES;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0]
+}
+
+/// `y[m, n] = round(sum_k x[m, k] * w[n, k] + bias[n])` for f32 rows `x`
+/// (`m` rows of `k`), half weights `w` (`n` rows of `k`, contiguous) and an
+/// optional half bias; `y` is `m x n`, row-major.
+pub(crate) fn linear_rows<T: Half>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>, n: usize) -> Vec<T> {
+    let k = x.len() / m.max(1);
+    debug_assert_eq!(x.len(), m * k);
+    debug_assert_eq!(w.len(), n * k);
+    // Output features are computed transposed (`n x m`) so each task owns a
+    // contiguous block; a few hundred rows per task amortise rayon's cost.
+    let threads = rayon::current_num_threads().max(1);
+    let block = n.div_ceil(threads * 4).clamp(16, 512);
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
+        let mut row = vec![0f32; k];
+        for (j, o) in out.chunks_exact_mut(m).enumerate() {
+            let r = bi * block + j;
+            T::widen(&w[r * k..(r + 1) * k], &mut row);
+            let b = bias.map_or(0.0, |b| b[r].widen_one());
+            for (i, o) in o.iter_mut().enumerate() {
+                *o = dot(&row, &x[i * k..(i + 1) * k]) + b;
+            }
+        }
+    });
+    let mut y = Vec::with_capacity(m * n);
+    for i in 0..m {
+        y.extend((0..n).map(|r| T::round(yt[r * m + i])));
+    }
+    y
+}
+
+/// The kernel on candle tensors, or `None` where it does not apply (not
+/// half precision, too many rows, weights that are not a contiguous CPU
+/// buffer), in which case the caller uses candle's gemm. Shapes are
+/// validated by the caller: `x` is `[.., k]`, `w` is `[n, k]`, `b` is `[n]`.
+pub(crate) fn linear(x: &CTensor, w: &CTensor, b: Option<&CTensor>) -> candle_core::Result<Option<CTensor>> {
+    let dt = w.dtype();
+    if !matches!(dt, CDType::BF16 | CDType::F16) || x.dtype() != dt || b.is_some_and(|b| b.dtype() != dt) {
+        return Ok(None);
+    }
+    let (n, k) = w.dims2()?;
+    let xd = x.dims();
+    let m: usize = xd[..xd.len() - 1].iter().product();
+    if m == 0 || m > MAX_ROWS || k == 0 {
+        return Ok(None);
+    }
+    // The input is small: one f32 copy of it, whatever its layout.
+    let xf: Vec<f32> = x.to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?;
+    let b = match b {
+        Some(b) => Some(b.contiguous()?),
+        None => None,
+    };
+    let (ws, wl) = w.storage_and_layout();
+    let Some((w0, w1)) = wl.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let Storage::Cpu(ws) = &*ws else {
+        return Ok(None);
+    };
+    let mut od = xd[..xd.len() - 1].to_vec();
+    od.push(n);
+    let dev = w.device();
+    macro_rules! run {
+        ($t:ty) => {{
+            let wv = &ws.as_slice::<$t>()?[w0..w1];
+            let y = match &b {
+                Some(b) => {
+                    let (bs, bl) = b.storage_and_layout();
+                    let Storage::Cpu(bs) = &*bs else {
+                        return Ok(None);
+                    };
+                    let Some((b0, b1)) = bl.contiguous_offsets() else {
+                        return Ok(None);
+                    };
+                    linear_rows::<$t>(&xf, m, wv, Some(&bs.as_slice::<$t>()?[b0..b1]), n)
+                }
+                None => linear_rows::<$t>(&xf, m, wv, None, n),
+            };
+            CTensor::from_vec(y, od, dev)?
+        }};
+    }
+    let y = if dt == CDType::BF16 { run!(bf16) } else { run!(f16) };
+    Ok(Some(y))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator (tests need no `rand`).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
+            })
+            .collect()
+    }
+
+    /// Relative error of `linear_rows` against an f64 product of the same
+    /// (already rounded) half inputs.
+    fn check<T: Half + Into<f32>>(m: usize, k: usize, n: usize, bias: bool, from: fn(f32) -> T, tol: f64) {
+        let x: Vec<f32> = values(m * k, 1).into_iter().map(|v| from(v).into()).collect();
+        let w: Vec<T> = values(n * k, 2).into_iter().map(from).collect();
+        let b: Vec<T> = values(n, 3).into_iter().map(from).collect();
+        let y = linear_rows(&x, m, &w, bias.then_some(&b[..]), n);
+        let mut worst = 0f64;
+        let mut scale = 0f64;
+        for i in 0..m {
+            for r in 0..n {
+                let mut acc = if bias { b[r].into() as f64 } else { 0.0 };
+                for j in 0..k {
+                    acc += x[i * k + j] as f64 * w[r * k + j].into() as f64;
+                }
+                worst = worst.max((y[i * n + r].into() as f64 - acc).abs());
+                scale = scale.max(acc.abs());
+            }
+        }
+        let rel = worst / scale.max(1e-30);
+        assert!(rel <= tol, "m {m} k {k} n {n}: relative error {rel:e} > {tol:e}");
+    }
+
+    #[test]
+    fn bf16_rows_match_f64() {
+        for &(m, k, n) in &[(1, 37, 5), (3, 100, 33), (17, 259, 70), (1, 1, 1), (2, 16, 600)] {
+            check::<bf16>(m, k, n, m % 2 == 1, bf16::from_f32, 1e-2);
+        }
+    }
+
+    #[test]
+    fn f16_rows_match_f64() {
+        for &(m, k, n) in &[(1, 37, 5), (3, 100, 33), (17, 259, 70), (5, 8, 1030)] {
+            check::<f16>(m, k, n, m % 2 == 0, f16::from_f32, 5e-3);
+        }
+    }
+
+    /// Through the backend: a transposed (non-contiguous) 3-D input and a
+    /// bias, for both half types, against f64 on the rounded inputs.
+    #[test]
+    fn backend_linear_on_strided_inputs() {
+        use emu_core::Backend;
+        let cpu = crate::CpuBackend::new();
+        let dev = candle_core::Device::Cpu;
+        for dt in [CDType::BF16, CDType::F16] {
+            for &(m, k, n) in &[(1, 45, 19), (3, 37, 64), (17, 21, 9)] {
+                let round =
+                    |v: Vec<f32>, d: &[usize]| CTensor::from_vec(v, d, &dev).and_then(|t| t.to_dtype(dt)).unwrap();
+                // [1, k, m] viewed as [1, m, k].
+                let x = round(values(m * k, 6), &[1, k, m]).transpose(1, 2).unwrap();
+                assert!(m == 1 || !x.is_contiguous());
+                let w = round(values(n * k, 7), &[n, k]);
+                let b = round(values(n, 8), &[n]);
+                let y = cpu.linear(&x, &w, Some(&b)).unwrap();
+                assert_eq!(y.dims(), [1, m, n]);
+                assert_eq!(y.dtype(), dt);
+                let f = |t: &CTensor| -> Vec<f32> {
+                    t.to_dtype(CDType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                let (xs, ws, bs, ys) = (f(&x.contiguous().unwrap()), f(&w), f(&b), f(&y));
+                let (mut worst, mut scale) = (0f64, 0f64);
+                for i in 0..m {
+                    for r in 0..n {
+                        let want =
+                            bs[r] as f64 + (0..k).map(|j| xs[i * k + j] as f64 * ws[r * k + j] as f64).sum::<f64>();
+                        worst = worst.max((ys[i * n + r] as f64 - want).abs());
+                        scale = scale.max(want.abs());
+                    }
+                }
+                let tol = if dt == CDType::BF16 { 1e-2 } else { 5e-3 };
+                assert!(worst / scale <= tol, "{dt:?} {m}x{k}x{n}: {:e}", worst / scale);
+            }
+        }
+    }
+
+    #[test]
+    fn dot_matches_f64_on_odd_lengths() {
+        for len in [0, 1, 7, 15, 16, 17, 1000, 4099] {
+            let (a, b) = (values(len, 4), values(len, 5));
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            let scale: f64 = a.iter().zip(&b).map(|(x, y)| (*x as f64 * *y as f64).abs()).sum();
+            let got = dot(&a, &b) as f64;
+            assert!(
+                (got - want).abs() <= 1e-6 * scale.max(1.0),
+                "len {len}: {got} vs {want}"
+            );
+        }
+    }
+}
