@@ -25,6 +25,7 @@ SETS = {
     "loader": "fixtures_loader",
     "decoder": "fixtures_decoder",
     "llm": "fixtures_llm",
+    "llm431": "fixtures_llm431",
     "pipeline": "fixtures_pipeline",
 }
 
