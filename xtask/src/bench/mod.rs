@@ -451,7 +451,7 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
 /// The table, one row per (call, backend), PyTorch last in each group.
 pub fn format_table(report: &Report) -> String {
     let mut s = format!(
-        "{:<7} {:<48} {:<7} {:<5} {:>10} {:>14} {:>9} {:>9}\n",
+        "{:<7} {:<50} {:<7} {:<5} {:>10} {:>14} {:>9} {:>9}\n",
         "comp", "call", "backend", "dtype", "median ms", "throughput", "GFLOP/s", "rel err"
     );
     let mut keys: Vec<(Component, &'static str)> = Vec::new();
@@ -468,7 +468,7 @@ pub fn format_table(report: &Report) -> String {
                 format!("{:.2} {}/s", r.throughput(), r.call.unit)
             };
             s += &format!(
-                "{:<7} {:<48} {:<7} {:<5} {:>10.2} {:>14} {:>9} {:>9}\n",
+                "{:<7} {:<50} {:<7} {:<5} {:>10.2} {:>14} {:>9} {:>9}\n",
                 c.name(),
                 r.call.label,
                 r.backend,
