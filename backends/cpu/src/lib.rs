@@ -19,6 +19,7 @@ use emu_core::backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, Una
 use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, Result};
 
+mod conv;
 mod matvec;
 
 /// The candle CPU backend. Cheap to clone.
@@ -445,6 +446,29 @@ impl Backend for CpuBackend {
                 p.stride, p.dilation
             )));
         }
+        if let Some(b) = bias {
+            same_dtype("conv2d", x, b)?;
+            if b.dims() != [wd[0]] {
+                return Err(Error::shape(format!(
+                    "conv2d: bias {:?} for {} output channels",
+                    b.dims(),
+                    wd[0]
+                )));
+            }
+        }
+        if p.groups == 1 && x.dtype() != CDType::F64 {
+            // f32 and half precision: the NCHW im2col kernel, accumulating in
+            // f32 (bias included) and rounding once, as PyTorch's CPU kernels do.
+            let f32c = |t: &CTensor| t.to_dtype(CDType::F32).and_then(|t| t.contiguous()).map_err(err);
+            let b32 = bias.map(f32c).transpose()?;
+            let g = conv::Geometry {
+                padding: p.padding,
+                stride: p.stride.0,
+                dilation: p.dilation.0,
+            };
+            let y = conv::conv2d_f32(&f32c(x)?, &f32c(w)?, b32.as_ref(), g).map_err(err)?;
+            return y.to_dtype(x.dtype()).map_err(err);
+        }
         let mut x = x.clone();
         let pad = if p.padding.0 == p.padding.1 {
             p.padding.0
@@ -455,31 +479,24 @@ impl Backend for CpuBackend {
                 .map_err(err)?;
             0
         };
-        // candle's CPU convolution has no bf16 kernel; half-precision convs
-        // accumulate in f32 and round once, as PyTorch's CPU kernels do.
-        let conv = |x: &CTensor, w: &CTensor| {
-            x.contiguous()?
-                .conv2d(&w.contiguous()?, pad, p.stride.0, p.dilation.0, p.groups)
+        // Grouped convolutions (and f64) stay on candle's kernel, which has
+        // no bf16 version: half precision goes through f32 and rounds once.
+        let dt = if is_half(&x) { CDType::F32 } else { x.dtype() };
+        let conv = || -> candle_core::Result<CTensor> {
+            let y = x.to_dtype(dt)?.contiguous()?.conv2d(
+                &w.to_dtype(dt)?.contiguous()?,
+                pad,
+                p.stride.0,
+                p.dilation.0,
+                p.groups,
+            )?;
+            let y = match bias {
+                Some(b) => y.broadcast_add(&b.to_dtype(dt)?.reshape((1, wd[0], 1, 1))?)?,
+                None => y,
+            };
+            y.to_dtype(x.dtype())
         };
-        let y = if x.dtype() == CDType::BF16 {
-            let w32 = w.to_dtype(CDType::F32).map_err(err)?;
-            in_f32(&x, |x| conv(x, &w32))?
-        } else {
-            conv(&x, w).map_err(err)?
-        };
-        match bias {
-            Some(b) => {
-                if b.dims() != [wd[0]] {
-                    return Err(Error::shape(format!(
-                        "conv2d: bias {:?} for {} output channels",
-                        b.dims(),
-                        wd[0]
-                    )));
-                }
-                y.broadcast_add(&b.reshape((1, wd[0], 1, 1)).map_err(err)?).map_err(err)
-            }
-            None => Ok(y),
-        }
+        conv().map_err(err)
     }
 
     fn avg_pool2d(&self, x: &CTensor, kernel: (usize, usize), stride: (usize, usize)) -> Result<CTensor> {

@@ -1,0 +1,310 @@
+//! 2-D convolution as im2col + one gemm per tile of output rows, in NCHW.
+//!
+//! candle's CPU convolution transposes the input to NHWC, gathers each
+//! im2col tile element by element and scatters the gemm result back to
+//! NCHW, which at VAE sizes (256x256 pixels, 128 channels) costs more than
+//! the gemm itself. Here the im2col rows are built in NCHW order, so a
+//! stride-1 row is a plain copy of an input row segment; the weights
+//! `[O, C, KH, KW]` are already the `[O, C*KH*KW]` left operand; and gemm
+//! writes each tile straight into its place in the NCHW output, starting
+//! from the bias. 1x1 stride-1 convolutions need no im2col at all.
+
+use candle_core::{Storage, Tensor as CTensor};
+use rayon::prelude::*;
+
+/// Elements of the im2col buffer per tile (8 MiB of f32): large enough that
+/// each gemm has work for every thread, small enough to stay out of the way.
+const TILE_ELEMS: usize = 1 << 21;
+
+/// Convolution geometry, all in elements.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub padding: (usize, usize),
+    pub stride: usize,
+    pub dilation: usize,
+}
+
+fn f32_slice<'a>(s: &'a Storage, t: &CTensor) -> candle_core::Result<&'a [f32]> {
+    let Storage::Cpu(s) = s else {
+        candle_core::bail!("conv2d: not a cpu tensor")
+    };
+    let Some((a, b)) = t.layout().contiguous_offsets() else {
+        candle_core::bail!("conv2d: operand is not contiguous")
+    };
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[o, n] = (dst if accumulate) + sum_k lhs[o, k] * rhs[k, n]`, with
+/// row strides `dst_rs`, `k` and `rhs_rs` and unit column strides.
+fn gemm_rows(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: &[f32],
+    rhs: &[f32],
+    rhs_rs: usize,
+    dims: (usize, usize, usize),
+    accumulate: bool,
+) {
+    let (m, n, k) = dims;
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The bounds every access below stays within.
+    assert!(n <= dst_rs && (m - 1) * dst_rs + n <= dst.len());
+    assert!(lhs.len() >= m * k && (k == 0 || (k - 1) * rhs_rs + n <= rhs.len()));
+    if k == 0 {
+        if !accumulate {
+            dst.chunks_mut(dst_rs).take(m).for_each(|r| r[..n].fill(0.0));
+        }
+        return;
+    }
+    // SAFETY: the asserts above keep every element gemm reads or writes
+    // inside the three slices, `dst` is borrowed mutably (no aliasing) and
+    // f32 is one of gemm's types.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            1,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+/// Fills `row` (one output row of the im2col matrix, `ow` wide) from input
+/// row `src` for a kernel column whose input offset is `off` (`ix = ox *
+/// stride + off`); positions in the padding are zero.
+fn gather_row(row: &mut [f32], src: &[f32], off: isize, stride: usize) {
+    let (ow, wi, s) = (row.len() as isize, src.len() as isize, stride as isize);
+    // First and one-past-last ox whose ix lies inside the input.
+    let lo = if off >= 0 { 0 } else { (-off + s - 1) / s }.min(ow);
+    let hi = if wi - off > 0 { (wi - off + s - 1) / s } else { 0 }.clamp(lo, ow);
+    let (lo, hi) = (lo as usize, hi as usize);
+    row[..lo].fill(0.0);
+    row[hi..].fill(0.0);
+    if stride == 1 {
+        let start = (lo as isize + off) as usize;
+        row[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+    } else {
+        for (ox, r) in row[lo..hi].iter_mut().enumerate() {
+            *r = src[((ox + lo) as isize * s + off) as usize];
+        }
+    }
+}
+
+/// An f32 convolution with one group: `x` `[B, C, H, W]`, `w` `[O, C, KH,
+/// KW]`, `bias` `[O]`, all contiguous f32 CPU tensors (validated by the
+/// caller). Returns `[B, O, OH, OW]`.
+pub(crate) fn conv2d_f32(
+    x: &CTensor,
+    w: &CTensor,
+    bias: Option<&CTensor>,
+    g: Geometry,
+) -> candle_core::Result<CTensor> {
+    let (b, c, h, wi) = x.dims4()?;
+    let (o, c2, kh, kw) = w.dims4()?;
+    if c2 != c || g.stride == 0 || g.dilation == 0 {
+        candle_core::bail!("conv2d: input {:?}, weight {:?}", x.dims(), w.dims());
+    }
+    let span = |n: usize, pad: usize, k: usize| {
+        (n + 2 * pad)
+            .checked_sub(g.dilation * (k - 1) + 1)
+            .map(|v| v / g.stride + 1)
+    };
+    let (Some(oh), Some(ow)) = (span(h, g.padding.0, kh), span(wi, g.padding.1, kw)) else {
+        candle_core::bail!("conv2d: kernel larger than the padded input")
+    };
+    let (hw, kk) = (oh * ow, c * kh * kw);
+    let (xs, _) = x.storage_and_layout();
+    let xs = f32_slice(&xs, x)?;
+    let (ws, _) = w.storage_and_layout();
+    let ws = f32_slice(&ws, w)?;
+    let mut out = vec![0f32; b * o * hw];
+    if let Some(bias) = bias {
+        let bv: Vec<f32> = bias.to_vec1()?;
+        for ob in out.chunks_exact_mut(o * hw) {
+            for (ch, &bv) in ob.chunks_exact_mut(hw).zip(&bv) {
+                ch.fill(bv);
+            }
+        }
+    }
+    let acc = bias.is_some();
+    let pointwise = kh == 1 && kw == 1 && g.stride == 1 && g.padding == (0, 0);
+    if pointwise {
+        for (ob, xb) in out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
+            gemm_rows(ob, hw, ws, xb, hw, (o, hw, c), acc);
+        }
+        return CTensor::from_vec(out, (b, o, oh, ow), x.device());
+    }
+    let rows = (TILE_ELEMS / (kk * ow).max(1)).clamp(1, oh.max(1));
+    let mut col = vec![0f32; kk * rows * ow];
+    for (ob, xb) in out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
+        for oy0 in (0..oh).step_by(rows) {
+            let nr = rows.min(oh - oy0);
+            let tp = nr * ow;
+            let col = &mut col[..kk * tp];
+            col.par_chunks_mut(tp).enumerate().for_each(|(r, dst)| {
+                let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
+                let plane = &xb[ci * h * wi..(ci + 1) * h * wi];
+                let off = (kx * g.dilation) as isize - g.padding.1 as isize;
+                for (t, row) in dst.chunks_exact_mut(ow).enumerate() {
+                    let iy = ((oy0 + t) * g.stride + ky * g.dilation) as isize - g.padding.0 as isize;
+                    if iy < 0 || iy >= h as isize {
+                        row.fill(0.0);
+                    } else {
+                        let iy = iy as usize;
+                        gather_row(row, &plane[iy * wi..(iy + 1) * wi], off, g.stride);
+                    }
+                }
+            });
+            gemm_rows(&mut ob[oy0 * ow..], hw, ws, col, tp, (o, tp, kk), acc);
+        }
+    }
+    CTensor::from_vec(out, (b, o, oh, ow), x.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+            })
+            .collect()
+    }
+
+    /// Direct f64 convolution.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        xd: [usize; 4],
+        wd: [usize; 4],
+        g: Geometry,
+        oh: usize,
+        ow: usize,
+    ) -> Vec<f64> {
+        let [b, c, h, wi] = xd;
+        let [o, _, kh, kw] = wd;
+        let mut y = vec![0f64; b * o * oh * ow];
+        for n in 0..b {
+            for oc in 0..o {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = bias.map_or(0.0, |bv| bv[oc] as f64);
+                        for ci in 0..c {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * g.stride + ky * g.dilation) as isize - g.padding.0 as isize;
+                                    let ix = (ox * g.stride + kx * g.dilation) as isize - g.padding.1 as isize;
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < wi {
+                                        acc += x[((n * c + ci) * h + iy as usize) * wi + ix as usize] as f64
+                                            * w[((oc * c + ci) * kh + ky) * kw + kx] as f64;
+                                    }
+                                }
+                            }
+                        }
+                        y[((n * o + oc) * oh + oy) * ow + ox] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matches_f64_on_odd_shapes() {
+        // input, weight, padding, stride, dilation, bias
+        type Case = ([usize; 4], [usize; 4], (usize, usize), usize, usize, bool);
+        let cases: &[Case] = &[
+            ([2, 3, 9, 11], [5, 3, 3, 3], (1, 1), 1, 1, true),
+            ([1, 4, 7, 6], [3, 4, 3, 3], (0, 2), 2, 1, false),
+            ([1, 2, 10, 9], [4, 2, 3, 2], (2, 1), 1, 2, true),
+            ([3, 5, 4, 5], [7, 5, 1, 1], (0, 0), 1, 1, true),
+            ([1, 3, 6, 6], [2, 3, 1, 1], (1, 0), 2, 1, false),
+            ([1, 1, 3, 3], [1, 1, 3, 3], (0, 0), 1, 1, false),
+            ([1, 3, 5, 4], [2, 3, 5, 4], (1, 1), 3, 1, true),
+        ];
+        let dev = Device::Cpu;
+        for &(xd, wd, padding, stride, dilation, with_bias) in cases {
+            let g = Geometry {
+                padding,
+                stride,
+                dilation,
+            };
+            let xv = values(xd.iter().product(), 1);
+            let wv = values(wd.iter().product(), 2);
+            let bv = values(wd[0], 3);
+            let x = CTensor::from_vec(xv.clone(), &xd, &dev).unwrap();
+            let w = CTensor::from_vec(wv.clone(), &wd, &dev).unwrap();
+            let b = CTensor::from_vec(bv.clone(), wd[0], &dev).unwrap();
+            let y = conv2d_f32(&x, &w, with_bias.then_some(&b), g).unwrap();
+            let (_, _, oh, ow) = y.dims4().unwrap();
+            let want = reference(&xv, &wv, with_bias.then_some(&bv[..]), xd, wd, g, oh, ow);
+            let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let worst = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            assert!(worst / scale <= 1e-5, "{xd:?} {wd:?} {g:?}: {:e}", worst / scale);
+        }
+    }
+
+    /// Tiles of output rows: an input whose im2col does not fit one tile.
+    #[test]
+    fn tiled_output_rows_match_f64() {
+        let (xd, wd) = ([1, 8, 40, 1200], [3, 8, 3, 3]);
+        let g = Geometry {
+            padding: (1, 1),
+            stride: 1,
+            dilation: 1,
+        };
+        const { assert!(8 * 9 * 1200 * 40 > TILE_ELEMS) };
+        let xv = values(xd.iter().product(), 4);
+        let wv = values(wd.iter().product(), 5);
+        let dev = Device::Cpu;
+        let x = CTensor::from_vec(xv.clone(), &xd, &dev).unwrap();
+        let w = CTensor::from_vec(wv.clone(), &wd, &dev).unwrap();
+        let y = conv2d_f32(&x, &w, None, g).unwrap();
+        let want = reference(&xv, &wv, None, xd, wd, g, 40, 1200);
+        let got: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+        assert!(worst / scale <= 1e-5, "{:e}", worst / scale);
+    }
+}
