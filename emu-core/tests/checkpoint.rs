@@ -604,3 +604,21 @@ fn load_observer_sees_opening_and_every_read() {
     assert_eq!((seen[0].1, total), (expected, expected));
     assert!(expected > 0);
 }
+
+/// A safetensors file whose header length has 0x80 as its low byte begins
+/// with the same byte as a pickle; it must still open as safetensors.
+#[test]
+fn safetensors_header_length_with_low_byte_0x80_is_not_taken_for_a_pickle() {
+    let tmp = TempDir::new("st-0x80");
+    let mut header = br#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#.to_vec();
+    header.resize(0x180, b' ');
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    assert_eq!(bytes[0], 0x80);
+    bytes.extend_from_slice(&header);
+    for v in [1.5f32, -2.0] {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    let p = tmp.write("model.safetensors", &bytes);
+    let ckpt = Checkpoint::open(&p).unwrap();
+    assert_eq!(ckpt.get("w").unwrap().to_f32_vec().unwrap(), vec![1.5, -2.0]);
+}

@@ -309,7 +309,10 @@ impl Checkpoint {
             let idx = files.len();
             let entries = if map.starts_with(b"PK\x03\x04") {
                 torch_file::read_entries(path, &map, idx)?
-            } else if map.first() == Some(&0x80) {
+            } else if map.first() == Some(&0x80) && map.get(8) != Some(&b'{') {
+                // A pickle starts with PROTO (0x80), but so does a safetensors
+                // file whose header length has 0x80 as its low byte; its JSON
+                // header opens at byte 8.
                 return Err(format_err(
                     path,
                     "this is a legacy (pre-1.6, non-zip) PyTorch file, which is not supported; \
