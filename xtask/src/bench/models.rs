@@ -266,9 +266,8 @@ impl Tensors {
             offset = end;
         }
         let mut h = serde_json::to_vec(&header)?;
-        // Aligned data; and a header length whose first byte is not 0x80,
-        // which emu-core's checkpoint sniffing takes for a legacy pickle.
-        while h.len() % 8 != 0 || h.len() % 256 == 0x80 {
+        // Data aligned to 8 bytes, so the loader can map it in place.
+        while h.len() % 8 != 0 {
             h.push(b' ');
         }
         let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
