@@ -33,6 +33,7 @@
 //! wgpu, ort) are optimised and this workspace's crates are at opt-level 1;
 //! `cargo run --release -p xtask -- bench ...` optimises everything.
 
+pub mod floor;
 pub mod models;
 pub mod run;
 mod torch;
@@ -315,6 +316,38 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Parameter counts by component.
     pub params: Vec<(Component, usize)>,
+    /// The memory-bandwidth floor of LLM decode, when the LLM ran.
+    pub decode_floor: Option<floor::DecodeFloor>,
+}
+
+impl Report {
+    /// How far each backend's decode is from the bandwidth floor.
+    pub fn floor_lines(&self) -> Vec<String> {
+        let Some(f) = self.decode_floor else { return Vec::new() };
+        let mut lines = vec![format!(
+            "decode floor: {:.1} MB of weights + {:.1} MB of KV cache per token at {:.2} GB/s host copy bandwidth \
+             (read+written) -> {:.2} ms/token ({:.1} tok/s)",
+            f.weight_bytes as f64 / 1e6,
+            f.kv_bytes as f64 / 1e6,
+            f.bandwidth / 1e9,
+            f.ms_per_token(),
+            1e3 / f.ms_per_token()
+        )];
+        for r in self
+            .rows
+            .iter()
+            .filter(|r| r.component == Component::Llm && r.call.key == "decode")
+        {
+            let ms = r.median_ms() / r.call.work;
+            lines.push(format!(
+                "  {:<6} decode {:.2} ms/token = {:.2}x the floor",
+                r.backend,
+                ms,
+                ms / f.ms_per_token()
+            ));
+        }
+        lines
+    }
 }
 
 /// max|a - b| / max|b|; infinite when the shapes differ.
@@ -368,6 +401,12 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
     for &c in &o.components {
         let params = work.write(c)?;
         report.params.push((c, params));
+    }
+    if o.components.contains(&Component::Llm) {
+        let threads = o
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        report.decode_floor = Some(floor::decode_floor(&work.spec.llm, o.dtype, threads));
     }
     bench_backend(&CpuBackend::new(), "cpu", o, &work, &mut report);
     for name in o.backends.iter().filter(|b| *b != "cpu") {
@@ -502,6 +541,10 @@ pub fn to_json(report: &Report, o: &Options) -> serde_json::Value {
         "warmup": o.timing.warmup, "iters": o.timing.iters,
         "params": report.params.iter().map(|(c, n)| (c.name().to_string(), serde_json::json!(*n))).collect::<serde_json::Map<_, _>>(),
         "notes": report.notes, "rows": rows,
+        "decode_floor": report.decode_floor.map(|f| serde_json::json!({
+            "weight_bytes": f.weight_bytes, "kv_bytes": f.kv_bytes,
+            "copy_bandwidth_bytes_per_s": f.bandwidth, "ms_per_token": f.ms_per_token(),
+        })),
     })
 }
 
@@ -554,6 +597,9 @@ pub fn cmd_bench(args: &[String]) -> Res<()> {
     }
     println!("load average at end {}\n", load_average());
     print!("{}", format_table(&report));
+    for line in report.floor_lines() {
+        println!("{line}");
+    }
     if let Some(path) = &o.json {
         std::fs::write(path, serde_json::to_string_pretty(&to_json(&report, &o))?)?;
         println!("wrote {}", path.display());
@@ -584,6 +630,11 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
         let failures: Vec<&String> = report.notes.iter().filter(|n| n.contains("failed")).collect();
         assert!(failures.is_empty(), "{failures:?}");
+        let floor = report.floor_lines();
+        assert!(
+            floor.len() >= 2 && floor[1].contains("cpu") && floor[1].contains("x the floor"),
+            "{floor:?}"
+        );
         let expected = [
             (Component::Ops, "matmul"),
             (Component::Ops, "linear"),
