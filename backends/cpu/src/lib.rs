@@ -21,6 +21,7 @@ use emu_core::{DType, Error, HostTensor, Result};
 
 mod conv;
 mod matvec;
+mod norm;
 
 /// The candle CPU backend. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -621,6 +622,30 @@ impl Backend for CpuBackend {
             None => y,
         };
         y.to_dtype(x.dtype()).map_err(err)
+    }
+
+    fn group_norm(
+        &self,
+        x: &CTensor,
+        num_groups: usize,
+        w: Option<&CTensor>,
+        b: Option<&CTensor>,
+        eps: f64,
+    ) -> Result<CTensor> {
+        let d = x.dims();
+        let fused = d.len() >= 2
+            && num_groups > 0
+            && d[1].is_multiple_of(num_groups)
+            && matches!(x.dtype(), CDType::F32 | CDType::F16 | CDType::BF16)
+            && [w, b]
+                .into_iter()
+                .flatten()
+                .all(|p| p.dims() == [d[1]] && p.dtype() == x.dtype());
+        if !fused {
+            // f64 and malformed calls: the composite computes or reports them.
+            return emu_core::backend::default_group_norm(self, x, num_groups, w, b, eps);
+        }
+        norm::group_norm(x, num_groups, w, b, eps).map_err(err)
     }
 
     fn rope(&self, x: &CTensor, cos: &CTensor, sin: &CTensor) -> Result<CTensor> {
