@@ -26,10 +26,9 @@
 //! which is kept in the output. [`Hooks::stop`] adds any other per-sequence
 //! stopping rule.
 //!
-//! Upstream Emu2 ran transformers 4.31, whose `BeamSearchScorer` scored an
-//! EOS-terminated hypothesis by its length *without* the EOS token; 5.x (and
-//! this module) count it, so beam outputs can differ from 4.31's when a
-//! length penalty is set and beams end in EOS.
+//! Upstream Emu2 pins transformers 4.31, whose `generate` differs from 5.x
+//! where [`TransformersVersion`] says; [`GenerationConfig::transformers`]
+//! picks which one to follow (5.x by default).
 
 use crate::error::{Error, Result};
 use crate::model::{KvCache, Llama, Logits};
@@ -47,6 +46,39 @@ pub enum EarlyStopping {
     /// `"never"`: the canonical criterion (with a positive length penalty,
     /// the best running beam is scored at the maximum length).
     Never,
+}
+
+/// Which transformers `generate` to follow where its versions differ. Both
+/// are checked token for token against the real one (5.24 and 4.31.0).
+///
+/// With `inputs_embeds` and no `input_ids`, transformers 4.31 seeds the ids
+/// with one BOS token per sequence (5.x starts them empty), and its beam
+/// search is the older `BeamSearchScorer`. Against 5.x that means:
+///
+/// * hypotheses that reach the maximum length are scored with the BOS
+///   counted (`len = generated + 1`); ones ending in EOS with the BOS but
+///   not the EOS, i.e. the same `generated` count as 5.x;
+/// * the running beams are the best `num_beams` non-EOS continuations out of
+///   the top `2 * num_beams` (5.x: of the top `2 * num_beams`, but at the
+///   last step only the top `num_beams` may become hypotheses);
+/// * the `early_stopping = False` heuristic compares the worst finished
+///   score with the best of *all* `2 * num_beams` candidates (EOS ones
+///   included) over `(generated + 1)^length_penalty`, and a prompt whose
+///   beams are done freezes; `"never"` uses `max_new_tokens + 1`;
+/// * scores of finished hypotheses are kept in f64 (Python floats);
+/// * the repetition penalty also sees the BOS id (when
+///   [`GenerationConfig::bos_token_id`] is set), in greedy search and
+///   sampling too.
+///
+/// Upstream Emu2's native code pins transformers 4.31.0 (its
+/// `requirements.txt`, SPEC §8), so `V4_31` is what it decodes with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransformersVersion {
+    /// transformers 5.x (checked against 5.24.0).
+    #[default]
+    V5,
+    /// transformers 4.31.0, the version upstream Emu2 pins.
+    V4_31,
 }
 
 /// Decoding settings; the defaults are transformers' `GenerationConfig`
@@ -78,6 +110,11 @@ pub struct GenerationConfig {
     /// A sequence ends once its decoded text ends with any of these strings
     /// (the token completing one may run past it). Needs [`Hooks::decode`].
     pub stop_strings: Vec<String>,
+    /// Which transformers `generate` to follow (see [`TransformersVersion`]).
+    pub transformers: TransformersVersion,
+    /// The BOS id that transformers 4.31 seeds `input_ids` with; only
+    /// [`TransformersVersion::V4_31`] reads it (its repetition penalty sees it).
+    pub bos_token_id: Option<u32>,
 }
 
 impl Default for GenerationConfig {
@@ -97,11 +134,21 @@ impl Default for GenerationConfig {
             early_stopping: EarlyStopping::Heuristic,
             repetition_penalty: 1.0,
             stop_strings: Vec::new(),
+            transformers: TransformersVersion::V5,
+            bos_token_id: None,
         }
     }
 }
 
 impl GenerationConfig {
+    /// The ids transformers holds before the first generated token.
+    fn seed_ids(&self) -> &[u32] {
+        match (self.transformers, &self.bos_token_id) {
+            (TransformersVersion::V4_31, Some(b)) => std::slice::from_ref(b),
+            _ => &[],
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Generation(m));
         if self.max_new_tokens == 0 {
@@ -290,7 +337,10 @@ pub fn generate_with<B: Backend>(
         if on_token.is_some() {
             return Err(Error::Generation("streaming is not available with beam search".into()));
         }
-        beam_search(model, cache, logits, b, cfg, &mut stop_rule)
+        match cfg.transformers {
+            TransformersVersion::V5 => beam_search(model, cache, logits, b, cfg, &mut stop_rule),
+            TransformersVersion::V4_31 => beam_search_v4_31(model, cache, logits, b, cfg, &mut stop_rule),
+        }
     } else {
         sample(model, cache, logits, b, cfg, on_token, &mut stop_rule)
     }
@@ -320,7 +370,7 @@ fn process(scores: &mut [f32], generated: &[u32], cfg: &GenerationConfig) {
     if cfg.repetition_penalty != 1.0 {
         let p = cfg.repetition_penalty;
         let mut seen = vec![false; scores.len()];
-        for &tok in generated {
+        for &tok in cfg.seed_ids().iter().chain(generated) {
             let i = tok as usize;
             if i < scores.len() && !seen[i] {
                 seen[i] = true;
@@ -699,6 +749,210 @@ fn beam_search<B: Backend>(
         .into_iter()
         .map(|s| s.finished.into_iter().next().map(|h| h.tokens).unwrap_or_default())
         .collect();
+    let width = best.iter().map(Vec::len).max().unwrap_or(0);
+    Ok(best
+        .into_iter()
+        .map(|mut t| {
+            t.resize(width, fill);
+            t
+        })
+        .collect())
+}
+
+/// A finished hypothesis of transformers 4.31's `BeamHypotheses`.
+struct Hyp431 {
+    /// Generated tokens, without the EOS that ended it.
+    tokens: Vec<u32>,
+    score: f64,
+    /// Ended by EOS: the output gets the EOS back if it fits.
+    eos: bool,
+}
+
+/// transformers 4.31's `BeamHypotheses`: the `num_beams` best finished
+/// hypotheses, scores in f64 as Python computes them.
+struct Hyps431 {
+    beams: Vec<Hyp431>,
+    worst: f64,
+    done: bool,
+}
+
+impl Hyps431 {
+    /// `add(hyp, sum_logprobs)` with `len` = the hypothesis' ids, BOS included.
+    fn add(&mut self, k: usize, lp: f64, tokens: Vec<u32>, sum_logprobs: f32, len: usize, eos: bool) {
+        let score = sum_logprobs as f64 / (len as f64).powf(lp);
+        if self.beams.len() < k || score > self.worst {
+            self.beams.push(Hyp431 { tokens, score, eos });
+            if self.beams.len() > k {
+                // Python's sorted((score, index)): ties go to the lower index.
+                let mut order: Vec<usize> = (0..self.beams.len()).collect();
+                order.sort_by(|&a, &b| self.beams[a].score.total_cmp(&self.beams[b].score).then(a.cmp(&b)));
+                self.worst = self.beams[order[1]].score;
+                self.beams.remove(order[0]);
+            } else {
+                self.worst = self.worst.min(score);
+            }
+        }
+    }
+
+    /// `is_done(best_sum_logprobs, cur_len)`.
+    fn is_done(&self, k: usize, cfg: &GenerationConfig, best: f32, cur_len: usize) -> bool {
+        if self.beams.len() < k {
+            return false;
+        }
+        let lp = cfg.length_penalty as f64;
+        let len = match cfg.early_stopping {
+            EarlyStopping::Yes => return true,
+            // 4.31's max_length counts the BOS it seeds the ids with.
+            EarlyStopping::Never if lp > 0.0 => cfg.max_new_tokens + 1,
+            _ => cur_len,
+        };
+        self.worst >= best as f64 / (len as f64).powf(lp)
+    }
+}
+
+/// transformers 4.31's `beam_search` with `BeamSearchScorer` (see
+/// [`TransformersVersion`]), one prompt at a time on the host; running beam
+/// scores in f32, finished ones in f64, as there.
+fn beam_search_v4_31<B: Backend>(
+    model: &Llama<B>,
+    mut cache: KvCache<B>,
+    prefill_logits: Vec<f32>,
+    b: usize,
+    cfg: &GenerationConfig,
+    stop_rule: &mut dyn FnMut(&[u32]) -> bool,
+) -> Result<Vec<Vec<u32>>> {
+    let v = model.config().vocab_size;
+    let k = cfg.num_beams;
+    let keep = 2 * k;
+    if keep > k * v {
+        return Err(Error::Generation(format!(
+            "{k} beams need at least {keep} candidates, the vocabulary has {v}"
+        )));
+    }
+    let lp = cfg.length_penalty as f64;
+    let rows: Vec<u32> = (0..b * k).map(|r| (r / k) as u32).collect();
+    cache.select(&rows)?;
+    let mut logits: Vec<f32> = rows
+        .iter()
+        .flat_map(|&r| prefill_logits[r as usize * v..(r as usize + 1) * v].iter().copied())
+        .collect();
+    let mut running: Vec<Vec<Hyp>> = (0..b)
+        .map(|_| {
+            (0..k)
+                .map(|i| Hyp {
+                    tokens: Vec::new(),
+                    score: if i == 0 { 0.0 } else { -1.0e9 },
+                })
+                .collect()
+        })
+        .collect();
+    let mut hyps: Vec<Hyps431> = (0..b)
+        .map(|_| Hyps431 {
+            beams: Vec::new(),
+            worst: 1.0e9,
+            done: false,
+        })
+        .collect();
+    // Generated tokens so far; 4.31's `input_ids` hold one more (the BOS).
+    let mut generated = 0usize;
+    loop {
+        let mut source_rows = Vec::with_capacity(b * k);
+        let mut next_tokens = Vec::with_capacity(b * k);
+        for bi in 0..b {
+            if hyps[bi].done {
+                // 4.31 feeds pad tokens to a finished prompt's beams; their
+                // outputs are never read.
+                source_rows.extend(std::iter::repeat_n((bi * k) as u32, k));
+                next_tokens.extend(std::iter::repeat_n(cfg.pad_token_id.unwrap_or(0), k));
+                continue;
+            }
+            let beams = &running[bi];
+            let mut acc = Vec::with_capacity(k * v);
+            for (j, hyp) in beams.iter().enumerate() {
+                let row = bi * k + j;
+                let mut lps = log_softmax(&logits[row * v..(row + 1) * v]);
+                process(&mut lps, &hyp.tokens, cfg);
+                acc.extend(lps.into_iter().map(|x| x + hyp.score));
+            }
+            let mut order = top_k_indices(&acc, keep);
+            let best = acc[order[0]];
+            let mut next: Vec<(usize, Hyp)> = Vec::with_capacity(k);
+            let mut rank = 0;
+            while next.len() < k {
+                if rank == order.len() {
+                    if order.len() == acc.len() {
+                        return Err(Error::Generation(format!("fewer than {k} continuations left running")));
+                    }
+                    // Only reached where stop rules end more than `num_beams`
+                    // of the top candidates, a case 4.31 (which has none)
+                    // rejects: widen the search instead.
+                    order = top_k_indices(&acc, acc.len());
+                }
+                let i = order[rank];
+                let (src, tok) = (i / v, (i % v) as u32);
+                let mut tokens = beams[src].tokens.clone();
+                let eos = cfg.eos_token_ids.contains(&tok);
+                if !eos {
+                    tokens.push(tok);
+                }
+                if eos || stop_rule(&tokens) {
+                    // Only the top `num_beams` candidates may finish.
+                    if rank < k {
+                        // The hypothesis' ids: the BOS, then the tokens kept.
+                        let len = 1 + tokens.len();
+                        hyps[bi].add(k, lp, tokens, acc[i], len, eos);
+                    }
+                } else {
+                    next.push((src, Hyp { tokens, score: acc[i] }));
+                }
+                rank += 1;
+            }
+            let cur_len = generated + 2;
+            hyps[bi].done = hyps[bi].is_done(k, cfg, best, cur_len);
+            for (src, _) in &next {
+                source_rows.push((bi * k + src) as u32);
+            }
+            next_tokens.extend(next.iter().map(|(_, h)| h.tokens[h.tokens.len() - 1]));
+            running[bi] = next.into_iter().map(|(_, h)| h).collect();
+        }
+        generated += 1;
+        if hyps.iter().all(|h| h.done) || generated >= cfg.max_new_tokens {
+            break;
+        }
+        cache.select(&source_rows)?;
+        logits = step(model, &mut cache, &next_tokens)?;
+    }
+    // finalize: the running beams of prompts not done join their hypotheses.
+    for (h, beams) in hyps.iter_mut().zip(running) {
+        if !h.done {
+            for hyp in beams {
+                let len = 1 + hyp.tokens.len();
+                h.add(k, lp, hyp.tokens, hyp.score, len, false);
+            }
+        }
+    }
+    let best: Vec<Vec<u32>> = hyps
+        .into_iter()
+        .map(|h| {
+            // sorted(..., key=score).pop(): ties go to the later hypothesis.
+            let mut top: Option<Hyp431> = None;
+            for hyp in h.beams {
+                if top.as_ref().is_none_or(|t| hyp.score >= t.score) {
+                    top = Some(hyp);
+                }
+            }
+            top.map(|t| {
+                let mut tokens = t.tokens;
+                // 4.31 appends the EOS when the row has room before max_length.
+                if t.eos && tokens.len() < cfg.max_new_tokens {
+                    tokens.push(cfg.eos_token_ids[0]);
+                }
+                tokens
+            })
+            .unwrap_or_default()
+        })
+        .collect();
+    let fill = cfg.pad_token_id.or(cfg.eos_token_ids.first().copied()).unwrap_or(0);
     let width = best.iter().map(Vec::len).max().unwrap_or(0);
     Ok(best
         .into_iter()

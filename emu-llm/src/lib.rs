@@ -46,6 +46,7 @@ pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use generate::{
     generate, generate_with, Decode, EarlyStopping, GenerationConfig, Hooks, OnToken, StopCheck, StopStrings,
+    TransformersVersion,
 };
 pub use model::{lm_weights, KvCache, Llama, LlamaOutput, Logits, SlotIds, LM_PREFIXES};
 pub use visual::regress_visual;
