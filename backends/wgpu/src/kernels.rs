@@ -268,6 +268,10 @@ pub fn cast(from: Word, to: DType) -> String {
     )
 }
 
+/// Longest run of one shader loop: llvmpipe's gallivm ends every loop after
+/// 65535 iterations without an error, so longer loops are split in chunks.
+const CHUNK: u32 = 32768;
+
 /// Reduction of the middle axis of a contiguous `[outer, r, inner]` view.
 /// `P` = `[outer * inner, r, inner, offset]`; one invocation per output.
 pub fn reduce(op: ReduceOp, out: DType) -> String {
@@ -284,9 +288,14 @@ pub fn reduce(op: ReduceOp, out: DType) -> String {
     let inner = P[2];
     let base = P[3] + (i / inner) * r * inner + i % inner;
     var acc: f32 = {init};
-    for (var k = 0u; k < r; k = k + 1u) {{
-        let v = I0[base + k * inner];
-        {step}
+    // Nested so that no single loop runs more than CHUNK iterations:
+    // llvmpipe (lavapipe) silently ends any loop after 65535 iterations.
+    for (var k0 = 0u; k0 < r; k0 = k0 + {CHUNK}u) {{
+        let k1 = min(r, k0 + {CHUNK}u);
+        for (var k = k0; k < k1; k = k + 1u) {{
+            let v = I0[base + k * inner];
+            {step}
+        }}
     }}
     O[i] = rnd({fin});
 }}
@@ -306,9 +315,13 @@ pub fn argmax() -> String {
     let base = P[3] + (i / inner) * r * inner + i % inner;
     var best = I0[base];
     var arg = 0u;
-    for (var k = 1u; k < r; k = k + 1u) {{
-        let v = I0[base + k * inner];
-        if (v > best) {{ best = v; arg = k; }}
+    // Chunked like `reduce` (llvmpipe's 65535-iteration loop limit).
+    for (var k0 = 0u; k0 < r; k0 = k0 + {CHUNK}u) {{
+        let k1 = min(r, k0 + {CHUNK}u);
+        for (var k = max(k0, 1u); k < k1; k = k + 1u) {{
+            let v = I0[base + k * inner];
+            if (v > best) {{ best = v; arg = k; }}
+        }}
     }}
     O[i] = arg;
 }}

@@ -41,6 +41,10 @@ use kernels::{Word, MAX_RANK, WG};
 
 const NAME: &str = "wgpu";
 
+/// Longest query block that [`Backend::attention`] runs through the fused
+/// kernel ([`WgpuBackend::fused_attention`]).
+pub const FUSED_ATTENTION_MAX_QUERIES: usize = 4;
+
 /// Environment variable that picks the adapter: an index into
 /// [`WgpuBackend::adapters`] or a case-insensitive substring of its name.
 pub const ADAPTER_ENV: &str = "EMU_WGPU_ADAPTER";
@@ -467,6 +471,99 @@ impl WgpuBackend {
             .poll(wgpu::PollType::wait_indefinitely())
             .map(|_| ())
             .map_err(|e| backend_err(format!("waiting for the device: {e}")))
+    }
+
+    /// [`Backend::attention`] as one fused kernel launch, one workgroup per
+    /// query row, whatever the number of queries (the trait method uses it
+    /// for at most [`FUSED_ATTENTION_MAX_QUERIES`] of them). `None` when
+    /// the kernel does not cover the call: malformed or mixed-dtype
+    /// operands, no keys, head sizes above 256, or a bias that does not
+    /// broadcast to the `[B, H, Tq, Tk]` scores.
+    pub fn fused_attention(
+        &self,
+        q: &WgpuTensor,
+        k: &WgpuTensor,
+        v: &WgpuTensor,
+        mask: &AttnMask<'_, WgpuTensor>,
+        scale: f64,
+    ) -> Result<Option<WgpuTensor>> {
+        let (qd, kd, vd) = (&q.dims, &k.dims, &v.dims);
+        let fits = qd.len() == 4
+            && kd.len() == 4
+            && kd == vd
+            && qd[0] == kd[0]
+            && qd[3] == kd[3]
+            && kd[1] != 0
+            && qd[1] % kd[1] == 0;
+        if !fits || q.dtype != k.dtype || q.dtype != v.dtype || !q.dtype.is_float() {
+            return Ok(None);
+        }
+        let (b, h, tq, d) = (qd[0], qd[1], qd[2], qd[3]);
+        let (hkv, tk) = (kd[1], kd[2]);
+        let sdims = [b, h, tq, tk];
+        let bias = match mask.bias {
+            Some(bias) => {
+                let covered = bias.dtype.is_float()
+                    && bias.dims.len() <= 4
+                    && broadcast_dims("attention bias", &sdims, &bias.dims).is_ok_and(|bd| bd == sdims);
+                if !covered {
+                    return Ok(None);
+                }
+                Some(bias)
+            }
+            None => None,
+        };
+        if tk == 0 || d == 0 || d > kernels::ATTN_MAX_D as usize {
+            return Ok(None);
+        }
+        let out = self.alloc(&[b, h, tq, d], q.dtype)?;
+        let rows = out.numel() / d;
+        if rows == 0 {
+            return Ok(Some(out));
+        }
+        let mut p = vec![
+            u32_of("attention rows", rows)?,
+            u32_of("heads", h)?,
+            u32_of("queries", tq)?,
+            u32_of("keys", tk)?,
+            u32_of("head size", d)?,
+            u32_of("heads per kv head", h / hkv)?,
+            (scale as f32).to_bits(),
+            bias.is_some() as u32,
+            mask.causal_offset.is_some() as u32,
+            u32_of("causal offset", mask.causal_offset.unwrap_or(0))?,
+            (mask.causal_offset.is_some() && bias.is_none()) as u32,
+        ];
+        for t in [q, k, v] {
+            p.push(u32_of("offset", t.offset)?);
+            for &s in &t.strides {
+                p.push(u32_of("stride", s)?);
+            }
+        }
+        match bias {
+            Some(bt) => {
+                p.push(u32_of("offset", bt.offset)?);
+                for s in broadcast_strides(bt, &sdims) {
+                    p.push(u32_of("stride", s)?);
+                }
+            }
+            None => p.extend([0; 5]),
+        }
+        let key = format!("attention {}", dt_key(q.dtype));
+        let pipeline = self.pipeline(&key, 4, || kernels::attention(q.dtype))?;
+        self.submit(&[Launch {
+            pipeline,
+            params: p,
+            inputs: vec![
+                q.buffer(),
+                k.buffer(),
+                v.buffer(),
+                bias.map_or(q.buffer(), |t| t.buffer()),
+            ],
+            output: out.buffer(),
+            groups: groups_rows(rows),
+        }])?;
+        Ok(Some(out))
     }
 
     fn pipeline(&self, key: &str, nin: usize, src: impl FnOnce() -> String) -> Result<Arc<wgpu::ComputePipeline>> {
@@ -1430,9 +1527,11 @@ impl Backend for WgpuBackend {
         )
     }
 
-    /// One fused kernel (see `kernels::attention`) for head sizes up to
-    /// 256 and biases that broadcast to the scores; anything else goes
-    /// through `default_attention`.
+    /// The fused kernel for single-query decode steps and short query
+    /// blocks; longer blocks go through the composite, whose tiled matmuls
+    /// reuse each key row across 64 queries (on lavapipe the one-row kernel
+    /// is 2-8x faster than the composite at 1 query of a 512-2048 key cache
+    /// and falls behind from about 8 queries on).
     fn attention(
         &self,
         q: &WgpuTensor,
@@ -1441,84 +1540,12 @@ impl Backend for WgpuBackend {
         mask: &AttnMask<'_, WgpuTensor>,
         scale: f64,
     ) -> Result<WgpuTensor> {
-        let (qd, kd, vd) = (&q.dims, &k.dims, &v.dims);
-        let fits = qd.len() == 4
-            && kd.len() == 4
-            && kd == vd
-            && qd[0] == kd[0]
-            && qd[3] == kd[3]
-            && kd[1] != 0
-            && qd[1] % kd[1] == 0;
-        if !fits || q.dtype != k.dtype || q.dtype != v.dtype || !q.dtype.is_float() {
-            // The default body reports malformed calls with the shared messages.
-            return default_attention(self, q, k, v, mask, scale);
-        }
-        let (b, h, tq, d) = (qd[0], qd[1], qd[2], qd[3]);
-        let (hkv, tk) = (kd[1], kd[2]);
-        let sdims = [b, h, tq, tk];
-        let bias = match mask.bias {
-            Some(bias) => {
-                let covered = bias.dtype.is_float()
-                    && bias.dims.len() <= 4
-                    && broadcast_dims("attention bias", &sdims, &bias.dims).is_ok_and(|bd| bd == sdims);
-                if !covered {
-                    return default_attention(self, q, k, v, mask, scale);
-                }
-                Some(bias)
-            }
-            None => None,
-        };
-        if tk == 0 || d == 0 || d > kernels::ATTN_MAX_D as usize {
-            return default_attention(self, q, k, v, mask, scale);
-        }
-        let out = self.alloc(&[b, h, tq, d], q.dtype)?;
-        let rows = out.numel() / d;
-        if rows == 0 {
-            return Ok(out);
-        }
-        let mut p = vec![
-            u32_of("attention rows", rows)?,
-            u32_of("heads", h)?,
-            u32_of("queries", tq)?,
-            u32_of("keys", tk)?,
-            u32_of("head size", d)?,
-            u32_of("heads per kv head", h / hkv)?,
-            (scale as f32).to_bits(),
-            bias.is_some() as u32,
-            mask.causal_offset.is_some() as u32,
-            u32_of("causal offset", mask.causal_offset.unwrap_or(0))?,
-            (mask.causal_offset.is_some() && bias.is_none()) as u32,
-        ];
-        for t in [q, k, v] {
-            p.push(u32_of("offset", t.offset)?);
-            for &s in &t.strides {
-                p.push(u32_of("stride", s)?);
+        if q.dims.len() == 4 && q.dims[2] <= FUSED_ATTENTION_MAX_QUERIES {
+            if let Some(y) = self.fused_attention(q, k, v, mask, scale)? {
+                return Ok(y);
             }
         }
-        match bias {
-            Some(bt) => {
-                p.push(u32_of("offset", bt.offset)?);
-                for s in broadcast_strides(bt, &sdims) {
-                    p.push(u32_of("stride", s)?);
-                }
-            }
-            None => p.extend([0; 5]),
-        }
-        let key = format!("attention {}", dt_key(q.dtype));
-        let pipeline = self.pipeline(&key, 4, || kernels::attention(q.dtype))?;
-        self.submit(&[Launch {
-            pipeline,
-            params: p,
-            inputs: vec![
-                q.buffer(),
-                k.buffer(),
-                v.buffer(),
-                bias.map_or(q.buffer(), |t| t.buffer()),
-            ],
-            output: out.buffer(),
-            groups: groups_rows(rows),
-        }])?;
-        Ok(out)
+        default_attention(self, q, k, v, mask, scale)
     }
 
     fn rms_norm(&self, x: &WgpuTensor, w: &WgpuTensor, eps: f64) -> Result<WgpuTensor> {

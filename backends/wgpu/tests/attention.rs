@@ -65,7 +65,14 @@ impl Case {
         }
     }
 
-    fn run<B: Backend>(&self, be: &B, dtype: DType, fused: bool) -> HostTensor {
+    /// The output of `be.attention`, or of `default_attention`, or (through
+    /// `fused`) of a backend-specific entry point.
+    fn run_with<B: Backend>(
+        &self,
+        be: &B,
+        dtype: DType,
+        op: impl Fn(&B::Tensor, &B::Tensor, &B::Tensor, &AttnMask<'_, B::Tensor>) -> emu_core::Result<B::Tensor>,
+    ) -> HostTensor {
         let up = |t: &HostTensor| -> B::Tensor {
             let x = be.upload(&t.to_dtype(dtype).unwrap()).unwrap();
             if self.bthd {
@@ -84,26 +91,46 @@ impl Case {
             causal_offset: self.causal,
             bias: bias.as_ref(),
         };
-        let y = if fused {
-            be.attention(&q, &k, &v, &mask, self.scale)
-        } else {
-            default_attention(be, &q, &k, &v, &mask, self.scale)
-        };
-        be.download(&be.cast(&y.unwrap(), DType::F32).unwrap()).unwrap()
+        let y = op(&q, &k, &v, &mask).unwrap();
+        be.download(&be.cast(&y, DType::F32).unwrap()).unwrap()
     }
 
-    /// Checks the wgpu kernel against the CPU backend and against the
+    fn run<B: Backend>(&self, be: &B, dtype: DType, fused: bool) -> HostTensor {
+        let s = self.scale;
+        if fused {
+            self.run_with(be, dtype, |q, k, v, m| be.attention(q, k, v, m, s))
+        } else {
+            self.run_with(be, dtype, |q, k, v, m| default_attention(be, q, k, v, m, s))
+        }
+    }
+
+    /// The fused kernel whatever the number of queries.
+    fn run_kernel(&self, gpu: &WgpuBackend, dtype: DType) -> HostTensor {
+        let s = self.scale;
+        self.run_with(gpu, dtype, |q, k, v, m| {
+            Ok(gpu
+                .fused_attention(q, k, v, m, s)?
+                .expect("the fused kernel covers this case"))
+        })
+    }
+
+    /// Checks the wgpu kernel and the backend's `attention` (kernel or
+    /// composite, by shape) against the CPU backend and against the
     /// composite on the wgpu backend itself.
     fn check(&self, gpu: &WgpuBackend, dtype: DType, tol: f64) {
         let cpu = CpuBackend::new();
         let want = self.run(&cpu, dtype, false);
-        let got = self.run(gpu, dtype, true);
         let composite = self.run(gpu, dtype, false);
-        let (e_cpu, e_comp) = (rel_err(&got, &want), rel_err(&got, &composite));
-        assert!(
-            e_cpu <= tol && e_comp <= tol,
-            "{dtype}: error {e_cpu:.2e} against cpu, {e_comp:.2e} against the composite (tolerance {tol:.0e})"
-        );
+        for (what, got) in [
+            ("kernel", self.run_kernel(gpu, dtype)),
+            ("attention", self.run(gpu, dtype, true)),
+        ] {
+            let (e_cpu, e_comp) = (rel_err(&got, &want), rel_err(&got, &composite));
+            assert!(
+                e_cpu <= tol && e_comp <= tol,
+                "{what} {dtype}: error {e_cpu:.2e} against cpu, {e_comp:.2e} against the composite (tolerance {tol:.0e})"
+            );
+        }
     }
 }
 
@@ -158,7 +185,7 @@ fn a_full_bias_and_fully_masked_rows_stay_finite() {
     for (dt, tol) in DTYPES {
         c.check(&gpu, dt, tol);
     }
-    let got = c.run(&gpu, DType::F32, true).to_f32_vec().unwrap();
+    let got = c.run_kernel(&gpu, DType::F32).to_f32_vec().unwrap();
     assert!(got.iter().all(|x| x.is_finite()));
     let v = c.v.to_f32_vec().unwrap();
     for e in 0..d {
@@ -179,11 +206,29 @@ fn decode_steps_over_a_long_preallocated_cache() {
     for (dt, tol) in DTYPES {
         c.check(&gpu, dt, tol);
     }
-    // Head sizes beyond one accumulator per invocation (and past the
-    // kernel's limit, where the composite takes over).
-    for d in [200, 300] {
-        let mut c = Case::new(10 + d as u64, 1, 2, 1, 1, 65, d);
-        c.causal = Some(64);
-        c.check(&gpu, DType::F32, 1e-5);
-    }
+    // Head sizes beyond one accumulator per invocation.
+    let mut c = Case::new(10, 1, 2, 1, 1, 65, 200);
+    c.causal = Some(64);
+    c.check(&gpu, DType::F32, 1e-5);
+}
+
+#[test]
+fn calls_the_kernel_does_not_cover_go_through_the_composite() {
+    let Some(gpu) = backend() else { return };
+    let cpu = CpuBackend::new();
+    // Past the kernel's head size limit.
+    let mut c = Case::new(11, 1, 2, 1, 1, 65, 300);
+    c.causal = Some(64);
+    let kernel = c.run_with(&gpu, DType::F32, |q, k, v, m| {
+        assert!(gpu.fused_attention(q, k, v, m, c.scale)?.is_none());
+        Ok(q.clone())
+    });
+    assert_eq!(kernel.dims(), &[1, 2, 1, 300]);
+    assert!(rel_err(&c.run(&gpu, DType::F32, true), &c.run(&cpu, DType::F32, false)) <= 1e-5);
+    // A bias with a larger batch than the queries broadcasts the scores.
+    let mut c = Case::new(12, 1, 2, 2, 3, 5, 8);
+    c.bias = Some(random(&mut Rng::new(13), &[2, 2, 3, 5], 1.0));
+    let (got, want) = (c.run(&gpu, DType::F32, true), c.run(&cpu, DType::F32, false));
+    assert_eq!(got.dims(), &[2, 2, 3, 8]);
+    assert!(rel_err(&got, &want) <= 1e-5);
 }
