@@ -100,11 +100,11 @@ fn matches_transformers_4_31_token_for_token() {
 #[test]
 fn transformers_4_31_and_5_decode_differently() {
     // The same settings under 5.x semantics (checked against 5.24 by
-    // generate.rs): the option must matter on these fixtures, and only for
-    // beam search (greedy differs only through the repetition penalty on
-    // the BOS, which these prompts never generate).
+    // generate.rs): the option must matter on these fixtures, for beam
+    // scoring and for the repetition penalty on the seeded BOS (the
+    // `*_rep_bos` settings seed an id that greedy decoding generates).
     let f = load();
-    let (mut total, mut differ) = (0, 0);
+    let (mut total, mut differ, mut bos_differ) = (0, 0, 0);
     for (name, cfg) in settings() {
         let v5 = GenerationConfig {
             transformers: TransformersVersion::V5,
@@ -115,11 +115,62 @@ fn transformers_4_31_and_5_decode_differently() {
             total += 1;
             if got != rows(&f, &want) {
                 differ += 1;
-                assert!(cfg.num_beams > 1, "{name} {x}: greedy should not depend on the version");
+                if name.ends_with("_rep_bos") {
+                    bos_differ += 1;
+                } else {
+                    assert!(cfg.num_beams > 1, "{name} {x}: greedy should not depend on the version");
+                }
                 println!("{name} {x}: 4.31 {:?}, 5.x {got:?}", rows(&f, &want));
             }
         }
     }
-    println!("{differ} of {total} generations differ between transformers 4.31 and 5.x");
-    assert!(differ > 0, "no setting tells 4.31 from 5.x");
+    println!(
+        "{differ} of {total} generations differ between transformers 4.31 and 5.x \
+         ({bos_differ} through the BOS under the repetition penalty)"
+    );
+    assert!(differ > bos_differ, "no beam setting tells 4.31 from 5.x");
+    assert!(bos_differ > 0, "no setting shows the BOS under the repetition penalty");
+}
+
+/// Sequences end at their first token that is a multiple of three.
+fn stops_at_threes(ids: &[u32]) -> bool {
+    ids.last().is_some_and(|t| t % 3 == 0)
+}
+
+#[test]
+fn stop_rules_end_4_31_beams() {
+    // 4.31 has no per-sequence stop rules; here a candidate that meets one
+    // finishes like an EOS one (keeping its token). This rule ends about a
+    // third of all candidates, so some steps need more than the top
+    // 2 * num_beams candidates to keep num_beams beams running.
+    let f = load();
+    let (_, base) = settings().into_iter().find(|(n, _)| n == "beam5_lp0_n16").unwrap();
+    let mut stopped = 0;
+    for lp in [-1.0, 0.0, 2.0] {
+        let cfg = GenerationConfig {
+            length_penalty: lp,
+            ..base.clone()
+        };
+        for (x, _) in cases(&f, "beam5_lp0_n16") {
+            let mut rule = stops_at_threes;
+            let hooks = emu_llm::Hooks {
+                stop: Some(&mut rule),
+                ..Default::default()
+            };
+            let got = emu_llm::generate_with(&f.model, &f.tensor(&x), &[], &cfg, hooks).unwrap();
+            for row in got {
+                let end = row
+                    .iter()
+                    .position(|t| cfg.eos_token_ids.contains(t))
+                    .map_or(row.len(), |i| i + 1);
+                let body = &row[..end];
+                // Nothing continues past a stopping token.
+                for (i, t) in body.iter().enumerate() {
+                    assert!(t % 3 != 0 || i + 1 == body.len(), "lp {lp} {x}: {row:?}");
+                }
+                stopped += body.last().is_some_and(|t| t % 3 == 0) as usize;
+            }
+        }
+    }
+    assert!(stopped > 0, "the rule should end some answers");
 }

@@ -56,7 +56,7 @@ def build(out_dir: pathlib.Path) -> None:
     subprocess.run([REF_PYTHON, str(pathlib.Path(__file__).resolve()), str(out_dir)], check=True)
 
 
-def _settings(eos: int) -> dict:
+def _settings(eos: int, bos_hit: int) -> dict:
     base = dict(eos_token_id=eos, pad_token_id=0, bos_token_id=BOS, do_sample=False)
     s = {
         "greedy": dict(base, num_beams=1, max_new_tokens=12),
@@ -72,6 +72,11 @@ def _settings(eos: int) -> dict:
             tag = f"beam5_lp{lp:g}_n{n}"
             s[tag] = dict(base, num_beams=5, max_new_tokens=n, length_penalty=lp)
             s[tag + "_early"] = dict(base, num_beams=5, max_new_tokens=n, length_penalty=lp, early_stopping=True)
+    # 4.31's repetition penalty also sees the BOS it seeds input_ids with. The model never sees that id
+    # (inputs_embeds), so any id shows the effect: here one that greedy decoding generates.
+    rep_bos = dict(base, bos_token_id=bos_hit, repetition_penalty=1.5)
+    s["greedy_rep_bos"] = dict(rep_bos, num_beams=1, max_new_tokens=12)
+    s["beam5_lp-1_rep_bos"] = dict(rep_bos, num_beams=5, max_new_tokens=12, length_penalty=-1.0)
     # Upstream Emu2's own defaults: min_len=1 (min_new_tokens), beams 5, length_penalty -1.
     s["beam5_upstream"] = dict(base, num_beams=5, max_new_tokens=16, length_penalty=-1.0, min_new_tokens=1)
     return s
@@ -82,7 +87,7 @@ def _generate(model, embeds, kw):
 
     out = model.generate(inputs_embeds=embeds, **kw)
     # 4.31 seeds input_ids with BOS when only inputs_embeds are given; it is not generated.
-    assert bool((out[:, 0] == BOS).all()), out
+    assert bool((out[:, 0] == kw["bos_token_id"]).all()), out
     return out[:, 1:].contiguous().to(torch.int64)
 
 
@@ -128,7 +133,9 @@ def _build(out_dir: pathlib.Path) -> None:
                                        bos_token_id=BOS))
         counts += torch.bincount(seq[0, 1:], minlength=VOCAB)
     eos = int(counts.argmax())
-    settings = _settings(eos)
+    # A token greedy decoding generates (not EOS) for the BOS-under-repetition-penalty settings.
+    counts[eos] = 0
+    settings = _settings(eos, int(counts.argmax()))
     for name, kw in settings.items():
         for i, p in enumerate(prompts):
             cases[f"gen.{name}.{i}"] = _generate(model, p, kw)
