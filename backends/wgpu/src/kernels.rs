@@ -626,12 +626,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     )
 }
 
-/// LayerNorm / RMSNorm over contiguous rows, one workgroup per row.
-/// `rms`: no mean subtraction. Statistics in f32; the normalised value is
-/// rounded to the output dtype before the affine part (as the reference
-/// composites do). `P`: 0 rows, 1 cols, 2 offset, 3 eps bits, 4 has weight,
-/// 5 has bias, 6 w offset, 7 b offset.
-pub fn norm(rms: bool, out: DType) -> String {
+/// LayerNorm / RMSNorm / GroupNorm over contiguous rows, one workgroup
+/// per row. `rms`: no mean subtraction. Statistics in f32; the normalised
+/// value is rounded to the output dtype before the affine part (as the
+/// reference composites do). `P`: 0 rows, 1 cols, 2 offset, 3 eps bits,
+/// 4 has weight, 5 has bias, 6 w offset, 7 b offset. `grouped`: a row is
+/// one (sample, group) of GroupNorm and the weight/bias index is the
+/// channel, with 8 elements per channel, 9 groups, 10 channels per group.
+pub fn norm(rms: bool, grouped: bool, out: DType) -> String {
+    let widx = if grouped {
+        "(row % P[9]) * P[10] + k / P[8]"
+    } else {
+        "k"
+    };
     let center = if rms {
         "let mean = 0.0;"
     } else {
@@ -671,8 +678,8 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let ob = row * n;
     for (var k = t; k < n; k = k + 256u) {{
         var y = rnd((I0[base + k] - mean) * rstd);
-        if (P[4] != 0u) {{ y = rnd(y * I1[P[6] + k]); }}
-        if (P[5] != 0u) {{ y = rnd(y + I2[P[7] + k]); }}
+        if (P[4] != 0u) {{ y = rnd(y * I1[P[6] + {widx}]); }}
+        if (P[5] != 0u) {{ y = rnd(y + I2[P[7] + {widx}]); }}
         O[ob + k] = y;
     }}
 }}

@@ -33,7 +33,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use emu_core::backend::{default_attention, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+use emu_core::backend::{
+    default_attention, default_group_norm, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp,
+};
 use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, Result};
 use half::{bf16, f16};
@@ -1520,7 +1522,7 @@ impl Backend for WgpuBackend {
         let key = format!("layer_norm {}", dt_key(x.dtype));
         self.rows_kernel(
             &key,
-            || kernels::norm(false, x.dtype),
+            || kernels::norm(false, false, x.dtype),
             x,
             [w.as_ref(), b.as_ref()],
             &tail,
@@ -1548,6 +1550,56 @@ impl Backend for WgpuBackend {
         default_attention(self, q, k, v, mask, scale)
     }
 
+    /// The row kernel of `layer_norm` over (sample, group) rows, with the
+    /// per-channel weight and bias applied in the same pass; calls it does
+    /// not cover (malformed ones included) go through the composite.
+    fn group_norm(
+        &self,
+        x: &WgpuTensor,
+        num_groups: usize,
+        w: Option<&WgpuTensor>,
+        b: Option<&WgpuTensor>,
+        eps: f64,
+    ) -> Result<WgpuTensor> {
+        let dims = &x.dims;
+        let fits = dims.len() >= 2
+            && num_groups != 0
+            && dims[1].is_multiple_of(num_groups)
+            && x.dtype.is_float()
+            && [w, b]
+                .iter()
+                .all(|t| t.is_none_or(|t| t.dtype == x.dtype && t.dims == [dims[1]]));
+        if !fits {
+            return default_group_norm(self, x, num_groups, w, b, eps);
+        }
+        let (n, c) = (dims[0], dims[1]);
+        let rest: usize = dims[2..].iter().product();
+        let per_group = c / num_groups;
+        let xc = self.contiguous(x)?;
+        let rows = self.reshape(&xc, &[n * num_groups, per_group * rest])?;
+        let w = w.map(|t| self.contiguous(t)).transpose()?;
+        let b = b.map(|t| self.contiguous(t)).transpose()?;
+        let tail = [
+            (eps as f32).to_bits(),
+            w.is_some() as u32,
+            b.is_some() as u32,
+            u32_of("offset", w.as_ref().map_or(0, |t| t.offset))?,
+            u32_of("offset", b.as_ref().map_or(0, |t| t.offset))?,
+            u32_of("channel size", rest)?,
+            u32_of("groups", num_groups)?,
+            u32_of("channels per group", per_group)?,
+        ];
+        let key = format!("group_norm {}", dt_key(x.dtype));
+        let y = self.rows_kernel(
+            &key,
+            || kernels::norm(false, true, x.dtype),
+            &rows,
+            [w.as_ref(), b.as_ref()],
+            &tail,
+        )?;
+        self.reshape(&y, dims)
+    }
+
     fn rms_norm(&self, x: &WgpuTensor, w: &WgpuTensor, eps: f64) -> Result<WgpuTensor> {
         self.float_only("rms_norm", x)?;
         let cols = x.dims.last().copied().unwrap_or(0);
@@ -1560,6 +1612,12 @@ impl Backend for WgpuBackend {
             0,
         ];
         let key = format!("rms_norm {}", dt_key(x.dtype));
-        self.rows_kernel(&key, || kernels::norm(true, x.dtype), x, [w.as_ref(), None], &tail)
+        self.rows_kernel(
+            &key,
+            || kernels::norm(true, false, x.dtype),
+            x,
+            [w.as_ref(), None],
+            &tail,
+        )
     }
 }
