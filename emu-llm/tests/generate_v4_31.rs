@@ -132,6 +132,23 @@ fn transformers_4_31_and_5_decode_differently() {
     assert!(bos_differ > 0, "no setting shows the BOS under the repetition penalty");
 }
 
+#[test]
+fn left_padded_batch_matches_transformers_4_31() {
+    let f = load();
+    let mask = rows(&f, "gen3.mask");
+    let padding: Vec<usize> = mask.iter().map(|r| r.iter().filter(|&&m| m == 0).count()).collect();
+    let mut checked = 0;
+    for (name, cfg) in settings() {
+        let key = format!("gen3.{name}");
+        if f.cases.contains(&key) {
+            let got = generate(&f.model, &f.tensor("gen3.embeds"), &padding, &cfg, None).unwrap();
+            assert_eq!(got, rows(&f, &key), "{name} padded batch");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 5);
+}
+
 /// Sequences end at their first token that is a multiple of three.
 fn stops_at_threes(ids: &[u32]) -> bool {
     ids.last().is_some_and(|t| t % 3 == 0)

@@ -17,6 +17,7 @@ Writes, under `out_dir` (tests/fixtures/llm431/):
     gen.{name}.{i} [1,N] i64: 4.31 `generate` output (leading BOS removed) for the settings in
         generation.json
     gen2.embeds [2,T,H], gen2.{name} [2,N] i64: an unpadded two-prompt batch
+    gen3.embeds [3,T,H], gen3.mask [3,T] i64, gen3.{name} [3,N] i64: a left-padded batch
   generation.json   eos_token_id and the generate() settings of each name
 
 transformers 4.31 cannot live in the main reference venv (transformers 5.x), so `build()` re-runs
@@ -143,6 +144,19 @@ def _build(out_dir: pathlib.Path) -> None:
     cases["gen2.embeds"] = pair
     for name in ("greedy", "beam5_lp-1_n10", "beam5_lp2_n10", "beam5_lp2_n16_early"):
         cases[f"gen2.{name}"] = _generate(model, pair, settings[name])
+    # Left padding (upstream pads batches on the left): prompts of 9, 4 and 6 positions with an
+    # attention mask; the padding rows hold noise that must not matter.
+    lens = [9, 4, 6]
+    padded = torch.randn(len(lens), max(lens), H, generator=g)
+    pmask = torch.zeros(len(lens), max(lens), dtype=torch.long)
+    for b, n in enumerate(lens):
+        pmask[b, max(lens) - n:] = 1
+    cases["gen3.embeds"] = padded
+    cases["gen3.mask"] = pmask
+    for name in ("greedy", "beam5_lp-1_n10", "beam5_lp2_n10", "beam5_lp2_n16_early", "beam5_upstream"):
+        out = model.generate(inputs_embeds=padded, attention_mask=pmask, **settings[name])
+        assert bool((out[:, 0] == settings[name]["bos_token_id"]).all()), out
+        cases[f"gen3.{name}"] = out[:, 1:].contiguous()
     save_file({k: v.contiguous() for k, v in cases.items()}, str(out_dir / "cases.safetensors"))
     doc = dict(transformers="4.31.0", torch=torch.__version__.split("+")[0], model="llm/mha",
                eos_token_id=eos, settings=settings)
