@@ -271,6 +271,19 @@ pub struct DecodeArgs {
     /// repeat for several. Applies to every beam in beam search.
     #[arg(long = "stop", value_name = "STRING")]
     pub stop: Vec<String>,
+    /// Which transformers `generate` to follow where versions differ (beam
+    /// scoring; the BOS under --repetition-penalty): 5 (5.x, the default) or
+    /// 4.31 (the version upstream Emu2 pins).
+    #[arg(long, default_value = "5", value_parser = parse_transformers, value_name = "VERSION")]
+    pub transformers: emu_llm::TransformersVersion,
+}
+
+fn parse_transformers(s: &str) -> std::result::Result<emu_llm::TransformersVersion, String> {
+    match s {
+        "5" => Ok(emu_llm::TransformersVersion::V5),
+        "4.31" => Ok(emu_llm::TransformersVersion::V4_31),
+        _ => Err(format!("expected 5 or 4.31, found {s:?}")),
+    }
 }
 
 impl DecodeArgs {
@@ -286,6 +299,7 @@ impl DecodeArgs {
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
             stop_strings: self.stop.clone(),
+            transformers: self.transformers,
             ..crate::pipeline::upstream_generation()
         }
     }

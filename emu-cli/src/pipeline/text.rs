@@ -18,12 +18,15 @@ use std::time::Instant;
 /// answers (good for VQA); set `length_penalty` to about 2.0 for longer chat
 /// answers. `max_new_tokens` is 64 as in upstream's Hugging Face examples.
 /// `num_beams = 1` is greedy search, the only mode that can stream.
+/// Decoding follows transformers 5.x; upstream pins 4.31, which scores beams
+/// differently: set `transformers` to `TransformersVersion::V4_31` for that.
 pub fn upstream_generation() -> GenerationConfig {
     GenerationConfig {
         max_new_tokens: 64,
         min_new_tokens: 1,
         eos_token_ids: vec![SpecialToken::Eos.id()],
         pad_token_id: Some(SpecialToken::Pad.id()),
+        bos_token_id: Some(SpecialToken::Bos.id()),
         num_beams: 5,
         length_penalty: -1.0,
         ..GenerationConfig::default()
