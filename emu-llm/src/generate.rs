@@ -63,12 +63,20 @@ pub enum EarlyStopping {
 ///   last step only the top `num_beams` may become hypotheses);
 /// * the `early_stopping = False` heuristic compares the worst finished
 ///   score with the best of *all* `2 * num_beams` candidates (EOS ones
-///   included) over `(generated + 1)^length_penalty`, and a prompt whose
-///   beams are done freezes; `"never"` uses `max_new_tokens + 1`;
+///   included) over `(generated + 1)^length_penalty` (5.x: the best running
+///   beam over `generated^length_penalty`); with a positive length penalty,
+///   `"never"` uses `max_new_tokens + 1` (5.x: `max_new_tokens`);
 /// * scores of finished hypotheses are kept in f64 (Python floats);
 /// * the repetition penalty also sees the BOS id (when
 ///   [`GenerationConfig::bos_token_id`] is set), in greedy search and
 ///   sampling too.
+///
+/// 4.31 has no per-sequence stop rules (stop strings, [`Hooks::stop`]); under
+/// `V4_31` a beam candidate that meets one finishes like an EOS candidate
+/// (only among the top `num_beams`), keeps its token and is scored with the
+/// BOS counted. Where such rules end so many candidates that fewer than
+/// `num_beams` of the top `2 * num_beams` keep running (4.31 raises an error
+/// there for EOS), the next best candidates are taken.
 ///
 /// Upstream Emu2's native code pins transformers 4.31.0 (its
 /// `requirements.txt`, SPEC §8), so `V4_31` is what it decodes with.
