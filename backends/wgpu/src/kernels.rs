@@ -430,21 +430,25 @@ fn store_row(o_base: u32, r: u32, c0: u32, M: u32, N: u32, v: vec4<f32>) {{
     )
 }
 
+/// Output columns per workgroup of the [`matvec`] kernel.
+pub const MV_COLS: u32 = 4;
+
 /// Matrix-vector product for `M = 1` (decode steps): one workgroup of 64
-/// invocations per output element, splitting K and reducing in workgroup
-/// memory, so a row of a transposed weight is read contiguously. Same `P`
-/// as [`matmul`]; grid `(x, y, batch)` with `x * y >= N`.
+/// invocations per 4 output elements, splitting K and reducing in
+/// workgroup memory, so rows of a transposed weight are read contiguously
+/// and each element of `a` is loaded once for 4 columns. Same `P` as
+/// [`matmul`]; grid `(x, y, batch)` with `x * y >= ceil(N / 4)`.
 pub fn matvec(out: DType) -> String {
     format!(
         "{}{}
-var<workgroup> red: array<f32, 64>;
+var<workgroup> red: array<vec4<f32>, 64>;
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_id) lid: vec3<u32>) {{
     let N = P[1];
     let K = P[2];
-    let col = wid.x + wid.y * nwg.x;
+    let col = (wid.x + wid.y * nwg.x) * 4u;
     if (col >= N) {{ return; }}
     var rem = wid.z;
     var a_base = P[10];
@@ -461,11 +465,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     }}
     let a_cs = P[12];
     let b_rs = P[20];
-    let bc = b_base + col * P[21];
+    let b_cs = P[21];
+    // Columns past N read the last one again and are not stored.
+    let b0 = b_base + col * b_cs;
+    let b1 = b_base + min(col + 1u, N - 1u) * b_cs;
+    let b2 = b_base + min(col + 2u, N - 1u) * b_cs;
+    let b3 = b_base + min(col + 3u, N - 1u) * b_cs;
     let t = lid.x;
-    var acc = 0.0;
+    var acc = vec4<f32>(0.0);
     for (var k = t; k < K; k = k + 64u) {{
-        acc = acc + I0[a_base + k * a_cs] * I1[bc + k * b_rs];
+        let a = I0[a_base + k * a_cs];
+        let kb = k * b_rs;
+        acc = acc + a * vec4<f32>(I1[b0 + kb], I1[b1 + kb], I1[b2 + kb], I1[b3 + kb]);
     }}
     red[t] = acc;
     workgroupBarrier();
@@ -473,7 +484,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if (t < h) {{ red[t] = red[t] + red[t + h]; }}
         workgroupBarrier();
     }}
-    if (t == 0u) {{ O[wid.z * N + col] = rnd(red[0]); }}
+    if (t == 0u) {{
+        let r = red[0];
+        let o = wid.z * N + col;
+        O[o] = rnd(r.x);
+        if (col + 1u < N) {{ O[o + 1u] = rnd(r.y); }}
+        if (col + 2u < N) {{ O[o + 2u] = rnd(r.z); }}
+        if (col + 3u < N) {{ O[o + 3u] = rnd(r.w); }}
+    }}
 }}
 ",
         header(&["f32", "f32"], "f32"),

@@ -1317,7 +1317,7 @@ impl Backend for WgpuBackend {
         if m == 1 {
             let key = format!("matvec {}", dt_key(a.dtype));
             let pipeline = self.pipeline(&key, 2, || kernels::matvec(a.dtype))?;
-            let [x, y, _] = groups_rows(n);
+            let [x, y, _] = groups_rows(n.div_ceil(kernels::MV_COLS as usize));
             self.submit(&[Launch {
                 pipeline,
                 params: p,
