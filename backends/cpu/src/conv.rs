@@ -282,6 +282,28 @@ mod tests {
         }
     }
 
+    /// Empty batches and channel counts go through the backend without a
+    /// panic (they are left to candle's kernel).
+    #[test]
+    fn empty_operands_through_the_backend() {
+        use emu_core::backend::{Backend, Conv2dParams};
+        let cpu = crate::CpuBackend::new();
+        let dev = Device::Cpu;
+        let p = Conv2dParams {
+            stride: (1, 1),
+            padding: (1, 1),
+            dilation: (1, 1),
+            groups: 1,
+        };
+        for (xd, wd) in [([0, 2, 4, 4], [3, 2, 3, 3]), ([1, 2, 4, 4], [0, 2, 3, 3])] {
+            let x = CTensor::zeros(&xd, candle_core::DType::F32, &dev).unwrap();
+            let w = CTensor::zeros(&wd, candle_core::DType::F32, &dev).unwrap();
+            if let Ok(y) = cpu.conv2d(&x, &w, None, p) {
+                assert_eq!(y.dims(), [xd[0], wd[0], 4, 4]);
+            }
+        }
+    }
+
     /// Tiles of output rows: an input whose im2col does not fit one tile.
     #[test]
     fn tiled_output_rows_match_f64() {

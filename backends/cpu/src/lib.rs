@@ -457,7 +457,8 @@ impl Backend for CpuBackend {
                 )));
             }
         }
-        if p.groups == 1 && x.dtype() != CDType::F64 {
+        // Empty operands stay on candle's path, which handles them.
+        if p.groups == 1 && x.dtype() != CDType::F64 && xd.iter().chain(wd).all(|&d| d > 0) {
             // f32 and half precision: the NCHW im2col kernel, accumulating in
             // f32. f32 starts from the bias; half precision rounds the
             // product once and adds the bias in its own dtype, as this
