@@ -2,7 +2,11 @@
 //!
 //! Matmuls go through candle's `gemm` crate (multi-threaded, SIMD); f16/bf16
 //! are stored natively and the numerically sensitive composites (softmax,
-//! norms) run in f32 as PyTorch does.
+//! norms) run in f32 as PyTorch does. Three kernels of this crate replace
+//! candle's where those are slow: `linear` with few rows (decode) streams
+//! the weights through an f32 row loop (`matvec`), `conv2d` is an NCHW
+//! im2col + gemm (`conv`) and `group_norm` is one fused pass (`norm`); all
+//! accumulate in f32 and split their work over rayon's global pool.
 //!
 //! ```
 //! use emu_backend_cpu::CpuBackend;
