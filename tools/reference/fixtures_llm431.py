@@ -27,8 +27,9 @@ created from tools/reference/requirements-431.txt).
 import json
 import os
 import pathlib
-import subprocess
 import sys
+
+from under_431 import build_under_431
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -40,21 +41,7 @@ BOS = 1
 
 
 def build(out_dir: pathlib.Path) -> None:
-    try:
-        import transformers
-
-        native = transformers.__version__ == "4.31.0"
-    except ImportError:
-        native = False
-    if native:
-        _build(pathlib.Path(out_dir))
-        return
-    if not pathlib.Path(REF_PYTHON).exists():
-        raise SystemExit(
-            f"fixtures_llm431 needs transformers 4.31 in its own venv: create {REF_PYTHON} from "
-            "tools/reference/requirements-431.txt or set EMU_LLM431_REF_PYTHON"
-        )
-    subprocess.run([REF_PYTHON, str(pathlib.Path(__file__).resolve()), str(out_dir)], check=True)
+    build_under_431(__file__, out_dir, _build, REF_PYTHON, "EMU_LLM431_REF_PYTHON", "requirements-431.txt")
 
 
 def _settings(eos: int, bos_hit: int) -> dict:

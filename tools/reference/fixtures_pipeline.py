@@ -54,13 +54,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 REF_PYTHON = os.environ.get("EMU_PROMPT_REF_PYTHON", "/work/venv-prompt/bin/python")
 
 # Emu2/emu/lm.py order; chat adds [USER] [ASSISTANT].
-SPECIAL = (
-    ["[IMG]", "[/IMG]", "<image>", "[gIMG]", "[/gIMG]", "[EOC]", "[VIDEO]"]
-    + ["<grounding>", "<phrase>", "</phrase>", "<object>", "</object>", "</delimiter_of_multi_objects/>", "<REC>"]
-    + [f"<patch_index_{i:04d}>" for i in range(257)]
-)
-CHAT_SPECIAL = ["[USER]", "[ASSISTANT]"]
-SYSTEM = "You are a helpful assistant, dedicated to delivering comprehensive and meticulous responses."
+from fixtures_prompt import CHAT_SPECIAL, SPECIAL, SYSTEM  # noqa: E402
 
 # Tiny dimensions (the real ones in brackets). An 8x8 patch grid pooled with stride 2 gives
 # 16 visual tokens (as 32x32 -> 16x16 = 256 for Emu2-Chat); Emu2-Gen uses 16 too here.

@@ -15,8 +15,9 @@ beside the checkout) and are never written to the output.
 import json
 import os
 import pathlib
-import subprocess
 import sys
+
+from under_431 import build_under_431
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -38,21 +39,7 @@ CANVAS = 448
 
 
 def build(out_dir: pathlib.Path) -> None:
-    try:
-        import transformers  # noqa: F401
-
-        native = transformers.__version__ == "4.31.0"
-    except ImportError:
-        native = False
-    if native:
-        _build(pathlib.Path(out_dir))
-        return
-    if not pathlib.Path(REF_PYTHON).exists():
-        raise SystemExit(
-            f"fixtures_prompt needs transformers 4.31 in its own venv: create {REF_PYTHON} from "
-            "tools/reference/requirements-prompt.txt or set EMU_PROMPT_REF_PYTHON"
-        )
-    subprocess.run([REF_PYTHON, str(pathlib.Path(__file__).resolve()), str(out_dir)], check=True)
+    build_under_431(__file__, out_dir, _build, REF_PYTHON, "EMU_PROMPT_REF_PYTHON", "requirements-prompt.txt")
 
 
 def _llama_dir() -> pathlib.Path:
