@@ -17,6 +17,11 @@
 //!   tensor using them is dropped; each op is one queue submission, so
 //!   reusing a buffer is ordered after every earlier use;
 //! * the host reads device memory only in [`Backend::download`].
+//! * fused kernels replace the composites where they pay off: softmax,
+//!   layer/RMS/group norm (one workgroup per row or group), and attention
+//!   for decode steps (one workgroup per query row, keys in chunks with an
+//!   online softmax; longer query blocks use the tiled matmuls, see
+//!   [`FUSED_ATTENTION_MAX_QUERIES`]).
 //!
 //! ```no_run
 //! use emu_backend_wgpu::WgpuBackend;
