@@ -489,7 +489,13 @@ pub fn default_attention<B: Backend>(
     let dt = be.dtype(&scores);
     let mut scores = upcast(be, &scores)?;
     if let Some(bias) = mask.bias {
-        scores = be.binary(BinaryOp::Add, &scores, &upcast(be, bias)?)?;
+        // f16 cannot hold MASK_VALUE: a mask stored in f16 carries -inf,
+        // which would turn a fully masked row into NaN. Clamped back to
+        // MASK_VALUE, that row stays uniform (invariant 5) in every dtype.
+        let bias = upcast(be, bias)?;
+        let floor = be.full(&[1], MASK_VALUE, be.dtype(&bias))?;
+        let bias = be.binary(BinaryOp::Maximum, &bias, &floor)?;
+        scores = be.binary(BinaryOp::Add, &scores, &bias)?;
     }
     if let Some(offset) = mask.causal_offset {
         let host = causal_bias(tq, tk, offset)?;

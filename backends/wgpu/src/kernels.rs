@@ -268,10 +268,6 @@ pub fn cast(from: Word, to: DType) -> String {
     )
 }
 
-/// Longest run of one shader loop: llvmpipe's gallivm ends every loop after
-/// 65535 iterations without an error, so longer loops are split in chunks.
-const CHUNK: u32 = 32768;
-
 /// Reduction of the middle axis of a contiguous `[outer, r, inner]` view.
 /// `P` = `[outer * inner, r, inner, offset]`; one invocation per output.
 pub fn reduce(op: ReduceOp, out: DType) -> String {
@@ -288,14 +284,9 @@ pub fn reduce(op: ReduceOp, out: DType) -> String {
     let inner = P[2];
     let base = P[3] + (i / inner) * r * inner + i % inner;
     var acc: f32 = {init};
-    // Nested so that no single loop runs more than CHUNK iterations:
-    // llvmpipe (lavapipe) silently ends any loop after 65535 iterations.
-    for (var k0 = 0u; k0 < r; k0 = k0 + {CHUNK}u) {{
-        let k1 = min(r, k0 + {CHUNK}u);
-        for (var k = k0; k < k1; k = k + 1u) {{
-            let v = I0[base + k * inner];
-            {step}
-        }}
+    for (var k = 0u; k < r; k = k + 1u) {{
+        let v = I0[base + k * inner];
+        {step}
     }}
     O[i] = rnd({fin});
 }}
@@ -315,13 +306,9 @@ pub fn argmax() -> String {
     let base = P[3] + (i / inner) * r * inner + i % inner;
     var best = I0[base];
     var arg = 0u;
-    // Chunked like `reduce` (llvmpipe's 65535-iteration loop limit).
-    for (var k0 = 0u; k0 < r; k0 = k0 + {CHUNK}u) {{
-        let k1 = min(r, k0 + {CHUNK}u);
-        for (var k = max(k0, 1u); k < k1; k = k + 1u) {{
-            let v = I0[base + k * inner];
-            if (v > best) {{ best = v; arg = k; }}
-        }}
+    for (var k = 1u; k < r; k = k + 1u) {{
+        let v = I0[base + k * inner];
+        if (v > best) {{ best = v; arg = k; }}
     }}
     O[i] = arg;
 }}
@@ -744,7 +731,9 @@ fn score(j: u32, i: u32, kb: u32, bb: u32, D: u32, scale: f32) -> f32 {{
     let ks = P[20];
     for (var d = 0u; d < D; d = d + 1u) {{ dot = dot + qs[d] * I1[kb + j * P[19] + d * ks]; }}
     var s = rnd(rnd(dot) * scale);
-    if (P[7] != 0u) {{ s = s + I3[bb + j * P[30]]; }}
+    // A bias stored in f16 holds MASK_VALUE as -inf; clamped back, a fully
+    // masked row stays uniform instead of NaN (as `default_attention`).
+    if (P[7] != 0u) {{ s = s + max(I3[bb + j * P[30]], MASK); }}
     if (P[8] != 0u && j > P[9] + i) {{ s = s + MASK; }}
     return s;
 }}
