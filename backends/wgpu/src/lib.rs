@@ -276,6 +276,13 @@ fn strided_params(dims: &[usize], ops: &[(usize, &[usize])]) -> Result<Vec<u32>>
     Ok(p)
 }
 
+/// Longest axis one invocation of the reduce kernel runs through serially.
+/// Besides parallelism, llvmpipe (lavapipe) silently ends a shader
+/// invocation's loops after 65535 iterations in all, so longer axes would
+/// come out wrong there; `reduce` splits them. (`argmax` keeps one pass:
+/// vocabularies are below that, and real GPUs have no such limit.)
+const SERIAL_REDUCE_MAX: usize = 16384;
+
 fn groups_1d(n: usize) -> [u32; 3] {
     let total = n.div_ceil(WG as usize).max(1);
     let x = total.min(65535);
@@ -763,6 +770,39 @@ impl WgpuBackend {
 
     /// One invocation per output element, each folding dimension `dim` of
     /// the input (reductions and argmax share this launch shape).
+    /// `reduce` of an axis longer than [`SERIAL_REDUCE_MAX`]: chunks of it
+    /// first, then the partial results, in f32 so half types round once.
+    fn reduce_in_chunks(&self, op: ReduceOp, t: &WgpuTensor, dim: usize, keepdim: bool) -> Result<WgpuTensor> {
+        let x = if t.dtype == DType::F32 {
+            t.clone()
+        } else {
+            self.cast(t, DType::F32)?
+        };
+        let r = x.dims[dim];
+        let (c, q, rem) = (SERIAL_REDUCE_MAX, r / SERIAL_REDUCE_MAX, r % SERIAL_REDUCE_MAX);
+        let partial = if op == ReduceOp::Mean { ReduceOp::Sum } else { op };
+        let mut parts = Vec::with_capacity(2);
+        if q > 0 {
+            let mut dims = x.dims.clone();
+            dims[dim] = q;
+            dims.insert(dim + 1, c);
+            let head = self.reshape(&self.narrow(&x, dim, 0, q * c)?, &dims)?;
+            parts.push(self.reduce(partial, &head, dim + 1, false)?);
+        }
+        if rem > 0 {
+            parts.push(self.reduce(partial, &self.narrow(&x, dim, q * c, rem)?, dim, true)?);
+        }
+        let refs: Vec<&WgpuTensor> = parts.iter().collect();
+        let mut out = self.reduce(partial, &self.concat(&refs, dim)?, dim, keepdim)?;
+        if op == ReduceOp::Mean {
+            out = self.affine(&out, 1.0 / r as f64, 0.0)?;
+        }
+        if t.dtype != DType::F32 {
+            out = self.cast(&out, t.dtype)?;
+        }
+        Ok(out)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn along_dim(
         &self,
@@ -1248,6 +1288,11 @@ impl Backend for WgpuBackend {
     }
 
     fn reduce(&self, op: ReduceOp, t: &WgpuTensor, dim: usize, keepdim: bool) -> Result<WgpuTensor> {
+        Self::check_dim("reduce", t, dim)?;
+        if t.dims[dim] > SERIAL_REDUCE_MAX {
+            self.float_only("reduce", t)?;
+            return self.reduce_in_chunks(op, t, dim, keepdim);
+        }
         let key = format!("reduce {op:?} {}", dt_key(t.dtype));
         self.along_dim("reduce", t, dim, keepdim, t.dtype, &key, || {
             kernels::reduce(op, t.dtype)

@@ -5,37 +5,16 @@
 //! half-precision storage.
 
 use emu_backend_cpu::CpuBackend;
+mod common;
+
+use common::{backend, rel_err, uniform};
 use emu_backend_wgpu::WgpuBackend;
 use emu_core::backend::{default_attention, AttnMask, MASK_VALUE};
 use emu_core::testing::Rng;
-use emu_core::{Backend, DType, Error, HostTensor};
-
-fn backend() -> Option<WgpuBackend> {
-    match WgpuBackend::new() {
-        Ok(b) => Some(b),
-        Err(e @ Error::BackendUnavailable { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("creating the wgpu backend: {e}"),
-    }
-}
+use emu_core::{Backend, DType, HostTensor};
 
 fn random(rng: &mut Rng, dims: &[usize], amp: f64) -> HostTensor {
-    let n = dims.iter().product();
-    HostTensor::from_f32(dims, (0..n).map(|_| rng.uniform(-amp, amp) as f32).collect()).unwrap()
-}
-
-/// Largest absolute difference relative to the largest reference value.
-fn rel_err(got: &HostTensor, want: &HostTensor) -> f64 {
-    assert_eq!(got.dims(), want.dims());
-    let (g, w) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
-    let scale = w.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-30);
-    g.iter()
-        .zip(&w)
-        .map(|(&a, &b)| (a as f64 - b as f64).abs())
-        .fold(0f64, f64::max)
-        / scale
+    uniform(rng, dims, -amp, amp)
 }
 
 /// One attention problem, given as host tensors in `[B, T, H, D]` layout

@@ -5,24 +5,16 @@
 //! Skips with a message when no adapter exists (CI has lavapipe).
 
 use emu_backend_cpu::CpuBackend;
+mod common;
+
+use common::backend;
 use emu_backend_wgpu::WgpuBackend;
 use emu_core::checkpoint::Checkpoint;
-use emu_core::{Backend, DType, Error, Tensor};
+use emu_core::{Backend, DType, Tensor};
 use emu_decoder::{AutoencoderKL, AutoencoderKLConfig, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
 use emu_llm::{generate, GenerationConfig, Llama, LlamaConfig, Logits, SlotIds};
 use emu_vision::VisionEncoder;
 use std::path::{Path, PathBuf};
-
-fn backend() -> Option<WgpuBackend> {
-    match WgpuBackend::new() {
-        Ok(b) => Some(b),
-        Err(e @ Error::BackendUnavailable { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("creating the wgpu backend: {e}"),
-    }
-}
 
 fn fixtures(set: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

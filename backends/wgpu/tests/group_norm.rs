@@ -3,25 +3,11 @@
 //! strided inputs, missing affine parts and half-precision storage.
 
 use emu_backend_cpu::CpuBackend;
-use emu_backend_wgpu::WgpuBackend;
+mod common;
+
+use common::{backend, rel_err, uniform as random};
 use emu_core::testing::Rng;
-use emu_core::{Backend, DType, Error, HostTensor};
-
-fn backend() -> Option<WgpuBackend> {
-    match WgpuBackend::new() {
-        Ok(b) => Some(b),
-        Err(e @ Error::BackendUnavailable { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("creating the wgpu backend: {e}"),
-    }
-}
-
-fn random(rng: &mut Rng, dims: &[usize], lo: f64, hi: f64) -> HostTensor {
-    let n = dims.iter().product();
-    HostTensor::from_f32(dims, (0..n).map(|_| rng.uniform(lo, hi) as f32).collect()).unwrap()
-}
+use emu_core::{Backend, DType, HostTensor};
 
 /// Group norm of `x` (permuted by `perm` on the device first) on `be`.
 fn run<B: Backend>(
@@ -43,17 +29,6 @@ fn run<B: Backend>(
     };
     let y = be.group_norm(&xt, groups, w.as_ref(), b.as_ref(), 1e-5).unwrap();
     be.download(&be.cast(&y, DType::F32).unwrap()).unwrap()
-}
-
-fn rel_err(got: &HostTensor, want: &HostTensor) -> f64 {
-    assert_eq!(got.dims(), want.dims());
-    let (g, w) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
-    let scale = w.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-30);
-    g.iter()
-        .zip(&w)
-        .map(|(&a, &b)| (a as f64 - b as f64).abs())
-        .fold(0f64, f64::max)
-        / scale
 }
 
 /// Input dims, groups, a permutation of the uploaded buffer, with affine.

@@ -4,24 +4,14 @@
 //! views and half-precision storage.
 
 use emu_backend_cpu::CpuBackend;
-use emu_backend_wgpu::WgpuBackend;
-use emu_core::testing::Rng;
-use emu_core::{Backend, DType, Error, HostTensor};
+mod common;
 
-fn backend() -> Option<WgpuBackend> {
-    match WgpuBackend::new() {
-        Ok(b) => Some(b),
-        Err(e @ Error::BackendUnavailable { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("creating the wgpu backend: {e}"),
-    }
-}
+use common::{backend, rel_err, uniform};
+use emu_core::testing::Rng;
+use emu_core::{Backend, DType, HostTensor};
 
 fn random(rng: &mut Rng, dims: &[usize]) -> HostTensor {
-    let n = dims.iter().product();
-    HostTensor::from_f32(dims, (0..n).map(|_| rng.uniform(-1.0, 1.0) as f32).collect()).unwrap()
+    uniform(rng, dims, -1.0, 1.0)
 }
 
 /// `a x b` on `be`, where an operand given with `true` is stored with its
@@ -40,17 +30,6 @@ fn run<B: Backend>(be: &B, dtype: DType, a: (&HostTensor, bool), b: (&HostTensor
     };
     let y = be.matmul(&up(a), &up(b)).unwrap();
     be.download(&be.cast(&y, DType::F32).unwrap()).unwrap()
-}
-
-fn rel_err(got: &HostTensor, want: &HostTensor) -> f64 {
-    assert_eq!(got.dims(), want.dims());
-    let (g, w) = (got.to_f32_vec().unwrap(), want.to_f32_vec().unwrap());
-    let scale = w.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-30);
-    g.iter()
-        .zip(&w)
-        .map(|(&a, &b)| (a as f64 - b as f64).abs())
-        .fold(0f64, f64::max)
-        / scale
 }
 
 /// Stored dims of an operand whose logical dims are `dims`.

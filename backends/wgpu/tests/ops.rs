@@ -2,20 +2,11 @@
 //! adapter (no GPU, no Vulkan driver) the tests say so and skip; CI installs
 //! Mesa's lavapipe so they run there.
 
-use emu_backend_wgpu::WgpuBackend;
-use emu_core::testing::{assert_error_suite_passes, assert_op_suite_passes};
-use emu_core::{DType, Error};
+mod common;
 
-fn backend() -> Option<WgpuBackend> {
-    match WgpuBackend::new() {
-        Ok(b) => Some(b),
-        Err(e @ Error::BackendUnavailable { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("creating the wgpu backend: {e}"),
-    }
-}
+use common::backend;
+use emu_core::testing::{assert_error_suite_passes, assert_op_suite_passes};
+use emu_core::DType;
 
 fn assert_suite_passes(dtype: DType) {
     let Some(be) = backend() else { return };
