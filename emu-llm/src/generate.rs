@@ -591,6 +591,46 @@ fn top_k_indices(x: &[f32], k: usize) -> Vec<usize> {
     idx
 }
 
+/// Every beam starts from its prompt: the cache rows of each of the `b`
+/// prompts repeated `k` times, and their prefill logits likewise.
+fn expand_to_beams<B: Backend>(
+    cache: &mut KvCache<B>,
+    prefill_logits: &[f32],
+    b: usize,
+    k: usize,
+    v: usize,
+) -> Result<Vec<f32>> {
+    let rows: Vec<u32> = (0..b * k).map(|r| (r / k) as u32).collect();
+    cache.select(&rows)?;
+    Ok(rows
+        .iter()
+        .flat_map(|&r| prefill_logits[r as usize * v..(r as usize + 1) * v].iter().copied())
+        .collect())
+}
+
+/// The score of every continuation of prompt `bi`'s running beams
+/// (`beams.len() x v`, beam-major): processed log-probs plus the beam score.
+fn candidate_scores(logits: &[f32], bi: usize, v: usize, beams: &[Hyp], cfg: &GenerationConfig) -> Vec<f32> {
+    let k = beams.len();
+    let mut acc = Vec::with_capacity(k * v);
+    for (j, hyp) in beams.iter().enumerate() {
+        let row = bi * k + j;
+        let mut lps = log_softmax(&logits[row * v..(row + 1) * v]);
+        process(&mut lps, &hyp.tokens, cfg);
+        acc.extend(lps.into_iter().map(|x| x + hyp.score));
+    }
+    acc
+}
+
+/// Rows padded with `fill` to the longest one.
+fn pad_to_widest(mut rows: Vec<Vec<u32>>, fill: u32) -> Vec<Vec<u32>> {
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    for r in &mut rows {
+        r.resize(width, fill);
+    }
+    rows
+}
+
 /// transformers' `_beam_search` (5.x, vectorised form), one prompt at a time
 /// on the host, with every score computed in f32 as there.
 fn beam_search<B: Backend>(
@@ -614,13 +654,7 @@ fn beam_search<B: Backend>(
     let penalty = |n: usize| (n as f64).powf(lp) as f32;
     const NEG: f32 = -1.0e9;
 
-    // Every beam starts from the same prompt: copy each prompt's cache rows.
-    let rows: Vec<u32> = (0..b * k).map(|r| (r / k) as u32).collect();
-    cache.select(&rows)?;
-    let mut logits: Vec<f32> = rows
-        .iter()
-        .flat_map(|&r| prefill_logits[r as usize * v..(r as usize + 1) * v].iter().copied())
-        .collect();
+    let mut logits = expand_to_beams(&mut cache, &prefill_logits, b, k, v)?;
 
     let mut state: Vec<Beams> = (0..b)
         .map(|_| Beams {
@@ -648,13 +682,7 @@ fn beam_search<B: Backend>(
         let mut next_tokens = Vec::with_capacity(b * k);
         for (bi, st) in state.iter_mut().enumerate() {
             // b. log-probs of every continuation, processed, plus the beam score.
-            let mut acc = Vec::with_capacity(k * v);
-            for (j, hyp) in st.running.iter().enumerate() {
-                let row = bi * k + j;
-                let mut lps = log_softmax(&logits[row * v..(row + 1) * v]);
-                process(&mut lps, &hyp.tokens, cfg);
-                acc.extend(lps.into_iter().map(|x| x + hyp.score));
-            }
+            let acc = candidate_scores(&logits, bi, v, &st.running, cfg);
             // c. the top `keep` continuations over all beams.
             let top = top_k_indices(&acc, keep);
             let cands: Vec<(usize, u32, f32)> = top.iter().map(|&i| (i / v, (i % v) as u32, acc[i])).collect();
@@ -757,14 +785,7 @@ fn beam_search<B: Backend>(
         .into_iter()
         .map(|s| s.finished.into_iter().next().map(|h| h.tokens).unwrap_or_default())
         .collect();
-    let width = best.iter().map(Vec::len).max().unwrap_or(0);
-    Ok(best
-        .into_iter()
-        .map(|mut t| {
-            t.resize(width, fill);
-            t
-        })
-        .collect())
+    Ok(pad_to_widest(best, fill))
 }
 
 /// A finished hypothesis of transformers 4.31's `BeamHypotheses`.
@@ -838,12 +859,7 @@ fn beam_search_v4_31<B: Backend>(
         )));
     }
     let lp = cfg.length_penalty as f64;
-    let rows: Vec<u32> = (0..b * k).map(|r| (r / k) as u32).collect();
-    cache.select(&rows)?;
-    let mut logits: Vec<f32> = rows
-        .iter()
-        .flat_map(|&r| prefill_logits[r as usize * v..(r as usize + 1) * v].iter().copied())
-        .collect();
+    let mut logits = expand_to_beams(&mut cache, &prefill_logits, b, k, v)?;
     let mut running: Vec<Vec<Hyp>> = (0..b)
         .map(|_| {
             (0..k)
@@ -875,13 +891,7 @@ fn beam_search_v4_31<B: Backend>(
                 continue;
             }
             let beams = &running[bi];
-            let mut acc = Vec::with_capacity(k * v);
-            for (j, hyp) in beams.iter().enumerate() {
-                let row = bi * k + j;
-                let mut lps = log_softmax(&logits[row * v..(row + 1) * v]);
-                process(&mut lps, &hyp.tokens, cfg);
-                acc.extend(lps.into_iter().map(|x| x + hyp.score));
-            }
+            let acc = candidate_scores(&logits, bi, v, beams, cfg);
             let mut order = top_k_indices(&acc, keep);
             let best = acc[order[0]];
             let mut next: Vec<(usize, Hyp)> = Vec::with_capacity(k);
@@ -961,14 +971,7 @@ fn beam_search_v4_31<B: Backend>(
         })
         .collect();
     let fill = cfg.pad_token_id.or(cfg.eos_token_ids.first().copied()).unwrap_or(0);
-    let width = best.iter().map(Vec::len).max().unwrap_or(0);
-    Ok(best
-        .into_iter()
-        .map(|mut t| {
-            t.resize(width, fill);
-            t
-        })
-        .collect())
+    Ok(pad_to_widest(best, fill))
 }
 
 #[cfg(test)]
