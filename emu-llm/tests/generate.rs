@@ -6,43 +6,12 @@ mod common;
 
 use common::Fixture;
 use emu_core::DType;
-use emu_llm::{generate, generate_with, EarlyStopping, Error, GenerationConfig, Hooks, StopStrings};
-use serde_json::Value;
+use emu_llm::{generate, generate_with, Error, GenerationConfig, Hooks, StopStrings};
 
 const SETS: [&str; 2] = ["mha", "gqa"];
 
 fn settings(set: &str) -> Vec<(String, GenerationConfig)> {
-    let path = common::fixture_dir(set).join("generation.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let mut out = Vec::new();
-    for (name, kw) in v["settings"].as_object().unwrap() {
-        let f = |k: &str, d: f64| kw.get(k).and_then(Value::as_f64).unwrap_or(d);
-        let cfg = GenerationConfig {
-            max_new_tokens: kw["max_new_tokens"].as_u64().unwrap() as usize,
-            min_new_tokens: f("min_new_tokens", 0.0) as usize,
-            eos_token_ids: vec![kw["eos_token_id"].as_u64().unwrap() as u32],
-            pad_token_id: kw["pad_token_id"].as_u64().map(|p| p as u32),
-            do_sample: false,
-            num_beams: kw["num_beams"].as_u64().unwrap() as usize,
-            length_penalty: f("length_penalty", 1.0) as f32,
-            repetition_penalty: f("repetition_penalty", 1.0) as f32,
-            early_stopping: match kw.get("early_stopping") {
-                None | Some(Value::Bool(false)) => EarlyStopping::Heuristic,
-                Some(Value::Bool(true)) => EarlyStopping::Yes,
-                Some(Value::String(s)) if s == "never" => EarlyStopping::Never,
-                other => panic!("unknown early_stopping {other:?}"),
-            },
-            ..Default::default()
-        };
-        out.push((name.clone(), cfg));
-    }
-    out
-}
-
-fn rows(f: &Fixture, key: &str) -> Vec<Vec<u32>> {
-    let ids = f.ids(key);
-    let b = f.host(key).dims()[0];
-    ids.chunks(ids.len() / b).map(<[u32]>::to_vec).collect()
+    common::generation_settings(&common::fixture_dir(set).join("generation.json"))
 }
 
 #[test]
@@ -58,7 +27,7 @@ fn matches_transformers_generate_token_for_token() {
                     break;
                 }
                 let got = generate(&f.model, &f.tensor(&key), &[], &cfg, None).unwrap();
-                let want = rows(&f, &format!("gen.{name}.{i}"));
+                let want = f.rows(&format!("gen.{name}.{i}"));
                 assert_eq!(got, want, "{set} {name} prompt {i}");
                 checked += 1;
                 eos_hits += want[0].contains(&cfg.eos_token_ids[0]) as usize;
@@ -66,7 +35,7 @@ fn matches_transformers_generate_token_for_token() {
             let key = format!("gen2.{name}");
             if f.cases.contains(&key) {
                 let got = generate(&f.model, &f.tensor("gen2.embeds"), &[], &cfg, None).unwrap();
-                assert_eq!(got, rows(&f, &key), "{set} {name} batch of two");
+                assert_eq!(got, f.rows(&key), "{set} {name} batch of two");
                 checked += 1;
             }
         }
@@ -133,7 +102,7 @@ fn left_padded_batch_matches_transformers() {
     let mut checked = 0;
     for set in SETS {
         let f = Fixture::load(set, DType::F32);
-        let mask = rows(&f, "gen3.mask");
+        let mask = f.rows("gen3.mask");
         let padding: Vec<usize> = mask.iter().map(|r| r.iter().filter(|&&m| m == 0).count()).collect();
         for (name, cfg) in settings(set) {
             let key = format!("gen3.{name}");
@@ -141,7 +110,7 @@ fn left_padded_batch_matches_transformers() {
                 continue;
             }
             let got = generate(&f.model, &f.tensor("gen3.embeds"), &padding, &cfg, None).unwrap();
-            assert_eq!(got, rows(&f, &key), "{set} {name} padded batch");
+            assert_eq!(got, f.rows(&key), "{set} {name} padded batch");
             checked += 1;
         }
     }

@@ -9,8 +9,7 @@ mod common;
 use common::Fixture;
 use emu_core::checkpoint::Checkpoint;
 use emu_core::DType;
-use emu_llm::{generate, EarlyStopping, GenerationConfig, TransformersVersion};
-use serde_json::Value;
+use emu_llm::{generate, GenerationConfig, TransformersVersion};
 use std::path::PathBuf;
 
 fn fixture_dir() -> PathBuf {
@@ -26,39 +25,18 @@ fn load() -> Fixture {
 
 fn settings() -> Vec<(String, GenerationConfig)> {
     let path = fixture_dir().join("generation.json");
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(v["transformers"], "4.31.0");
-    let mut out = Vec::new();
-    for (name, kw) in v["settings"].as_object().unwrap() {
-        let f = |k: &str, d: f64| kw.get(k).and_then(Value::as_f64).unwrap_or(d);
-        let cfg = GenerationConfig {
-            max_new_tokens: kw["max_new_tokens"].as_u64().unwrap() as usize,
-            min_new_tokens: f("min_new_tokens", 0.0) as usize,
-            eos_token_ids: vec![kw["eos_token_id"].as_u64().unwrap() as u32],
-            pad_token_id: kw["pad_token_id"].as_u64().map(|p| p as u32),
-            bos_token_id: kw["bos_token_id"].as_u64().map(|p| p as u32),
-            num_beams: kw["num_beams"].as_u64().unwrap() as usize,
-            length_penalty: f("length_penalty", 1.0) as f32,
-            repetition_penalty: f("repetition_penalty", 1.0) as f32,
-            early_stopping: match kw.get("early_stopping") {
-                None | Some(Value::Bool(false)) => EarlyStopping::Heuristic,
-                Some(Value::Bool(true)) => EarlyStopping::Yes,
-                Some(Value::String(s)) if s == "never" => EarlyStopping::Never,
-                other => panic!("unknown early_stopping {other:?}"),
-            },
-            transformers: TransformersVersion::V4_31,
-            ..Default::default()
-        };
-        assert!(!kw["do_sample"].as_bool().unwrap());
-        out.push((name.clone(), cfg));
-    }
-    out
-}
-
-fn rows(f: &Fixture, key: &str) -> Vec<Vec<u32>> {
-    let ids = f.ids(key);
-    let b = f.host(key).dims()[0];
-    ids.chunks(ids.len() / b).map(<[u32]>::to_vec).collect()
+    common::generation_settings(&path)
+        .into_iter()
+        .map(|(name, cfg)| {
+            let cfg = GenerationConfig {
+                transformers: TransformersVersion::V4_31,
+                ..cfg
+            };
+            (name, cfg)
+        })
+        .collect()
 }
 
 /// Every (setting, prompt) case: its embeddings key and expected output key.
@@ -85,7 +63,7 @@ fn matches_transformers_4_31_token_for_token() {
     for (name, cfg) in settings() {
         for (x, want) in cases(&f, &name) {
             let got = generate(&f.model, &f.tensor(&x), &[], &cfg, None).unwrap();
-            let want = rows(&f, &want);
+            let want = f.rows(&want);
             assert_eq!(got, want, "{name} {x}");
             checked += 1;
             beams += (cfg.num_beams > 1) as usize;
@@ -113,14 +91,14 @@ fn transformers_4_31_and_5_decode_differently() {
         for (x, want) in cases(&f, &name) {
             let got = generate(&f.model, &f.tensor(&x), &[], &v5, None).unwrap();
             total += 1;
-            if got != rows(&f, &want) {
+            if got != f.rows(&want) {
                 differ += 1;
                 if name.ends_with("_rep_bos") {
                     bos_differ += 1;
                 } else {
                     assert!(cfg.num_beams > 1, "{name} {x}: greedy should not depend on the version");
                 }
-                println!("{name} {x}: 4.31 {:?}, 5.x {got:?}", rows(&f, &want));
+                println!("{name} {x}: 4.31 {:?}, 5.x {got:?}", f.rows(&want));
             }
         }
     }
@@ -135,14 +113,14 @@ fn transformers_4_31_and_5_decode_differently() {
 #[test]
 fn left_padded_batch_matches_transformers_4_31() {
     let f = load();
-    let mask = rows(&f, "gen3.mask");
+    let mask = f.rows("gen3.mask");
     let padding: Vec<usize> = mask.iter().map(|r| r.iter().filter(|&&m| m == 0).count()).collect();
     let mut checked = 0;
     for (name, cfg) in settings() {
         let key = format!("gen3.{name}");
         if f.cases.contains(&key) {
             let got = generate(&f.model, &f.tensor("gen3.embeds"), &padding, &cfg, None).unwrap();
-            assert_eq!(got, rows(&f, &key), "{name} padded batch");
+            assert_eq!(got, f.rows(&key), "{name} padded batch");
             checked += 1;
         }
     }

@@ -53,6 +53,13 @@ impl Fixture {
 
     /// A reference output: torch's f32 run for f32 models, its bf16 run for
     /// bf16 models (same weights and inputs rounded to bf16).
+    /// An id tensor `[B, N]` as its `B` rows.
+    pub fn rows(&self, key: &str) -> Vec<Vec<u32>> {
+        let ids = self.ids(key);
+        let b = self.host(key).dims()[0];
+        ids.chunks(ids.len() / b).map(<[u32]>::to_vec).collect()
+    }
+
     pub fn expected(&self, key: &str) -> Vec<f32> {
         match self.model.dtype() {
             DType::BF16 => self.f32s(&format!("bf16.{key}")),
@@ -112,4 +119,42 @@ pub fn write_safetensors(path: &std::path::Path, tensors: &[(String, Vec<usize>,
         out.extend_from_slice(bytes);
     }
     std::fs::write(path, out).unwrap();
+}
+
+/// The `settings` of a fixture's generation.json (transformers `generate`
+/// keyword arguments, greedy or beam search) as configs with the 5.x
+/// defaults for whatever a setting leaves out.
+pub fn generation_settings(path: &std::path::Path) -> Vec<(String, emu_llm::GenerationConfig)> {
+    use emu_llm::{EarlyStopping, GenerationConfig};
+    use serde_json::Value;
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for (name, kw) in v["settings"].as_object().unwrap() {
+        assert_ne!(
+            kw.get("do_sample").and_then(Value::as_bool),
+            Some(true),
+            "{name}: sampling is seed-specific"
+        );
+        let f = |k: &str, d: f64| kw.get(k).and_then(Value::as_f64).unwrap_or(d);
+        let cfg = GenerationConfig {
+            max_new_tokens: kw["max_new_tokens"].as_u64().unwrap() as usize,
+            min_new_tokens: f("min_new_tokens", 0.0) as usize,
+            eos_token_ids: vec![kw["eos_token_id"].as_u64().unwrap() as u32],
+            pad_token_id: kw["pad_token_id"].as_u64().map(|p| p as u32),
+            bos_token_id: kw["bos_token_id"].as_u64().map(|p| p as u32),
+            do_sample: false,
+            num_beams: kw["num_beams"].as_u64().unwrap() as usize,
+            length_penalty: f("length_penalty", 1.0) as f32,
+            repetition_penalty: f("repetition_penalty", 1.0) as f32,
+            early_stopping: match kw.get("early_stopping") {
+                None | Some(Value::Bool(false)) => EarlyStopping::Heuristic,
+                Some(Value::Bool(true)) => EarlyStopping::Yes,
+                Some(Value::String(s)) if s == "never" => EarlyStopping::Never,
+                other => panic!("unknown early_stopping {other:?}"),
+            },
+            ..Default::default()
+        };
+        out.push((name.clone(), cfg));
+    }
+    out
 }
