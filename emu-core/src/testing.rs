@@ -16,7 +16,7 @@
 //! ```
 
 use crate::backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
-use crate::{DType, HostTensor, Result};
+use crate::{DType, Error, HostTensor, Result};
 
 /// A small deterministic generator (splitmix64), so fixtures and suites do not
 /// depend on a `rand` version.
@@ -582,6 +582,20 @@ pub struct OpCheck {
 impl OpCheck {
     pub fn passed(&self) -> bool {
         self.error.is_none() && self.rel_err <= self.tol
+    }
+}
+
+/// A backend for a test, or `None` where this machine cannot run it (no GPU
+/// adapter, no ONNX Runtime library): the test then says it skips and
+/// returns. Any other failure to start the backend fails the test.
+pub fn available<B>(created: Result<B>) -> Option<B> {
+    match created {
+        Ok(b) => Some(b),
+        Err(e @ Error::BackendUnavailable { .. }) => {
+            eprintln!("skipping: {e}");
+            None
+        }
+        Err(e) => panic!("creating the backend: {e}"),
     }
 }
 

@@ -6,7 +6,7 @@
 use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::{run_model_file, OnnxBackend};
 use emu_core::checkpoint::Checkpoint;
-use emu_core::{Backend, DType, Error, HostTensor, Tensor};
+use emu_core::{Backend, DType, HostTensor, Tensor};
 use emu_decoder::{AutoencoderKL, AutoencoderKLConfig, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
 use emu_vision::VisionEncoder;
 use std::path::PathBuf;
@@ -19,14 +19,7 @@ fn fixtures(sub: &str) -> PathBuf {
 }
 
 fn backend() -> Option<OnnxBackend> {
-    match OnnxBackend::new() {
-        Ok(b) => Some(b),
-        Err(e @ Error::BackendUnavailable { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
+    emu_core::testing::available(OnnxBackend::new())
 }
 
 fn rel_err(a: &[f32], b: &[f32]) -> f32 {

@@ -6,18 +6,11 @@ use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::{run_model_file, OnnxBackend};
 use emu_core::backend::{Backend, Conv2dParams};
 use emu_core::testing::{rel_err, Rng};
-use emu_core::{Error, HostTensor, Result, Tensor};
+use emu_core::{HostTensor, Result, Tensor};
 use std::path::PathBuf;
 
 fn backend() -> Option<OnnxBackend> {
-    match OnnxBackend::new() {
-        Ok(b) => Some(b),
-        Err(e @ Error::BackendUnavailable { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("unexpected error creating the onnx backend: {e}"),
-    }
+    emu_core::testing::available(OnnxBackend::new())
 }
 
 fn random(rng: &mut Rng, dims: &[usize], scale: f64) -> HostTensor {

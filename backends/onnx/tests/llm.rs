@@ -5,7 +5,7 @@
 use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::OnnxBackend;
 use emu_core::checkpoint::Checkpoint;
-use emu_core::{Backend, DType, Error, Tensor};
+use emu_core::{Backend, DType, Tensor};
 use emu_llm::{generate, GenerationConfig, Llama, LlamaConfig, Logits, SlotIds};
 use std::path::PathBuf;
 use std::time::Instant;
@@ -72,10 +72,8 @@ fn run<B: Backend>(be: &B, set: &str, cases: &Checkpoint) -> Outputs {
 }
 
 fn decoder_matches_transformers(set: &str) {
-    let be = match OnnxBackend::new() {
-        Ok(b) => b,
-        Err(e @ Error::BackendUnavailable { .. }) => return eprintln!("skipping: {e}"),
-        Err(e) => panic!("{e}"),
+    let Some(be) = emu_core::testing::available(OnnxBackend::new()) else {
+        return;
     };
     let cases = Checkpoint::open(dir(set).join("cases.safetensors")).unwrap();
     let t = Instant::now();

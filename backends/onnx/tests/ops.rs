@@ -3,17 +3,10 @@
 
 use emu_backend_onnx::OnnxBackend;
 use emu_core::testing::{assert_error_suite_passes, assert_op_suite_passes};
-use emu_core::{DType, Error};
+use emu_core::DType;
 
 fn backend() -> Option<OnnxBackend> {
-    match OnnxBackend::new() {
-        Ok(b) => Some(b),
-        Err(e @ Error::BackendUnavailable { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("unexpected error creating the onnx backend: {e}"),
-    }
+    emu_core::testing::available(OnnxBackend::new())
 }
 
 fn assert_suite_passes(dtype: DType) {

@@ -7,7 +7,7 @@
 use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::OnnxBackend;
 use emu_core::checkpoint::Checkpoint;
-use emu_core::{Backend, DType, Error, HostTensor, Tensor};
+use emu_core::{Backend, DType, HostTensor, Tensor};
 use emu_decoder::{
     DiffusionDecoder, EulerDiscreteScheduler, SamplingParams, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel,
 };
@@ -21,14 +21,7 @@ fn fixtures(sub: &str) -> PathBuf {
 }
 
 fn backend() -> Option<OnnxBackend> {
-    match OnnxBackend::new() {
-        Ok(b) => Some(b),
-        Err(e @ Error::BackendUnavailable { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
+    emu_core::testing::available(OnnxBackend::new())
 }
 
 fn llama<B: Backend>(be: &B, set: &str) -> Llama<B> {

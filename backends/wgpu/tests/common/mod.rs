@@ -3,19 +3,12 @@
 
 use emu_backend_wgpu::WgpuBackend;
 use emu_core::testing::Rng;
-use emu_core::{Error, HostTensor};
+use emu_core::HostTensor;
 
 /// The backend, or `None` (with a note) where no adapter exists; any other
 /// failure to start is a test failure.
 pub fn backend() -> Option<WgpuBackend> {
-    match WgpuBackend::new() {
-        Ok(b) => Some(b),
-        Err(e @ Error::BackendUnavailable { .. }) => {
-            eprintln!("skipping: {e}");
-            None
-        }
-        Err(e) => panic!("creating the wgpu backend: {e}"),
-    }
+    emu_core::testing::available(WgpuBackend::new())
 }
 
 /// f32 values uniform in `[lo, hi)`.
