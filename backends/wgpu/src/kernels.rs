@@ -317,6 +317,27 @@ pub fn argmax() -> String {
     )
 }
 
+/// WGSL: the offsets of batch matrix `z` in A and B under the [`matmul`]
+/// parameter layout (batch dims at 4.., A's batch strides at 13.., B's at 22..).
+const BATCH_BASES: &str = "
+fn batch_bases(z: u32) -> vec2<u32> {
+    var rem = z;
+    var a_base = P[10];
+    var b_base = P[19];
+    var d = P[3];
+    loop {
+        if (d == 0u) { break; }
+        d = d - 1u;
+        let size = P[4u + d];
+        let c = rem % size;
+        rem = rem / size;
+        a_base = a_base + c * P[13u + d];
+        b_base = b_base + c * P[22u + d];
+    }
+    return vec2<u32>(a_base, b_base);
+}
+";
+
 /// Batched, strided `[M, K] x [K, N]` with 64x64 output tiles staged
 /// through workgroup memory, 4x4 outputs per invocation. The tiles are held
 /// as vec4s (4 rows of A, 4 columns of B per k), so each step of the inner
@@ -331,6 +352,7 @@ pub fn matmul(out: DType) -> String {
     format!(
         "{}{}
 var<workgroup> As: array<vec4<f32>, 256>;
+{BATCH_BASES}
 var<workgroup> Bs: array<vec4<f32>, 256>;
 
 @compute @workgroup_size(16, 16, 1)
@@ -338,19 +360,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid
     let M = P[0];
     let N = P[1];
     let K = P[2];
-    var rem = wid.z;
-    var a_base = P[10];
-    var b_base = P[19];
-    var d = P[3];
-    loop {{
-        if (d == 0u) {{ break; }}
-        d = d - 1u;
-        let size = P[4u + d];
-        let c = rem % size;
-        rem = rem / size;
-        a_base = a_base + c * P[13u + d];
-        b_base = b_base + c * P[22u + d];
-    }}
+    let bases = batch_bases(wid.z);
+    let a_base = bases.x;
+    let b_base = bases.y;
     let a_rs = P[11];
     let a_cs = P[12];
     let b_rs = P[20];
@@ -431,6 +443,7 @@ pub fn matvec(out: DType) -> String {
     format!(
         "{}{}
 var<workgroup> red: array<vec4<f32>, 64>;
+{BATCH_BASES}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -439,19 +452,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let K = P[2];
     let col = (wid.x + wid.y * nwg.x) * 4u;
     if (col >= N) {{ return; }}
-    var rem = wid.z;
-    var a_base = P[10];
-    var b_base = P[19];
-    var d = P[3];
-    loop {{
-        if (d == 0u) {{ break; }}
-        d = d - 1u;
-        let size = P[4u + d];
-        let c = rem % size;
-        rem = rem / size;
-        a_base = a_base + c * P[13u + d];
-        b_base = b_base + c * P[22u + d];
-    }}
+    let bases = batch_bases(wid.z);
+    let a_base = bases.x;
+    let b_base = bases.y;
     let a_cs = P[12];
     let b_rs = P[20];
     let b_cs = P[21];
