@@ -277,13 +277,8 @@ mod tests {
 
     /// A small deterministic generator (tests need no `rand`).
     fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f64 / (1u64 << 31) as f64 * 2.0 - 1.0) as f32
-            })
-            .collect()
+        let mut rng = emu_core::testing::Rng::new(seed);
+        (0..n).map(|_| rng.uniform(-1.0, 1.0) as f32).collect()
     }
 
     /// Relative error of `linear_rows` against an f64 product of the same

@@ -104,15 +104,8 @@ mod tests {
     use super::*;
 
     fn values(n: usize, seed: u64, offset: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 + offset
-            })
-            .collect()
+        let mut rng = emu_core::testing::Rng::new(seed);
+        (0..n).map(|_| rng.uniform(-1.0, 1.0) as f32 + offset).collect()
     }
 
     fn reference(
