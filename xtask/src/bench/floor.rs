@@ -38,14 +38,16 @@ pub fn decode_weight_elems(l: &LlmSpec) -> usize {
     /* one embedding row */
 }
 
-pub fn decode_floor(l: &LlmSpec, dtype: DType, threads: usize) -> DecodeFloor {
+/// `copy_bytes`: the buffer the bandwidth is measured on; it must be well
+/// past the last-level cache for the number to mean DRAM.
+pub fn decode_floor(l: &LlmSpec, dtype: DType, threads: usize, copy_bytes: usize) -> DecodeFloor {
     let elem = dtype.size_in_bytes();
     let head_dim = l.hidden / l.heads;
     let mean_pos = l.prompt + l.new.div_ceil(2);
     DecodeFloor {
         weight_bytes: decode_weight_elems(l) * elem,
         kv_bytes: 2 * l.layers * l.kv_heads * head_dim * mean_pos * elem,
-        bandwidth: copy_bandwidth(256 << 20, threads, 5),
+        bandwidth: copy_bandwidth(copy_bytes, threads, 5),
     }
 }
 
