@@ -1,19 +1,9 @@
-//! The library side of the `emu` command: checkpoint inspection and
-//! conversion, usable without the binary.
+//! `emu-cli`: the `emu` command-line tool, a thin binary over the [`emu`]
+//! library crate (which holds the pipelines, the tiny model, inspection,
+//! conversion and backend selection).
 //!
-//! * [`inspect::inspect`] reports what a checkpoint path holds (layout,
-//!   components, tensors, dtypes, exact parameter counts, key prefixes and the
-//!   memory each dtype needs) from file headers only;
-//! * [`convert::convert`] re-encodes a checkpoint (typically BAAI/Emu2's fp32
-//!   pickle shards) into sharded bf16/f16/f32 safetensors, one tensor at a time.
+//! This library half holds only what is specific to the command line: the
+//! subcommands' clap arguments, the code that runs a pipeline for each and
+//! prints its result, and the progress bars ([`commands::progress`]).
 
 pub mod commands;
-pub mod convert;
-pub mod error;
-pub mod inspect;
-pub mod layout;
-pub mod pipeline;
-pub mod tiny;
-pub mod units;
-
-pub use error::{CliError, Result};

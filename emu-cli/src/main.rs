@@ -1,10 +1,11 @@
-//! `emu`: the command-line front end of emu-rs.
+//! `emu`: the command-line front end of emu-rs (argument parsing and printing;
+//! the work is done by the `emu` library crate).
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use emu_cli::convert::{convert, ConvertOptions};
-use emu_cli::inspect::{inspect, render};
-use emu_cli::units::{human_bytes, parse_size};
+use emu::convert::{convert, ConvertOptions};
+use emu::inspect::{inspect, render};
+use emu::units::{human_bytes, parse_size};
 use emu_core::DType;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -13,7 +13,7 @@ use common::{emu, emu_ok, stderr};
 use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::OnnxBackend;
 use emu_backend_wgpu::WgpuBackend;
-use emu_cli::pipeline::{ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
+use emu::pipeline::{ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
 use emu_core::{Backend, DType};
 use emu_prompt::{Item, Prompt};
 use std::path::{Path, PathBuf};

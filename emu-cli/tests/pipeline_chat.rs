@@ -1,12 +1,9 @@
-//! End-to-end tests of `emu chat` / `emu complete` and the text pipelines on
-//! the built-in tiny model (random weights: only shapes, determinism, the
-//! load path and error handling are checked, never the words).
+//! End-to-end tests of `emu chat` / `emu complete` on the built-in tiny
+//! model (random weights: only shapes, determinism, the load path and error
+//! handling are checked, never the words). The library pipelines themselves
+//! are tested in `emu/tests/pipelines.rs`.
 
-use emu_backend_cpu::CpuBackend;
-use emu_cli::pipeline::{ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
-use emu_cli::tiny::{write_model, TinyKind};
-use emu_core::DType;
-use emu_prompt::{Item, Prompt, Role, Turn};
+use emu::tiny::{write_model, TinyKind};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -255,50 +252,6 @@ fn complete_tiny_continues_interleaved_prompt() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stdout(&o).trim().is_empty());
     assert_eq!(o.stdout, emu(&args).stdout);
-}
-
-#[test]
-fn chat_pipeline_library_multi_turn() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = picture(dir.path(), "pic.png", 24, 24);
-    let model = ModelDir::resolve("tiny", ModelFamily::Emu2Chat).unwrap();
-    assert!(model.is_tiny());
-    let cpu = Component::new(CpuBackend::new(), DType::F32);
-    let chat = ChatPipeline::load(&model, &cpu, &cpu).unwrap();
-    let mut opts = ChatOptions::default();
-    opts.generation.max_new_tokens = 6;
-    let first = Prompt::new(vec![
-        Item::Image(img.to_str().unwrap().into()),
-        Item::Text("what is this?".into()),
-    ]);
-    let a1 = chat.answer(&first, &opts, None).unwrap();
-    assert!(!a1.ids.is_empty() && a1.ids.len() <= 6);
-    assert_eq!(chat.model().tokenizer.decode(&a1.ids, true).unwrap(), a1.text);
-    // Image of 16 slots + [IMG] + [/IMG] are part of the prompt.
-    assert!(a1.prompt_tokens > 18);
-    let mut turns = first.turns.clone();
-    turns.push(Turn {
-        role: Role::Assistant,
-        items: vec![Item::Text(a1.text.clone())],
-    });
-    turns.push(Turn {
-        role: Role::User,
-        items: vec![Item::Text("and then?".into())],
-    });
-    let a2 = chat.answer(&Prompt { turns }, &opts, None).unwrap();
-    assert!(a2.prompt_tokens > a1.prompt_tokens + a1.ids.len());
-
-    // Streaming (greedy) delivers exactly the final text.
-    opts.generation.num_beams = 1;
-    let mut streamed = String::new();
-    let mut sink = |s: &str| streamed.push_str(s);
-    let a3 = chat.answer(&first, &opts, Some(&mut sink)).unwrap();
-    assert_eq!(streamed, a3.text);
-
-    // Two models built independently are identical (fixed seed).
-    let again = ModelDir::resolve("tiny", ModelFamily::Emu2Chat).unwrap();
-    let chat2 = ChatPipeline::load(&again, &cpu, &cpu).unwrap();
-    assert_eq!(chat2.answer(&first, &opts, None).unwrap().ids, a3.ids);
 }
 
 #[test]

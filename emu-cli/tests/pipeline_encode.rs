@@ -1,6 +1,6 @@
 //! `emu encode` and [`EncodePipeline`] on the tiny models.
 
-use emu_cli::tiny::{write_model, TinyKind};
+use emu::tiny::{write_model, TinyKind};
 use std::path::Path;
 use std::process::{Command, Output};
 

@@ -1,12 +1,9 @@
-//! End-to-end tests of `emu generate` and [`GenerationPipeline`] on the
-//! built-in tiny Emu2-Gen (random weights: only shapes, determinism, modes
-//! and error handling are checked, never what the picture shows).
+//! End-to-end tests of `emu generate` on the built-in tiny Emu2-Gen (random
+//! weights: only shapes, determinism, modes and error handling are checked,
+//! never what the picture shows). `GenerationPipeline` itself is tested in
+//! `emu/tests/pipelines.rs`.
 
-use emu_backend_cpu::CpuBackend;
-use emu_cli::pipeline::{Component, GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, Timings};
-use emu_cli::tiny::{write_model, TinyKind};
-use emu_core::{DType, HostTensor};
-use emu_prompt::{Item, Prompt};
+use emu::tiny::{write_model, TinyKind};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -166,53 +163,6 @@ fn generate_bad_inputs_fail_with_one_line() {
     let r = emu(&["generate", "--model", chat.to_str().unwrap(), "x", "-o", o]);
     assert_one_line_error(&r, "emu chat");
     assert!(!Path::new(o).exists(), "nothing is written on error");
-}
-
-#[test]
-fn generation_pipeline_library() {
-    let model = ModelDir::resolve("tiny", ModelFamily::Emu2Gen).unwrap();
-    let cpu = Component::new(CpuBackend::new(), DType::F32);
-    let pipe = GenerationPipeline::load(&model, &cpu, &cpu, &cpu).unwrap();
-    assert_eq!(pipe.default_size(), 32);
-    let prompt = Prompt::new(vec![Item::Text("a red cube".into())]);
-    // The 4 regressed embeddings of EVA width 16 (64 x 1792 upstream).
-    let cond = pipe.condition(&prompt, &mut Timings::default()).unwrap();
-    assert_eq!(cond.dims(), vec![1, 4, 16]);
-
-    let latents = HostTensor::from_f32(&[1, 4, 16, 16], emu_cli::pipeline::gaussian_noise(3, 1024)).unwrap();
-    let opts = GenerationOptions {
-        steps: 3,
-        latents: Some(latents),
-        ..GenerationOptions::default()
-    };
-    let a = pipe.generate(&prompt, &opts, None).unwrap();
-    assert_eq!((a.width, a.height, a.rgb.len()), (32, 32, 32 * 32 * 3));
-    assert_eq!(a.latents.dims(), &[1, 4, 16, 16]);
-    assert_eq!(a.condition.dims(), &[1, 4, 16]);
-    // Given latents equal to the seeded noise reproduce the seeded run.
-    let seeded = GenerationOptions {
-        steps: 3,
-        seed: 3,
-        ..GenerationOptions::default()
-    };
-    let mut steps = Vec::new();
-    let mut on_step = |k: usize, n: usize| steps.push((k, n));
-    let b = pipe.generate(&prompt, &seeded, Some(&mut on_step)).unwrap();
-    assert_eq!(a.rgb, b.rgb);
-    assert_eq!(steps, vec![(1, 3), (2, 3), (3, 3)]);
-    // Guidance changes the result; without it the negative is not used.
-    let unguided = GenerationOptions {
-        guidance: 1.0,
-        ..seeded.clone()
-    };
-    let c = pipe.generate(&prompt, &unguided, None).unwrap();
-    assert_ne!(a.latents.as_bytes(), c.latents.as_bytes());
-    // Wrongly shaped latents are refused.
-    let bad = GenerationOptions {
-        latents: Some(HostTensor::zeros(&[1, 4, 8, 8], DType::F32).unwrap()),
-        ..seeded
-    };
-    assert!(pipe.generate(&prompt, &bad, None).is_err());
 }
 
 /// Reads the single tensor of `DIR/<name>.safetensors`: (dtype, shape).

@@ -1,4 +1,5 @@
-//! The typed errors of the `emu` command's library code.
+//! The typed errors of checkpoint inspection, conversion and layout
+//! detection ([`crate::inspect`], [`crate::convert`], [`crate::layout`]).
 
 use std::path::PathBuf;
 

@@ -17,7 +17,7 @@
 //! latents to 1e-3 and decoded pixels to one step of 255.
 
 use emu_backend_cpu::CpuBackend;
-use emu_cli::pipeline::{
+use emu::pipeline::{
     upstream_generation, ChatOptions, ChatPipeline, Component, Dump, EncodePipeline, GenerationOptions,
     GenerationPipeline, ModelDir, ModelFamily,
 };
@@ -342,46 +342,6 @@ fn hf_gen_in_bf16_matches_the_bf16_reference() {
             ours <= BF16_VS_TORCH * torch + floor,
             "{name}: bf16 error {ours:.3e} against the f32 reference, PyTorch's bf16 has {torch:.3e}"
         );
-    }
-}
-
-/// `emu chat` finds both Emu2-Chat layouts the way users give them (a model
-/// directory, a native file) and answers as the reference does.
-#[test]
-fn emu_chat_command_on_both_chat_layouts() {
-    let cases = cases();
-    let picture = fixtures().join("inputs/picture.png");
-    for (model, case) in [
-        (fixtures().join("chat"), "chat"),
-        (fixtures().join("native/Emu2-Chat_pytorch_model.bf16.bin"), "native"),
-    ] {
-        let dump = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_emu"))
-            .arg("chat")
-            .arg("--model")
-            .arg(&model)
-            .arg("--image")
-            .arg(&picture)
-            .args(["--dtype", "f32", "--num-beams", "1", "--max-new-tokens", "12", "--dump"])
-            .arg(dump.path())
-            .arg("What is in this picture?")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "emu chat --model {}: {}",
-            model.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let reference = fixtures().join("reference").join(case);
-        assert_eq!(
-            stage_error(&reference, dump.path(), "input_ids"),
-            0.0,
-            "{case}: prompt ids"
-        );
-        let ids = read_stage(&dump.path().join("generated_ids.safetensors")).values;
-        let want: Vec<f64> = ids_of(&cases[case]["greedy"]).iter().map(|&i| i as f64).collect();
-        assert_eq!(ids, want, "{case}: `emu chat` answer ids");
     }
 }
 

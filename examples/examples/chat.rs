@@ -7,7 +7,7 @@
 //! BAAI/Emu2-Chat directory, or that repo id in the local Hugging Face cache.
 
 use emu_backend_cpu::CpuBackend;
-use emu_cli::pipeline::{upstream_generation, ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
+use emu::pipeline::{upstream_generation, ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
 use emu_prompt::{Item, Prompt};
 use std::io::Write;
 
@@ -17,7 +17,7 @@ pub fn run(model: &str, image: &str, question: &str) -> anyhow::Result<String> {
     let dir = ModelDir::resolve(model, ModelFamily::Emu2Chat)?;
     if dir.is_tiny() {
         // Random weights: say so, as the `emu` binary does.
-        eprintln!("{}", emu_cli::tiny::TINY_NOTICE);
+        eprintln!("{}", emu::tiny::TINY_NOTICE);
     }
     // Each component gets its own backend and dtype; here both run on the CPU.
     let cpu = Component::new(CpuBackend::new(), emu_examples::dtype_for(model));

@@ -7,7 +7,7 @@
 //! ```
 
 use emu_backend_cpu::CpuBackend;
-use emu_cli::pipeline::{gaussian_noise, ModelDir, ModelFamily};
+use emu::pipeline::{gaussian_noise, ModelDir, ModelFamily};
 use emu_core::{HostTensor, Tensor};
 use emu_decoder::unet::PerBlock;
 use emu_decoder::{DiffusionDecoder, SamplingParams};
@@ -18,7 +18,7 @@ pub fn run(model: &str, out: &Path, steps: usize) -> anyhow::Result<(usize, usiz
     let dir = ModelDir::resolve(model, ModelFamily::Emu2Gen)?;
     if dir.is_tiny() {
         // Random weights: say so, as the `emu` binary does.
-        eprintln!("{}", emu_cli::tiny::TINY_NOTICE);
+        eprintln!("{}", emu::tiny::TINY_NOTICE);
     }
     let cpu = CpuBackend::new();
     let dtype = emu_examples::dtype_for(model);

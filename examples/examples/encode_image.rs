@@ -6,7 +6,7 @@
 //! ```
 
 use emu_backend_cpu::CpuBackend;
-use emu_cli::pipeline::{ModelDir, ModelFamily};
+use emu::pipeline::{ModelDir, ModelFamily};
 use emu_vision::{Preprocessor, VisionEncoder};
 
 /// Encodes `images`; returns the dims of (features, pooled, projected).
@@ -15,7 +15,7 @@ pub fn run(model: &str, images: &[String]) -> anyhow::Result<[Vec<usize>; 3]> {
     let dir = ModelDir::resolve(model, ModelFamily::Emu2)?;
     if dir.is_tiny() {
         // Random weights: say so, as the `emu` binary does.
-        eprintln!("{}", emu_cli::tiny::TINY_NOTICE);
+        eprintln!("{}", emu::tiny::TINY_NOTICE);
     }
     let cpu = CpuBackend::new();
     let encoder = VisionEncoder::from_dir(&cpu, dir.encoder_dir(), emu_examples::dtype_for(model))?;

@@ -8,7 +8,7 @@
 //! Without images, three synthetic ones (coloured squares) are drawn.
 
 use emu_backend_cpu::CpuBackend;
-use emu_cli::pipeline::{upstream_generation, CompletionOptions, CompletionPipeline, Component, ModelDir, ModelFamily};
+use emu::pipeline::{upstream_generation, CompletionOptions, CompletionPipeline, Component, ModelDir, ModelFamily};
 use emu_prompt::{Item, Prompt};
 use std::path::{Path, PathBuf};
 
@@ -47,7 +47,7 @@ pub fn run(model: &str, images: &[PathBuf]) -> anyhow::Result<String> {
     let dir = ModelDir::resolve(model, ModelFamily::Emu2)?;
     if dir.is_tiny() {
         // Random weights: say so, as the `emu` binary does.
-        eprintln!("{}", emu_cli::tiny::TINY_NOTICE);
+        eprintln!("{}", emu::tiny::TINY_NOTICE);
     }
     let cpu = Component::new(CpuBackend::new(), emu_examples::dtype_for(model));
     let pipe = CompletionPipeline::load(&dir, &cpu, &cpu)?;

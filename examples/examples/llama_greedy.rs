@@ -6,7 +6,7 @@
 //! ```
 
 use emu_backend_cpu::CpuBackend;
-use emu_cli::pipeline::{ModelDir, ModelFamily};
+use emu::pipeline::{ModelDir, ModelFamily};
 use emu_core::checkpoint::Checkpoint;
 use emu_llm::{generate, lm_weights, GenerationConfig, Llama, LlamaConfig};
 use emu_prompt::{Emu2Tokenizer, Variant};
@@ -16,7 +16,7 @@ pub fn run(model: &str, text: &str, n: usize) -> anyhow::Result<Vec<u32>> {
     let dir = ModelDir::resolve(model, ModelFamily::Emu2)?;
     if dir.is_tiny() {
         // Random weights: say so, as the `emu` binary does.
-        eprintln!("{}", emu_cli::tiny::TINY_NOTICE);
+        eprintln!("{}", emu::tiny::TINY_NOTICE);
     }
     let cpu = CpuBackend::new();
     // The LLaMA hyper-parameters sit at the top level of Emu2's config.json.

@@ -6,7 +6,7 @@
 //! With `tiny` the picture is noise from random weights, 32x32 pixels.
 
 use emu_backend_cpu::CpuBackend;
-use emu_cli::pipeline::{Component, GenerationOptions, GenerationPipeline, ModelDir, ModelFamily};
+use emu::pipeline::{Component, GenerationOptions, GenerationPipeline, ModelDir, ModelFamily};
 use emu_prompt::{Item, Prompt};
 use std::path::Path;
 
@@ -15,7 +15,7 @@ pub fn run(model: &str, text: &str, out: &Path, steps: usize) -> anyhow::Result<
     let dir = ModelDir::resolve(model, ModelFamily::Emu2Gen)?;
     if dir.is_tiny() {
         // Random weights: say so, as the `emu` binary does.
-        eprintln!("{}", emu_cli::tiny::TINY_NOTICE);
+        eprintln!("{}", emu::tiny::TINY_NOTICE);
     }
     let cpu = Component::new(CpuBackend::new(), emu_examples::dtype_for(model));
     // Vision encoder, LLM (regressing 64 visual embeddings) and UNet/VAE: three components.

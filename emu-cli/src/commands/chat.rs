@@ -1,7 +1,8 @@
 //! `emu chat`: ask Emu2-Chat about images and videos.
 
 use super::{report_timings, Backends, DecodeArgs, ModelArgs};
-use crate::pipeline::{ChatOptions, ChatPipeline, ModelFamily, PipelineError, Result};
+use emu::with_backend;
+use emu::pipeline::{ChatOptions, ChatPipeline, ModelFamily, PipelineError, Result};
 use clap::Args;
 use emu_core::Backend;
 use emu_prompt::{Item, Prompt, Role, Turn, Video};
@@ -65,7 +66,7 @@ fn path_str(p: &std::path::Path) -> Result<String> {
         .ok_or_else(|| PipelineError::Input(format!("path `{}` is not valid UTF-8", p.display())))
 }
 
-fn run_on<V: Backend, L: Backend>(vision: V, llm: L, args: &ChatArgs, dir: &crate::pipeline::ModelDir) -> Result<()> {
+fn run_on<V: Backend, L: Backend>(vision: V, llm: L, args: &ChatArgs, dir: &emu::pipeline::ModelDir) -> Result<()> {
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
     let loading = super::progress::loading(dir.root());
     let mut chat = ChatPipeline::load(dir, &vision, &llm)?;

@@ -1,7 +1,8 @@
 //! `emu complete`: let Emu2 (base) continue an interleaved image/text prompt.
 
 use super::{report_timings, Backends, DecodeArgs, ModelArgs};
-use crate::pipeline::{CompletionOptions, CompletionPipeline, ModelFamily, Result};
+use emu::with_backend;
+use emu::pipeline::{CompletionOptions, CompletionPipeline, ModelFamily, Result};
 use clap::Args;
 use emu_core::Backend;
 use std::io::Write;
@@ -32,7 +33,7 @@ fn run_on<V: Backend, L: Backend>(
     llm: L,
     args: &CompleteArgs,
     prompt: &emu_prompt::Prompt,
-    dir: &crate::pipeline::ModelDir,
+    dir: &emu::pipeline::ModelDir,
 ) -> Result<()> {
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
     let loading = super::progress::loading(dir.root());

@@ -1,7 +1,8 @@
 //! `emu encode`: images to EVA features, as safetensors.
 
 use super::{report_timings, Backends, ModelArgs};
-use crate::pipeline::{EncodePipeline, ModelDir, ModelFamily, PipelineError, Result};
+use emu::with_backend;
+use emu::pipeline::{EncodePipeline, ModelDir, ModelFamily, PipelineError, Result};
 use clap::Args;
 use emu_core::{Backend, DType, HostTensor};
 use std::path::PathBuf;
@@ -54,7 +55,7 @@ pub fn run(args: &EncodeArgs) -> Result<()> {
     let kind = args.model.check_names()?;
     let dir = ModelDir::resolve_any(&args.model.model, ModelFamily::Emu2Chat)?;
     if dir.is_tiny() {
-        eprintln!("{}", crate::tiny::TINY_NOTICE);
+        eprintln!("{}", emu::tiny::TINY_NOTICE);
     }
     // Only the vision encoder runs here.
     let vision = Backends::default().open(kind.vision)?;

@@ -37,8 +37,8 @@
 //! (the LLM graphs at a position other than the one traced), which
 //! `tools/onnx/check_export_onnx.py` runs in Python's onnxruntime.
 
-use crate::pipeline::{ModelDir, ModelFamily, PipelineError, Result};
-use crate::units::parse_size;
+use emu::pipeline::{ModelDir, ModelFamily, PipelineError, Result};
+use emu::units::parse_size;
 use clap::Args;
 use emu_backend_onnx::{ExportSpec, ExportedFile, OnnxBackend, ParamInput, Port, EXTERNAL_DATA_THRESHOLD, OPSET};
 use emu_core::checkpoint::{Checkpoint, Weights};
@@ -144,7 +144,7 @@ pub fn run(args: &ExportOnnxArgs) -> Result<PathBuf> {
     };
     let dir = ModelDir::resolve_any(&args.model, ModelFamily::Emu2Gen)?;
     if dir.is_tiny() {
-        eprintln!("{}", crate::tiny::TINY_NOTICE);
+        eprintln!("{}", emu::tiny::TINY_NOTICE);
     }
     let has_decoder = dir.family() == ModelFamily::Emu2Gen;
     if !has_decoder && args.component != "all" && matches!(args.component.as_str(), "unet" | "vae") {

@@ -1,7 +1,8 @@
 //! `emu generate`: Emu2-Gen, a prompt to a PNG image.
 
 use super::{report_timings, BackendKind, Backends, ModelArgs};
-use crate::pipeline::{GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError, Result};
+use emu::with_backend;
+use emu::pipeline::{GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError, Result};
 use clap::Args;
 use emu_core::Backend;
 use emu_prompt::{Item, Prompt};

@@ -1,19 +1,6 @@
 //! The `emu chat`, `emu complete` and `emu generate` subcommands: argument
 //! definitions (clap) and the code that runs a pipeline for them.
 
-/// Runs `$body` with `$b` bound to the concrete backend inside an
-/// [`AnyBackend`], so each pipeline is written once, generically, and
-/// monomorphised per backend (nest it to place components separately).
-macro_rules! with_backend {
-    ($any:expr, |$b:ident| $body:expr) => {
-        match $any {
-            $crate::commands::AnyBackend::Cpu($b) => $body,
-            $crate::commands::AnyBackend::Wgpu($b) => $body,
-            $crate::commands::AnyBackend::Onnx($b) => $body,
-        }
-    };
-}
-
 pub mod chat;
 pub mod complete;
 pub mod encode;
@@ -21,97 +8,14 @@ pub mod export_onnx;
 pub mod generate;
 pub mod progress;
 
-use crate::pipeline::{check_dtype, Component, ModelDir, ModelFamily, PipelineError, Result, Timings};
-use crate::tiny::TINY_NOTICE;
 use clap::Args;
-use emu_backend_cpu::CpuBackend;
-use emu_backend_onnx::OnnxBackend;
-use emu_backend_wgpu::WgpuBackend;
+use emu::pipeline::{check_dtype, Component, ModelDir, ModelFamily, PipelineError, Result, Timings};
+use emu::tiny::TINY_NOTICE;
 use emu_core::{Backend, DType};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-static THREADS: AtomicUsize = AtomicUsize::new(0);
-
-/// Sets the threads of CPU computation for this process: the cpu backend's
-/// pool and ONNX Runtime's intra-op threads of backends opened afterwards
-/// (0: each library's default). Call it before any computation.
-pub fn set_threads(n: usize) -> Result<()> {
-    emu_backend_cpu::set_num_threads(n)?;
-    THREADS.store(n, Ordering::Relaxed);
-    Ok(())
-}
-
-/// Backends compiled into this binary.
-pub const BACKENDS: &[&str] = &["cpu", "wgpu", "onnx"];
-
-/// A backend chosen by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BackendKind {
-    Cpu,
-    Wgpu,
-    Onnx,
-}
-
-impl BackendKind {
-    pub fn parse(name: &str) -> Result<Self> {
-        match name.to_ascii_lowercase().as_str() {
-            "cpu" => Ok(BackendKind::Cpu),
-            "wgpu" => Ok(BackendKind::Wgpu),
-            "onnx" => Ok(BackendKind::Onnx),
-            _ => Err(PipelineError::UnknownBackend {
-                name: name.to_string(),
-                available: BACKENDS.join(", "),
-            }),
-        }
-    }
-}
-
-/// An opened backend of any kind compiled in; `with_backend!` turns it
-/// back into its concrete type.
-#[derive(Debug, Clone)]
-pub enum AnyBackend {
-    Cpu(CpuBackend),
-    Wgpu(WgpuBackend),
-    Onnx(OnnxBackend),
-}
-
-/// Opens each kind of backend at most once, so components placed on the
-/// same kind share one device (and one ONNX Runtime environment).
-#[derive(Debug, Default)]
-pub struct Backends {
-    cpu: Option<CpuBackend>,
-    wgpu: Option<WgpuBackend>,
-    onnx: Option<OnnxBackend>,
-}
-
-impl Backends {
-    /// The backend of `kind`, opened on first use. A backend that cannot
-    /// start here (no GPU adapter, no ONNX Runtime library) is an error
-    /// that says why.
-    pub fn open(&mut self, kind: BackendKind) -> Result<AnyBackend> {
-        Ok(match kind {
-            BackendKind::Cpu => AnyBackend::Cpu(self.cpu.get_or_insert_with(CpuBackend::new).clone()),
-            BackendKind::Wgpu => AnyBackend::Wgpu(match &self.wgpu {
-                Some(b) => b.clone(),
-                None => self.wgpu.insert(WgpuBackend::new()?).clone(),
-            }),
-            BackendKind::Onnx => AnyBackend::Onnx(match &self.onnx {
-                Some(b) => b.clone(),
-                None => self
-                    .onnx
-                    .insert(OnnxBackend::with_threads(THREADS.load(Ordering::Relaxed))?)
-                    .clone(),
-            }),
-        })
-    }
-}
-
-/// Where the vision encoder and the language model run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Placement {
-    pub vision: BackendKind,
-    pub llm: BackendKind,
-}
+// Backend selection is library code (a server needs it too); these names
+// stay reachable here for the subcommands.
+pub use emu::backend::{set_threads, AnyBackend, BackendKind, Backends, Placement};
 
 /// Options every model-running subcommand takes.
 #[derive(Args, Debug, Clone)]
@@ -191,8 +95,8 @@ impl ModelArgs {
     }
 
     /// The `--dump` folder, created if missing.
-    pub fn dump(&self) -> Result<Option<crate::pipeline::Dump>> {
-        self.dump.as_ref().map(crate::pipeline::Dump::new).transpose()
+    pub fn dump(&self) -> Result<Option<emu::pipeline::Dump>> {
+        self.dump.as_ref().map(emu::pipeline::Dump::new).transpose()
     }
 
     /// The compute dtypes `(vision encoder, everything else)`.
@@ -300,7 +204,7 @@ impl DecodeArgs {
             seed: self.seed,
             stop_strings: self.stop.clone(),
             transformers: self.transformers,
-            ..crate::pipeline::upstream_generation()
+            ..emu::pipeline::upstream_generation()
         }
     }
 }
@@ -311,6 +215,6 @@ pub fn report_timings(verbose: bool, load: &Timings, run: &Timings) {
         let mut all = load.clone();
         all.merge(run);
         eprintln!("timings: {all}");
-        eprintln!("cpu threads: {}", emu_backend_cpu::num_threads());
+        eprintln!("cpu threads: {}", emu::backend::cpu_threads());
     }
 }

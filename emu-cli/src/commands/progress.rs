@@ -5,7 +5,7 @@
 //! Bars are drawn only when [`enabled`]: by default when standard error is a
 //! terminal; `--progress` / `--no-progress` force it either way.
 
-use crate::units::human_bytes;
+use emu::units::human_bytes;
 use emu_core::checkpoint::{set_load_observer, LoadEvent, LoadObserver};
 use std::collections::HashSet;
 use std::io::{IsTerminal, Write};

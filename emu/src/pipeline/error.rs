@@ -29,6 +29,14 @@ pub enum PipelineError {
     #[error("unknown backend `{name}`; available backends: {available}")]
     UnknownBackend { name: String, available: String },
 
+    /// A backend emu-rs has, but this build was compiled without.
+    #[error("backend `{name}` is not compiled into this build (available: {available}); enable the `{feature}` feature of the `emu` crate")]
+    BackendNotCompiled {
+        name: &'static str,
+        feature: &'static str,
+        available: String,
+    },
+
     /// A dtype the chosen backend cannot run.
     #[error("{0}")]
     DType(String),

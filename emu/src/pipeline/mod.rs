@@ -14,17 +14,17 @@
 //! repo id in the local Hugging Face cache.
 //!
 //! ```no_run
-//! use emu_backend_cpu::CpuBackend;
-//! use emu_cli::pipeline::{ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
-//! use emu_core::DType;
-//! use emu_prompt::{Item, Prompt};
+//! use emu::backend::CpuBackend;
+//! use emu::pipeline::{ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
+//! use emu::emu_core::DType;
+//! use emu::emu_prompt::{Item, Prompt};
 //! let model = ModelDir::resolve("BAAI/Emu2-Chat", ModelFamily::Emu2Chat)?;
 //! let cpu = Component::new(CpuBackend::new(), DType::BF16);
 //! let chat = ChatPipeline::load(&model, &cpu, &cpu)?;
 //! let prompt = Prompt::new(vec![Item::Image("dog.jpg".into()), Item::Text("What is this?".into())]);
 //! let answer = chat.answer(&prompt, &ChatOptions::default(), None)?;
 //! println!("{}", answer.text);
-//! # Ok::<(), emu_cli::pipeline::PipelineError>(())
+//! # Ok::<(), emu::pipeline::PipelineError>(())
 //! ```
 
 mod dump;
