@@ -284,20 +284,22 @@ pub struct CudaOptions {
 impl CudaOptions {
     /// [`DEVICE_ENV`] and [`TF32_ENV`], with a clear error for a malformed value.
     pub fn from_env() -> Result<Self> {
-        let device = match std::env::var(DEVICE_ENV) {
-            Ok(v) if !v.trim().is_empty() => v.trim().parse::<usize>().map_err(|_| {
+        let var = |k| std::env::var(k).ok();
+        Self::parse(var(DEVICE_ENV).as_deref(), var(TF32_ENV).as_deref())
+    }
+
+    /// The options from the values of [`DEVICE_ENV`] and [`TF32_ENV`] (unset: `None`).
+    pub fn parse(device: Option<&str>, tf32: Option<&str>) -> Result<Self> {
+        let device = match device.map(str::trim) {
+            Some(v) if !v.is_empty() => v.parse::<usize>().map_err(|_| {
                 Error::InvalidArgument(format!("{DEVICE_ENV}=`{v}` is not a device number (0, 1, ...)"))
             })?,
             _ => 0,
         };
-        let tf32 = match std::env::var(TF32_ENV).as_deref().map(str::trim) {
-            Ok("1") | Ok("true") | Ok("on") => true,
-            Ok("") | Ok("0") | Ok("false") | Ok("off") | Err(_) => false,
-            Ok(v) => {
-                return Err(Error::InvalidArgument(format!(
-                    "{TF32_ENV}=`{v}`: use 1 or 0"
-                )))
-            }
+        let tf32 = match tf32.map(str::trim) {
+            Some("1") | Some("true") | Some("on") => true,
+            None | Some("") | Some("0") | Some("false") | Some("off") => false,
+            Some(v) => return Err(Error::InvalidArgument(format!("{TF32_ENV}=`{v}`: use 1 or 0"))),
         };
         Ok(Self { device, tf32 })
     }

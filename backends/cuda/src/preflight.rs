@@ -88,9 +88,9 @@ pub fn check_fits(device: &str, components: &[Component], mem: MemoryInfo) -> Re
         let refs: Vec<&Component> = halved.iter().collect();
         let n = need(&refs);
         hints.push(format!(
-            "--dtype bf16 needs {}{}",
+            "--dtype bf16 (needs {}, {})",
             gib(n),
-            if n <= mem.free { " and fits" } else { "" }
+            if n <= mem.free { "fits" } else { "still too much" }
         ));
     }
     // Move the largest components elsewhere until the rest fits.
@@ -103,7 +103,7 @@ pub fn check_fits(device: &str, components: &[Component], mem: MemoryInfo) -> Re
                 .iter()
                 .map(|c| format!("--{}-backend cpu", c.name))
                 .collect();
-            hints.push(format!("{} leaves {} on this device, which fits", flags.join(" "), gib(need(rest))));
+            hints.push(format!("{} (leaves {} here, fits)", flags.join(" "), gib(need(rest))));
             break;
         }
     }
@@ -143,14 +143,13 @@ mod tests {
         assert!(e.contains("device 0 (H100)"), "{e}");
         assert!(e.contains("122.9 GiB"), "{e}");
         assert!(e.contains("79.0 GiB of 80.0 GiB is free"), "{e}");
-        assert!(e.contains("--dtype bf16 needs"), "{e}");
-        assert!(e.contains("fits"), "{e}");
+        assert!(e.contains("--dtype bf16 (needs 69.7 GiB, fits)"), "{e}");
         // Too small even in bf16, but the decoder alone fits.
         let e = check_fits("d", &cs, MemoryInfo { free: 10 * GIB, total: 16 * GIB })
             .unwrap_err()
             .to_string();
-        assert!(e.contains("--llm-backend cpu leaves"), "{e}");
-        assert!(!e.contains("bf16 needs 6"), "{e}");
+        assert!(e.contains("--dtype bf16 (needs 69.7 GiB, still too much)"), "{e}");
+        assert!(e.contains("--llm-backend cpu (leaves 4.7 GiB here, fits)"), "{e}");
     }
 
     #[test]

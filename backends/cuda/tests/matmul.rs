@@ -8,7 +8,7 @@ mod common;
 use common::{backend, rel_err, uniform};
 use emu_backend_cpu::CpuBackend;
 use emu_core::testing::Rng;
-use emu_core::{Backend, Conv2dParams, DType, HostTensor};
+use emu_core::{Backend, Conv2dParams, DType};
 
 fn tol(dt: DType) -> f64 {
     match dt {

@@ -3,7 +3,7 @@
 //! library it cannot open). Runs everywhere; on a GPU machine it checks
 //! that the backend starts instead.
 
-use emu_backend_cuda::{probe, CudaBackend, CudaOptions, DEVICE_ENV};
+use emu_backend_cuda::{probe, CudaBackend, CudaOptions, DEVICE_ENV, TF32_ENV};
 use emu_core::Error;
 
 #[test]
@@ -45,11 +45,14 @@ fn every_constructor_returns_an_error_instead_of_panicking() {
 }
 
 #[test]
-fn a_malformed_device_variable_is_an_invalid_argument() {
-    // Only this test in this binary touches the variable.
-    std::env::set_var(DEVICE_ENV, "first");
-    let r = CudaOptions::from_env();
-    std::env::remove_var(DEVICE_ENV);
-    let e = r.unwrap_err().to_string();
+fn malformed_variables_are_invalid_arguments() {
+    let e = CudaOptions::parse(Some("first"), None).unwrap_err().to_string();
     assert!(e.contains(DEVICE_ENV) && e.contains("first"), "{e}");
+    let e = CudaOptions::parse(None, Some("yes please")).unwrap_err().to_string();
+    assert!(e.contains(TF32_ENV), "{e}");
+    assert_eq!(
+        CudaOptions::parse(Some(" 2 "), Some("1")).unwrap(),
+        CudaOptions { device: 2, tf32: true }
+    );
+    assert_eq!(CudaOptions::parse(None, None).unwrap(), CudaOptions::default());
 }
