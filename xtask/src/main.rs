@@ -1,18 +1,23 @@
 //! `cargo xtask <command>`: project automation that is not a unit test.
 //!
-//! * `test [--backend cpu|wgpu|onnx|all] [--dtype f32|bf16|f16|all]` — runs the backend
+//! * `test [--backend cpu|wgpu|onnx|cuda|all] [--dtype f32|bf16|f16|all]` — runs the backend
 //!   conformance suite (every op against f64 references) on each selected
 //!   backend and prints the measured error of every check; exits non-zero on
 //!   any failure.
 //! * `fixtures [SET ...]` — regenerates `tests/fixtures/` with the PyTorch
 //!   reference (needs a venv with `tools/reference/requirements.txt`; set
 //!   `EMU_REF_PYTHON` to its python, default `.venv-ref/bin/python`).
+//! * `gpu-build [--profile release|dev] [--out DIR]` — builds what
+//!   `tools/gpu/cuda-check.sh` runs on a GPU machine without Rust (this
+//!   runner and bench, and the GPU backends' test binaries), stripped, into
+//!   one folder (default `target/gpu-bundle`, under 60 MB); see [`gpu_build`].
 //! * `bench [...]` — times every component (single ops, vision, LLM, UNet,
 //!   VAE) on every available backend and, with `--torch PYTHON`, PyTorch,
 //!   in one table with each output's error against the CPU backend; see
 //!   [`bench`].
 
 mod bench;
+mod gpu_build;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -20,12 +25,13 @@ use std::process::{Command, ExitCode};
 use emu_core::testing::{format_checks, run_error_suite, run_op_suite};
 use emu_core::{Backend, DType};
 
-const USAGE: &str = "usage: cargo xtask test [--backend cpu|wgpu|onnx|all] [--dtype f32|bf16|f16|all]
+const USAGE: &str = "usage: cargo xtask test [--backend cpu|wgpu|onnx|cuda|all] [--dtype f32|bf16|f16|all]
        cargo xtask fixtures [SET ...]
+       cargo xtask gpu-build [--profile release|dev] [--out DIR]
        ";
 
 /// Backends this build knows about; each new backend crate adds itself here.
-const BACKENDS: &[&str] = &["cpu", "wgpu", "onnx"];
+const BACKENDS: &[&str] = &["cpu", "wgpu", "onnx", "cuda"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,6 +39,7 @@ fn main() -> ExitCode {
         Some("test") => cmd_test(&args[1..]),
         Some("fixtures") => cmd_fixtures(&args[1..]),
         Some("bench") => bench::cmd_bench(&args[1..]).map_err(|e| e.to_string()),
+        Some("gpu-build") => cmd_gpu_build(&args[1..]),
         _ => Err(format!("{USAGE}{}", bench::USAGE)),
     };
     match result {
@@ -88,6 +95,19 @@ fn cmd_test(args: &[String]) -> Result<(), String> {
                 }
                 Err(e) => return Err(e.to_string()),
             },
+            // Without an NVIDIA driver and the CUDA libraries, `all` skips cuda;
+            // asking for it by name fails.
+            "cuda" => match emu_backend_cuda::CudaBackend::new() {
+                Ok(be) => {
+                    println!("== cuda device: {}", be.device_name());
+                    run_suites(&be, &dtypes)?
+                }
+                Err(e) if backends.len() > 1 => {
+                    println!("== cuda: skipped: {e}");
+                    0
+                }
+                Err(e) => return Err(e.to_string()),
+            },
             other => unreachable!("backend {other} listed but not wired"),
         };
     }
@@ -126,6 +146,14 @@ fn run_suites<B: Backend>(be: &B, dtypes: &[DType]) -> Result<usize, String> {
         wrongly_ok.len()
     );
     Ok(failures + wrongly_ok.len())
+}
+
+fn cmd_gpu_build(args: &[String]) -> Result<(), String> {
+    let profile = flag(args, "--profile")?.unwrap_or("release");
+    let out = flag(args, "--out")?
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/gpu-bundle"));
+    gpu_build::build(&workspace_root(), profile, &out)
 }
 
 fn workspace_root() -> PathBuf {

@@ -2,7 +2,7 @@
 //! PyTorch, in one run and one table.
 //!
 //! ```text
-//! cargo xtask bench [--backends cpu,wgpu,onnx] [--component ops|vision|llm|unet|vae|all[,..]]
+//! cargo xtask bench [--backends cpu,wgpu,onnx,cuda] [--component ops|vision|llm|unet|vae|all[,..]]
 //!                   [--size tiny|mid] [--dtype f32|bf16] [--threads N] [--warmup N] [--iters N]
 //!                   [--torch PYTHON] [--json OUT] [--keep DIR]
 //! ```
@@ -39,6 +39,7 @@ pub mod run;
 mod torch;
 
 use emu_backend_cpu::CpuBackend;
+use emu_backend_cuda::CudaBackend;
 use emu_backend_onnx::OnnxBackend;
 use emu_backend_wgpu::WgpuBackend;
 use emu_core::{Backend, DType};
@@ -48,7 +49,7 @@ use std::path::{Path, PathBuf};
 
 pub type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-pub const USAGE: &str = "cargo xtask bench [--backends cpu,wgpu,onnx] [--component ops|vision|llm|unet|vae|all[,..]] \
+pub const USAGE: &str = "cargo xtask bench [--backends cpu,wgpu,onnx,cuda] [--component ops|vision|llm|unet|vae|all[,..]] \
 [--size tiny|mid] [--dtype f32|bf16] [--threads N] [--warmup N] [--iters N] [--torch PYTHON] [--json OUT] [--keep DIR]";
 
 /// A part of the system that is timed as a unit.
@@ -118,7 +119,7 @@ pub struct Options {
 impl Options {
     pub fn parse(args: &[String]) -> Res<Options> {
         let mut o = Options {
-            backends: vec!["cpu".into(), "wgpu".into(), "onnx".into()],
+            backends: vec!["cpu".into(), "wgpu".into(), "onnx".into(), "cuda".into()],
             components: Component::ALL.to_vec(),
             size: Size::Mid,
             dtype: DType::F32,
@@ -427,6 +428,13 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
                 Ok(be) => bench_backend(&be, "onnx", o, &work, &mut report),
                 Err(e) => report.notes.push(format!("onnx: skipped: {e}")),
             },
+            "cuda" => match CudaBackend::new() {
+                Ok(be) => {
+                    report.notes.push(format!("cuda device: {}", be.device_name()));
+                    bench_backend(&be, "cuda", o, &work, &mut report);
+                }
+                Err(e) => report.notes.push(format!("cuda: skipped: {e}")),
+            },
             other => return Err(format!("backend `{other}` listed but not wired").into()),
         }
     }
@@ -655,7 +663,7 @@ mod tests {
             (Component::Unet, "step"),
             (Component::Vae, "decode"),
         ];
-        let ran: Vec<&str> = ["cpu", "wgpu", "onnx"]
+        let ran: Vec<&str> = ["cpu", "wgpu", "onnx", "cuda"]
             .into_iter()
             .filter(|b| !report.notes.iter().any(|n| n.starts_with(&format!("{b}: skipped"))))
             .collect();
