@@ -6,6 +6,8 @@ use clap::{Args, Parser, Subcommand};
 use emu::convert::{convert, ConvertOptions};
 use emu::inspect::{inspect, render};
 use emu::units::{human_bytes, parse_size};
+use emu_cli::commands::output::{is_broken_pipe, write_out};
+use std::io::Write;
 use emu_core::DType;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -122,9 +124,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Inspect(a) => {
             let ins = inspect(&a.path, a.variant.as_deref())?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&ins)?);
+                emu_cli::outln!("{}", serde_json::to_string_pretty(&ins)?)?;
             } else {
-                print!("{}", render(&ins));
+                write_out(&render(&ins))?;
             }
         }
         Command::Convert(a) => {
@@ -146,7 +148,7 @@ fn run(cli: Cli) -> Result<()> {
             let tensors: usize = r.weights.iter().map(|w| w.tensors).sum();
             let converted: usize = r.weights.iter().map(|w| w.converted).sum();
             let shards: usize = r.weights.iter().map(|w| w.shards.len()).sum();
-            println!(
+            emu_cli::outln!(
                 "converted {tensors} tensors ({converted} to {}) into {shards} shard{} in {}: {} read, {} written, {} other files copied, {:.1}s ({}/s)",
                 opts.dtype,
                 if shards == 1 { "" } else { "s" },
@@ -156,17 +158,41 @@ fn run(cli: Cli) -> Result<()> {
                 r.copied.len(),
                 r.seconds,
                 human_bytes((read as f64 / r.seconds.max(1e-9)) as u64),
-            );
+            )?;
             if !r.skipped.is_empty() {
                 let names: Vec<String> = r.skipped.iter().map(|p| p.display().to_string()).collect();
-                println!("not converted (other variants or formats): {}", names.join(", "));
+                emu_cli::outln!("not converted (other variants or formats): {}", names.join(", "))?;
             }
         }
     }
     Ok(())
 }
 
+/// Points `XDG_RUNTIME_DIR` at a private empty folder when it is unset or
+/// invalid, for as long as the returned guard lives. wgpu's GL probe asks
+/// libwayland for a display, which prints `error: XDG_RUNTIME_DIR is invalid
+/// or not set in the environment` on stderr of every (successful) run
+/// otherwise. Called first in `main`, before any thread exists, which is
+/// what makes changing the environment sound.
+fn quiet_wayland_probe() -> Option<tempfile::TempDir> {
+    let valid = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .is_some_and(|p| p.is_absolute() && p.is_dir());
+    if valid {
+        return None;
+    }
+    let dir = tempfile::Builder::new().prefix("emu-runtime-").tempdir().ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700));
+    }
+    std::env::set_var("XDG_RUNTIME_DIR", dir.path());
+    Some(dir)
+}
+
 fn main() -> ExitCode {
+    let _runtime_dir = quiet_wayland_probe();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -192,8 +218,12 @@ fn main() -> ExitCode {
     };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`emu … | head`): end quietly,
+        // as Unix tools do.
+        Err(e) if is_broken_pipe(e.as_ref()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Not eprintln!: it would panic if stderr is closed too.
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             ExitCode::FAILURE
         }
     }

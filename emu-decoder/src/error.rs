@@ -44,7 +44,7 @@ impl Error {
 
 /// Reads and parses a JSON config file.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| emu_core::Error::io(path, e))?;
+    let text = emu_core::fs::read_text(path).map_err(|e| emu_core::Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.to_path_buf(),
         message: e.to_string(),

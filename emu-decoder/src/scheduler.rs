@@ -166,6 +166,10 @@ fn interp_f64(x: f64, fp: &[f64]) -> f64 {
     slope * (x - j as f64) + fp[j]
 }
 
+/// Most training timesteps a scheduler config may declare (SDXL: 1000);
+/// the schedule tables hold one entry per timestep.
+pub const MAX_TRAIN_TIMESTEPS: usize = 100_000;
+
 impl EulerDiscreteScheduler {
     /// Builds the training schedule, rejecting every option that this port
     /// does not implement by its config key.
@@ -213,8 +217,19 @@ impl EulerDiscreteScheduler {
             other => return Err(unsupported("prediction_type", &other)),
         };
         let n = cfg.num_train_timesteps;
-        if n < 2 {
-            return Err(unsupported("num_train_timesteps", &n));
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&n) {
+            return Err(Error::invalid(format!(
+                "{COMPONENT}: num_train_timesteps {n} is out of range (2 to {MAX_TRAIN_TIMESTEPS}; SDXL: 1000)"
+            )));
+        }
+        // Betas are variances of added noise: each must lie in [0, 1).
+        if cfg.trained_betas.is_none() {
+            let (s, e) = (cfg.beta_start, cfg.beta_end);
+            if !(s.is_finite() && e.is_finite() && 0.0 <= s && s <= e && e < 1.0) {
+                return Err(Error::invalid(format!(
+                    "{COMPONENT}: beta_start {s} and beta_end {e} must satisfy 0 <= beta_start <= beta_end < 1 (SDXL: 0.00085, 0.012)"
+                )));
+            }
         }
         let betas: Vec<f32> = match (&cfg.trained_betas, cfg.beta_schedule.as_str()) {
             (Some(b), _) => {
@@ -233,6 +248,11 @@ impl EulerDiscreteScheduler {
                 .collect(),
             (None, other) => return Err(unsupported("beta_schedule", &other)),
         };
+        if let Some((i, b)) = betas.iter().enumerate().find(|(_, b)| !(0.0..1.0).contains(*b)) {
+            return Err(Error::invalid(format!(
+                "{COMPONENT}: beta {i} is {b}; every beta must lie in [0, 1)"
+            )));
+        }
         // torch.cumprod on the CPU accumulates float32 in double.
         let mut acc = 1f64;
         let alphas_cumprod = betas

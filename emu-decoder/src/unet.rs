@@ -252,6 +252,33 @@ impl UNet2DConditionConfig {
         self.resolve().map(|_| ())
     }
 
+    /// Bytes of the largest attention buffers one forward pass holds at once
+    /// for `batch` latents of `h`×`w`: the f32 scores and probabilities
+    /// `[batch, heads, T, T]` of the self-attention with the most tokens `T`
+    /// (they grow with the fourth power of the image side). For refusing
+    /// sizes that cannot fit before computing (see `emu_core::memory`).
+    pub fn attention_bytes(&self, batch: usize, h: usize, w: usize) -> Result<u64> {
+        let r = self.resolve()?;
+        let n = self.block_out_channels.len();
+        let at_level = |level: usize| -> u64 {
+            let tokens = ((h >> level) as u64).saturating_mul((w >> level) as u64);
+            (batch as u64)
+                .saturating_mul(r.heads[level] as u64)
+                .saturating_mul(tokens)
+                .saturating_mul(tokens)
+                .saturating_mul(2 * 4)
+        };
+        let down = self.down_block_types.iter().enumerate().map(|(i, t)| (i, t));
+        // Up block j runs at the resolution of down block n - 1 - j.
+        let up = self.up_block_types.iter().enumerate().map(|(j, t)| (n - 1 - j, t));
+        let blocks = down
+            .chain(up)
+            .filter(|(_, t)| t.starts_with("CrossAttn"))
+            .map(|(level, _)| at_level(level));
+        // The mid block (always cross-attention here) at the lowest resolution.
+        Ok(blocks.chain([at_level(n - 1)]).max().unwrap_or(0))
+    }
+
     fn resolve(&self) -> Result<Resolved> {
         let bad = |field: &'static str, value: &dyn std::fmt::Debug| Err(Error::unsupported(COMPONENT, field, value));
         if let Some(n) = &self.class_name {
@@ -260,7 +287,19 @@ impl UNet2DConditionConfig {
             }
         }
         let n = self.block_out_channels.len();
-        if n == 0 || self.down_block_types.len() != n {
+        if n == 0 {
+            return Err(Error::invalid(format!(
+                "{COMPONENT} config: `block_out_channels` is empty; it needs one width per down block (SDXL: [320, 640, 1280])"
+            )));
+        }
+        if n > crate::vae::MAX_LEVELS || self.block_out_channels.contains(&0) {
+            return Err(Error::invalid(format!(
+                "{COMPONENT} config: `block_out_channels` {:?} needs 1 to {} non-zero widths",
+                self.block_out_channels,
+                crate::vae::MAX_LEVELS
+            )));
+        }
+        if self.down_block_types.len() != n {
             return bad("down_block_types", &self.down_block_types);
         }
         if self.up_block_types.len() != n {

@@ -89,6 +89,10 @@ fn d_up() -> Vec<String> {
     vec!["UpDecoderBlock2D".into()]
 }
 
+/// Most resolution levels a VAE config may have (SDXL: 4); each halves the
+/// latent side, so more would shrink any image to nothing.
+pub const MAX_LEVELS: usize = 8;
+
 impl AutoencoderKLConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let cfg: Self = read_json(path.as_ref())?;
@@ -114,8 +118,35 @@ impl AutoencoderKLConfig {
             return bad("up_block_types", t);
         }
         let n = self.block_out_channels.len();
-        if n == 0 || self.down_block_types.len() != n || self.up_block_types.len() != n {
+        if n == 0 {
+            return Err(Error::invalid(format!(
+                "{COMPONENT} config: `block_out_channels` is empty; it needs one width per block (SDXL: [128, 256, 512, 512])"
+            )));
+        }
+        if n > MAX_LEVELS || self.block_out_channels.contains(&0) {
+            return Err(Error::invalid(format!(
+                "{COMPONENT} config: `block_out_channels` {:?} needs 1 to {MAX_LEVELS} non-zero widths",
+                self.block_out_channels
+            )));
+        }
+        if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return bad("block_out_channels", &self.block_out_channels);
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return Err(Error::invalid(format!(
+                "{COMPONENT} config: `scaling_factor` {} must be a positive number (SDXL: 0.13025)",
+                self.scaling_factor
+            )));
+        }
+        if let Some(s) = self.shift_factor.filter(|s| !s.is_finite()) {
+            return Err(Error::invalid(format!(
+                "{COMPONENT} config: `shift_factor` {s} is not a finite number"
+            )));
+        }
+        if self.latent_channels == 0 || self.in_channels == 0 || self.out_channels == 0 {
+            return Err(Error::invalid(format!(
+                "{COMPONENT} config: `latent_channels`, `in_channels` and `out_channels` must be positive"
+            )));
         }
         if let Some(c) = self
             .block_out_channels
@@ -128,6 +159,18 @@ impl AutoencoderKLConfig {
             );
         }
         Ok(())
+    }
+
+    /// Bytes of the largest attention buffers decoding one `h`×`w` latent
+    /// holds at once: the f32 scores and probabilities of the mid block's
+    /// single-head self-attention over all `h·w` latent cells (they grow with
+    /// the fourth power of the image side; see `emu_core::memory`).
+    pub fn attention_bytes(&self, h: usize, w: usize) -> u64 {
+        if !self.mid_block_add_attention {
+            return 0;
+        }
+        let tokens = (h as u64).saturating_mul(w as u64);
+        tokens.saturating_mul(tokens).saturating_mul(2 * 4)
     }
 
     /// How much the VAE shrinks each spatial side (8 for SDXL).

@@ -148,7 +148,7 @@ impl LlamaConfig {
     /// Reads and parses a `config.json` file; errors name the file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::ConfigFile {
+        let text = emu_core::fs::read_text(path).map_err(|e| Error::ConfigFile {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;

@@ -89,6 +89,11 @@ pub enum TransformersVersion {
     V4_31,
 }
 
+/// Most beams [`GenerationConfig::num_beams`] may ask for: each beam holds a
+/// KV cache as large as the whole context, so thousands would exhaust memory
+/// long before they helped (upstream Emu2 uses 5).
+pub const MAX_BEAMS: usize = 64;
+
 /// Decoding settings; the defaults are transformers' `GenerationConfig`
 /// defaults (notably `top_k = 50` when sampling).
 #[derive(Debug, Clone, PartialEq)]
@@ -164,6 +169,12 @@ impl GenerationConfig {
         }
         if self.num_beams == 0 {
             return bad("num_beams must be at least 1".into());
+        }
+        if self.num_beams > MAX_BEAMS {
+            return bad(format!(
+                "num_beams {} is more than the {MAX_BEAMS} supported (each beam holds its own KV cache; upstream uses 5)",
+                self.num_beams
+            ));
         }
         if self.num_beams > 1 && self.do_sample {
             return bad("beam sampling (num_beams > 1 with do_sample) is not supported".into());
@@ -330,7 +341,9 @@ pub fn generate_with<B: Backend>(
             padding.len()
         )));
     };
-    let capacity = t + cfg.max_new_tokens;
+    // max_new_tokens comes from users: checked, so a huge value is a context
+    // overflow rather than an arithmetic overflow.
+    let capacity = t.saturating_add(cfg.max_new_tokens);
     let max_ctx = model.config().max_position_embeddings;
     if capacity > max_ctx {
         return Err(Error::ContextOverflow {

@@ -46,7 +46,7 @@ pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use generate::{
     generate, generate_with, Decode, EarlyStopping, GenerationConfig, Hooks, OnToken, StopCheck, StopStrings,
-    TransformersVersion,
+    TransformersVersion, MAX_BEAMS,
 };
 pub use model::{lm_weights, KvCache, Llama, LlamaOutput, Logits, SlotIds, LM_PREFIXES};
 pub use visual::regress_visual;

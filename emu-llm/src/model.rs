@@ -258,6 +258,7 @@ impl<B: Backend> Llama<B> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let m = weights.pp("model");
+        m.pp("layers").check_layer_count(cfg.num_hidden_layers, "num_hidden_layers")?;
         let embed_tokens = m.tensor(backend, "embed_tokens.weight", &[cfg.vocab_size, h], dtype)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {

@@ -40,6 +40,30 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// Reads a whole tokenizer or config file: regular files only (a FIFO or
+    /// `/dev/zero` would block or never end) and at most 256 MB.
+    pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
+        use std::io::{Error as IoError, ErrorKind, Read};
+        const LIMIT: u64 = 256 << 20;
+        let fail = |e| Error::io(path, e);
+        let meta = std::fs::metadata(path).map_err(fail)?;
+        if !meta.is_file() {
+            let what = if meta.is_dir() { "a directory" } else { "a special file (FIFO, device or socket)" };
+            return Err(fail(IoError::new(
+                ErrorKind::InvalidInput,
+                format!("is {what}, expected a regular file"),
+            )));
+        }
+        let mut buf = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(LIMIT + 1).read_to_end(&mut buf))
+            .map_err(fail)?;
+        if buf.len() as u64 > LIMIT {
+            return Err(fail(IoError::new(ErrorKind::InvalidData, "is larger than 256 MB")));
+        }
+        Ok(buf)
+    }
+
     pub(crate) fn io(path: &std::path::Path, source: std::io::Error) -> Self {
         Error::Io {
             path: path.display().to_string(),

@@ -15,7 +15,7 @@
 //! per frame `[IMG]` + v_query × `[gIMG]` + `[/IMG]` (SPEC §3.4, §6).
 
 use crate::error::{Error, Result};
-use crate::mask::BoxMask;
+use crate::mask::{BoxMask, CANVAS};
 use crate::prompt::{Item, Prompt, Role};
 use crate::special::SpecialToken;
 use crate::tokenizer::Piece;
@@ -157,13 +157,22 @@ impl Builder<'_> {
                             "boxes are an Emu2-Gen input; Emu2 and Emu2-Chat take none (Emu2-Chat answers with boxes in grounding mode)".into(),
                         ));
                     }
+                    let mask = BoxMask::from_demo(o.bbox);
+                    if mask.left == mask.right || mask.top == mask.bottom {
+                        // Upstream would draw a line or nothing: never what was meant.
+                        let [a, b, c, d] = o.bbox;
+                        return Err(Error::Prompt(format!(
+                            "object box={a},{b},{c},{d} has no area on the {CANVAS}x{CANVAS} canvas \
+                             (it is degenerate or lies outside 0..{CANVAS}); give X1,Y1,X2,Y2 with X1 != X2 and Y1 != Y2 inside it"
+                        )));
+                    }
                     if let Some(phrase) = &o.phrase {
                         self.special(SpecialToken::Phrase);
                         self.text(phrase);
                         self.special(SpecialToken::PhraseEnd);
                     }
                     self.special(SpecialToken::Object);
-                    self.image(VisualInput::BoxMask(BoxMask::from_demo(o.bbox)));
+                    self.image(VisualInput::BoxMask(mask));
                     self.special(SpecialToken::ObjectEnd);
                     if let Some(subject) = &o.subject {
                         self.image(VisualInput::Image(subject.clone()));

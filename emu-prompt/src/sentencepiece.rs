@@ -190,7 +190,10 @@ impl SentencePieceModel {
     /// Reads and parses a `tokenizer.model` file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = Error::read_file(path)?;
+        if bytes.is_empty() {
+            return Err(Error::Tokenizer(format!("{}: the file is empty", path.display())));
+        }
         Self::parse(&bytes).map_err(|e| match e {
             Error::Tokenizer(m) => Error::Tokenizer(format!("{}: {m}", path.display())),
             e => e,
@@ -313,8 +316,8 @@ fn parse_piece(b: &[u8], index: usize) -> Result<SpPiece> {
 
 /// Reads `added_tokens.json` (`{"[PAD]": 32000, "[IMG]": 32001, …}`).
 fn read_added_tokens(path: &Path) -> Result<Vec<(u32, String)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let map: std::collections::BTreeMap<String, u32> = serde_json::from_str(&text).map_err(|source| Error::Json {
+    let text = Error::read_file(path)?;
+    let map: std::collections::BTreeMap<String, u32> = serde_json::from_slice(&text).map_err(|source| Error::Json {
         what: path.display().to_string(),
         source,
     })?;
@@ -326,12 +329,17 @@ impl Emu2Tokenizer {
     /// `added_tokens.json` next to it when given. The added tokens, if any, must be Emu2's at
     /// their upstream ids; missing ones are added in upstream order.
     pub fn from_sentencepiece(model: impl AsRef<Path>, added_tokens: Option<&Path>, variant: Variant) -> Result<Self> {
-        let sp = SentencePieceModel::from_file(model.as_ref())?;
-        sp.check_llama()?;
+        let path = model.as_ref();
+        let named = |e: Error| match e {
+            Error::Tokenizer(m) => Error::Tokenizer(format!("{}: {m}", path.display())),
+            e => e,
+        };
+        let sp = SentencePieceModel::from_file(path)?;
+        sp.check_llama().map_err(named)?;
         let added = match added_tokens {
             Some(p) => read_added_tokens(p)?,
             None => Vec::new(),
         };
-        Self::from_bpe(sp.to_bpe()?, &added, variant)
+        Self::from_bpe(sp.to_bpe().map_err(named)?, &added, variant)
     }
 }

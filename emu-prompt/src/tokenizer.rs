@@ -95,7 +95,7 @@ impl Emu2Tokenizer {
     /// not used: the LLaMA SentencePiece rules are applied as described in the module docs.
     pub fn from_tokenizer_json(path: impl AsRef<Path>, variant: Variant) -> Result<Self> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = Error::read_file(path)?;
         let tok = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let bpe = match tok.get_model() {
@@ -206,9 +206,12 @@ impl Emu2Tokenizer {
         let dir = dir.as_ref();
         let json = dir.join("tokenizer.json");
         let model = dir.join("tokenizer.model");
-        let mut tok = if json.is_file() {
+        // Present in any form (a directory, a FIFO) counts, so that reading
+        // it names what is wrong instead of falling back to another file.
+        let present = |p: &Path| std::fs::symlink_metadata(p).is_ok();
+        let mut tok = if present(&json) {
             Self::from_tokenizer_json(json, variant)?
-        } else if model.is_file() {
+        } else if present(&model) {
             let added = dir.join("added_tokens.json");
             let added = added.is_file().then_some(added);
             Self::from_sentencepiece(model, added.as_deref(), variant)?
@@ -218,10 +221,19 @@ impl Emu2Tokenizer {
                 dir.display()
             )));
         };
+        // Not used beyond this check, but a broken one means a broken download.
+        let special = dir.join("special_tokens_map.json");
+        if present(&special) {
+            let text = Error::read_file(&special)?;
+            serde_json::from_slice::<serde_json::Value>(&text).map_err(|source| Error::Json {
+                what: special.display().to_string(),
+                source,
+            })?;
+        }
         let config = dir.join("tokenizer_config.json");
-        if config.is_file() {
-            let text = std::fs::read_to_string(&config).map_err(|e| Error::io(&config, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        if present(&config) {
+            let text = Error::read_file(&config)?;
+            let v: serde_json::Value = serde_json::from_slice(&text).map_err(|source| Error::Json {
                 what: config.display().to_string(),
                 source,
             })?;

@@ -253,6 +253,17 @@ impl EmuVisionConfig {
             .get("vision_config")
             .ok_or_else(|| VisionError::InvalidConfig("missing `vision_config`".into()))?;
         let vision = EvaConfig::from_value(vc)?;
+        // Upstream's configs say "base" (Emu2, Emu2-Gen) or "chat" (Emu2-Chat);
+        // anything else is a model this code was not checked against.
+        match v.get("model_version") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(m)) if m == "base" || m == "chat" => {}
+            Some(other) => {
+                return Err(VisionError::InvalidConfig(format!(
+                    "unknown `model_version` {other}; Emu2 configs say \"base\" or \"chat\""
+                )))
+            }
+        }
         let usize_field = |name: &str| -> Result<Option<usize>> {
             match v.get(name) {
                 None | Some(Value::Null) => Ok(None),
@@ -279,7 +290,7 @@ impl EmuVisionConfig {
     /// Reads `config.json` from a file path.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| VisionError::Io {
+        let text = emu_core::fs::read_text(path).map_err(|e| VisionError::Io {
             path: path.to_path_buf(),
             source: e,
         })?;

@@ -153,6 +153,7 @@ impl<B: Backend> EvaVisionTransformer<B> {
         let (c, p) = (cfg.width, cfg.patch_size);
         let pe = w.pp("patch_embed").pp("proj");
         let bw = w.pp("blocks");
+        bw.check_layer_count(cfg.layers, "vision_config.layers")?;
         let blocks = (0..cfg.layers)
             .map(|i| Block::load(backend, &bw.pp(i), cfg, dtype))
             .collect::<Result<Vec<_>>>()?;

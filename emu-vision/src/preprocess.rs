@@ -123,7 +123,8 @@ pub fn load_image(path: impl AsRef<Path>, opts: &DecodeOptions) -> Result<RgbIma
         path: path.to_path_buf(),
         source: e,
     };
-    let len = std::fs::metadata(path).map_err(io)?.len();
+    // Regular files only: /dev/zero or a FIFO would never end or block.
+    let len = emu_core::fs::regular_file_len(path).map_err(io)?;
     let name = path.display().to_string();
     if len > opts.max_file_bytes {
         return Err(decode_err(
@@ -131,7 +132,7 @@ pub fn load_image(path: impl AsRef<Path>, opts: &DecodeOptions) -> Result<RgbIma
             format!("file is {len} bytes, more than the limit of {}", opts.max_file_bytes),
         ));
     }
-    let bytes = std::fs::read(path).map_err(io)?;
+    let bytes = emu_core::fs::read_limited(path, opts.max_file_bytes).map_err(io)?;
     decode_named(&bytes, opts, Some(&name))
 }
 

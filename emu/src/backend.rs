@@ -57,7 +57,7 @@ static THREADS: AtomicUsize = AtomicUsize::new(0);
 /// (0: each library's default). Call it before any computation.
 pub fn set_threads(n: usize) -> Result<()> {
     #[cfg(feature = "cpu")]
-    emu_backend_cpu::set_num_threads(n)?;
+    emu_backend_cpu::set_num_threads(n).map_err(|e| PipelineError::Input(format!("--threads {n}: {e}")))?;
     THREADS.store(n, Ordering::Relaxed);
     Ok(())
 }

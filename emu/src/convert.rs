@@ -321,6 +321,8 @@ fn remove_stale_weights(dir: &Path, keep: &[PathBuf]) -> Result<()> {
 }
 
 fn copy_file(src: &Path, dst: &Path) -> Result<()> {
+    // Copying a FIFO or a device would block or never end.
+    emu_core::fs::regular_file_len(src).map_err(|e| CliError::io(src, e))?;
     std::fs::copy(src, dst).map_err(|e| CliError::io(dst, e))?;
     Ok(())
 }

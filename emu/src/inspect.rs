@@ -291,7 +291,7 @@ fn other_files(dir: &Path) -> Result<Vec<FileInfo>> {
 /// variants (`bf16`) when a folder has several.
 pub fn inspect(path: &Path, variant: Option<&str>) -> Result<Inspection> {
     layout::require_exists(path)?;
-    let meta = std::fs::metadata(path).map_err(|e| CliError::io(path, e))?;
+    let meta = emu_core::fs::metadata(path).map_err(|e| CliError::io(path, e))?;
     let model: Option<String>;
     let mut components = Vec::new();
     let mut top_files = Vec::new();
@@ -358,7 +358,24 @@ pub fn inspect(path: &Path, variant: Option<&str>) -> Result<Inspection> {
                     }
                 }
                 let class = class.or(listed);
-                let weights = match layout::open_weights_dir(&dir, variant)? {
+                let opened = layout::open_weights_dir(&dir, variant);
+                let opened = match opened {
+                    // Without a model_index.json the folder was only guessed
+                    // to hold components (e.g. `/`, whose `bin/` has *.bin
+                    // files): a subfolder that fails to open means the guess
+                    // was wrong, not that the checkpoint is damaged.
+                    Err(e) if !model_index.is_file() && class.is_none() => {
+                        return Err(CliError::NotACheckpoint {
+                            path: path.to_path_buf(),
+                            hint: format!(
+                                "no model_index.json, no config.json and no weights at the top, and subfolder `{name}` \
+                                 holds no readable checkpoint ({e}); give a model directory, a diffusers pipeline folder or a weights file"
+                            ),
+                        })
+                    }
+                    other => other?,
+                };
+                let weights = match opened {
                     Some(o) => Some(summarize(&o.checkpoint, o.index.as_deref(), o.variant)?),
                     None => None,
                 };

@@ -93,12 +93,13 @@ pub fn variants_in(dir: &Path) -> Vec<String> {
     out
 }
 
-/// Names of the regular files directly in `dir`, sorted.
+/// Names of the entries directly in `dir` that are not folders, sorted
+/// (special files included, so that opening one names what it is).
 pub fn file_names(dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
     for item in std::fs::read_dir(dir).map_err(|e| CliError::io(dir, e))? {
         let item = item.map_err(|e| CliError::io(dir, e))?;
-        if item.path().is_file() {
+        if !item.path().is_dir() {
             out.push(item.file_name().to_string_lossy().into_owned());
         }
     }
@@ -188,7 +189,7 @@ pub fn open_weights_dir(dir: &Path, variant: Option<&str>) -> Result<Option<Open
 
 /// Reads a JSON file of the layout (config.json, model_index.json).
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read(path).map_err(|e| CliError::io(path, e))?;
+    let text = emu_core::fs::read_limited(path, emu_core::fs::MAX_TEXT_FILE).map_err(|e| CliError::io(path, e))?;
     serde_json::from_slice(&text).map_err(|e| CliError::BadJson {
         path: path.to_path_buf(),
         message: e.to_string(),

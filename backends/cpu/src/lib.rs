@@ -59,6 +59,12 @@ pub fn set_num_threads(n: usize) -> Result<()> {
     if n == 0 {
         return Ok(());
     }
+    if n > MAX_THREADS {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        return Err(Error::InvalidArgument(format!(
+            "{n} threads are more than the {MAX_THREADS} supported (this machine runs {cores} at once)"
+        )));
+    }
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     // Fails when the pool already exists; the count check below reports that.
@@ -74,6 +80,10 @@ pub fn set_num_threads(n: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Most threads [`set_num_threads`] accepts: each thread has its own stack
+/// and the pool starts them all, so an absurd count exhausts the process.
+pub const MAX_THREADS: usize = 1024;
 
 /// How many threads the CPU backend computes with.
 pub fn num_threads() -> usize {

@@ -39,6 +39,7 @@ pub struct ChatArgs {
 
 /// Runs `emu chat`.
 pub fn run(args: &ChatArgs) -> Result<()> {
+    args.decode.check()?;
     for p in args.images.iter().chain(&args.video) {
         if !p.is_file() {
             return Err(PipelineError::Input(format!(
@@ -46,6 +47,11 @@ pub fn run(args: &ChatArgs) -> Result<()> {
                 p.display()
             )));
         }
+    }
+    if args.grounding && args.images.is_empty() {
+        return Err(PipelineError::Input(
+            "--grounding answers with boxes in pixels of the first image; give one with --image".into(),
+        ));
     }
     if let Some(out) = &args.boxes_out {
         if args.images.is_empty() {
@@ -111,17 +117,14 @@ fn run_on<V: Backend, L: Backend>(vision: V, llm: L, args: &ChatArgs, dir: &emu:
             items,
         });
         let prompt = Prompt { turns: turns.clone() };
-        let mut stdout = std::io::stdout();
-        let mut sink = |s: &str| {
-            let _ = stdout.write_all(s.as_bytes());
-            let _ = stdout.flush();
-        };
-        let answer = chat.answer(&prompt, &opts, Some(&mut sink))?;
-        println!();
+        let mut stream = super::output::Stream::default();
+        let answer = chat.answer(&prompt, &opts, Some(&mut |s: &str| stream.write(s)))?;
+        stream.finish()?;
+        crate::outln!()?;
         if let Some(g) = &answer.grounding {
             for b in &g.boxes {
                 let [l, t, r, bt] = b.pixels;
-                println!("box: [{l:.0}, {t:.0}, {r:.0}, {bt:.0}] (pixels of the first image)");
+                crate::outln!("box: [{l:.0}, {t:.0}, {r:.0}, {bt:.0}] (pixels of the first image)")?;
             }
             for p in &g.problems {
                 eprintln!("warning: unreadable box in the answer: {}", p.message);

@@ -5,7 +5,6 @@ use emu::with_backend;
 use emu::pipeline::{CompletionOptions, CompletionPipeline, ModelFamily, Result};
 use clap::Args;
 use emu_core::Backend;
-use std::io::Write;
 
 /// Arguments of `emu complete`.
 #[derive(Args, Debug, Clone)]
@@ -22,6 +21,7 @@ pub struct CompleteArgs {
 
 /// Runs `emu complete`.
 pub fn run(args: &CompleteArgs) -> Result<()> {
+    args.decode.check()?;
     let prompt = emu_prompt::parse_markup(&args.prompt)?;
     let (kind, dir) = args.model.resolve(ModelFamily::Emu2)?;
     let (v, l) = args.model.open(kind, &mut Backends::default())?;
@@ -43,13 +43,10 @@ fn run_on<V: Backend, L: Backend>(
     let opts = CompletionOptions {
         generation: args.decode.generation(),
     };
-    let mut stdout = std::io::stdout();
-    let mut sink = |s: &str| {
-        let _ = stdout.write_all(s.as_bytes());
-        let _ = stdout.flush();
-    };
-    let answer = pipe.complete(prompt, &opts, Some(&mut sink))?;
-    println!();
+    let mut stream = super::output::Stream::default();
+    let answer = pipe.complete(prompt, &opts, Some(&mut |s: &str| stream.write(s)))?;
+    stream.finish()?;
+    crate::outln!()?;
     report_timings(args.model.verbose, pipe.load_timings(), &answer.timings);
     Ok(())
 }

@@ -85,7 +85,7 @@ fn run_on<B: Backend>(backend: B, args: &EncodeArgs, dir: &ModelDir) -> Result<(
     let bytes = safetensors::tensor::serialize(views, None).map_err(|e| PipelineError::Input(e.to_string()))?;
     std::fs::write(&args.output, bytes).map_err(|e| emu_core::Error::io(&args.output, e))?;
     let shapes: Vec<String> = tensors.iter().map(|(k, t)| format!("{k} {:?}", t.dims())).collect();
-    println!("wrote {}: {}", args.output.display(), shapes.join(", "));
+    crate::outln!("wrote {}: {}", args.output.display(), shapes.join(", "))?;
     report_timings(args.model.verbose, pipe.load_timings(), &enc.timings);
     Ok(())
 }

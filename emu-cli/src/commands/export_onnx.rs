@@ -122,6 +122,7 @@ struct Graph {
 
 /// Runs `emu export-onnx`; returns the manifest path.
 pub fn run(args: &ExportOnnxArgs) -> Result<PathBuf> {
+    check_numbers(args)?;
     let wanted: Vec<&str> = match args.component.as_str() {
         "all" => COMPONENTS.to_vec(),
         c if COMPONENTS.contains(&c) => vec![c],
@@ -154,7 +155,120 @@ pub fn run(args: &ExportOnnxArgs) -> Result<PathBuf> {
             args.component
         )));
     }
+    if args.output.exists() && !args.output.is_dir() {
+        return Err(PipelineError::Input(format!(
+            "-o `{}` is a file; export-onnx writes a folder",
+            args.output.display()
+        )));
+    }
+    let created = !args.output.exists();
     std::fs::create_dir_all(&args.output).map_err(|e| io_err(&args.output, e))?;
+    // Everything is written into a staging folder inside OUT and moved into
+    // place only once every graph and the manifest are written: a failed
+    // export leaves no ONNX files without their manifest.
+    let staged = tempfile::Builder::new()
+        .prefix(".emu-export-")
+        .tempdir_in(&args.output)
+        .map_err(|e| io_err(&args.output, e));
+    let result = staged.and_then(|staging| {
+        let graphs = export_into(args, &dir, wanted, dtype, has_decoder, staging.path())?;
+        publish(staging.path(), &args.output)?;
+        Ok(graphs)
+    });
+    let graphs = match result {
+        Ok(g) => g,
+        Err(e) => {
+            if created {
+                // Only removes the folder when nothing else was put there.
+                let _ = std::fs::remove_dir(&args.output);
+            }
+            return Err(e);
+        }
+    };
+    let path = args.output.join("manifest.json");
+    let moved = |p: &Path| args.output.join(p.file_name().unwrap_or_default());
+    for g in &graphs {
+        crate::outln!(
+            "wrote {} ({} bytes{})",
+            moved(&g.file.path).display(),
+            g.file.model_bytes,
+            match &g.file.external_data {
+                Some(p) => format!(", weights in {} ({} bytes)", moved(p).display(), g.file.external_bytes),
+                None => String::new(),
+            }
+        )?;
+    }
+    crate::outln!("wrote {}", path.display())?;
+    Ok(path)
+}
+
+/// Most images side, UNet batch and conditioning length export-onnx takes:
+/// graphs are traced on sample inputs of these sizes.
+const MAX_IMAGE_SIZE: usize = 8192;
+const MAX_UNET_BATCH: usize = 64;
+const MAX_CONTEXT_LEN: usize = 4096;
+
+/// Refuses numbers that would be clamped, replaced or would trace a graph
+/// too large to build, before anything is loaded.
+fn check_numbers(args: &ExportOnnxArgs) -> Result<()> {
+    let bad = |m: String| Err(PipelineError::Input(m));
+    if !(1..=MAX_UNET_BATCH).contains(&args.unet_batch) {
+        return bad(format!(
+            "--unet-batch {}: between 1 and {MAX_UNET_BATCH} (2 for guided sampling)",
+            args.unet_batch
+        ));
+    }
+    if !(1..=MAX_CONTEXT_LEN).contains(&args.context_len) {
+        return bad(format!(
+            "--context-len {}: between 1 and {MAX_CONTEXT_LEN} (Emu2-Gen: 64)",
+            args.context_len
+        ));
+    }
+    if let Some(s) = args.image_size.filter(|s| *s == 0 || *s > MAX_IMAGE_SIZE) {
+        return bad(format!("--image-size {s}: between 1 and {MAX_IMAGE_SIZE} pixels"));
+    }
+    if let (Some(p), Some(m)) = (args.prefill_len, args.max_len) {
+        if p.saturating_add(2) > m {
+            return bad(format!(
+                "--prefill-len {p} does not fit --max-len {m}: a prefill step needs at most max_len - 2 positions"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Moves everything from `staging` into `out`, the manifest last, replacing
+/// what an earlier export left there.
+fn publish(staging: &Path, out: &Path) -> Result<()> {
+    let manifest = out.join("manifest.json");
+    if manifest.exists() {
+        std::fs::remove_file(&manifest).map_err(|e| io_err(&manifest, e))?;
+    }
+    let mut names: Vec<std::ffi::OsString> = std::fs::read_dir(staging)
+        .map_err(|e| io_err(staging, e))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| io_err(staging, e))?;
+    names.sort_by_key(|n| n == "manifest.json");
+    for name in names {
+        let (from, to) = (staging.join(&name), out.join(&name));
+        if to.is_dir() {
+            std::fs::remove_dir_all(&to).map_err(|e| io_err(&to, e))?;
+        }
+        std::fs::rename(&from, &to).map_err(|e| io_err(&to, e))?;
+    }
+    Ok(())
+}
+
+/// Exports `wanted` into `out` (the staging folder); returns the graphs.
+fn export_into(
+    args: &ExportOnnxArgs,
+    dir: &ModelDir,
+    wanted: Vec<&str>,
+    dtype: DType,
+    has_decoder: bool,
+    out: &Path,
+) -> Result<Vec<Graph>> {
     let be = OnnxBackend::new()?;
     let threshold = args
         .external_data_threshold
@@ -162,7 +276,7 @@ pub fn run(args: &ExportOnnxArgs) -> Result<PathBuf> {
         .unwrap_or(EXTERNAL_DATA_THRESHOLD);
     let x = Exporter {
         be: &be,
-        out: &args.output,
+        out,
         threshold,
         dtype,
         check: args.check_data,
@@ -170,22 +284,22 @@ pub fn run(args: &ExportOnnxArgs) -> Result<PathBuf> {
     let mut graphs = Vec::new();
     for c in wanted {
         match c {
-            "vision" => graphs.push(x.vision(&dir)?),
-            "llm" => graphs.extend(x.llm(&dir, args)?),
-            "unet" if has_decoder => graphs.push(x.unet(&dir, args)?),
-            "vae" if has_decoder => graphs.push(x.vae(&dir, args)?),
+            "vision" => graphs.push(x.vision(dir)?),
+            "llm" => graphs.extend(x.llm(dir, args)?),
+            "unet" if has_decoder => graphs.push(x.unet(dir, args)?),
+            "vae" if has_decoder => graphs.push(x.vae(dir, args)?),
             _ => {}
         }
     }
-    let manifest = manifest(&dir, args, dtype, &graphs);
-    let path = args.output.join("manifest.json");
+    let manifest = manifest(dir, args, dtype, &graphs);
+    let path = out.join("manifest.json");
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| PipelineError::Input(e.to_string()))?;
     std::fs::write(&path, text).map_err(|e| io_err(&path, e))?;
     if args.check_data {
         for g in &graphs {
             if let Some((ins, outs)) = &g.check {
                 let stem = graph_stem(&g.file.path);
-                let d = args.output.join("check").join(&stem);
+                let d = out.join("check").join(&stem);
                 std::fs::create_dir_all(&d).map_err(|e| io_err(&d, e))?;
                 for (name, h) in ins.iter().chain(outs) {
                     let p = d.join(format!("{name}.npy"));
@@ -194,19 +308,17 @@ pub fn run(args: &ExportOnnxArgs) -> Result<PathBuf> {
             }
         }
     }
-    for g in &graphs {
-        println!(
-            "wrote {} ({} bytes{})",
-            g.file.path.display(),
-            g.file.model_bytes,
-            match &g.file.external_data {
-                Some(p) => format!(", weights in {} ({} bytes)", p.display(), g.file.external_bytes),
-                None => String::new(),
-            }
-        );
-    }
-    println!("wrote {}", path.display());
-    Ok(path)
+    Ok(graphs)
+}
+
+/// Refuses a traced sample run whose attention cannot fit in memory.
+fn fits(what: &str, bytes: u64) -> Result<()> {
+    Ok(emu_core::memory::check_fits(
+        what,
+        bytes,
+        emu_core::memory::available(),
+        "use a smaller --image-size",
+    )?)
 }
 
 fn io_err(p: &Path, e: std::io::Error) -> PipelineError {
@@ -333,7 +445,8 @@ impl Exporter<'_> {
                 cfg.max_position_embeddings
             )));
         }
-        let prefill = args.prefill_len.unwrap_or(64).min(cap - 2);
+        // Only the default adapts to --max-len; a given value is checked.
+        let prefill = args.prefill_len.unwrap_or(64.min(cap - 2));
         if prefill < 2 || prefill + 2 > cap {
             return Err(PipelineError::Input(format!(
                 "--prefill-len {prefill}: between 2 and max_len - 2 ({})",
@@ -478,11 +591,16 @@ impl Exporter<'_> {
         let size = match args.image_size {
             Some(s) => s,
             None => match &unet.sample_size {
-                Some(Value::Number(n)) => n.as_u64().unwrap_or(128) as usize * f,
-                Some(Value::Array(a)) => a.first().and_then(Value::as_u64).unwrap_or(128) as usize * f,
+                Some(Value::Number(n)) => (n.as_u64().unwrap_or(128) as usize).saturating_mul(f),
+                Some(Value::Array(a)) => (a.first().and_then(Value::as_u64).unwrap_or(128) as usize).saturating_mul(f),
                 _ => 128 * f,
             },
         };
+        if size > MAX_IMAGE_SIZE {
+            return Err(PipelineError::Input(format!(
+                "image size {size} (--image-size, or the UNet's sample_size times {f}) is more than {MAX_IMAGE_SIZE} pixels"
+            )));
+        }
         if size == 0 || size % f != 0 {
             return Err(PipelineError::Input(format!(
                 "--image-size {size} is not a positive multiple of the VAE factor {f}"
@@ -497,13 +615,17 @@ impl Exporter<'_> {
         let cfg = UNet2DConditionConfig::from_file(&cfg_path)?;
         let vae_cfg = AutoencoderKLConfig::from_file(root.join("vae").join("config.json"))?;
         let (h, w) = self.image_hw(&cfg, &vae_cfg, args)?;
+        fits(
+            "the UNet graph's sample run",
+            cfg.attention_bytes(args.unet_batch, h, w)?,
+        )?;
         let unet = UNet2DConditionModel::load(
             self.be,
             &Checkpoint::open(root.join("unet"))?.weights(),
             &cfg,
             self.dtype,
         )?;
-        let b = args.unet_batch.max(1);
+        let b = args.unet_batch;
         let cross = match &cfg.cross_attention_dim {
             PerBlock::One(v) => *v,
             PerBlock::Each(v) => v.first().copied().unwrap_or(0),
@@ -632,6 +754,7 @@ impl Exporter<'_> {
         let cfg = AutoencoderKLConfig::from_file(&cfg_path)?;
         let unet_cfg = UNet2DConditionConfig::from_file(root.join("unet").join("config.json"))?;
         let (h, w) = self.image_hw(&unet_cfg, &cfg, args)?;
+        fits("the VAE graph's sample run", cfg.attention_bytes(h, w))?;
         let vae = AutoencoderKL::load(
             self.be,
             &Checkpoint::open(root.join("vae"))?.weights(),

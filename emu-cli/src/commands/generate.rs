@@ -143,7 +143,7 @@ fn run_on<V: Backend, L: Backend, D: Backend>(
         .ok_or_else(|| PipelineError::Input("the decoded image has the wrong number of pixels".into()))?;
     buf.save_with_format(&args.output, image::ImageFormat::Png)
         .map_err(|e| PipelineError::Input(format!("cannot write `{}`: {e}", args.output.display())))?;
-    println!("wrote {} ({}x{})", args.output.display(), img.width, img.height);
+    crate::outln!("wrote {} ({}x{})", args.output.display(), img.width, img.height)?;
     report_timings(args.model.verbose, pipe.load_timings(), &img.timings);
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod complete;
 pub mod encode;
 pub mod export_onnx;
 pub mod generate;
+pub mod output;
 pub mod progress;
 
 use clap::Args;
@@ -90,6 +91,9 @@ impl ModelArgs {
         };
         for d in [&self.dtype, &self.vision_dtype].into_iter().flatten() {
             parse_dtype(d)?;
+        }
+        if let Some(d) = &self.dump {
+            emu::pipeline::check_dump_dir(d)?;
         }
         Ok(placement)
     }
@@ -190,7 +194,31 @@ fn parse_transformers(s: &str) -> std::result::Result<emu_llm::TransformersVersi
     }
 }
 
+/// Most tokens `--max-new-tokens` may ask for: far beyond any context
+/// (Emu2: 2048), so that a typo is named here instead of deep in generation.
+pub const MAX_NEW_TOKENS: usize = 1 << 20;
+
 impl DecodeArgs {
+    /// Checks the numbers that size memory (beams, tokens) by flag name,
+    /// before a model is loaded.
+    pub fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(PipelineError::Input(m));
+        if self.max_new_tokens == 0 || self.max_new_tokens > MAX_NEW_TOKENS {
+            return bad(format!(
+                "--max-new-tokens {}: between 1 and {MAX_NEW_TOKENS} (the model's context is the real limit)",
+                self.max_new_tokens
+            ));
+        }
+        if self.num_beams == 0 || self.num_beams > emu_llm::MAX_BEAMS {
+            return bad(format!(
+                "--num-beams {}: between 1 and {} (upstream uses 5; each beam holds a full KV cache)",
+                self.num_beams,
+                emu_llm::MAX_BEAMS
+            ));
+        }
+        Ok(())
+    }
+
     pub fn generation(&self) -> emu_llm::GenerationConfig {
         emu_llm::GenerationConfig {
             max_new_tokens: self.max_new_tokens,

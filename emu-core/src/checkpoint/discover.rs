@@ -100,7 +100,10 @@ pub fn open_dir_files(dir: &Path, variant: Option<&str>) -> Result<CheckpointFil
     for item in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let item = item.map_err(|e| Error::io(dir, e))?;
         let path = item.path();
-        if !path.is_file() {
+        // Only folders are skipped: a FIFO, device or symlink loop with a
+        // weight file's name is picked and then refused by kind when opened,
+        // rather than reported as missing.
+        if path.is_dir() {
             continue;
         }
         let name = item.file_name().to_string_lossy().into_owned();

@@ -108,6 +108,49 @@ struct Inner {
 pub(crate) struct MappedFile {
     pub(crate) path: PathBuf,
     pub(crate) map: Mmap,
+    /// Zip entries whose CRC-32 is checked the first time a tensor in them
+    /// is read (checking at open would read every byte of the checkpoint).
+    pub(crate) crc: Vec<CrcRegion>,
+}
+
+/// A byte range of a mapped file with the CRC-32 its zip directory records.
+pub(crate) struct CrcRegion {
+    pub(crate) name: String,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+    pub(crate) crc32: u32,
+    checked: std::sync::OnceLock<bool>,
+}
+
+impl CrcRegion {
+    pub(crate) fn new(name: String, start: usize, len: usize, crc32: u32) -> Self {
+        Self {
+            name,
+            start,
+            len,
+            crc32,
+            checked: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Whether the bytes match the recorded CRC-32 (computed once).
+    fn verify(&self, map: &[u8], path: &Path) -> Result<()> {
+        let ok = *self.checked.get_or_init(|| {
+            map.get(self.start..self.start + self.len)
+                .is_some_and(|b| crc32fast::hash(b) == self.crc32)
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(format_err(
+                path,
+                format!(
+                    "zip entry `{}` is corrupt: its CRC-32 does not match the one the archive records",
+                    self.name
+                ),
+            ))
+        }
+    }
 }
 
 /// Element type as stored; types emu-rs cannot represent are kept by name so
@@ -139,13 +182,18 @@ pub(crate) struct Entry {
     pub(crate) dtype: StoredDType,
     pub(crate) dims: Vec<usize>,
     pub(crate) layout: Layout,
+    /// The file's [`CrcRegion`] holding the tensor's bytes, if any.
+    pub(crate) crc: Option<usize>,
 }
 
 impl Entry {
     /// Bytes of the tensor as stored (0 for dtypes emu-rs cannot read).
     fn stored_bytes(&self) -> u64 {
         match &self.dtype {
-            StoredDType::Known(d) => self.dims.iter().map(|&n| n as u64).product::<u64>() * d.size_in_bytes() as u64,
+            StoredDType::Known(d) => self
+                .dims
+                .iter()
+                .fold(d.size_in_bytes() as u64, |acc, &n| acc.saturating_mul(n as u64)),
             StoredDType::Unsupported(_) => 0,
         }
     }
@@ -160,8 +208,14 @@ pub(crate) fn format_err(path: &Path, message: impl Into<String>) -> Error {
 
 /// Maps a whole file read-only.
 pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
+    // Checked before opening: a FIFO would block the open forever.
+    crate::fs::regular_file_len(path).map_err(|e| Error::io(path, e))?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(format_err(path, "is not a regular file"));
+    }
+    let len = meta.len();
     if len == 0 {
         return Err(format_err(path, "file is empty"));
     }
@@ -169,6 +223,22 @@ pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
     // another process truncating the file while it is mapped is undefined
     // behaviour; checkpoints are not expected to change while loaded.
     unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
+}
+
+/// Why a file that is neither safetensors nor a zip/pickle is refused, with
+/// a look at how it starts (a text file, an HTML error page, a random binary).
+fn not_a_checkpoint(map: &[u8]) -> String {
+    let head = &map[..map.len().min(16)];
+    let text = head.iter().all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace());
+    let start = if text {
+        format!("text `{}`", String::from_utf8_lossy(head).trim())
+    } else {
+        head.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+    };
+    format!(
+        "not a checkpoint: neither a safetensors file (a JSON header at byte 8) nor a \
+         torch.save zip archive (starting with `PK`); the file starts with {start}"
+    )
 }
 
 /// Bytes `elems * dtype size` with overflow reported as a format error.
@@ -185,7 +255,7 @@ impl Checkpoint {
     /// a safetensors file or a `torch.save` zip archive. Only headers are read.
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint> {
         let path = path.as_ref();
-        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        let meta = crate::fs::metadata(path).map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
             return Self::open_dir(path, None);
         }
@@ -235,7 +305,7 @@ impl Checkpoint {
 
     /// Opens a sharded set from its index (`{"weight_map": {key: shard}}`).
     fn open_index(index: &Path) -> Result<Checkpoint> {
-        let text = std::fs::read(index).map_err(|e| Error::io(index, e))?;
+        let text = crate::fs::read_limited(index, crate::fs::MAX_TEXT_FILE).map_err(|e| Error::io(index, e))?;
         #[derive(serde::Deserialize)]
         struct Index {
             weight_map: BTreeMap<String, String>,
@@ -259,7 +329,7 @@ impl Checkpoint {
                 ));
             }
             let p = dir.join(rel);
-            if !p.is_file() {
+            if let Err(why) = crate::fs::regular_file_len(&p) {
                 let example = parsed
                     .weight_map
                     .iter()
@@ -268,7 +338,7 @@ impl Checkpoint {
                 return Err(format_err(
                     index,
                     format!(
-                        "shard `{}` (listed for tensor `{}`) does not exist",
+                        "shard `{}` (listed for tensor `{}`) {why}",
                         p.display(),
                         example.unwrap_or("?")
                     ),
@@ -307,8 +377,9 @@ impl Checkpoint {
         for path in paths {
             let map = map_file(path)?;
             let idx = files.len();
+            let mut crc = Vec::new();
             let entries = if map.starts_with(b"PK\x03\x04") {
-                torch_file::read_entries(path, &map, idx)?
+                torch_file::read_entries(path, &map, idx, &mut crc)?
             } else if map.first() == Some(&0x80) && map.get(8) != Some(&b'{') {
                 // A pickle starts with PROTO (0x80), but so does a safetensors
                 // file whose header length has 0x80 as its low byte; its JSON
@@ -319,6 +390,8 @@ impl Checkpoint {
                      re-save it in the zip format with `torch.save(torch.load(p), p2)` under torch >= 1.6, \
                      or convert it with `safetensors.torch.save_file(torch.load(p), \"model.safetensors\")`",
                 ));
+            } else if map.len() > 8 && map[8] != b'{' {
+                return Err(format_err(path, not_a_checkpoint(&map)));
             } else {
                 safetensors_file::read_entries(path, &map, idx)?
             };
@@ -331,6 +404,7 @@ impl Checkpoint {
             files.push(MappedFile {
                 path: path.clone(),
                 map,
+                crc,
             });
         }
         let ckpt = Checkpoint {
@@ -343,7 +417,7 @@ impl Checkpoint {
         notify(LoadEvent::Opened {
             origin,
             tensors: ckpt.inner.tensors.len(),
-            bytes: ckpt.inner.tensors.values().map(Entry::stored_bytes).sum(),
+            bytes: ckpt.inner.tensors.values().map(Entry::stored_bytes).fold(0u64, u64::saturating_add),
         });
         Ok(ckpt)
     }
@@ -443,6 +517,9 @@ impl Checkpoint {
                 format!("tensor `{key}`: data lies past the end of the file"),
             )
         };
+        if let Some(region) = e.crc.and_then(|i| file.crc.get(i)) {
+            region.verify(&file.map, &file.path)?;
+        }
         let bytes = match &e.layout {
             Layout::Contiguous { start } => {
                 let end = start.checked_add(nbytes).ok_or_else(out_of_file)?;

@@ -93,6 +93,9 @@ pub(crate) enum Value {
     /// The result of a call this reader does not interpret (its arguments
     /// are dropped: nothing a state dict needs lives inside one).
     Object,
+    /// The result of calling a global this reader does not interpret (it
+    /// is never called); kept by name so that errors can say what was refused.
+    Refused(Rc<(String, String)>),
 }
 
 impl Value {
@@ -118,6 +121,7 @@ impl Value {
             Value::Storage(_) => "storage",
             Value::Tensor(_) => "tensor",
             Value::Object => "object",
+            Value::Refused(_) => "refused call",
         }
     }
 }
@@ -655,7 +659,7 @@ fn reduce(func: Value, args: Value) -> Result<Value, String> {
                 _ => Err(format!("{name}: first argument is not a tensor")),
             }
         }
-        _ => Ok(Value::Object),
+        _ => Ok(Value::Refused(g.clone())),
     }
 }
 
@@ -676,22 +680,39 @@ fn persistent_load(pid: Value) -> Result<Value, String> {
     }
 }
 
-/// Every tensor reachable from `root` through dicts (keys joined with `.`),
-/// in pickle order; other values are skipped.
-pub(crate) fn tensors(root: &Value) -> Result<Vec<(String, TensorRef)>, String> {
-    let mut out = Vec::new();
-    let mut visited = 0usize;
-    walk(root, "", &mut out, &mut visited)?;
-    Ok(out)
+/// What [`tensors`] found: the tensors and the refused calls in their place.
+pub(crate) struct Found {
+    pub(crate) tensors: Vec<(String, TensorRef)>,
+    /// `module.name` of every global call that was refused (not interpreted)
+    /// where a tensor or dict could have been, in pickle order.
+    pub(crate) refused: Vec<String>,
 }
 
-fn walk(v: &Value, prefix: &str, out: &mut Vec<(String, TensorRef)>, visited: &mut usize) -> Result<(), String> {
+/// Every tensor reachable from `root` through dicts (keys joined with `.`),
+/// in pickle order; other values are skipped.
+pub(crate) fn tensors(root: &Value) -> Result<Found, String> {
+    let mut found = Found {
+        tensors: Vec::new(),
+        refused: Vec::new(),
+    };
+    let mut visited = 0usize;
+    walk(root, "", &mut found, &mut visited)?;
+    Ok(found)
+}
+
+fn walk(v: &Value, prefix: &str, out: &mut Found, visited: &mut usize) -> Result<(), String> {
     *visited += 1;
     if *visited > MAX_COPIED {
         return Err("pickle holds too many values".into());
     }
     match v {
-        Value::Tensor(t) => out.push((prefix.to_string(), (**t).clone())),
+        Value::Tensor(t) => out.tensors.push((prefix.to_string(), (**t).clone())),
+        Value::Refused(g) => {
+            let name = format!("{}.{}", g.0, g.1);
+            if !out.refused.contains(&name) {
+                out.refused.push(name);
+            }
+        }
         Value::Dict(s) => {
             for kv in s.items.chunks_exact(2) {
                 let k = match &kv[0] {

@@ -67,6 +67,7 @@ pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(
                 dtype,
                 dims: info.shape.clone(),
                 layout: Layout::Contiguous { start },
+                crc: None,
             },
         ));
     }

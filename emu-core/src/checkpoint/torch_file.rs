@@ -6,7 +6,7 @@
 //! place from the memory map.
 
 use super::pickle::{self, TorchDType};
-use super::{format_err, Entry, Layout, StoredDType};
+use super::{format_err, CrcRegion, Entry, Layout, StoredDType};
 use crate::Result;
 use std::collections::HashMap;
 use std::io::Cursor;
@@ -17,10 +17,17 @@ struct ZipEntry {
     start: usize,
     len: usize,
     stored: bool,
+    crc32: u32,
 }
 
 /// Parses the archive's directory and its `data.pkl`.
-pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(String, Entry)>> {
+/// Storage entries that tensors use are appended to `crc` for checking when read.
+pub(crate) fn read_entries(
+    path: &Path,
+    map: &[u8],
+    file: usize,
+    crc: &mut Vec<CrcRegion>,
+) -> Result<Vec<(String, Entry)>> {
     let bad = |m: String| format_err(path, m);
     let mut zip =
         zip::ZipArchive::new(Cursor::new(map)).map_err(|e| bad(format!("not a valid PyTorch zip archive: {e}")))?;
@@ -49,6 +56,7 @@ pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(
                 start: range.0,
                 len: range.1,
                 stored,
+                crc32: f.crc32(),
             },
         );
     }
@@ -74,8 +82,26 @@ pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(
     if !pkl.stored {
         return Err(bad(format!("`{pkl_name}` is compressed; torch.save never does that")));
     }
-    let value = pickle::load(&map[pkl.start..pkl.start + pkl.len]).map_err(|e| bad(format!("`{pkl_name}`: {e}")))?;
-    let tensors = pickle::tensors(&value).map_err(|e| bad(format!("`{pkl_name}`: {e}")))?;
+    let pkl_bytes = &map[pkl.start..pkl.start + pkl.len];
+    let corrupt = crc32fast::hash(pkl_bytes) != pkl.crc32;
+    let crc_note = if corrupt {
+        " is corrupt (its CRC-32 does not match the one the archive records)"
+    } else {
+        ""
+    };
+    let value = pickle::load(pkl_bytes).map_err(|e| bad(format!("`{pkl_name}`{crc_note}: {e}")))?;
+    if corrupt {
+        return Err(bad(format!("zip entry `{pkl_name}`{crc_note}")));
+    }
+    let found = pickle::tensors(&value).map_err(|e| bad(format!("`{pkl_name}`: {e}")))?;
+    let tensors = found.tensors;
+    if tensors.is_empty() && !found.refused.is_empty() {
+        return Err(bad(format!(
+            "`{pkl_name}` holds no tensors, only calls to {} that this reader refuses to run \
+             (it interprets tensor rebuilds and dicts only; nothing in the file was executed)",
+            found.refused.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+        )));
+    }
     if tensors.is_empty() {
         return Err(bad(format!(
             "`{pkl_name}` holds no tensors in (nested) dicts; if it stores a whole nn.Module, \
@@ -83,6 +109,7 @@ pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(
         )));
     }
     let mut out = Vec::with_capacity(tensors.len());
+    let mut regions: HashMap<String, usize> = HashMap::new();
     for (key, t) in tensors {
         let storage_name = format!("{root}data/{}", t.storage.key);
         let s = entries
@@ -109,12 +136,12 @@ pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(
                 None => Some(t.storage.numel),
                 Some(sd) => sd.size_in_bytes().and_then(|b| t.storage.numel.checked_mul(b as u64)),
             };
-            if storage_bytes.is_none_or(|b| b > s.len as u64) {
+            let Some(storage_bytes) = storage_bytes.filter(|b| *b <= s.len as u64) else {
                 return Err(bad(format!(
                     "tensor `{key}`: storage `{storage_name}` claims {} elements but the entry has {} bytes",
                     t.storage.numel, s.len
                 )));
-            }
+            };
             let empty = t.size.contains(&0);
             let last = t.size.iter().zip(&t.stride).try_fold(t.offset, |acc, (&n, &st)| {
                 acc.checked_add(n.saturating_sub(1).checked_mul(st)?)
@@ -122,7 +149,9 @@ pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(
             let end_bytes = last
                 .and_then(|l| l.checked_add(1))
                 .and_then(|n| n.checked_mul(es as u64));
-            if !empty && end_bytes.is_none_or(|e| e > s.len as u64) {
+            // Against the storage's own size, not the entry's: a view past
+            // the storage it names would read another storage's bytes.
+            if !empty && end_bytes.is_none_or(|e| e > storage_bytes) {
                 return Err(bad(format!(
                     "tensor `{key}`: view (offset {}, size {:?}, stride {:?}) reaches past its storage `{storage_name}`",
                     t.offset, t.size, t.stride
@@ -153,6 +182,10 @@ pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(
                 strides,
             }
         };
+        let region = *regions.entry(storage_name.clone()).or_insert_with(|| {
+            crc.push(CrcRegion::new(storage_name.clone(), s.start, s.len, s.crc32));
+            crc.len() - 1
+        });
         out.push((
             key,
             Entry {
@@ -160,6 +193,7 @@ pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(
                 dtype,
                 dims,
                 layout,
+                crc: Some(region),
             },
         ));
     }

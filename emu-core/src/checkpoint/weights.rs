@@ -109,6 +109,30 @@ impl Weights {
             .collect()
     }
 
+    /// Checks that this view (e.g. `model.layers.`) holds no numbered entry
+    /// at or past `configured`: a config that declares fewer layers than the
+    /// checkpoint has would otherwise drop the rest without a word.
+    /// `field` names the config field for the message.
+    pub fn check_layer_count(&self, configured: usize, field: &str) -> Result<()> {
+        let most = self
+            .keys()
+            .into_iter()
+            .filter_map(|k| k.split('.').next()?.parse::<usize>().ok())
+            .max();
+        match most {
+            Some(n) if n >= configured => Err(crate::checkpoint::format_err(
+                self.ckpt.origin(),
+                format!(
+                    "the checkpoint holds {} layers (`{}{n}.*`) but the config's `{field}` is {configured}; \
+                     the config does not match these weights",
+                    n + 1,
+                    self.prefix
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Shape and dtype without reading data.
     pub fn info(&self, name: &str) -> Result<TensorInfo> {
         self.ckpt.info(&self.key(name))

@@ -29,6 +29,18 @@ use super::error::{PipelineError, Result};
 use emu_core::{DType, HostTensor};
 use std::path::{Path, PathBuf};
 
+/// Checks that `dir` is a directory or can become one (nothing else is
+/// there), so that a file given by mistake is named before any work is done.
+pub fn check_dir(dir: &Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => Err(PipelineError::Input(format!(
+            "--dump needs a directory, but `{}` is a file",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Where stage tensors go.
 #[derive(Debug, Clone)]
 pub struct Dump {
@@ -55,6 +67,7 @@ impl Dump {
     /// Dumps into `dir`, which is created if missing.
     pub fn new(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
+        check_dir(&dir)?;
         std::fs::create_dir_all(&dir).map_err(|e| emu_core::Error::io(&dir, e))?;
         Ok(Self {
             dir,

@@ -45,6 +45,10 @@ pub enum PipelineError {
     #[error("{0}")]
     Input(String),
 
+    /// Standard output cannot be written (full disk, closed pipe).
+    #[error("cannot write to standard output: {0}")]
+    Stdout(std::io::Error),
+
     /// Building the embedded tiny model failed (a temporary file could not be written).
     #[error("tiny model: {0}")]
     Tiny(String),

@@ -274,6 +274,23 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
                 )));
             }
         }
+        // Refused before any work: at upstream's 1024 px a small model's
+        // full-resolution attention would need hundreds of GB and abort.
+        {
+            let (f, guided) = (self.vae.config().downscale_factor(), opts.guidance > 1.0);
+            let (lh, lw) = (height / f, width / f);
+            let need = self
+                .unet
+                .config()
+                .attention_bytes(if guided { 2 } else { 1 }, lh, lw)?
+                .max(self.vae.config().attention_bytes(lh, lw));
+            emu_core::memory::check_fits(
+                &format!("a {width}x{height} image with this model (its attention matrices)"),
+                need,
+                emu_core::memory::available(),
+                &format!("use a smaller --size (this model's default is {})", self.default_size()),
+            )?;
+        }
         let unet_backend = &self.decoder_at.backend;
         let cond = self.condition(prompt, &mut timings)?;
         put(self.dump.as_ref(), "condition", || Ok(cond.to_host()?))?;

@@ -35,7 +35,7 @@ mod generate;
 mod model;
 mod text;
 
-pub use dump::Dump;
+pub use dump::{check_dir as check_dump_dir, Dump};
 pub use emu2::{check_dtype, Emu2Model};
 pub use encode::{EncodePipeline, EncodedImages};
 pub use error::{PipelineError, Result};

@@ -107,7 +107,7 @@ impl ModelDir {
     /// native loader builds it in code.
     pub fn emu_config(&self) -> Result<(Value, String)> {
         let path = self.encoder_dir().join("config.json");
-        match std::fs::read_to_string(&path) {
+        match emu_core::fs::read_text(&path) {
             Ok(text) => {
                 let v: Value = serde_json::from_str(&text)
                     .map_err(|e| PipelineError::Model(format!("{}: not valid JSON: {e}", path.display())))?;
@@ -334,15 +334,28 @@ fn looks_like_repo_id(s: &str) -> bool {
 
 /// Which Emu2 family a directory holds, from its config files.
 pub fn detect_family(root: &Path) -> Result<ModelFamily> {
-    if root.join("model_index.json").is_file() || root.join("multimodal_encoder").join("config.json").is_file() {
+    let index = root.join("model_index.json");
+    if std::fs::symlink_metadata(&index).is_ok() {
+        // Read, not just seen: a model_index.json that is not JSON means a
+        // broken download, which should not pass for a pipeline.
+        let text = emu_core::fs::read_text(&index).map_err(|e| PipelineError::Model(format!("{}: {e}", index.display())))?;
+        serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| PipelineError::Model(format!("{}: not valid JSON: {e}", index.display())))?;
+        return Ok(ModelFamily::Emu2Gen);
+    }
+    if root.join("multimodal_encoder").join("config.json").is_file() {
         return Ok(ModelFamily::Emu2Gen);
     }
     let config = root.join("config.json");
-    let text = std::fs::read_to_string(&config).map_err(|_| {
-        PipelineError::Model(format!(
-            "`{}` has no config.json (nor model_index.json); it is not an Emu2, Emu2-Chat or Emu2-Gen model directory",
-            root.display()
-        ))
+    let text = emu_core::fs::read_text(&config).map_err(|e| {
+        PipelineError::Model(if e.kind() == std::io::ErrorKind::NotFound {
+            format!(
+                "`{}` has no config.json (nor model_index.json); it is not an Emu2, Emu2-Chat or Emu2-Gen model directory",
+                root.display()
+            )
+        } else {
+            format!("{}: {e}", config.display())
+        })
     })?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| PipelineError::Model(format!("{}: not valid JSON: {e}", config.display())))?;
