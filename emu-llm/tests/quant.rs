@@ -209,3 +209,33 @@ fn lm_head_and_memory_follow_the_request() {
     // Unused import guard: embeddings stay dense in the model dtype.
     let _: &Tensor<CpuBackend> = &q.embed_tokens;
 }
+
+/// `emu convert --quantize` then load equals quantizing at load time, bit for
+/// bit: the GGUF holds the same blocks and the loader keeps them.
+#[test]
+fn converted_gguf_loads_like_load_time_quantization() {
+    use emu_core::checkpoint::gguf_file::write_checkpoint_gguf;
+    let dir = TempDir(std::env::temp_dir().join(format!("emu-llm-quant-gguf-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    random_llama(&dir.0, 256, 512, 1, 300, 5);
+    let q = LlmQuant::new(QuantType::Q4K);
+    let src = Checkpoint::open(dir.0.join("model.safetensors")).unwrap();
+    let select = |k: &str, d: &[usize]| {
+        q.convert_format(k, d).map_err(|e| emu_core::Error::InvalidArgument(e.to_string()))
+    };
+    let gguf = dir.0.join("q.gguf");
+    write_checkpoint_gguf(&src, &gguf, DType::F32, &select, &Default::default(), |_, _, _| {}).unwrap();
+    let cfg = LlamaConfig::from_file(dir.0.join("config.json")).unwrap();
+    let be = CpuBackend::new();
+    let stored = Checkpoint::open(&gguf).unwrap();
+    // No load-time request: the stored blocks are used as they are.
+    let from_file = Llama::load_quantized(&be, &lm_weights(&stored).unwrap(), &cfg, DType::F32, None).unwrap();
+    let at_load = load(&dir.0, Some(q));
+    assert!(from_file.linears().iter().rev().skip(1).all(|l| l.quant_type() == Some(QuantType::Q4K)));
+    let logits = |m: &Llama<CpuBackend>| {
+        let mut cache = m.new_cache(1, 8).unwrap();
+        let e = m.embed(&[5, 17, 200, 3, 99], 1).unwrap();
+        m.forward_embeds(&e, &mut cache, Logits::All).unwrap().logits.unwrap().to_f32_vec().unwrap()
+    };
+    assert_eq!(logits(&from_file), logits(&at_load));
+}
