@@ -7,7 +7,8 @@ error bound (Q8_0: half a step of amax/127 per block of 32; Q4_K: one step
 of the sub-block range / 15 plus the 6-bit scale rounding), float tensors
 within their dtype's rounding. Exits non-zero on any mismatch.
 
-Usage: python tools/reference/check_gguf.py SRC_DIR_OR_SAFETENSORS OUT_DIR_OR_GGUF
+Usage: python tools/reference/check_gguf.py SRC_SAFETENSORS_OR_DIR OUT_DIR_OR_GGUF
+(a directory: every *.safetensors in it is the source)
 (venv: tools/reference/requirements-gguf.txt)
 """
 
@@ -64,11 +65,15 @@ def main():
             bs = 32 if kind == T.Q8_0 else 256
             blocks = want.reshape(-1, bs)
             amax = np.abs(blocks).max(axis=1, keepdims=True)
-            tol = amax / 127 * 0.51 if kind == T.Q8_0 else amax * (2 / 15 + 2 / 63) + 2.0**-25 * 63 * 16
+            # Q8_0: half a step, plus |q| <= 127 times the rounding of d to f16.
+            tol = amax / 127 * (0.5 + 127 * 2.0**-11) if kind == T.Q8_0 else amax * (2 / 15 + 2 / 63) + 2.0**-25 * 63 * 16
             err = np.abs(got.reshape(-1, bs) - blocks)
             ok = bool((err <= tol + 1e-12).all())
         else:
-            got = np.asarray(t.data).astype(np.float64).reshape(want.shape)
+            raw = np.asarray(t.data)
+            if kind == T.BF16:  # gguf returns the raw bytes
+                raw = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            got = raw.astype(np.float64).reshape(want.shape)
             rel = {T.F32: 0.0, T.F16: 2.0**-11, T.BF16: 2.0**-8}.get(kind, 0.0)
             ok = bool((np.abs(got - want) <= rel * np.abs(want) + 1e-30).all())
         if got.shape != want.shape and got.size == want.size:
