@@ -372,6 +372,9 @@ impl Drop for GgufWriter {
     }
 }
 
+/// Picks the format of a tensor from its key and shape (`None`: keep floats).
+pub type QuantSelect<'a> = &'a dyn Fn(&str, &[usize]) -> Result<Option<QuantType>>;
+
 /// Writes every tensor of `ckpt` into the GGUF file `out`, one tensor at a
 /// time: those for which `select(key, dims)` names a format are quantized
 /// from f32, other float tensors are stored in `float_dtype`, integer ones
@@ -380,7 +383,7 @@ pub fn write_checkpoint_gguf(
     ckpt: &super::Checkpoint,
     out: &Path,
     float_dtype: DType,
-    select: &dyn Fn(&str, &[usize]) -> Result<Option<QuantType>>,
+    select: QuantSelect<'_>,
     metadata: &BTreeMap<String, String>,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<PathBuf> {
