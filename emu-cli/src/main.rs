@@ -90,6 +90,13 @@ struct ConvertArgs {
     /// Which weight variant of the source to read where several exist (e.g. bf16).
     #[arg(long)]
     variant: Option<String>,
+    /// Block-quantize the language model's linears (q8_0 or q4_k) and write
+    /// the weights as one GGUF file; other tensors take --dtype.
+    #[arg(long, value_name = "TYPE")]
+    quantize: Option<String>,
+    /// Which linears --quantize applies to: attn, mlp, lm_head or all.
+    #[arg(long, value_name = "LIST", default_value = "attn,mlp")]
+    quantize_linears: String,
     /// Do not print progress.
     #[arg(long, short)]
     quiet: bool,
@@ -135,6 +142,13 @@ fn run(cli: Cli) -> Result<()> {
                 shard_size: a.shard_size,
                 force: a.force,
                 variant: a.variant,
+                quantize: match &a.quantize {
+                    Some(q) => Some(emu_llm::LlmQuant {
+                        qtype: emu_core::QuantType::parse(q)?,
+                        linears: emu_llm::QuantLinears::parse(&a.quantize_linears)?,
+                    }),
+                    None => None,
+                },
             };
             let quiet = a.quiet;
             let mut progress = |m: &str| {

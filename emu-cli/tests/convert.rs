@@ -309,3 +309,32 @@ fn tensors_of_unsupported_dtypes_are_listed_by_inspect_and_refused_by_convert() 
         "nothing is created for a refused conversion"
     );
 }
+
+/// `--quantize`: one GGUF whose LLaMA linears are Q8_0 blocks (the fixture's
+/// rows are 64 wide, so q4_k falls back to Q8_0) and everything else in
+/// --dtype; a tensor that cannot be quantized fails naming it, leaving nothing.
+#[test]
+fn quantize_writes_one_gguf_with_block_linears() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llm/mha/model.safetensors");
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path().join("q");
+    emu_ok(&[&"convert", &src, &dst, &"--quantize", &"q4_k", &"--quiet"]);
+    let names = std::fs::read_dir(&dst)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(names, ["model.gguf"]);
+    let q = Checkpoint::open(&dst).unwrap();
+    let s = Checkpoint::open(&src).unwrap();
+    assert_eq!(q.len(), s.len());
+    let key = "model.layers.1.mlp.down_proj.weight";
+    let blocks = q.get_quant(key).unwrap().unwrap();
+    assert_eq!(blocks.qtype(), emu_core::QuantType::Q8_0);
+    let want = emu_core::QuantTensor::quantize(key, &s.get_as(key, DType::F32).unwrap(), emu_core::QuantType::Q8_0).unwrap();
+    assert_eq!(blocks.bytes(), want.bytes());
+    assert_eq!(q.quant_type("model.embed_tokens.weight").unwrap(), None);
+    assert_eq!(q.info("model.embed_tokens.weight").unwrap().dtype, DType::BF16);
+    let e = emu_err(&[&"convert", &src, &tmp.path().join("bad"), &"--quantize", &"q3_k"]);
+    assert!(e.contains("q3_k"), "{e}");
+    assert!(!tmp.path().join("bad").exists());
+}

@@ -12,7 +12,7 @@
 //!   may override any of them with a fused kernel; the default is the
 //!   reference semantics that the override must reproduce.
 
-use crate::{DType, Error, HostTensor, Result};
+use crate::{DType, Error, HostTensor, QuantTensor, Result};
 use std::fmt::Debug;
 
 /// Elementwise one-input ops.
@@ -259,6 +259,15 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
         default_linear(self, x, w, b)
     }
 
+    /// `x @ W^T + b` where `W` (`[out, in]`) is block-quantized on the host
+    /// (see [`crate::quant`]). The reference semantics are those of the
+    /// default: dequantize to f32, round to `x`'s dtype, then [`Backend::linear`].
+    /// A backend with a kernel that reads the blocks directly overrides it;
+    /// the op suite holds it to the default within the dtype's tolerance.
+    fn linear_quant(&self, x: &Self::Tensor, w: &QuantTensor, b: Option<&Self::Tensor>) -> Result<Self::Tensor> {
+        default_linear_quant(self, x, w, b)
+    }
+
     /// Numerically stable softmax over the last dimension, computed in f32
     /// for f16/bf16 inputs (as PyTorch does internally).
     fn softmax_last_dim(&self, x: &Self::Tensor) -> Result<Self::Tensor> {
@@ -337,6 +346,39 @@ pub fn default_linear<B: Backend>(be: &B, x: &B::Tensor, w: &B::Tensor, b: Optio
         Some(b) => be.binary(BinaryOp::Add, &y, b),
         None => Ok(y),
     }
+}
+
+/// Checks that a quantized `[out, in]` weight fits `x` `[.., in]`; returns `(out, in)`.
+pub fn check_linear_quant(x_dims: &[usize], w: &QuantTensor) -> Result<(usize, usize)> {
+    let wd = w.dims();
+    if wd.len() != 2 {
+        return Err(Error::shape(format!(
+            "linear_quant: weight `{}` must be 2-D, found {wd:?}",
+            w.name()
+        )));
+    }
+    if x_dims.last() != Some(&wd[1]) {
+        return Err(Error::shape(format!(
+            "linear_quant: input {x_dims:?} does not fit weight `{}` {wd:?}",
+            w.name()
+        )));
+    }
+    Ok((wd[0], wd[1]))
+}
+
+/// Reference implementation of [`Backend::linear_quant`]: dequantize, upload
+/// in `x`'s dtype, [`Backend::linear`].
+pub fn default_linear_quant<B: Backend>(
+    be: &B,
+    x: &B::Tensor,
+    w: &QuantTensor,
+    b: Option<&B::Tensor>,
+) -> Result<B::Tensor> {
+    check_linear_quant(&be.dims(x), w)?;
+    let dt = be.dtype(x);
+    let wd = w.dequantize()?;
+    let wd = if dt.is_float() { wd.to_dtype(dt)? } else { wd };
+    be.linear(x, &be.upload(&wd)?, b)
 }
 
 /// Reference implementation of [`Backend::softmax_last_dim`] from the primitives.

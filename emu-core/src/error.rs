@@ -53,6 +53,12 @@ pub enum Error {
         found: Vec<usize>,
     },
 
+    /// A quantized tensor that cannot be made, stored or read (its block
+    /// bytes do not match its shape, an unknown type, a shape that is not a
+    /// whole number of blocks).
+    #[error("quantized tensor `{tensor}`: {message}")]
+    Quant { tensor: String, message: String },
+
     /// A config file that is missing a field or holds an unsupported value.
     #[error("config {}: {message}", path.display())]
     Config { path: PathBuf, message: String },

@@ -7,6 +7,7 @@
 //! * [`checkpoint`]: lazy, memory-mapped loading of safetensors, sharded
 //!   safetensors and PyTorch pickle checkpoints, with dtype conversion tensor
 //!   by tensor;
+//! * [`quant`]: GGUF-compatible block-quantized weights (`Q8_0`, `Q4_K`);
 //! * [`Error`]: the typed errors of all of the above.
 
 pub mod backend;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod fs;
 pub mod host;
 pub mod memory;
+pub mod quant;
 pub mod shape;
 pub mod tensor;
 pub mod testing;
@@ -25,4 +27,5 @@ pub use checkpoint::{Checkpoint, Weights};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use host::HostTensor;
+pub use quant::{QuantTensor, QuantType};
 pub use tensor::Tensor;

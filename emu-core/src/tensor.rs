@@ -210,6 +210,11 @@ impl<B: Backend> Tensor<B> {
         self.wrap(self.backend.linear(&self.inner, &w.inner, b.map(|b| &b.inner))?)
     }
 
+    /// `self @ W^T + b` with a block-quantized `W` (see [`Backend::linear_quant`]).
+    pub fn linear_quant(&self, w: &crate::QuantTensor, b: Option<&Self>) -> Result<Self> {
+        self.wrap(self.backend.linear_quant(&self.inner, w, b.map(|b| &b.inner))?)
+    }
+
     pub fn conv2d(&self, w: &Self, b: Option<&Self>, params: Conv2dParams) -> Result<Self> {
         self.wrap(
             self.backend

@@ -16,6 +16,7 @@
 //! ```
 
 use crate::backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
+use crate::quant::{QuantTensor, QuantType};
 use crate::{DType, Error, HostTensor, Result};
 
 /// A small deterministic generator (splitmix64), so fixtures and suites do not
@@ -888,6 +889,35 @@ impl<B: Backend> Suite<'_, B> {
             &reference::linear(&xr, &wr, None),
         );
 
+        // Quantized linear: the reference is the dequantized weight in f64,
+        // so the check measures the kernel, not the quantization error.
+        // Shapes: one row (decode's matvec), a few rows with bias, and many
+        // rows (prefill's matmul path); odd output counts.
+        let ql: [(QuantType, &[usize], usize, usize); 6] = [
+            (QuantType::Q8_0, &[1, 64], 19, 0),
+            (QuantType::Q8_0, &[2, 3, 96], 13, 1),
+            (QuantType::Q8_0, &[37, 128], 33, 0),
+            (QuantType::Q4K, &[1, 256], 21, 0),
+            (QuantType::Q4K, &[2, 2, 512], 7, 1),
+            (QuantType::Q4K, &[19, 256], 40, 1),
+        ];
+        for (qt, xs, out, with_bias) in ql {
+            let inn = *xs.last().unwrap_or(&0);
+            let (x, xr) = self.input(xs, -1.0, 1.0)?;
+            let wsrc = RefTensor::random(&mut self.rng, &[out, inn], -1.0, 1.0);
+            let q = QuantTensor::quantize("suite.weight", &HostTensor::from_f64(&[out, inn], wsrc.data)?, qt)?;
+            // The default rounds the weight to the input dtype; so does the reference.
+            let wdeq = q.dequantize()?.to_dtype(self.dtype)?;
+            let wr = RefTensor::new(&[out, inn], wdeq.to_f64_vec()?);
+            let (bias, br) = self.input(&[out], -1.0, 1.0)?;
+            let (bias, br) = if with_bias == 1 { (Some(&bias), Some(&br)) } else { (None, None) };
+            self.record(
+                format!("linear_quant {qt} {xs:?}x[{out},{inn}]{}", if with_bias == 1 { " +bias" } else { "" }),
+                be.linear_quant(&x, &q, bias),
+                &reference::linear(&xr, &wr, br),
+            );
+        }
+
         // Normalisation and activations of the networks.
         let (x, xr) = self.input(&[2, 5, 19], -4.0, 4.0)?;
         self.record(
@@ -1141,6 +1171,8 @@ pub fn run_error_suite<B: Backend>(be: &B) -> Result<Vec<String>> {
     expect_err("broadcast_to incompatible", be.broadcast_to(&b, &[3, 4, 6]));
     expect_err("reduce bad dim", be.reduce(ReduceOp::Sum, &a, 2, false));
     expect_err("linear wrong in-features", be.linear(&a, &b, None));
+    let q = QuantTensor::quantize("suite.q", &HostTensor::from_f32(&[2, 32], vec![0.5; 64])?, QuantType::Q8_0)?;
+    expect_err("linear_quant wrong in-features", be.linear_quant(&a, &q, None));
     expect_err(
         "conv2d channel mismatch",
         be.conv2d(&up(&[1, 3, 5, 5])?, &up(&[2, 4, 3, 3])?, None, Conv2dParams::default()),

@@ -10,6 +10,8 @@
 //!   `generate` semantics.
 //!   [`generate_with`] adds stop strings (`GenerationConfig::stop_strings`,
 //!   matched on text from the caller's decoder) and custom stop rules.
+//! * [`LlmQuant`]: block-quantized (Q8_0 / Q4_K) linears chosen at load
+//!   time ([`Llama::load_quantized`]).
 //! * [`regress_visual`]: Emu2-Gen's autoregressive regression of visual
 //!   embeddings on the KV cache.
 //!
@@ -40,6 +42,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod quant;
 pub mod visual;
 
 pub use config::LlamaConfig;
@@ -48,5 +51,6 @@ pub use generate::{
     generate, generate_with, Decode, EarlyStopping, GenerationConfig, Hooks, OnToken, StopCheck, StopStrings,
     TransformersVersion, MAX_BEAMS,
 };
-pub use model::{lm_weights, KvCache, Llama, LlamaOutput, Logits, SlotIds, LM_PREFIXES};
+pub use model::{lm_weights, KvCache, Linear, Llama, LlamaOutput, Logits, SlotIds, LM_PREFIXES};
+pub use quant::{LlmQuant, QuantLinears};
 pub use visual::regress_visual;

@@ -3,8 +3,9 @@
 
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
+use crate::quant::LlmQuant;
 use emu_core::checkpoint::{Checkpoint, Weights};
-use emu_core::{Backend, DType, HostTensor, Tensor};
+use emu_core::{Backend, DType, HostTensor, QuantTensor, QuantType, Tensor};
 
 /// Token ids whose embeddings are replaced by visual embeddings
 /// (SPEC §3.4). The defaults are Emu2's `<image>` and `[gIMG]`.
@@ -25,21 +26,70 @@ impl Default for SlotIds {
     }
 }
 
-/// A bias-free `nn.Linear`.
+/// A bias-free `nn.Linear`, with its weight on the device in the model dtype
+/// or block-quantized (see [`emu_core::quant`]).
 #[derive(Debug, Clone)]
-pub struct Linear<B: Backend> {
-    pub weight: Tensor<B>,
+pub enum Linear<B: Backend> {
+    Dense(Tensor<B>),
+    Quant(QuantTensor),
 }
 
 impl<B: Backend> Linear<B> {
-    fn load(backend: &B, w: &Weights, out_dim: usize, in_dim: usize, dtype: DType) -> Result<Self> {
-        Ok(Self {
-            weight: w.tensor(backend, "weight", &[out_dim, in_dim], dtype)?,
-        })
+    /// Loads `weight` `[out_dim, in_dim]`, quantized to `quant`'s format when given.
+    fn load(
+        backend: &B,
+        w: &Weights,
+        out_dim: usize,
+        in_dim: usize,
+        dtype: DType,
+        quant: Option<&LlmQuant>,
+    ) -> Result<Self> {
+        let dims = [out_dim, in_dim];
+        let key = w.key("weight");
+        // A quantized checkpoint (GGUF) keeps its blocks whatever was asked.
+        if let Some(stored) = w.checkpoint().get_quant(&key)? {
+            if stored.dims() != dims {
+                return Err(emu_core::Error::ShapeMismatch {
+                    location: w.checkpoint().file_of(&key)?.display().to_string(),
+                    key,
+                    expected: dims.to_vec(),
+                    found: stored.dims().to_vec(),
+                }
+                .into());
+            }
+            return Ok(Self::Quant(stored));
+        }
+        let Some(q) = quant else {
+            return Ok(Self::Dense(w.tensor(backend, "weight", &dims, dtype)?));
+        };
+        let qtype = q.format_for(&key, in_dim)?;
+        // Quantized from f32 (ggml quantizes from f32 too); the f32 copy of
+        // one tensor is the peak host memory of loading.
+        let host = w.get_checked("weight", &dims, DType::F32)?;
+        Ok(Self::Quant(QuantTensor::quantize(key, &host, qtype)?))
     }
 
     pub fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
-        Ok(x.linear(&self.weight, None)?)
+        Ok(match self {
+            Self::Dense(w) => x.linear(w, None)?,
+            Self::Quant(w) => x.linear_quant(w, None)?,
+        })
+    }
+
+    /// The block format, or `None` for a dense weight.
+    pub fn quant_type(&self) -> Option<QuantType> {
+        match self {
+            Self::Dense(_) => None,
+            Self::Quant(w) => Some(w.qtype()),
+        }
+    }
+
+    /// Bytes the weight occupies (block bytes when quantized).
+    pub fn weight_bytes(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.dims().iter().product::<usize>() * w.dtype().size_in_bytes(),
+            Self::Quant(w) => w.bytes().len(),
+        }
     }
 }
 
@@ -249,6 +299,22 @@ impl<B: Backend> Llama<B> {
     /// Loads the weights under `weights` (see [`lm_weights`]),
     /// converted to `dtype`; every shape is checked against `cfg`.
     pub fn load(backend: &B, weights: &Weights, cfg: &LlamaConfig, dtype: DType) -> Result<Self> {
+        Self::load_quantized(backend, weights, cfg, dtype, None)
+    }
+
+    /// [`Llama::load`], with the linears `quant` selects block-quantized
+    /// while loading (tensor by tensor: the host holds one f32 tensor at a
+    /// time). Embeddings and norms stay in `dtype`.
+    pub fn load_quantized(
+        backend: &B,
+        weights: &Weights,
+        cfg: &LlamaConfig,
+        dtype: DType,
+        quant: Option<&LlmQuant>,
+    ) -> Result<Self> {
+        let qa = quant.filter(|q| q.linears.attention);
+        let qm = quant.filter(|q| q.linears.mlp);
+        let qh = quant.filter(|q| q.linears.lm_head);
         if !dtype.is_float() || !backend.supports(dtype) {
             return Err(Error::Input(format!(
                 "cannot run the LLM in {dtype} on backend `{}`",
@@ -267,18 +333,18 @@ impl<B: Backend> Llama<B> {
             let mlp = l.pp("mlp");
             layers.push(DecoderLayer {
                 self_attn: Attention {
-                    q_proj: Linear::load(backend, &a.pp("q_proj"), nh * d, h, dtype)?,
-                    k_proj: Linear::load(backend, &a.pp("k_proj"), nkv * d, h, dtype)?,
-                    v_proj: Linear::load(backend, &a.pp("v_proj"), nkv * d, h, dtype)?,
-                    o_proj: Linear::load(backend, &a.pp("o_proj"), h, nh * d, dtype)?,
+                    q_proj: Linear::load(backend, &a.pp("q_proj"), nh * d, h, dtype, qa)?,
+                    k_proj: Linear::load(backend, &a.pp("k_proj"), nkv * d, h, dtype, qa)?,
+                    v_proj: Linear::load(backend, &a.pp("v_proj"), nkv * d, h, dtype, qa)?,
+                    o_proj: Linear::load(backend, &a.pp("o_proj"), h, nh * d, dtype, qa)?,
                     num_heads: nh,
                     num_kv_heads: nkv,
                     head_dim: d,
                 },
                 mlp: Mlp {
-                    gate_proj: Linear::load(backend, &mlp.pp("gate_proj"), cfg.intermediate_size, h, dtype)?,
-                    up_proj: Linear::load(backend, &mlp.pp("up_proj"), cfg.intermediate_size, h, dtype)?,
-                    down_proj: Linear::load(backend, &mlp.pp("down_proj"), h, cfg.intermediate_size, dtype)?,
+                    gate_proj: Linear::load(backend, &mlp.pp("gate_proj"), cfg.intermediate_size, h, dtype, qm)?,
+                    up_proj: Linear::load(backend, &mlp.pp("up_proj"), cfg.intermediate_size, h, dtype, qm)?,
+                    down_proj: Linear::load(backend, &mlp.pp("down_proj"), h, cfg.intermediate_size, dtype, qm)?,
                 },
                 input_layernorm: RmsNorm::load(backend, &l.pp("input_layernorm"), h, cfg.rms_norm_eps, dtype)?,
                 post_attention_layernorm: RmsNorm::load(
@@ -291,12 +357,11 @@ impl<B: Backend> Llama<B> {
             });
         }
         let norm = RmsNorm::load(backend, &m.pp("norm"), h, cfg.rms_norm_eps, dtype)?;
-        let lm_head = if cfg.tie_word_embeddings && !weights.contains("lm_head.weight") {
-            Linear {
-                weight: embed_tokens.clone(),
-            }
-        } else {
-            Linear::load(backend, &weights.pp("lm_head"), cfg.vocab_size, h, dtype)?
+        let tied = cfg.tie_word_embeddings && !weights.contains("lm_head.weight");
+        let lm_head = match (tied, qh) {
+            (true, None) => Linear::Dense(embed_tokens.clone()),
+            (true, Some(_)) => Linear::load(backend, &m.pp("embed_tokens"), cfg.vocab_size, h, dtype, qh)?,
+            (false, _) => Linear::load(backend, &weights.pp("lm_head"), cfg.vocab_size, h, dtype, qh)?,
         };
         let (cos, sin) = rope_tables(cfg)?;
         Ok(Self {
@@ -314,6 +379,17 @@ impl<B: Backend> Llama<B> {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// Every linear layer, in load order (for reports of formats and memory).
+    pub fn linears(&self) -> Vec<&Linear<B>> {
+        let mut v = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            v.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]);
+        }
+        v.push(&self.lm_head);
+        v
     }
 
     pub fn dtype(&self) -> DType {

@@ -26,6 +26,9 @@ pub struct ConvertOptions {
     pub force: bool,
     /// Which weight variant of the source to read, when it has several.
     pub variant: Option<String>,
+    /// Block-quantize the language model's linears: the weights are then
+    /// written as one GGUF file (see ARCHITECTURE.md) instead of safetensors.
+    pub quantize: Option<emu_llm::LlmQuant>,
 }
 
 /// What one converted checkpoint produced.
@@ -140,6 +143,9 @@ pub fn write_checkpoint(
     opts: &ConvertOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ConvertedWeights> {
+    if let Some(q) = &opts.quantize {
+        return write_quantized(ckpt, dst, opts.dtype, q, progress);
+    }
     let mut planned = Vec::with_capacity(ckpt.len());
     let mut bytes_read = 0u64;
     for key in ckpt.keys() {
@@ -223,6 +229,57 @@ pub fn write_checkpoint(
         converted,
         bytes_read,
         bytes_written: total_size,
+    })
+}
+
+/// Writes `ckpt` as `<stem>.gguf` with the linears `q` selects quantized
+/// (the streaming and the partial-file handling are emu-core's).
+fn write_quantized(
+    ckpt: &Checkpoint,
+    dst: &Path,
+    dtype: DType,
+    q: &emu_llm::LlmQuant,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ConvertedWeights> {
+    let name = format!("{}.gguf", stem_of(ckpt));
+    let meta = BTreeMap::from([
+        ("general.name".to_string(), stem_of(ckpt).to_string()),
+        ("emu.quantization".to_string(), q.qtype.to_string()),
+    ]);
+    let select = |key: &str, dims: &[usize]| q.convert_format(key, dims).map_err(|e| match e {
+        emu_llm::Error::Core(c) => c,
+        other => emu_core::Error::InvalidArgument(other.to_string()),
+    });
+    let mut quantized = 0;
+    for key in ckpt.keys() {
+        quantized += usize::from(select(key, &ckpt.info(key)?.dims)?.is_some());
+    }
+    let path = emu_core::checkpoint::gguf_file::write_checkpoint_gguf(
+        ckpt,
+        &dst.join(&name),
+        dtype,
+        &select,
+        &meta,
+        |key, i, n| {
+            if i % 64 == 0 {
+                progress(&format!("[{i}/{n}] {key}"));
+            }
+        },
+    )?;
+    let read: u64 = ckpt
+        .keys()
+        .filter_map(|k| ckpt.info(k).ok())
+        .map(|i| i.dims.iter().product::<usize>() as u64 * i.dtype.size_in_bytes() as u64)
+        .sum();
+    let written = std::fs::metadata(&path).map_err(|e| CliError::io(&path, e))?.len();
+    Ok(ConvertedWeights {
+        dst: dst.to_path_buf(),
+        shards: vec![name],
+        index: None,
+        tensors: ckpt.len(),
+        converted: quantized,
+        bytes_read: read,
+        bytes_written: written,
     })
 }
 

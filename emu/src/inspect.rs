@@ -151,6 +151,7 @@ pub fn summarize(ckpt: &Checkpoint, index: Option<&Path>, variant: Option<String
     let n_pickle = files.iter().filter(|f| is_pickle(&f.name)).count();
     let format = match n_pickle {
         0 => "safetensors",
+        n if n == files.len() && files.iter().all(|f| f.name.ends_with(".gguf")) => "gguf",
         n if n == files.len() => "pickle",
         _ => "mixed",
     };
@@ -173,11 +174,17 @@ pub fn summarize(ckpt: &Checkpoint, index: Option<&Path>, variant: Option<String
             }
         };
         let n = info.dims.iter().map(|&d| d as u64).product::<u64>();
-        let stored = n * info.dtype.size_in_bytes() as u64;
+        // GGUF blocks (`emu convert --quantize`) are listed under their format.
+        let quant = ckpt.quant_type(key).ok().flatten();
+        let stored = match quant {
+            Some(q) => n / q.block_size() as u64 * q.type_size() as u64,
+            None => n * info.dtype.size_in_bytes() as u64,
+        };
+        let stored_name = quant.map_or(info.dtype.name(), |q| q.name());
         tensors += 1;
         params += n;
-        let d = dtypes.entry(info.dtype.name()).or_insert_with(|| DTypeStat {
-            dtype: info.dtype.name().to_string(),
+        let d = dtypes.entry(stored_name).or_insert_with(|| DTypeStat {
+            dtype: stored_name.to_string(),
             tensors: 0,
             params: 0,
             bytes: 0,

@@ -21,11 +21,12 @@
 use candle_core::{DType as CDType, Device, Tensor as CTensor};
 use emu_core::backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp};
 use emu_core::shape::{self, broadcast_dims};
-use emu_core::{DType, Error, HostTensor, Result};
+use emu_core::{DType, Error, HostTensor, QuantTensor, Result};
 
 mod conv;
 mod matvec;
 mod norm;
+mod quant;
 
 /// The candle CPU backend. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -573,6 +574,71 @@ impl Backend for CpuBackend {
         let y = x2.matmul(&w.t().map_err(err)?).map_err(err)?;
         let mut od = xd[..xd.len() - 1].to_vec();
         od.push(wd[0]);
+        let y = y.reshape(od).map_err(err)?;
+        match b {
+            Some(b) => self.binary(BinaryOp::Add, &y, b),
+            None => Ok(y),
+        }
+    }
+
+    fn linear_quant(&self, x: &CTensor, w: &QuantTensor, b: Option<&CTensor>) -> Result<CTensor> {
+        let (n, k) = emu_core::backend::check_linear_quant(x.dims(), w)?;
+        let dt = x.dtype();
+        if let Some(b) = b {
+            same_dtype("linear_quant bias", x, b)?;
+            if b.dims() != [n] {
+                return Err(Error::shape(format!(
+                    "linear_quant: bias {:?} for weight `{}` {:?}",
+                    b.dims(),
+                    w.name(),
+                    w.dims()
+                )));
+            }
+        }
+        if !matches!(dt, CDType::F32 | CDType::F16 | CDType::BF16) {
+            return emu_core::backend::default_linear_quant(self, x, w, b);
+        }
+        let xd = x.dims();
+        let m: usize = xd[..xd.len() - 1].iter().product();
+        let mut od = xd[..xd.len() - 1].to_vec();
+        od.push(n);
+        if m == 0 {
+            return self.full(&od, 0.0, from_candle(dt));
+        }
+        if m <= quant::MAX_ROWS {
+            let f32s = |t: &CTensor| -> Result<Vec<f32>> {
+                t.to_dtype(CDType::F32)
+                    .and_then(|t| t.flatten_all())
+                    .and_then(|t| t.to_vec1())
+                    .map_err(err)
+            };
+            let xf = f32s(x)?;
+            let bf = b.map(f32s).transpose()?;
+            // The bias is added in f32 and the output rounded once, as the
+            // half-precision `linear` kernel does.
+            let y = quant::linear_rows(&xf, m, w, bf.as_deref());
+            return CTensor::from_vec(y, od, &self.device)
+                .and_then(|y| y.to_dtype(dt))
+                .map_err(err);
+        }
+        // Prefill: gemm on slabs of dequantized output features.
+        let slab = (quant::SLAB_ELEMS / k.max(1)).clamp(1, n);
+        let x2 = x.reshape((m, k)).map_err(err)?;
+        let mut parts = Vec::with_capacity(n.div_ceil(slab));
+        let mut first = 0;
+        while first < n {
+            let rows = slab.min(n - first);
+            let wf = CTensor::from_vec(quant::dequantize_rows(w, first, rows), (rows, k), &self.device)
+                .and_then(|t| t.to_dtype(dt))
+                .map_err(err)?;
+            parts.push(self.linear(&x2, &wf, None)?);
+            first += rows;
+        }
+        let y = if parts.len() == 1 {
+            parts.pop().ok_or_else(|| Error::shape("linear_quant: no output"))?
+        } else {
+            CTensor::cat(&parts, 1).map_err(err)?
+        };
         let y = y.reshape(od).map_err(err)?;
         match b {
             Some(b) => self.binary(BinaryOp::Add, &y, b),

@@ -53,6 +53,12 @@ pub fn run(args: &EncodeArgs) -> Result<()> {
         }
     }
     let kind = args.model.check_names()?;
+    if args.model.quantize.is_some() {
+        // Only the language model's linears are quantized so far.
+        return Err(PipelineError::Input(
+            "--quantize applies to the language model, which `encode` does not run".into(),
+        ));
+    }
     let dir = ModelDir::resolve_any(&args.model.model, ModelFamily::Emu2Chat)?;
     if dir.is_tiny() {
         eprintln!("{}", emu::tiny::TINY_NOTICE);

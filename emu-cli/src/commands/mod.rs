@@ -44,6 +44,15 @@ pub struct ModelArgs {
     /// Compute dtype of the vision encoder only (overrides --dtype).
     #[arg(long, value_name = "DTYPE")]
     pub vision_dtype: Option<String>,
+    /// Block-quantize the language model's linears while loading: q8_0 or
+    /// q4_k (GGUF's layouts). Embeddings, norms and lm_head stay in --dtype
+    /// unless --quantize-linears names lm_head.
+    #[arg(long, value_name = "TYPE")]
+    pub quantize: Option<String>,
+    /// Which linears --quantize applies to: a comma list of attn, mlp,
+    /// lm_head, or all.
+    #[arg(long, value_name = "LIST", default_value = "attn,mlp")]
+    pub quantize_linears: String,
     /// Print the time each stage took.
     #[arg(long, short)]
     pub verbose: bool,
@@ -95,7 +104,19 @@ impl ModelArgs {
         if let Some(d) = &self.dump {
             emu::pipeline::check_dump_dir(d)?;
         }
+        self.quant()?;
         Ok(placement)
+    }
+
+    /// The `--quantize` request for the language model, if any.
+    pub fn quant(&self) -> Result<Option<emu_llm::LlmQuant>> {
+        let Some(q) = &self.quantize else {
+            return Ok(None);
+        };
+        Ok(Some(emu_llm::LlmQuant {
+            qtype: emu_core::QuantType::parse(q)?,
+            linears: emu_llm::QuantLinears::parse(&self.quantize_linears)?,
+        }))
     }
 
     /// The `--dump` folder, created if missing.
@@ -124,10 +145,9 @@ impl ModelArgs {
         dir: &ModelDir,
     ) -> Result<(Component<V>, Component<L>)> {
         let (vision_dtype, dtype) = self.dtypes(dir)?;
-        Ok((
-            component(vision, vision_dtype, "vision encoder")?,
-            component(llm, dtype, "language model")?,
-        ))
+        let mut llm = component(llm, dtype, "language model")?;
+        llm.quant = self.quant()?;
+        Ok((component(vision, vision_dtype, "vision encoder")?, llm))
     }
 }
 

@@ -21,6 +21,7 @@ enum Kind {
     Safetensors,
     PickleIndex,
     Pickle,
+    Gguf,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +78,8 @@ fn classify(name: &str) -> Option<(Kind, String, Option<String>)> {
     }
     let (base, kind) = if let Some(b) = name.strip_suffix(".safetensors") {
         (b, Kind::Safetensors)
+    } else if let Some(b) = name.strip_suffix(".gguf") {
+        (b, Kind::Gguf)
     } else if let Some(b) = name
         .strip_suffix(".bin")
         .or_else(|| name.strip_suffix(".pth"))
@@ -154,7 +157,7 @@ pub fn open_dir_files(dir: &Path, variant: Option<&str>) -> Result<CheckpointFil
                         return Err(format_err(
                             dir,
                             "no checkpoint files (*.safetensors, *.safetensors.index.json, *.bin, \
-                             *.bin.index.json, *.pth, *.pt)",
+                             *.bin.index.json, *.pth, *.pt, *.gguf)",
                         ))
                     }
                     [_] => cands.clone(),
@@ -194,7 +197,7 @@ pub fn open_dir_files(dir: &Path, variant: Option<&str>) -> Result<CheckpointFil
     let c = top[0];
     Ok(match c.kind {
         Kind::SafetensorsIndex | Kind::PickleIndex => CheckpointFiles::Index(c.path.clone()),
-        Kind::Safetensors | Kind::Pickle => CheckpointFiles::Single(c.path.clone()),
+        Kind::Safetensors | Kind::Pickle | Kind::Gguf => CheckpointFiles::Single(c.path.clone()),
     })
 }
 

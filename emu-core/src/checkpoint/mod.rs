@@ -7,6 +7,9 @@
 //! * PyTorch `torch.save` zip archives (`pytorch_model.bin`, sharded
 //!   `pytorch_model-0000x-of-0000y.bin` with `pytorch_model.bin.index.json`),
 //!   read by a small pickle interpreter that never executes anything;
+//! * GGUF files (`*.gguf`, written by `emu convert --quantize`), whose
+//!   `Q8_0` / `Q4_K` tensors read as [`QuantTensor`]s ([`Checkpoint::get_quant`])
+//!   or, through every other accessor, dequantized to f32;
 //! * diffusers/HF *variants* (`diffusion_pytorch_model.bf16.safetensors`,
 //!   `model.bf16-00001-of-00008.safetensors` + `model.safetensors.index.bf16.json`).
 //!
@@ -30,6 +33,7 @@
 //! ```
 
 mod discover;
+pub mod gguf_file;
 mod pickle;
 mod safetensors_file;
 mod torch_file;
@@ -39,6 +43,7 @@ pub use discover::{open_dir_files, CheckpointFiles};
 pub use weights::Weights;
 
 use crate::host::checked_numel;
+use crate::quant::{quantized_size, QuantTensor, QuantType};
 use crate::{DType, Error, HostTensor, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
@@ -158,6 +163,8 @@ impl CrcRegion {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum StoredDType {
     Known(DType),
+    /// GGUF block-quantized; reads as f32 unless asked for the blocks.
+    Quant(QuantType),
     Unsupported(String),
 }
 
@@ -194,6 +201,7 @@ impl Entry {
                 .dims
                 .iter()
                 .fold(d.size_in_bytes() as u64, |acc, &n| acc.saturating_mul(n as u64)),
+            StoredDType::Quant(q) => quantized_size("", *q, &self.dims).unwrap_or(0) as u64,
             StoredDType::Unsupported(_) => 0,
         }
     }
@@ -276,7 +284,8 @@ impl Checkpoint {
     ///    `<stem>.safetensors.index.<variant>.json`);
     /// 2. a single `<stem>.safetensors` (variant: `<stem>.<variant>.safetensors`);
     /// 3. a pickle index `<stem>.bin.index.json` (`<stem>.bin.index.<variant>.json`);
-    /// 4. a single `<stem>.bin` / `.pth` / `.pt` (`<stem>.<variant>.bin`, ...).
+    /// 4. a single `<stem>.bin` / `.pth` / `.pt` (`<stem>.<variant>.bin`, ...);
+    /// 5. a single `<stem>.gguf` (a quantized checkpoint).
     ///
     /// Shard files (`*-00001-of-00002.*`) are only reached through an index.
     /// With `variant: Some(v)` only files of that variant are considered. With
@@ -378,7 +387,9 @@ impl Checkpoint {
             let map = map_file(path)?;
             let idx = files.len();
             let mut crc = Vec::new();
-            let entries = if map.starts_with(b"PK\x03\x04") {
+            let entries = if map.starts_with(gguf_file::MAGIC) {
+                gguf_file::read_entries(path, &map, idx)?
+            } else if map.starts_with(b"PK\x03\x04") {
                 torch_file::read_entries(path, &map, idx, &mut crc)?
             } else if map.first() == Some(&0x80) && map.get(8) != Some(&b'{') {
                 // A pickle starts with PROTO (0x80), but so does a safetensors
@@ -496,6 +507,8 @@ impl Checkpoint {
     fn known_dtype(&self, key: &str, e: &Entry) -> Result<DType> {
         match &e.dtype {
             StoredDType::Known(d) => Ok(*d),
+            // Quantized tensors read as their f32 dequantization.
+            StoredDType::Quant(_) => Ok(DType::F32),
             StoredDType::Unsupported(name) => Err(format_err(
                 &self.inner.files[e.file].path,
                 format!("tensor `{key}` has dtype {name}, which emu-rs cannot load"),
@@ -507,6 +520,17 @@ impl Checkpoint {
     /// it is stored contiguously.
     fn raw(&self, key: &str) -> Result<(TensorInfo, Cow<'_, [u8]>)> {
         let e = self.entry(key)?;
+        if let StoredDType::Quant(_) = e.dtype {
+            let q = self.read_quant(key, e)?;
+            let bytes = q.dequantize()?.as_bytes().to_vec();
+            return Ok((
+                TensorInfo {
+                    dims: e.dims.clone(),
+                    dtype: DType::F32,
+                },
+                Cow::Owned(bytes),
+            ));
+        }
         let dtype = self.known_dtype(key, e)?;
         let file = &self.inner.files[e.file];
         let es = dtype.size_in_bytes();
@@ -541,6 +565,45 @@ impl Checkpoint {
             },
             bytes,
         ))
+    }
+
+    /// The block format of a tensor stored quantized (GGUF), `None` for a plain one.
+    pub fn quant_type(&self, key: &str) -> Result<Option<QuantType>> {
+        Ok(match self.entry(key)?.dtype {
+            StoredDType::Quant(q) => Some(q),
+            _ => None,
+        })
+    }
+
+    /// The blocks of a quantized tensor, or `None` where `key` is stored
+    /// as plain floats.
+    pub fn get_quant(&self, key: &str) -> Result<Option<QuantTensor>> {
+        let e = self.entry(key)?;
+        match e.dtype {
+            StoredDType::Quant(_) => self.read_quant(key, e).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    fn read_quant(&self, key: &str, e: &Entry) -> Result<QuantTensor> {
+        let StoredDType::Quant(q) = e.dtype else {
+            return Err(Error::DType(format!("tensor `{key}` is not quantized")));
+        };
+        let file = &self.inner.files[e.file];
+        let n = quantized_size(key, q, &e.dims)?;
+        let Layout::Contiguous { start } = e.layout else {
+            return Err(format_err(&file.path, format!("tensor `{key}`: strided quantized data")));
+        };
+        let bytes = start
+            .checked_add(n)
+            .and_then(|end| file.map.get(start..end))
+            .ok_or_else(|| format_err(&file.path, format!("tensor `{key}`: block data lies past the end of the file")))?;
+        notify(LoadEvent::Read {
+            origin: &self.inner.origin,
+            key,
+            bytes: n as u64,
+        });
+        QuantTensor::from_bytes(key, q, &e.dims, bytes.to_vec())
     }
 
     /// Reads a tensor in its stored dtype (always contiguous).

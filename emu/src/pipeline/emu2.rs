@@ -127,7 +127,13 @@ impl<V: Backend, L: Backend> Emu2Model<V, L> {
         let root = Weights::new(&ckpt);
         let encoder = VisionEncoder::load(&vision.backend, &root, vision_cfg, vision.dtype)?;
         let preprocessor = Preprocessor::for_config(&encoder.config().vision)?;
-        let lm = Llama::load(&llm.backend, &emu_llm::lm_weights(&ckpt)?, &llm_cfg, llm.dtype)?;
+        let lm = Llama::load_quantized(
+            &llm.backend,
+            &emu_llm::lm_weights(&ckpt)?,
+            &llm_cfg,
+            llm.dtype,
+            llm.quant.as_ref(),
+        )?;
         let (h, d) = (llm_cfg.hidden_size, encoder.config().d_model);
         let mut project_up = None;
         let mut project_down = None;

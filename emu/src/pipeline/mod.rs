@@ -51,11 +51,17 @@ use std::time::Duration;
 pub struct Component<B: Backend> {
     pub backend: B,
     pub dtype: DType,
+    /// Linears block-quantized at load time (the language model only).
+    pub quant: Option<emu_llm::LlmQuant>,
 }
 
 impl<B: Backend> Component<B> {
     pub fn new(backend: B, dtype: DType) -> Self {
-        Self { backend, dtype }
+        Self {
+            backend,
+            dtype,
+            quant: None,
+        }
     }
 }
 

@@ -73,6 +73,26 @@ pub fn copy_bandwidth(bytes: usize, threads: usize, reps: usize) -> f64 {
     2.0 * bytes as f64 / best
 }
 
+/// [`decode_floor`]'s weight bytes with the attention and MLP linears in
+/// `q` (as `--quant` loads them: rows that are not whole Q4_K super-blocks
+/// in Q8_0), everything else in `dtype`; same KV cache and bandwidth.
+pub fn quant_decode_floor(l: &LlmSpec, dtype: DType, q: emu_core::QuantType, base: DecodeFloor) -> DecodeFloor {
+    let elem = dtype.size_in_bytes();
+    let kv = l.kv_heads * (l.hidden / l.heads);
+    let lq = emu_llm::LlmQuant::new(q);
+    let bytes = |out: usize, inner: usize| match lq.format_for("", inner) {
+        Ok(f) => out * inner / f.block_size() * f.type_size(),
+        Err(_) => out * inner * elem,
+    };
+    let (h, i) = (l.hidden, l.intermediate);
+    let linear_elems = l.layers * (2 * h * h + 2 * h * kv + 3 * h * i);
+    let linear_bytes = l.layers * (2 * bytes(h, h) + 2 * bytes(kv, h) + 2 * bytes(i, h) + bytes(h, i));
+    DecodeFloor {
+        weight_bytes: (decode_weight_elems(l) - linear_elems) * elem + linear_bytes,
+        ..base
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

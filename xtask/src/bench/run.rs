@@ -8,7 +8,8 @@
 use emu_core::backend::{AttnMask, Conv2dParams};
 use emu_core::{Backend, Checkpoint, DType, HostTensor, Tensor};
 use emu_decoder::{AutoencoderKL, AutoencoderKLConfig, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
-use emu_llm::{Llama, LlamaConfig, Logits};
+use emu_core::QuantType;
+use emu_llm::{Llama, LlamaConfig, LlmQuant, Logits};
 use emu_vision::VisionEncoder;
 use std::path::Path;
 use std::time::Instant;
@@ -77,7 +78,7 @@ pub fn component<B: Backend>(be: &B, component: Component, work: &Workdir, dtype
     match component {
         Component::Ops => ops(&inputs, &work.spec.ops, t),
         Component::Vision => vision(&inputs, &model, t),
-        Component::Llm => llm(&inputs, &model, t),
+        Component::Llm => llm(&inputs, &model, t, None),
         Component::Unet => unet(&inputs, &model, t),
         Component::Vae => vae(&inputs, &model, t),
     }
@@ -184,10 +185,20 @@ fn tokens_of(host: &HostTensor) -> Res<Vec<u32>> {
     Ok(host.to_f32_vec()?.into_iter().map(|v| v as u32).collect())
 }
 
-fn llm<B: Backend>(inp: &Inputs<B>, dir: &Path, t: Timing) -> Res<Vec<Call>> {
+/// The LLM calls with its attention and MLP linears quantized to `q` at load time.
+pub fn llm_quantized<B: Backend>(be: &B, work: &Workdir, dtype: DType, t: Timing, q: QuantType) -> Res<Vec<Call>> {
+    let inputs = Inputs {
+        be,
+        ckpt: Checkpoint::open(work.inputs(Component::Llm))?,
+        dtype,
+    };
+    llm(&inputs, &work.model(Component::Llm), t, Some(LlmQuant::new(q)))
+}
+
+fn llm<B: Backend>(inp: &Inputs<B>, dir: &Path, t: Timing, quant: Option<LlmQuant>) -> Res<Vec<Call>> {
     let cfg = LlamaConfig::from_file(dir.join("config.json"))?;
     let ckpt = Checkpoint::open(dir.join("model.safetensors"))?;
-    let model = Llama::load(inp.be, &emu_llm::lm_weights(&ckpt)?, &cfg, inp.dtype)?;
+    let model = Llama::load_quantized(inp.be, &emu_llm::lm_weights(&ckpt)?, &cfg, inp.dtype, quant.as_ref())?;
     let prompt = inp.tensor("prompt")?;
     let p = prompt.dim(1)?;
     // Decode feeds a fixed token sequence rather than its own argmax, so
