@@ -50,6 +50,7 @@ fn run_on<V: Backend, L: Backend>(
     };
     let answer = pipe.complete(prompt, &opts, Some(&mut sink))?;
     println!();
+    super::progress::report_tokens(answer.ids.len(), &answer.timings);
     report_timings(args.model.verbose, pipe.load_timings(), &answer.timings);
     Ok(())
 }
