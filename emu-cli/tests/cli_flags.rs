@@ -171,12 +171,27 @@ fn progress_bars_follow_the_flags() {
         a.extend_from_slice(flags);
         ok(&a).1
     };
-    // Forced on: a bar per checkpoint loaded and one for the steps, drawn in place.
+    // Forced on: a bar per checkpoint loaded and one for the steps, drawn in
+    // place, each with its rate and time left.
     let err = gen(&["--progress"]);
-    for needle in ["loading unet/", "loading vae/", "denoising [", "3/3 steps", "\r"] {
+    for needle in [
+        "loading unet/",
+        "loading vae/",
+        "denoising [",
+        "3/3 steps",
+        "\r",
+        "steps/s",
+        "tensors/s",
+        "ETA ",
+    ] {
         assert!(err.contains(needle), "`{needle}` missing: {err:?}");
     }
-    assert!(err.contains("tensors, "), "{err:?}");
+    assert!(err.contains("tensors, ") && err.contains(" kB / "), "{err:?}");
+    // Text answers report their rate.
+    let (_, err) = ok(&["chat", "--model", "tiny", "--num-beams", "1", "--max-new-tokens", "3", "--progress", "hi"]);
+    assert!(err.contains("generated ") && err.contains(" tokens/s)"), "{err:?}");
+    let (_, err) = ok(&["chat", "--model", "tiny", "--num-beams", "1", "--max-new-tokens", "3", "hi"]);
+    assert!(!err.contains("tokens/s"), "{err:?}");
     // stderr is a pipe here: no bars by default, nor with --no-progress.
     for flags in [&[][..], &["--no-progress"], &["--progress", "--no-progress"]] {
         let err = gen(flags);

@@ -1,4 +1,5 @@
-//! Byte sizes and counts: parsing `--shard-size` values and printing sizes.
+//! Byte sizes and counts: parsing `--shard-size` values and printing sizes
+//! (bytes through `humansize`).
 
 use crate::error::CliError;
 
@@ -51,20 +52,9 @@ pub fn parse_size(s: &str) -> Result<u64, CliError> {
 }
 
 /// A byte count in decimal units, as the Hugging Face hub shows file sizes
-/// (`9.96 GB`).
+/// (`9.96 GB`, `148 GB`).
 pub fn human_bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
-    if b < 1000 {
-        return format!("{b} B");
-    }
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1000.0 && i + 1 < UNITS.len() {
-        v /= 1000.0;
-        i += 1;
-    }
-    let digits = if v >= 100.0 { 1 } else { 2 };
-    format!("{v:.digits$} {}", UNITS[i])
+    humansize::format_size(b, humansize::DECIMAL)
 }
 
 /// A parameter count in short form (`37.0B`, `1.2M`, `345`).
@@ -115,7 +105,8 @@ mod tests {
     fn sizes_print() {
         assert_eq!(human_bytes(999), "999 B");
         assert_eq!(human_bytes(9_960_000_000), "9.96 GB");
-        assert_eq!(human_bytes(148_000_000_000), "148.0 GB");
+        assert_eq!(human_bytes(148_000_000_000), "148 GB");
+        assert_eq!(human_bytes(1_500), "1.50 kB");
         assert_eq!(grouped(37_000_123), "37,000,123");
         assert_eq!(grouped(12), "12");
         assert_eq!(grouped(0), "0");

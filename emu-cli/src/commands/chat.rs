@@ -133,6 +133,7 @@ fn run_on<V: Backend, L: Backend>(vision: V, llm: L, args: &ChatArgs, dir: &emu:
                 draw_boxes(first, out, &g.boxes.iter().map(|b| b.pixels).collect::<Vec<_>>())?;
             }
         }
+        super::progress::report_tokens(answer.ids.len(), &answer.timings);
         report_timings(args.model.verbose, chat.load_timings(), &answer.timings);
         if !interactive {
             break;

@@ -47,6 +47,7 @@ fn run_on<V: Backend, L: Backend>(
     let answer = pipe.complete(prompt, &opts, Some(&mut |s: &str| stream.write(s)))?;
     stream.finish()?;
     crate::outln!()?;
+    super::progress::report_tokens(answer.ids.len(), &answer.timings);
     report_timings(args.model.verbose, pipe.load_timings(), &answer.timings);
     Ok(())
 }
