@@ -49,7 +49,7 @@ seed_target() { # crate target corpus-dir
         emu-core/torch_zip) find "$fx" -name '*.bin' | seed "$3" ;;
         emu-core/pickle)
             mkdir -p "$3"
-            for f in $(find "$fx" -name '*.bin' -size -1M); do
+            for f in $(find "$fx" -name '*.bin' -size -1024k); do
                 unzip -Z1 "$f" 2>/dev/null | grep 'data.pkl$' | while read -r e; do
                     unzip -p "$f" "$e" >"$3/$(echo "$f$e" | md5sum | cut -c1-16).pkl"
                 done
