@@ -37,6 +37,10 @@ pub enum PipelineError {
     #[error("{0}")]
     Input(String),
 
+    /// The caller asked to stop (see `answer_cancellable`, `generate_cancellable`).
+    #[error("the computation was cancelled")]
+    Cancelled,
+
     /// Building the embedded tiny model failed (a temporary file could not be written).
     #[error("tiny model: {0}")]
     Tiny(String),
