@@ -1,8 +1,7 @@
 // The web page of `emu serve`: chat about an image with streamed answers
 // (grounding boxes drawn over the image) and image generation with a
 // progress bar. Plain JavaScript against the server's own API, no build step.
-// `/?test=1` runs a scripted session and writes its findings into
-// #test-result (the browser test reads them).
+// `window.emuSelfTest()` runs a scripted session for the browser test.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -197,8 +196,9 @@ $("gen-form").addEventListener("submit", guard(generate));
 $("api-key").addEventListener("change", loadModels);
 loadModels();
 
-// Test mode: draw an image, upload it through the same path as the file
-// input, ask, generate, and report what the page saw.
+// Test mode (the browser test calls it through the DevTools protocol): draw
+// an image, upload it through the same path as the file input, ask,
+// generate, and report what the page saw as JSON.
 async function selfTest() {
   const report = { ok: false };
   try {
@@ -219,15 +219,11 @@ async function selfTest() {
     $("gen-steps").value = "3";
     report.generate = await generate();
     report.bar = [$("gen-progress").value, $("gen-progress").max];
+    report.shownImage = $("gen-image") ? [$("gen-image").naturalWidth, $("gen-image").naturalHeight] : null;
     report.ok = true;
   } catch (e) {
     report.error = String(e && e.message || e);
   }
-  const pre = document.createElement("pre");
-  pre.id = "test-result";
-  pre.textContent = JSON.stringify(report);
-  document.body.appendChild(pre);
-  document.title = "test done";
+  return JSON.stringify(report);
 }
-
-if (new URLSearchParams(location.search).get("test") === "1") selfTest();
+window.emuSelfTest = selfTest;
