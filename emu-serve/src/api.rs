@@ -149,7 +149,7 @@ impl Sampling {
         }
         match self.temperature {
             None => {}
-            Some(t) if t == 0.0 => {}
+            Some(0.0) => {}
             Some(t) if t.is_finite() && t > 0.0 && t <= 2.0 => {
                 if g.num_beams > 1 {
                     return Err(ApiError::param(

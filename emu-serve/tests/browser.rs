@@ -142,7 +142,7 @@ fn the_page_chats_and_generates_in_chromium() {
         next_id: 0,
         deadline: Instant::now() + Duration::from_secs(240),
     };
-    let report = (|| {
+    let report = {
         let page = loop {
             let targets = cdp.call("Target.getTargets", json!({}), None);
             let found = targets["targetInfos"]
@@ -175,7 +175,7 @@ fn the_page_chats_and_generates_in_chromium() {
         );
         let text = out["result"]["value"].as_str().unwrap_or_else(|| panic!("{out}")).to_string();
         serde_json::from_str::<Value>(&text).unwrap()
-    })();
+    };
     let _ = cdp.call("Browser.close", json!({}), None);
     let _ = child.wait();
 

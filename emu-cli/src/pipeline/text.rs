@@ -88,6 +88,7 @@ fn until_eos(ids: &[u32], eos: &[u32]) -> Vec<u32> {
     ids.iter().copied().take_while(|id| !eos.contains(id)).collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_text<V: Backend, L: Backend>(
     model: &Emu2Model<V, L>,
     prompt: &Prompt,
