@@ -57,6 +57,10 @@ enum Command {
     /// Export model components (vision, llm, unet, vae) as standalone ONNX
     /// files with documented inputs/outputs and a JSON manifest.
     ExportOnnx(emu_cli::commands::export_onnx::ExportOnnxArgs),
+    /// Serve the models over an OpenAI-compatible HTTP API (chat with images,
+    /// few-shot completion, image generation) with a web page at `/`.
+    /// Binds to 127.0.0.1 unless `--host` says otherwise.
+    Serve(emu_serve::ServeArgs),
 }
 
 #[derive(Args)]
@@ -128,6 +132,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::ExportOnnx(a) => {
             emu_cli::commands::export_onnx::run(&a)?;
         }
+        Command::Serve(a) => emu_serve::run(a)?,
         Command::Inspect(a) => {
             let ins = inspect(&a.path, a.variant.as_deref())?;
             if a.json {

@@ -42,22 +42,8 @@ pub struct GenerateArgs {
     pub decoder_backend: Option<String>,
 }
 
-/// Parses `N` or `WxH` into `(height, width)`.
-pub fn parse_size(s: &str) -> Result<(usize, usize)> {
-    let bad = || {
-        PipelineError::Input(format!(
-            "--size `{s}` is not a size; write N for a square or WIDTHxHEIGHT, e.g. 1024 or 768x512"
-        ))
-    };
-    let num = |t: &str| t.trim().parse::<usize>().map_err(|_| bad());
-    match s.split_once(['x', 'X']) {
-        Some((w, h)) => Ok((num(h)?, num(w)?)),
-        None => {
-            let n = num(s)?;
-            Ok((n, n))
-        }
-    }
-}
+/// Image sizes are parsed by the library, so the server reads `size` the same way.
+pub use emu::pipeline::parse_image_size as parse_size;
 
 /// Checks that `path` names a .png file in an existing folder.
 pub fn check_png_output(path: &Path) -> Result<()> {

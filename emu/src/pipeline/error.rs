@@ -48,6 +48,9 @@ pub enum PipelineError {
     /// Standard output cannot be written (full disk, closed pipe).
     #[error("cannot write to standard output: {0}")]
     Stdout(std::io::Error),
+    /// The caller asked to stop (see `answer_cancellable`, `generate_cancellable`).
+    #[error("the computation was cancelled")]
+    Cancelled,
 
     /// Building the embedded tiny model failed (a temporary file could not be written).
     #[error("tiny model: {0}")]

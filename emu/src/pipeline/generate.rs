@@ -249,7 +249,20 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         &self,
         prompt: &Prompt,
         opts: &GenerationOptions,
+        on_step: Option<&mut dyn FnMut(usize, usize)>,
+    ) -> Result<GeneratedImage> {
+        self.generate_cancellable(prompt, opts, on_step, &|| false)
+    }
+
+    /// [`Self::generate`] that stops before the next denoising step once
+    /// `cancel` returns true, with [`PipelineError::Cancelled`] (a server
+    /// whose client went away).
+    pub fn generate_cancellable(
+        &self,
+        prompt: &Prompt,
+        opts: &GenerationOptions,
         mut on_step: Option<&mut dyn FnMut(usize, usize)>,
+        cancel: &dyn Fn() -> bool,
     ) -> Result<GeneratedImage> {
         let mut timings = Timings::default();
         if opts.steps == 0 || opts.steps > 1000 {
@@ -352,6 +365,9 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         let hidden = hidden.to_dtype(udtype)?;
         let total = scheduler.num_steps();
         for step in 0..total {
+            if cancel() {
+                return Err(PipelineError::Cancelled);
+            }
             let t = scheduler.timesteps()[step];
             let x = scheduler.scale_model_input(&latents, step)?.to_dtype(udtype)?;
             let x = if guided { Tensor::concat(&[&x, &x], 0)? } else { x };
@@ -405,3 +421,21 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         })
     }
 }
+
+/// Parses `N` or `WxH` into `(height, width)`.
+pub fn parse_image_size(s: &str) -> Result<(usize, usize)> {
+    let bad = || {
+        PipelineError::Input(format!(
+            "--size `{s}` is not a size; write N for a square or WIDTHxHEIGHT, e.g. 1024 or 768x512"
+        ))
+    };
+    let num = |t: &str| t.trim().parse::<usize>().map_err(|_| bad());
+    match s.split_once(['x', 'X']) {
+        Some((w, h)) => Ok((num(h)?, num(w)?)),
+        None => {
+            let n = num(s)?;
+            Ok((n, n))
+        }
+    }
+}
+

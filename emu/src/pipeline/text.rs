@@ -88,6 +88,7 @@ fn until_eos(ids: &[u32], eos: &[u32]) -> Vec<u32> {
     ids.iter().copied().take_while(|id| !eos.contains(id)).collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_text<V: Backend, L: Backend>(
     model: &Emu2Model<V, L>,
     prompt: &Prompt,
@@ -96,6 +97,7 @@ fn run_text<V: Backend, L: Backend>(
     skip_special: bool,
     dump: Option<&Dump>,
     on_text: Option<&mut dyn FnMut(&str)>,
+    cancel: &dyn Fn() -> bool,
 ) -> Result<(Vec<u32>, String, usize, Timings)> {
     let mut timings = Timings::default();
     let rendered = render(prompt, render_opts)?;
@@ -114,10 +116,9 @@ fn run_text<V: Backend, L: Backend>(
     // Stop strings match the text as the answer is decoded; an id the
     // tokenizer cannot decode matches nothing.
     let decode = |ids: &[u32]| model.tokenizer.decode(ids, skip_special).unwrap_or_default();
-    let hooks = || Hooks {
-        decode: Some(&decode),
-        ..Hooks::default()
-    };
+    // Cancellation ends every sequence at its next token (beams included);
+    // the truncated output is then discarded below.
+    let mut stop = |_: &[u32]| cancel();
     let out = match on_text {
         Some(sink) if generation.num_beams == 1 => {
             let mut stream = TextStream {
@@ -137,7 +138,8 @@ fn run_text<V: Backend, L: Backend>(
                 };
                 let hooks = Hooks {
                     on_token: Some(&mut on_token),
-                    ..hooks()
+                    decode: Some(&decode),
+                    stop: Some(&mut stop),
                 };
                 generate_with(&model.llm, &embeds, &[], generation, hooks)?
             };
@@ -145,13 +147,28 @@ fn run_text<V: Backend, L: Backend>(
             out
         }
         Some(sink) => {
-            let out = generate_with(&model.llm, &embeds, &[], generation, hooks())?;
+            let hooks = Hooks {
+                on_token: None,
+                decode: Some(&decode),
+                stop: Some(&mut stop),
+            };
+            let out = generate_with(&model.llm, &embeds, &[], generation, hooks)?;
             let ids = until_eos(out.first().map(Vec::as_slice).unwrap_or_default(), &eos);
             sink(&model.tokenizer.decode(&ids, skip_special)?);
             out
         }
-        None => generate_with(&model.llm, &embeds, &[], generation, hooks())?,
+        None => {
+            let hooks = Hooks {
+                on_token: None,
+                decode: Some(&decode),
+                stop: Some(&mut stop),
+            };
+            generate_with(&model.llm, &embeds, &[], generation, hooks)?
+        }
     };
+    if cancel() {
+        return Err(PipelineError::Cancelled);
+    }
     timings.add("generate", t0.elapsed());
     let new_ids = until_eos(out.first().map(Vec::as_slice).unwrap_or_default(), &eos);
     if let Some(d) = dump {
@@ -253,6 +270,19 @@ impl<V: Backend, L: Backend> ChatPipeline<V, L> {
         opts: &ChatOptions,
         on_text: Option<&mut dyn FnMut(&str)>,
     ) -> Result<ChatAnswer> {
+        self.answer_cancellable(conversation, opts, on_text, &|| false)
+    }
+
+    /// [`Self::answer`] that stops at the next generated token once `cancel`
+    /// returns true, with [`PipelineError::Cancelled`] (a server whose
+    /// client went away).
+    pub fn answer_cancellable(
+        &self,
+        conversation: &Prompt,
+        opts: &ChatOptions,
+        on_text: Option<&mut dyn FnMut(&str)>,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<ChatAnswer> {
         let mut ropts = RenderOptions::new(ModelKind::Emu2Chat).grounding(opts.grounding);
         ropts.n_query = self.inner.model.n_query();
         ropts.v_query = self.inner.model.v_query();
@@ -266,6 +296,7 @@ impl<V: Backend, L: Backend> ChatPipeline<V, L> {
             !opts.grounding,
             self.inner.dump.as_ref(),
             on_text,
+            cancel,
         )?;
         let grounding = if opts.grounding {
             let first = emu_prompt::render(conversation, &ropts)?.images.into_iter().next();
@@ -341,6 +372,18 @@ impl<V: Backend, L: Backend> CompletionPipeline<V, L> {
         opts: &CompletionOptions,
         on_text: Option<&mut dyn FnMut(&str)>,
     ) -> Result<ChatAnswer> {
+        self.complete_cancellable(prompt, opts, on_text, &|| false)
+    }
+
+    /// [`Self::complete`] that stops at the next generated token once
+    /// `cancel` returns true, with [`PipelineError::Cancelled`].
+    pub fn complete_cancellable(
+        &self,
+        prompt: &Prompt,
+        opts: &CompletionOptions,
+        on_text: Option<&mut dyn FnMut(&str)>,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<ChatAnswer> {
         let mut ropts = RenderOptions::new(ModelKind::Emu2);
         ropts.n_query = self.inner.model.n_query();
         ropts.v_query = self.inner.model.v_query();
@@ -352,6 +395,7 @@ impl<V: Backend, L: Backend> CompletionPipeline<V, L> {
             true,
             self.inner.dump.as_ref(),
             on_text,
+            cancel,
         )?;
         Ok(ChatAnswer {
             text,
