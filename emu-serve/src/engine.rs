@@ -3,7 +3,7 @@
 //! synchronous, so they never run on the async runtime's threads.
 
 use crate::deps::{
-    check_dtype, AnyBackend, BackendKind, Backends, ChatAnswer, ChatOptions, ChatPipeline, Component,
+    check_dtype, BackendKind, Backends, ChatAnswer, ChatOptions, ChatPipeline, Component,
     CompletionOptions, CompletionPipeline, GenerationOptions, GenerationPipeline, ModelDir, ModelFamily,
     PipelineError, TINY_NOTICE,
 };
@@ -120,9 +120,7 @@ pub fn start(spec: LoadSpec, depth: usize, metrics: Arc<Metrics>) -> Result<(Que
             // Backends are opened on this thread: a GPU device need not move between threads.
             let opened = Backends::default().open(spec.backend);
             match opened {
-                Ok(AnyBackend::Cpu(b)) => worker(b, &spec, ready_tx, rx, &m),
-                Ok(AnyBackend::Wgpu(b)) => worker(b, &spec, ready_tx, rx, &m),
-                Ok(AnyBackend::Onnx(b)) => worker(b, &spec, ready_tx, rx, &m),
+                Ok(any) => emu::with_backend!(any, |b| worker(b, &spec, ready_tx, rx, &m)),
                 Err(e) => {
                     let _ = ready_tx.send(Err(e.into()));
                 }

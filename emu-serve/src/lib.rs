@@ -59,7 +59,7 @@ pub struct ServeArgs {
     /// Let requests name image files inside DIR (never outside it, symlinks included).
     #[arg(long, value_name = "DIR")]
     pub allow_local_files: Option<PathBuf>,
-    /// Where to run every component: cpu, wgpu or onnx.
+    /// Where to run every component: cpu, wgpu, onnx or cuda.
     #[arg(long, default_value = "cpu", value_name = "NAME")]
     pub backend: String,
     /// Compute dtype: f32, bf16 or f16. Default: f32 for the tiny model, bf16 otherwise.

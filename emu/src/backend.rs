@@ -2,7 +2,7 @@
 //! configuration) turns into a concrete [`emu_core::Backend`].
 //!
 //! Each backend is a cargo feature of this crate (`cpu`, the default; `wgpu`;
-//! `onnx`). Every [`BackendKind`] exists whatever the features, so names
+//! `onnx`; `cuda`). Every [`BackendKind`] exists whatever the features, so names
 //! always parse the same way; asking for one that is not compiled in is
 //! [`PipelineError::BackendNotCompiled`], which names the feature to enable.
 //! [`AnyBackend`] likewise has a variant per kind; a kind that is not
@@ -23,6 +23,8 @@ pub use emu_backend_cpu::CpuBackend;
 pub use emu_backend_onnx::OnnxBackend;
 #[cfg(feature = "wgpu")]
 pub use emu_backend_wgpu::WgpuBackend;
+#[cfg(feature = "cuda")]
+pub use emu_backend_cuda::CudaBackend;
 
 /// The payload of an [`AnyBackend`] variant whose backend is not compiled
 /// in. It has no values, so such a variant is never constructed.
@@ -49,6 +51,10 @@ type WgpuSlot = NotCompiled;
 type OnnxSlot = OnnxBackend;
 #[cfg(not(feature = "onnx"))]
 type OnnxSlot = NotCompiled;
+#[cfg(feature = "cuda")]
+type CudaSlot = CudaBackend;
+#[cfg(not(feature = "cuda"))]
+type CudaSlot = NotCompiled;
 
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 
@@ -79,18 +85,20 @@ pub enum BackendKind {
     Cpu,
     Wgpu,
     Onnx,
+    Cuda,
 }
 
 impl BackendKind {
     /// Every backend emu-rs has, compiled in or not.
-    pub const ALL: [BackendKind; 3] = [BackendKind::Cpu, BackendKind::Wgpu, BackendKind::Onnx];
+    pub const ALL: [BackendKind; 4] = [BackendKind::Cpu, BackendKind::Wgpu, BackendKind::Onnx, BackendKind::Cuda];
 
-    /// The name used on the command line (`cpu`, `wgpu`, `onnx`).
+    /// The name used on the command line (`cpu`, `wgpu`, `onnx`, `cuda`).
     pub fn name(self) -> &'static str {
         match self {
             BackendKind::Cpu => "cpu",
             BackendKind::Wgpu => "wgpu",
             BackendKind::Onnx => "onnx",
+            BackendKind::Cuda => "cuda",
         }
     }
 
@@ -105,6 +113,7 @@ impl BackendKind {
             BackendKind::Cpu => cfg!(feature = "cpu"),
             BackendKind::Wgpu => cfg!(feature = "wgpu"),
             BackendKind::Onnx => cfg!(feature = "onnx"),
+            BackendKind::Cuda => cfg!(feature = "cuda"),
         }
     }
 
@@ -157,6 +166,7 @@ pub enum AnyBackend {
     Cpu(CpuSlot),
     Wgpu(WgpuSlot),
     Onnx(OnnxSlot),
+    Cuda(CudaSlot),
 }
 
 impl AnyBackend {
@@ -165,6 +175,7 @@ impl AnyBackend {
             AnyBackend::Cpu(_) => BackendKind::Cpu,
             AnyBackend::Wgpu(_) => BackendKind::Wgpu,
             AnyBackend::Onnx(_) => BackendKind::Onnx,
+            AnyBackend::Cuda(_) => BackendKind::Cuda,
         }
     }
 }
@@ -179,6 +190,8 @@ pub struct Backends {
     wgpu: Option<WgpuBackend>,
     #[cfg(feature = "onnx")]
     onnx: Option<OnnxBackend>,
+    #[cfg(feature = "cuda")]
+    cuda: Option<CudaBackend>,
 }
 
 impl Backends {
@@ -198,6 +211,13 @@ impl Backends {
             BackendKind::Onnx => Ok(AnyBackend::Onnx(match &self.onnx {
                 Some(b) => b.clone(),
                 None => self.onnx.insert(OnnxBackend::with_threads(threads())?).clone(),
+            })),
+            // The device is `EMU_CUDA_DEVICE` (default 0); a machine without
+            // a driver or GPU gets an error with the reason, never a panic.
+            #[cfg(feature = "cuda")]
+            BackendKind::Cuda => Ok(AnyBackend::Cuda(match &self.cuda {
+                Some(b) => b.clone(),
+                None => self.cuda.insert(CudaBackend::new()?).clone(),
             })),
             #[allow(unreachable_patterns)]
             other => Err(PipelineError::BackendNotCompiled {
@@ -237,6 +257,7 @@ macro_rules! with_backend {
             $crate::backend::AnyBackend::Cpu($b) => $crate::__emu_if_cpu!($b, $body),
             $crate::backend::AnyBackend::Wgpu($b) => $crate::__emu_if_wgpu!($b, $body),
             $crate::backend::AnyBackend::Onnx($b) => $crate::__emu_if_onnx!($b, $body),
+            $crate::backend::AnyBackend::Cuda($b) => $crate::__emu_if_cuda!($b, $body),
         }
     };
 }
@@ -289,6 +310,23 @@ macro_rules! __emu_if_onnx {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __emu_if_onnx {
+    ($b:ident, $body:expr) => {
+        $b.absurd()
+    };
+}
+
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __emu_if_cuda {
+    ($b:ident, $body:expr) => {
+        $body
+    };
+}
+#[cfg(not(feature = "cuda"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __emu_if_cuda {
     ($b:ident, $body:expr) => {
         $b.absurd()
     };

@@ -27,8 +27,10 @@ pub struct ModelArgs {
     /// Hugging Face cache. Nothing is downloaded.
     #[arg(long, value_name = "MODEL")]
     pub model: String,
-    /// Where to run: cpu, wgpu (a GPU through Vulkan/Metal/DX12/GL) or
-    /// onnx (ONNX Runtime; set ORT_DYLIB_PATH to its shared library).
+    /// Where to run: cpu, wgpu (a GPU through Vulkan/Metal/DX12/GL), onnx
+    /// (ONNX Runtime; set ORT_DYLIB_PATH to its shared library) or cuda (an
+    /// NVIDIA GPU; EMU_CUDA_DEVICE=N picks it, EMU_CUDA_LIB_DIRS finds
+    /// NVRTC/cuBLAS outside the usual places).
     #[arg(long, default_value = "cpu", value_name = "NAME")]
     pub backend: String,
     /// Where to run the vision encoder (overrides --backend).
