@@ -7,8 +7,8 @@ use emu::convert::{convert, ConvertOptions};
 use emu::inspect::{inspect, render};
 use emu::units::{human_bytes, parse_size};
 use emu_cli::commands::output::{is_broken_pipe, write_out};
-use std::io::Write;
 use emu_core::DType;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -26,7 +26,10 @@ struct Run {
 /// Runs `emu` with a deadline (a hang fails the test instead of blocking it).
 fn run_emu(args: &[String], stdout: Stdio, env_remove: &[&str]) -> Run {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_emu"));
-    cmd.args(args).stdin(Stdio::null()).stdout(stdout).stderr(Stdio::piped());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped());
     for k in env_remove {
         cmd.env_remove(k);
     }
@@ -131,7 +134,16 @@ fn bad_invocations_are_clear_errors() {
             Expect::Error(&["--grounding", "--image"]),
         ),
         (
-            args(&["chat", "--model", "tiny", "--image", img, "--num-beams", "4294967296", "hi"]),
+            args(&[
+                "chat",
+                "--model",
+                "tiny",
+                "--image",
+                img,
+                "--num-beams",
+                "4294967296",
+                "hi",
+            ]),
             Expect::Error(&["--num-beams 4294967296"]),
         ),
         (
@@ -139,7 +151,14 @@ fn bad_invocations_are_clear_errors() {
             Expect::Error(&["--num-beams 0"]),
         ),
         (
-            args(&["complete", "--model", "tiny", "once upon", "--max-new-tokens", "18446744073709551615"]),
+            args(&[
+                "complete",
+                "--model",
+                "tiny",
+                "once upon",
+                "--max-new-tokens",
+                "18446744073709551615",
+            ]),
             Expect::Error(&["--max-new-tokens"]),
         ),
         (
@@ -151,15 +170,44 @@ fn bad_invocations_are_clear_errors() {
             Expect::Error(&["--dump needs a directory", "notes.txt"]),
         ),
         (
-            args(&["generate", "--model", "tiny", "a red cube", "-o", &out_png, "--size", "4096", "--steps", "1"]),
+            args(&[
+                "generate",
+                "--model",
+                "tiny",
+                "a red cube",
+                "-o",
+                &out_png,
+                "--size",
+                "4096",
+                "--steps",
+                "1",
+            ]),
             Expect::Error(&["4096x4096", "GiB", "--size"]),
         ),
         (
-            args(&["generate", "--model", "tiny", "a red cube", "-o", &out_png, "--size", "0"]),
+            args(&[
+                "generate",
+                "--model",
+                "tiny",
+                "a red cube",
+                "-o",
+                &out_png,
+                "--size",
+                "0",
+            ]),
             Expect::Error(&["height 0"]),
         ),
         (
-            args(&["generate", "--model", "tiny", "{object box=500,500,600,600 phrase=\"a cat\"}", "-o", &out_png, "--steps", "1"]),
+            args(&[
+                "generate",
+                "--model",
+                "tiny",
+                "{object box=500,500,600,600 phrase=\"a cat\"}",
+                "-o",
+                &out_png,
+                "--steps",
+                "1",
+            ]),
             Expect::Error(&["box=500,500,600,600", "no area"]),
         ),
         (
@@ -191,15 +239,41 @@ fn bad_invocations_are_clear_errors() {
             Expect::Error(&["--context-len 0"]),
         ),
         (
-            args(&["export-onnx", "--model", "tiny", "-o", &onnx_out, "--prefill-len", "100", "--max-len", "50"]),
+            args(&[
+                "export-onnx",
+                "--model",
+                "tiny",
+                "-o",
+                &onnx_out,
+                "--prefill-len",
+                "100",
+                "--max-len",
+                "50",
+            ]),
             Expect::Error(&["--prefill-len 100", "--max-len 50"]),
         ),
         (
-            args(&["export-onnx", "--model", "tiny", "-o", &onnx_out, "--image-size", "100000"]),
+            args(&[
+                "export-onnx",
+                "--model",
+                "tiny",
+                "-o",
+                &onnx_out,
+                "--image-size",
+                "100000",
+            ]),
             Expect::Error(&["--image-size 100000"]),
         ),
         (
-            args(&["encode", "--model", "tiny", "--image", "/dev/zero", "-o", &s(&d.join("f.safetensors"))]),
+            args(&[
+                "encode",
+                "--model",
+                "tiny",
+                "--image",
+                "/dev/zero",
+                "-o",
+                &s(&d.join("f.safetensors")),
+            ]),
             Expect::Error(&["/dev/zero"]),
         ),
     ];

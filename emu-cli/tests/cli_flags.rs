@@ -188,9 +188,28 @@ fn progress_bars_follow_the_flags() {
     }
     assert!(err.contains("tensors, ") && err.contains(" kB / "), "{err:?}");
     // Text answers report their rate.
-    let (_, err) = ok(&["chat", "--model", "tiny", "--num-beams", "1", "--max-new-tokens", "3", "--progress", "hi"]);
+    let (_, err) = ok(&[
+        "chat",
+        "--model",
+        "tiny",
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--progress",
+        "hi",
+    ]);
     assert!(err.contains("generated ") && err.contains(" tokens/s)"), "{err:?}");
-    let (_, err) = ok(&["chat", "--model", "tiny", "--num-beams", "1", "--max-new-tokens", "3", "hi"]);
+    let (_, err) = ok(&[
+        "chat",
+        "--model",
+        "tiny",
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "hi",
+    ]);
     assert!(!err.contains("tokens/s"), "{err:?}");
     // stderr is a pipe here: no bars by default, nor with --no-progress.
     for flags in [&[][..], &["--no-progress"], &["--progress", "--no-progress"]] {

@@ -330,7 +330,8 @@ fn quantize_writes_one_gguf_with_block_linears() {
     let key = "model.layers.1.mlp.down_proj.weight";
     let blocks = q.get_quant(key).unwrap().unwrap();
     assert_eq!(blocks.qtype(), emu_core::QuantType::Q8_0);
-    let want = emu_core::QuantTensor::quantize(key, &s.get_as(key, DType::F32).unwrap(), emu_core::QuantType::Q8_0).unwrap();
+    let want =
+        emu_core::QuantTensor::quantize(key, &s.get_as(key, DType::F32).unwrap(), emu_core::QuantType::Q8_0).unwrap();
     assert_eq!(blocks.bytes(), want.bytes());
     assert_eq!(q.quant_type("model.embed_tokens.weight").unwrap(), None);
     assert_eq!(q.info("model.embed_tokens.weight").unwrap().dtype, DType::BF16);

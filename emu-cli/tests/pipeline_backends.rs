@@ -10,10 +10,10 @@
 mod common;
 
 use common::{emu, emu_ok, stderr};
+use emu::pipeline::{ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
 use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::OnnxBackend;
 use emu_backend_wgpu::WgpuBackend;
-use emu::pipeline::{ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
 use emu_core::{Backend, DType};
 use emu_prompt::{Item, Prompt};
 use std::path::{Path, PathBuf};

@@ -52,7 +52,10 @@ mod tests {
         let e = check_fits("the VAE's attention", 3 << 30, Some(1 << 30), "use a smaller size")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("3.0 GiB") && e.contains("1.0 GiB") && e.contains("smaller size"), "{e}");
+        assert!(
+            e.contains("3.0 GiB") && e.contains("1.0 GiB") && e.contains("smaller size"),
+            "{e}"
+        );
         assert!(check_fits("x", 1 << 41, None, "").is_err());
         if let Some(a) = available() {
             assert!(a > 0);

@@ -291,7 +291,10 @@ pub fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
-        ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+        (
+            (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
     }
 }
 
@@ -498,12 +501,20 @@ mod tests {
     #[test]
     fn bad_input_names_the_tensor() {
         let t = HostTensor::from_f32(&[2, 48], vec![0.0; 96]).unwrap();
-        let e = QuantTensor::quantize("blk.0.w", &t, QuantType::Q8_0).unwrap_err().to_string();
-        assert!(e.contains("blk.0.w") && e.contains("multiple of the q8_0 block size 32"), "{e}");
+        let e = QuantTensor::quantize("blk.0.w", &t, QuantType::Q8_0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blk.0.w") && e.contains("multiple of the q8_0 block size 32"),
+            "{e}"
+        );
         let e = QuantTensor::from_bytes("x.w", QuantType::Q4K, &[2, 256], vec![0; 200])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("x.w") && e.contains("truncated") && e.contains("needs 2 blocks"), "{e}");
+        assert!(
+            e.contains("x.w") && e.contains("truncated") && e.contains("needs 2 blocks"),
+            "{e}"
+        );
         let e = QuantTensor::from_bytes("y.w", QuantType::Q8_0, &[1, 32], vec![0; 68])
             .unwrap_err()
             .to_string();

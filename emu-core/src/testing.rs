@@ -910,9 +910,16 @@ impl<B: Backend> Suite<'_, B> {
             let wdeq = q.dequantize()?.to_dtype(self.dtype)?;
             let wr = RefTensor::new(&[out, inn], wdeq.to_f64_vec()?);
             let (bias, br) = self.input(&[out], -1.0, 1.0)?;
-            let (bias, br) = if with_bias == 1 { (Some(&bias), Some(&br)) } else { (None, None) };
+            let (bias, br) = if with_bias == 1 {
+                (Some(&bias), Some(&br))
+            } else {
+                (None, None)
+            };
             self.record(
-                format!("linear_quant {qt} {xs:?}x[{out},{inn}]{}", if with_bias == 1 { " +bias" } else { "" }),
+                format!(
+                    "linear_quant {qt} {xs:?}x[{out},{inn}]{}",
+                    if with_bias == 1 { " +bias" } else { "" }
+                ),
                 be.linear_quant(&x, &q, bias),
                 &reference::linear(&xr, &wr, br),
             );
@@ -1171,7 +1178,11 @@ pub fn run_error_suite<B: Backend>(be: &B) -> Result<Vec<String>> {
     expect_err("broadcast_to incompatible", be.broadcast_to(&b, &[3, 4, 6]));
     expect_err("reduce bad dim", be.reduce(ReduceOp::Sum, &a, 2, false));
     expect_err("linear wrong in-features", be.linear(&a, &b, None));
-    let q = QuantTensor::quantize("suite.q", &HostTensor::from_f32(&[2, 32], vec![0.5; 64])?, QuantType::Q8_0)?;
+    let q = QuantTensor::quantize(
+        "suite.q",
+        &HostTensor::from_f32(&[2, 32], vec![0.5; 64])?,
+        QuantType::Q8_0,
+    )?;
     expect_err("linear_quant wrong in-features", be.linear_quant(&a, &q, None));
     expect_err(
         "conv2d channel mismatch",

@@ -77,7 +77,10 @@ fn a_well_formed_crafted_archive_loads() {
     // consistent storage loads and reads back.
     let t = Tmp::new("ok");
     let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|x| x.to_le_bytes()).collect();
-    let p = t.write("pytorch_model.bin", &torch_zip(&one_tensor_pickle(4, 4), &[("0", &data)]));
+    let p = t.write(
+        "pytorch_model.bin",
+        &torch_zip(&one_tensor_pickle(4, 4), &[("0", &data)]),
+    );
     let ck = Checkpoint::open(&p).unwrap();
     assert_eq!(ck.get("w").unwrap().to_f32_vec().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
 }
@@ -88,9 +91,15 @@ fn a_view_past_its_storage_is_refused_even_inside_the_entry() {
     // of bytes, which used to hide the lie.
     let t = Tmp::new("view");
     let data = [0u8; 16];
-    let p = t.write("pytorch_model.bin", &torch_zip(&one_tensor_pickle(2, 4), &[("0", &data)]));
+    let p = t.write(
+        "pytorch_model.bin",
+        &torch_zip(&one_tensor_pickle(2, 4), &[("0", &data)]),
+    );
     let m = message(Checkpoint::open(&p));
-    assert!(m.contains("reaches past its storage") && m.contains("pytorch_model.bin"), "{m}");
+    assert!(
+        m.contains("reaches past its storage") && m.contains("pytorch_model.bin"),
+        "{m}"
+    );
 }
 
 #[test]
@@ -117,7 +126,12 @@ fn corrupted_storage_bytes_fail_their_crc_when_read() {
         .filter_map(|k| ck.get(k).err().map(|e| e.to_string()))
         .collect();
     assert!(!failures.is_empty(), "a corrupted storage loaded silently");
-    assert!(failures.iter().all(|m| m.contains("CRC-32") && m.contains("pytorch_model.bin")), "{failures:?}");
+    assert!(
+        failures
+            .iter()
+            .all(|m| m.contains("CRC-32") && m.contains("pytorch_model.bin")),
+        "{failures:?}"
+    );
     // The intact original reads.
     let ck = Checkpoint::open(Path::new(FIXTURES).join("pickle_sharded/pytorch_model-00001-of-00002.bin")).unwrap();
     for k in ck.keys() {
@@ -137,7 +151,10 @@ fn a_refused_pickle_call_is_named() {
 #[test]
 fn text_in_a_weight_slot_is_not_a_checkpoint() {
     let t = Tmp::new("text");
-    let p = t.write("pytorch_model.bin", b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n");
+    let p = t.write(
+        "pytorch_model.bin",
+        b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\n",
+    );
     let m = message(Checkpoint::open(&p));
     assert!(m.contains("not a checkpoint") && m.contains("version"), "{m}");
 }
@@ -200,6 +217,9 @@ fn a_config_with_fewer_layers_than_the_weights_is_refused() {
     let layers = Weights::new(&ck).pp("model").pp("layers");
     layers.check_layer_count(3, "num_hidden_layers").unwrap();
     layers.check_layer_count(4, "num_hidden_layers").unwrap();
-    let m = layers.check_layer_count(2, "num_hidden_layers").unwrap_err().to_string();
+    let m = layers
+        .check_layer_count(2, "num_hidden_layers")
+        .unwrap_err()
+        .to_string();
     assert!(m.contains("3 layers") && m.contains("`num_hidden_layers` is 2"), "{m}");
 }

@@ -38,7 +38,12 @@ fn quantize_and_dequantize_match_gguf_bit_for_bit() {
     let cases = m["cases"].as_object().unwrap();
     assert!(cases.len() >= 9);
     for (name, shape) in cases {
-        let dims: Vec<usize> = shape.as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let dims: Vec<usize> = shape
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
         let x = HostTensor::from_f32(&dims, f32s(&read(&format!("{name}.f32")))).unwrap();
         for qt in [QuantType::Q8_0, QuantType::Q4K] {
             let what = format!("{name} {qt}");
@@ -72,7 +77,14 @@ fn dequantize_arbitrary_q4_k_blocks_like_gguf() {
 fn fixtures_cover_zero_blocks_outliers_and_negative_ranges() {
     // The cases the issue asks for must stay in the fixture set.
     let m = manifest();
-    for c in ["zero_blocks", "outliers", "negative", "mixed_ranges", "constant", "tiny"] {
+    for c in [
+        "zero_blocks",
+        "outliers",
+        "negative",
+        "mixed_ranges",
+        "constant",
+        "tiny",
+    ] {
         assert!(m["cases"].get(c).is_some(), "fixture case {c} missing");
     }
     // An all-zero Q8_0 block quantizes to d = 0 and zeros, as ggml does.
@@ -90,7 +102,10 @@ mod gguf {
     #[test]
     fn reads_a_file_written_by_the_gguf_package() {
         let ckpt = Checkpoint::open(dir().join("gguf_writer.gguf")).unwrap();
-        for (key, qt) in [("lin.q8_0.weight", QuantType::Q8_0), ("lin.q4_k.weight", QuantType::Q4K)] {
+        for (key, qt) in [
+            ("lin.q8_0.weight", QuantType::Q8_0),
+            ("lin.q4_k.weight", QuantType::Q4K),
+        ] {
             assert_eq!(ckpt.quant_type(key).unwrap(), Some(qt));
             let q = ckpt.get_quant(key).unwrap().unwrap();
             assert_eq!(q.dims(), &[8, 256]);
@@ -123,8 +138,12 @@ mod gguf {
         assert!(!d.join("model.gguf.partial").exists());
         let back = Checkpoint::open(&d).unwrap();
         assert_eq!(back.quant_type("lin.q8_0.weight").unwrap(), Some(QuantType::Q4K));
-        let want = QuantTensor::quantize("x", &src.get_as("lin.q8_0.weight", DType::F32).unwrap(), QuantType::Q4K).unwrap();
-        assert_eq!(back.get_quant("lin.q8_0.weight").unwrap().unwrap().bytes(), want.bytes());
+        let want =
+            QuantTensor::quantize("x", &src.get_as("lin.q8_0.weight", DType::F32).unwrap(), QuantType::Q4K).unwrap();
+        assert_eq!(
+            back.get_quant("lin.q8_0.weight").unwrap().unwrap().bytes(),
+            want.bytes()
+        );
         // Not selected: stored in the float dtype (dequantized, then bf16).
         assert_eq!(back.info("lin.q4_k.weight").unwrap().dtype, DType::BF16);
         assert_eq!(
@@ -141,7 +160,9 @@ mod gguf {
         // A tensor that cannot be quantized: an error naming it, and no file left behind.
         let bad = |k: &str, _: &[usize]| Ok((k == "norm.weight").then_some(QuantType::Q8_0));
         let out2 = d.join("bad.gguf");
-        let e = write_checkpoint_gguf(&src, &out2, DType::F32, &bad, &meta, |_, _, _| {}).unwrap_err().to_string();
+        let e = write_checkpoint_gguf(&src, &out2, DType::F32, &bad, &meta, |_, _, _| {})
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("norm.weight") && e.contains("not a multiple"), "{e}");
         assert!(!out2.exists() && !d.join("bad.gguf.partial").exists());
         std::fs::remove_dir_all(&d).unwrap();

@@ -37,7 +37,9 @@ fn with(base: &Value, field: &str, value: Value) -> Value {
 
 #[test]
 fn scheduler_values_out_of_range_are_refused() {
-    let Some(base) = upstream("scheduler/scheduler_config.json") else { return };
+    let Some(base) = upstream("scheduler/scheduler_config.json") else {
+        return;
+    };
     let p = write("sched-ok", &base);
     EulerDiscreteScheduler::from_config_file(&p).unwrap();
     for (field, value, needle) in [
@@ -48,7 +50,9 @@ fn scheduler_values_out_of_range_are_refused() {
         ("num_train_timesteps", json!(1), "num_train_timesteps"),
     ] {
         let p = write("sched", &with(&base, field, value.clone()));
-        let e = EulerDiscreteScheduler::from_config_file(&p).err().map(|e| e.to_string());
+        let e = EulerDiscreteScheduler::from_config_file(&p)
+            .err()
+            .map(|e| e.to_string());
         let m = e.unwrap_or_else(|| panic!("{field} = {value} loaded"));
         assert!(m.contains(needle), "{field} = {value}: {m}");
     }
@@ -56,7 +60,9 @@ fn scheduler_values_out_of_range_are_refused() {
 
 #[test]
 fn vae_values_out_of_range_are_refused() {
-    let Some(base) = upstream("vae/config.json") else { return };
+    let Some(base) = upstream("vae/config.json") else {
+        return;
+    };
     AutoencoderKLConfig::from_file(write("vae-ok", &base)).unwrap();
     for (field, value, needle) in [
         ("scaling_factor", json!(0.0), "scaling_factor"),
@@ -72,7 +78,9 @@ fn vae_values_out_of_range_are_refused() {
 
 #[test]
 fn an_empty_unet_block_list_says_so() {
-    let Some(base) = upstream("unet/config.json") else { return };
+    let Some(base) = upstream("unet/config.json") else {
+        return;
+    };
     let e = UNet2DConditionConfig::from_file(write("unet", &with(&base, "block_out_channels", json!([])))).err();
     let m = e.expect("empty block_out_channels loaded").to_string();
     assert!(m.contains("`block_out_channels` is empty"), "{m}");
@@ -80,7 +88,9 @@ fn an_empty_unet_block_list_says_so() {
 
 #[test]
 fn attention_estimates_grow_with_the_fourth_power_of_the_side() {
-    let Some(unet) = upstream("unet/config.json") else { return };
+    let Some(unet) = upstream("unet/config.json") else {
+        return;
+    };
     let Some(vae) = upstream("vae/config.json") else { return };
     let unet = UNet2DConditionConfig::from_file(write("unet-est", &unet)).unwrap();
     let vae = AutoencoderKLConfig::from_file(write("vae-est", &vae)).unwrap();

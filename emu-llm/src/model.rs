@@ -324,7 +324,8 @@ impl<B: Backend> Llama<B> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let m = weights.pp("model");
-        m.pp("layers").check_layer_count(cfg.num_hidden_layers, "num_hidden_layers")?;
+        m.pp("layers")
+            .check_layer_count(cfg.num_hidden_layers, "num_hidden_layers")?;
         let embed_tokens = m.tensor(backend, "embed_tokens.weight", &[cfg.vocab_size, h], dtype)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -386,7 +387,15 @@ impl<B: Backend> Llama<B> {
         let mut v = Vec::with_capacity(self.layers.len() * 7 + 1);
         for l in &self.layers {
             let (a, m) = (&l.self_attn, &l.mlp);
-            v.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]);
+            v.extend([
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]);
         }
         v.push(&self.lm_head);
         v

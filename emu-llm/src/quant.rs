@@ -148,8 +148,18 @@ mod tests {
             linears: QuantLinears::parse("all").unwrap(),
         };
         assert!(all.selects("model.decoder.lm.lm_head.weight"));
-        assert_eq!(q.convert_format("model.layers.0.mlp.up_proj.weight", &[128, 64]).unwrap(), Some(QuantType::Q8_0));
-        assert_eq!(q.convert_format("model.layers.0.mlp.up_proj.weight", &[128, 512]).unwrap(), Some(QuantType::Q4K));
-        assert!(q.convert_format("model.layers.0.mlp.up_proj.weight", &[128, 40]).is_err());
+        assert_eq!(
+            q.convert_format("model.layers.0.mlp.up_proj.weight", &[128, 64])
+                .unwrap(),
+            Some(QuantType::Q8_0)
+        );
+        assert_eq!(
+            q.convert_format("model.layers.0.mlp.up_proj.weight", &[128, 512])
+                .unwrap(),
+            Some(QuantType::Q4K)
+        );
+        assert!(q
+            .convert_format("model.layers.0.mlp.up_proj.weight", &[128, 40])
+            .is_err());
     }
 }

@@ -41,7 +41,9 @@ fn random_llama(dir: &Path, hidden: usize, inter: usize, layers: usize, vocab: u
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut add = |name: String, dims: Vec<usize>, lo: f64, hi: f64| {
         let n: usize = dims.iter().product();
-        let bytes = (0..n).flat_map(|_| (rng.uniform(lo, hi) as f32).to_le_bytes()).collect();
+        let bytes = (0..n)
+            .flat_map(|_| (rng.uniform(lo, hi) as f32).to_le_bytes())
+            .collect();
         tensors.push((name, dims, bytes));
     };
     let s3 = 3f64.sqrt();
@@ -64,7 +66,12 @@ fn random_llama(dir: &Path, hidden: usize, inter: usize, layers: usize, vocab: u
     add("lm_head.weight".into(), vec![vocab, hidden], -b, b);
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
-        .map(|(k, d, b)| (k.clone(), TensorView::new(safetensors::Dtype::F32, d.clone(), b).unwrap()))
+        .map(|(k, d, b)| {
+            (
+                k.clone(),
+                TensorView::new(safetensors::Dtype::F32, d.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
 }
@@ -72,7 +79,14 @@ fn random_llama(dir: &Path, hidden: usize, inter: usize, layers: usize, vocab: u
 fn load(dir: &Path, quant: Option<LlmQuant>) -> Llama<CpuBackend> {
     let cfg = LlamaConfig::from_file(dir.join("config.json")).unwrap();
     let ckpt = Checkpoint::open(dir.join("model.safetensors")).unwrap();
-    Llama::load_quantized(&CpuBackend::new(), &lm_weights(&ckpt).unwrap(), &cfg, DType::F32, quant.as_ref()).unwrap()
+    Llama::load_quantized(
+        &CpuBackend::new(),
+        &lm_weights(&ckpt).unwrap(),
+        &cfg,
+        DType::F32,
+        quant.as_ref(),
+    )
+    .unwrap()
 }
 
 /// What one format does to a model, against its f32 run.
@@ -107,7 +121,10 @@ fn measure(reference: &Llama<CpuBackend>, model: &Llama<CpuBackend>, seed: u64) 
     let argmax = |row: &[f32]| {
         row.iter()
             .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |best, (i, &v)| if v > best.1 { (i, v) } else { best },
+            )
             .0
     };
     let agree = want
@@ -154,7 +171,8 @@ fn random_llama_fidelity_per_format() {
     // which shows up as errors of order one, not on rounding. Greedy
     // agreement is the agreeing prefix of 16 free-running tokens; a random
     // model's logits are nearly tied, so Q4_K diverges early on some prompts.
-    for (qt, max_err, min_top1, min_greedy) in [(QuantType::Q8_0, 0.005, 0.95, 0.9), (QuantType::Q4K, 0.05, 0.93, 0.6)] {
+    for (qt, max_err, min_top1, min_greedy) in [(QuantType::Q8_0, 0.005, 0.95, 0.9), (QuantType::Q4K, 0.05, 0.93, 0.6)]
+    {
         let q = load(&dir.0, Some(LlmQuant::new(qt)));
         // Every attention and MLP linear in the asked format, lm_head dense.
         let lin = q.linears();
@@ -178,10 +196,18 @@ fn tiny_fixture_fidelity_and_q4_k_fallback() {
     // Measured: logits error 0.0115, top-1 0.99, greedy 0.97. The fixture's
     // weights are transformers' N(0, 0.02) init, whose logits are small and
     // noise-like, so the relative error is larger than the random model's.
-    assert!(f.logits_rel_err <= 0.02 && f.top1_agreement >= 0.95 && f.greedy_agreement >= 0.9, "{f:?}");
+    assert!(
+        f.logits_rel_err <= 0.02 && f.top1_agreement >= 0.95 && f.greedy_agreement >= 0.9,
+        "{f:?}"
+    );
     // hidden 64 / MLP 128: no Q4_K super-block fits a row, every linear falls back to Q8_0.
     let q4 = load(&dir, Some(LlmQuant::new(QuantType::Q4K)));
-    assert!(q4.linears().iter().rev().skip(1).all(|l| l.quant_type() == Some(QuantType::Q8_0)));
+    assert!(q4
+        .linears()
+        .iter()
+        .rev()
+        .skip(1)
+        .all(|l| l.quant_type() == Some(QuantType::Q8_0)));
 }
 
 #[test]
@@ -221,7 +247,8 @@ fn converted_gguf_loads_like_load_time_quantization() {
     let q = LlmQuant::new(QuantType::Q4K);
     let src = Checkpoint::open(dir.0.join("model.safetensors")).unwrap();
     let select = |k: &str, d: &[usize]| {
-        q.convert_format(k, d).map_err(|e| emu_core::Error::InvalidArgument(e.to_string()))
+        q.convert_format(k, d)
+            .map_err(|e| emu_core::Error::InvalidArgument(e.to_string()))
     };
     let gguf = dir.0.join("q.gguf");
     write_checkpoint_gguf(&src, &gguf, DType::F32, &select, &Default::default(), |_, _, _| {}).unwrap();
@@ -231,11 +258,21 @@ fn converted_gguf_loads_like_load_time_quantization() {
     // No load-time request: the stored blocks are used as they are.
     let from_file = Llama::load_quantized(&be, &lm_weights(&stored).unwrap(), &cfg, DType::F32, None).unwrap();
     let at_load = load(&dir.0, Some(q));
-    assert!(from_file.linears().iter().rev().skip(1).all(|l| l.quant_type() == Some(QuantType::Q4K)));
+    assert!(from_file
+        .linears()
+        .iter()
+        .rev()
+        .skip(1)
+        .all(|l| l.quant_type() == Some(QuantType::Q4K)));
     let logits = |m: &Llama<CpuBackend>| {
         let mut cache = m.new_cache(1, 8).unwrap();
         let e = m.embed(&[5, 17, 200, 3, 99], 1).unwrap();
-        m.forward_embeds(&e, &mut cache, Logits::All).unwrap().logits.unwrap().to_f32_vec().unwrap()
+        m.forward_embeds(&e, &mut cache, Logits::All)
+            .unwrap()
+            .logits
+            .unwrap()
+            .to_f32_vec()
+            .unwrap()
     };
     assert_eq!(logits(&from_file), logits(&at_load));
 }

@@ -48,7 +48,11 @@ impl Error {
         let fail = |e| Error::io(path, e);
         let meta = std::fs::metadata(path).map_err(fail)?;
         if !meta.is_file() {
-            let what = if meta.is_dir() { "a directory" } else { "a special file (FIFO, device or socket)" };
+            let what = if meta.is_dir() {
+                "a directory"
+            } else {
+                "a special file (FIFO, device or socket)"
+            };
             return Err(fail(IoError::new(
                 ErrorKind::InvalidInput,
                 format!("is {what}, expected a regular file"),

@@ -71,10 +71,10 @@ fn boxes_without_area_on_the_canvas_are_refused() {
     let opts = RenderOptions::new(ModelKind::Emu2Gen);
     for (b, ok) in [
         ("10,10,200,200", true),
-        ("-50,-50,20,20", true), // partly outside: clamped, still a box
-        ("10,10,10,200", false), // zero width
-        ("10,30,200,30", false), // zero height
-        ("500,10,600,200", false), // right of the canvas
+        ("-50,-50,20,20", true),    // partly outside: clamped, still a box
+        ("10,10,10,200", false),    // zero width
+        ("10,30,200,30", false),    // zero height
+        ("500,10,600,200", false),  // right of the canvas
         ("-90,-90,-10,-10", false), // above and left of it
     ] {
         let p = parse_markup(&format!("{{object box={b} phrase=\"a cat\"}} in a garden")).unwrap();

@@ -87,7 +87,10 @@ fn main() {
         "emu serve load benchmark: model {}, {} requests per client, max_tokens {}, queue depth {}, batching: off (one request per forward)",
         o.model, o.requests, o.max_tokens, o.queue_depth
     );
-    println!("{:>7} {:>9} {:>8} {:>5} {:>9} {:>9} {:>9}", "clients", "completed", "rejected", "lost", "p50 ms", "p99 ms", "tok/s");
+    println!(
+        "{:>7} {:>9} {:>8} {:>5} {:>9} {:>9} {:>9}",
+        "clients", "completed", "rejected", "lost", "p50 ms", "p99 ms", "tok/s"
+    );
     for &clients in &o.clients {
         let deadline = Instant::now() + Duration::from_secs(o.seconds);
         let t0 = Instant::now();

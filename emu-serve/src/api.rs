@@ -123,16 +123,25 @@ impl Sampling {
     /// beam search.
     pub fn generation(&self, limits: &Limits) -> Result<emu_llm::GenerationConfig, ApiError> {
         let mut g = upstream_generation();
-        let max = self.max_completion_tokens.or(self.max_tokens).unwrap_or(limits.default_max_tokens);
+        let max = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .unwrap_or(limits.default_max_tokens);
         if max == 0 || max > limits.max_tokens {
             return Err(ApiError::param(
                 "max_tokens",
-                format!("max_tokens must be 1 to {} on this server, found {max}", limits.max_tokens),
+                format!(
+                    "max_tokens must be 1 to {} on this server, found {max}",
+                    limits.max_tokens
+                ),
             ));
         }
         g.max_new_tokens = max;
         if let Some(n) = self.n.filter(|&n| n != 1) {
-            return Err(ApiError::param("n", format!("n must be 1 (one answer per request), found {n}")));
+            return Err(ApiError::param(
+                "n",
+                format!("n must be 1 (one answer per request), found {n}"),
+            ));
         }
         g.num_beams = self.num_beams.unwrap_or(1);
         if g.num_beams == 0 || g.num_beams > limits.max_beams {
@@ -143,7 +152,10 @@ impl Sampling {
         }
         if let Some(lp) = self.length_penalty {
             if !lp.is_finite() {
-                return Err(ApiError::param("length_penalty", "length_penalty must be a finite number"));
+                return Err(ApiError::param(
+                    "length_penalty",
+                    "length_penalty must be a finite number",
+                ));
             }
             g.length_penalty = lp;
         }
@@ -163,7 +175,10 @@ impl Sampling {
                 g.top_k = self.top_k.unwrap_or(0);
             }
             Some(t) => {
-                return Err(ApiError::param("temperature", format!("temperature must be 0 to 2, found {t}")));
+                return Err(ApiError::param(
+                    "temperature",
+                    format!("temperature must be 0 to 2, found {t}"),
+                ));
             }
         }
         if let Some(p) = self.top_p {
@@ -174,7 +189,10 @@ impl Sampling {
         }
         if let Some(r) = self.repetition_penalty {
             if !(r.is_finite() && r > 0.0) {
-                return Err(ApiError::param("repetition_penalty", "repetition_penalty must be positive"));
+                return Err(ApiError::param(
+                    "repetition_penalty",
+                    "repetition_penalty must be positive",
+                ));
             }
             g.repetition_penalty = r;
         }
@@ -185,7 +203,10 @@ impl Sampling {
             Some(OneOrMany::Many(v)) => v.clone(),
         };
         if g.stop_strings.len() > 4 || g.stop_strings.iter().any(|s| s.is_empty() || s.len() > 256) {
-            return Err(ApiError::param("stop", "stop takes up to 4 non-empty strings of at most 256 bytes"));
+            return Err(ApiError::param(
+                "stop",
+                "stop takes up to 4 non-empty strings of at most 256 bytes",
+            ));
         }
         Ok(g)
     }
@@ -204,7 +225,10 @@ pub fn resolve_images(
     let mut fix = |p: &mut String| -> Result<(), ApiError> {
         count += 1;
         if count > limit {
-            return Err(ApiError::param(param, format!("more than {limit} images in one request")));
+            return Err(ApiError::param(
+                param,
+                format!("more than {limit} images in one request"),
+            ));
         }
         *p = policy.resolve(p, param, files)?;
         Ok(())
@@ -294,7 +318,10 @@ pub fn chat_task(
         }
     }
     if turns.last().map(|t| t.role) != Some(Role::User) {
-        return Err(ApiError::param("messages", "the conversation must end with a user message"));
+        return Err(ApiError::param(
+            "messages",
+            "the conversation must end with a user message",
+        ));
     }
     Ok((
         Prompt { turns },
@@ -342,7 +369,10 @@ pub fn image_task(
     }
     let n = req.n.unwrap_or(1);
     if n == 0 || n > limits.max_n {
-        return Err(ApiError::param("n", format!("n must be 1 to {}, found {n}", limits.max_n)));
+        return Err(ApiError::param(
+            "n",
+            format!("n must be 1 to {}, found {n}", limits.max_n),
+        ));
     }
     let steps = req.steps.unwrap_or(50.min(limits.max_steps));
     if steps == 0 || steps > limits.max_steps {
@@ -353,7 +383,10 @@ pub fn image_task(
     }
     let guidance = req.guidance.unwrap_or(3.0);
     if !(guidance.is_finite() && (0.0..=50.0).contains(&guidance)) {
-        return Err(ApiError::param("guidance", format!("guidance must be 0 to 50, found {guidance}")));
+        return Err(ApiError::param(
+            "guidance",
+            format!("guidance must be 0 to 50, found {guidance}"),
+        ));
     }
     let size = match &req.size {
         Some(s) => parse_size(s).map_err(|e| ApiError::param("size", e.to_string()))?,

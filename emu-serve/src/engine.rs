@@ -3,9 +3,8 @@
 //! synchronous, so they never run on the async runtime's threads.
 
 use crate::deps::{
-    check_dtype, BackendKind, Backends, ChatAnswer, ChatOptions, ChatPipeline, Component,
-    CompletionOptions, CompletionPipeline, GenerationOptions, GenerationPipeline, ModelDir, ModelFamily,
-    PipelineError, TINY_NOTICE,
+    check_dtype, BackendKind, Backends, ChatAnswer, ChatOptions, ChatPipeline, CompletionOptions, CompletionPipeline,
+    Component, GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError, TINY_NOTICE,
 };
 use crate::error::{ApiError, ServeError};
 use crate::images::RequestFiles;
@@ -41,9 +40,21 @@ pub struct LoadSpec {
 
 /// One request's work.
 pub enum Task {
-    Chat { prompt: Prompt, opts: ChatOptions, stream: bool },
-    Complete { prompt: Prompt, opts: CompletionOptions, stream: bool },
-    Generate { prompt: Prompt, runs: Vec<GenerationOptions>, progress: bool },
+    Chat {
+        prompt: Prompt,
+        opts: ChatOptions,
+        stream: bool,
+    },
+    Complete {
+        prompt: Prompt,
+        opts: CompletionOptions,
+        stream: bool,
+    },
+    Generate {
+        prompt: Prompt,
+        runs: Vec<GenerationOptions>,
+        progress: bool,
+    },
 }
 
 /// What the worker tells the request's handler.
@@ -52,7 +63,11 @@ pub enum Event {
     /// The next piece of streamed text.
     Text(String),
     /// Image `image` finished denoising step `step` of `total`.
-    Step { image: usize, step: usize, total: usize },
+    Step {
+        image: usize,
+        step: usize,
+        total: usize,
+    },
     Done(Result<Output, ApiError>),
 }
 
@@ -250,7 +265,9 @@ fn guarded(metrics: &Metrics, f: impl FnOnce() -> Result<Output, ApiError>) -> R
             .map(|s| s.to_string())
             .or_else(|| payload.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown cause".into());
-        Err(ApiError::internal(format!("the request failed inside the model: {what}")))
+        Err(ApiError::internal(format!(
+            "the request failed inside the model: {what}"
+        )))
     })
 }
 

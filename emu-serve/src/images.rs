@@ -99,7 +99,11 @@ impl ImagePolicy {
             .with_code("local_files_disabled"));
         };
         let given = Path::new(path);
-        let joined = if given.is_absolute() { given.to_path_buf() } else { root.join(given) };
+        let joined = if given.is_absolute() {
+            given.to_path_buf()
+        } else {
+            root.join(given)
+        };
         let outside = || {
             ApiError::forbidden(format!(
                 "`{path}` is not inside the folder allowed by --allow-local-files"
@@ -140,7 +144,10 @@ impl ImagePolicy {
         if u64::from(w) * u64::from(h) > self.max_pixels {
             return Err(ApiError::param(
                 param,
-                format!("the image is {w}x{h} pixels, more than this server's limit of {} pixels", self.max_pixels),
+                format!(
+                    "the image is {w}x{h} pixels, more than this server's limit of {} pixels",
+                    self.max_pixels
+                ),
             )
             .with_code("image_too_large"));
         }
@@ -184,7 +191,10 @@ mod tests {
     }
 
     fn uri(bytes: &[u8]) -> String {
-        format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
     }
 
     #[test]
@@ -198,12 +208,17 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), png(10, 10));
         let too_big = policy.resolve(&uri(&png(11, 10)), "x", &mut files).unwrap_err();
         assert_eq!(too_big.code, Some("image_too_large"));
-        let bad = policy.resolve("data:image/png;base64,@@@", "x", &mut files).unwrap_err();
+        let bad = policy
+            .resolve("data:image/png;base64,@@@", "x", &mut files)
+            .unwrap_err();
         assert_eq!((bad.code, bad.param.as_deref()), (Some("invalid_image"), Some("x")));
         let not_image = policy.resolve(&uri(b"hello"), "x", &mut files).unwrap_err();
         assert_eq!(not_image.code, Some("invalid_image"));
         for url in ["https://example.com/a.png", "HTTP://x/y", "ftp://x/y"] {
-            assert_eq!(policy.resolve(url, "x", &mut files).unwrap_err().code, Some("unsupported_url"));
+            assert_eq!(
+                policy.resolve(url, "x", &mut files).unwrap_err().code,
+                Some("unsupported_url")
+            );
         }
         let local = policy.resolve("/etc/passwd", "x", &mut files).unwrap_err();
         assert_eq!(local.code, Some("local_files_disabled"));
@@ -222,9 +237,15 @@ mod tests {
         let mut files = RequestFiles::new();
         assert!(policy.resolve("in.png", "x", &mut files).is_ok());
         let abs = root.path().join("in.png");
-        assert!(policy.resolve(&format!("file://{}", abs.display()), "x", &mut files).is_ok());
+        assert!(policy
+            .resolve(&format!("file://{}", abs.display()), "x", &mut files)
+            .is_ok());
         let escape = outside.path().join("out.png");
-        let cases = [escape.display().to_string(), "../out.png".into(), format!("in.png/../../{}", "x")];
+        let cases = [
+            escape.display().to_string(),
+            "../out.png".into(),
+            format!("in.png/../../{}", "x"),
+        ];
         for c in &cases {
             assert_eq!(policy.resolve(c, "x", &mut files).unwrap_err().status, 403, "{c}");
         }

@@ -117,7 +117,9 @@ impl ServeArgs {
             return Err(ServeError::Args("--queue-depth must be at least 1".into()));
         }
         if self.default_max_tokens == 0 || self.default_max_tokens > self.max_tokens {
-            return Err(ServeError::Args("--default-max-tokens must be 1 to --max-tokens".into()));
+            return Err(ServeError::Args(
+                "--default-max-tokens must be 1 to --max-tokens".into(),
+            ));
         }
         if self.api_key.as_deref() == Some("") {
             return Err(ServeError::Args("--api-key must not be empty".into()));
@@ -129,7 +131,9 @@ impl ServeArgs {
 fn parse_dtype(s: Option<&str>) -> Result<Option<DType>, ServeError> {
     s.map(|s| match DType::parse(s) {
         Some(d @ (DType::F32 | DType::BF16 | DType::F16)) => Ok(d),
-        _ => Err(ServeError::Args(format!("`{s}` is not a compute dtype; use f32, bf16 or f16"))),
+        _ => Err(ServeError::Args(format!(
+            "`{s}` is not a compute dtype; use f32, bf16 or f16"
+        ))),
     })
     .transpose()
 }
@@ -181,11 +185,14 @@ pub fn spawn(args: &ServeArgs, listener: TcpListener) -> Result<RunningServer, S
     let vision_dtype = parse_dtype(args.vision_dtype.as_deref())?;
     let local_root = match &args.allow_local_files {
         Some(d) => {
-            let c = d.canonicalize().map_err(|e| {
-                ServeError::Args(format!("--allow-local-files `{}`: {e}", d.display()))
-            })?;
+            let c = d
+                .canonicalize()
+                .map_err(|e| ServeError::Args(format!("--allow-local-files `{}`: {e}", d.display())))?;
             if !c.is_dir() {
-                return Err(ServeError::Args(format!("--allow-local-files `{}` is not a folder", d.display())));
+                return Err(ServeError::Args(format!(
+                    "--allow-local-files `{}` is not a folder",
+                    d.display()
+                )));
             }
             Some(c)
         }
@@ -254,7 +261,11 @@ pub fn run(args: ServeArgs) -> Result<(), ServeError> {
     if !ip.is_loopback() {
         eprintln!(
             "warning: listening on {ip}, reachable from other machines{}",
-            if args.api_key.is_none() { " without an --api-key" } else { "" }
+            if args.api_key.is_none() {
+                " without an --api-key"
+            } else {
+                ""
+            }
         );
     }
     let listener = TcpListener::bind((ip, args.port))?;

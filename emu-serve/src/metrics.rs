@@ -69,7 +69,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut s = String::new();
         let mut lines = Vec::new();
-        let n = header(&mut s, "emu_requests_total", "counter", "HTTP responses by route and status.");
+        let n = header(
+            &mut s,
+            "emu_requests_total",
+            "counter",
+            "HTTP responses by route and status.",
+        );
         if let Ok(m) = self.requests.lock() {
             for ((route, status), v) in m.iter() {
                 lines.push(format!("{n}{{route=\"{route}\",status=\"{status}\"}} {v}"));
@@ -84,16 +89,56 @@ impl Metrics {
         }
         flush(&mut s, &mut lines);
         let gauges: [(&str, &str, String); 10] = [
-            ("emu_queue_depth", "Requests waiting for the model.", self.queued.load(Ordering::Relaxed).to_string()),
-            ("emu_running", "Requests the model is computing (0 or 1).", self.running.load(Ordering::Relaxed).to_string()),
-            ("emu_generated_tokens_total", "Tokens generated.", self.tokens.load(Ordering::Relaxed).to_string()),
-            ("emu_generation_seconds_total", "Seconds spent in text requests.", secs(&self.token_micros)),
-            ("emu_tokens_per_second", "Generated tokens per second of text requests, over the server's life.", rate(&self.tokens, &self.token_micros)),
-            ("emu_diffusion_steps_total", "Denoising steps run.", self.steps.load(Ordering::Relaxed).to_string()),
-            ("emu_diffusion_seconds_total", "Seconds spent in image requests.", secs(&self.step_micros)),
-            ("emu_steps_per_second", "Denoising steps per second of image requests, over the server's life.", rate(&self.steps, &self.step_micros)),
-            ("emu_cancelled_total", "Requests stopped because their client went away.", self.cancelled.load(Ordering::Relaxed).to_string()),
-            ("emu_panics_total", "Requests that panicked (answered with a 500; the server kept running).", self.panics.load(Ordering::Relaxed).to_string()),
+            (
+                "emu_queue_depth",
+                "Requests waiting for the model.",
+                self.queued.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "emu_running",
+                "Requests the model is computing (0 or 1).",
+                self.running.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "emu_generated_tokens_total",
+                "Tokens generated.",
+                self.tokens.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "emu_generation_seconds_total",
+                "Seconds spent in text requests.",
+                secs(&self.token_micros),
+            ),
+            (
+                "emu_tokens_per_second",
+                "Generated tokens per second of text requests, over the server's life.",
+                rate(&self.tokens, &self.token_micros),
+            ),
+            (
+                "emu_diffusion_steps_total",
+                "Denoising steps run.",
+                self.steps.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "emu_diffusion_seconds_total",
+                "Seconds spent in image requests.",
+                secs(&self.step_micros),
+            ),
+            (
+                "emu_steps_per_second",
+                "Denoising steps per second of image requests, over the server's life.",
+                rate(&self.steps, &self.step_micros),
+            ),
+            (
+                "emu_cancelled_total",
+                "Requests stopped because their client went away.",
+                self.cancelled.load(Ordering::Relaxed).to_string(),
+            ),
+            (
+                "emu_panics_total",
+                "Requests that panicked (answered with a 500; the server kept running).",
+                self.panics.load(Ordering::Relaxed).to_string(),
+            ),
         ];
         for (name, help, value) in gauges {
             let kind = if name.ends_with("_total") { "counter" } else { "gauge" };
@@ -122,6 +167,10 @@ fn secs(m: &AtomicU64) -> String {
 
 fn rate(n: &AtomicU64, m: &AtomicU64) -> String {
     let t = m.load(Ordering::Relaxed) as f64 / 1e6;
-    let v = if t > 0.0 { n.load(Ordering::Relaxed) as f64 / t } else { 0.0 };
+    let v = if t > 0.0 {
+        n.load(Ordering::Relaxed) as f64 / t
+    } else {
+        0.0
+    };
     format!("{v:.3}")
 }

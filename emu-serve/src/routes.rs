@@ -63,14 +63,20 @@ impl AppState {
             Some(id) => {
                 let m = self.models.iter().find(|m| m.id == id).ok_or_else(|| {
                     let ids: Vec<&str> = self.models.iter().map(|m| m.id.as_str()).collect();
-                    ApiError::not_found(format!("model `{id}` does not exist; this server has {}", ids.join(", ")))
-                        .with_param("model")
-                        .with_code("model_not_found")
+                    ApiError::not_found(format!(
+                        "model `{id}` does not exist; this server has {}",
+                        ids.join(", ")
+                    ))
+                    .with_param("model")
+                    .with_code("model_not_found")
                 })?;
                 if m.family != family {
                     return Err(ApiError::param(
                         "model",
-                        format!("model `{id}` is {}, which does not serve this endpoint", m.family.repo_id()),
+                        format!(
+                            "model `{id}` is {}, which does not serve this endpoint",
+                            m.family.repo_id()
+                        ),
                     )
                     .with_code("model_not_supported"));
                 }
@@ -101,10 +107,20 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .merge(api)
         .route("/", get(|| async { Html(PAGE_HTML) }))
-        .route("/app.js", get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], PAGE_JS) }))
-        .route("/style.css", get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], PAGE_CSS) }))
+        .route(
+            "/app.js",
+            get(|| async { ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], PAGE_JS) }),
+        )
+        .route(
+            "/style.css",
+            get(|| async { ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], PAGE_CSS) }),
+        )
         .route("/health", get(health))
-        .fallback(|| async { error_response(ApiError::not_found("no such route; see /v1/models, /v1/chat/completions, /v1/completions, /v1/images/generations")) })
+        .fallback(|| async {
+            error_response(ApiError::not_found(
+                "no such route; see /v1/models, /v1/chat/completions, /v1/completions, /v1/images/generations",
+            ))
+        })
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
 }
@@ -204,7 +220,9 @@ async fn read_body(s: &AppState, headers: &HeaderMap, body: Body) -> Result<axum
     if declared.is_some_and(|n| n > s.max_body_bytes as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, s.max_body_bytes).await.map_err(|_| too_large())
+    axum::body::to_bytes(body, s.max_body_bytes)
+        .await
+        .map_err(|_| too_large())
 }
 
 fn now() -> u64 {
@@ -366,7 +384,11 @@ async fn chat_inner(s: &Shared, headers: &HeaderMap, body: Body) -> Result<Respo
             Event::Text(t) => vec![chunk(json!({"content": t}), None, None)],
             Event::Step { .. } => vec![],
             Event::Done(Ok(Output::Text(a))) => {
-                vec![chunk(json!({}), Some(finish_reason(a.ids.len(), max)), Some((usage(&a), boxes(&a))))]
+                vec![chunk(
+                    json!({}),
+                    Some(finish_reason(a.ids.len(), max)),
+                    Some((usage(&a), boxes(&a))),
+                )]
             }
             Event::Done(Ok(Output::Images(_))) => vec![ApiError::internal("unexpected output").body()],
             Event::Done(Err(e)) => vec![e.body()],
@@ -391,7 +413,9 @@ async fn chat_inner(s: &Shared, headers: &HeaderMap, body: Body) -> Result<Respo
 }
 
 async fn completions(State(s): State<Shared>, headers: HeaderMap, body: Body) -> Response {
-    completions_inner(&s, &headers, body).await.unwrap_or_else(error_response)
+    completions_inner(&s, &headers, body)
+        .await
+        .unwrap_or_else(error_response)
 }
 
 async fn completions_inner(s: &Shared, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {

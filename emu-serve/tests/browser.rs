@@ -22,15 +22,17 @@ fn chromium() -> Option<String> {
     if let Ok(p) = std::env::var("EMU_CHROMIUM") {
         return Some(p);
     }
-    ["chromium", "chromium-browser", "google-chrome"].into_iter().find_map(|name| {
-        let ok = Command::new(name)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then(|| name.to_string())
-    })
+    ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find_map(|name| {
+            let ok = Command::new(name)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then(|| name.to_string())
+        })
 }
 
 /// A DevTools session over the pipe.
@@ -145,15 +147,21 @@ fn the_page_chats_and_generates_in_chromium() {
     let report = {
         let page = loop {
             let targets = cdp.call("Target.getTargets", json!({}), None);
-            let found = targets["targetInfos"]
-                .as_array()
-                .and_then(|t| t.iter().find(|t| t["type"] == "page" && t["url"].as_str() == Some(url.as_str())).cloned());
+            let found = targets["targetInfos"].as_array().and_then(|t| {
+                t.iter()
+                    .find(|t| t["type"] == "page" && t["url"].as_str() == Some(url.as_str()))
+                    .cloned()
+            });
             if let Some(p) = found {
                 break p;
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let attached = cdp.call("Target.attachToTarget", json!({"targetId": page["targetId"], "flatten": true}), None);
+        let attached = cdp.call(
+            "Target.attachToTarget",
+            json!({"targetId": page["targetId"], "flatten": true}),
+            None,
+        );
         let session = attached["sessionId"].as_str().unwrap().to_string();
         // Waits until the page has loaded (evaluations during the first
         // navigation lose their context), then runs the scripted session.
@@ -173,7 +181,10 @@ fn the_page_chats_and_generates_in_chromium() {
             json!({"expression": "window.emuSelfTest()", "awaitPromise": true, "returnByValue": true}),
             Some(&session),
         );
-        let text = out["result"]["value"].as_str().unwrap_or_else(|| panic!("{out}")).to_string();
+        let text = out["result"]["value"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{out}"))
+            .to_string();
         serde_json::from_str::<Value>(&text).unwrap()
     };
     let _ = cdp.call("Browser.close", json!({}), None);
@@ -196,7 +207,11 @@ fn the_page_chats_and_generates_in_chromium() {
             {"type": "text", "text": "What is in the picture?"}]}], "max_tokens": 12}),
     );
     assert_eq!(same.json()["choices"][0]["message"]["content"], chat["text"]);
-    assert_eq!(report["generate"], json!({"progress": 3, "width": 32, "height": 32}), "{report}");
+    assert_eq!(
+        report["generate"],
+        json!({"progress": 3, "width": 32, "height": 32}),
+        "{report}"
+    );
     assert_eq!(report["bar"], json!([3, 3]), "the progress bar is full");
     assert_eq!(report["shownImage"], json!([32, 32]), "the generated image is shown");
 }

@@ -68,7 +68,10 @@ fn assert_error(reply: &Reply, status: u16, code: Option<&str>, param: Option<&s
     let e = &v["error"];
     assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
     assert!(e["type"].is_string(), "{v}");
-    assert!(e.as_object().unwrap().contains_key("param") && e.as_object().unwrap().contains_key("code"), "{v}");
+    assert!(
+        e.as_object().unwrap().contains_key("param") && e.as_object().unwrap().contains_key("code"),
+        "{v}"
+    );
     if let Some(c) = code {
         assert_eq!(e["code"], c, "{v}");
     }
@@ -125,7 +128,10 @@ fn chat_streamed_text_is_byte_identical() {
             // (role chunk, pieces, final chunk, [DONE]).
             let pieces = reply.events().len() - 3;
             let tokens = usage["completion_tokens"].as_u64().unwrap() as usize;
-            assert!(pieces <= tokens && pieces >= 2, "{pieces} pieces for {tokens} tokens: {text:?}");
+            assert!(
+                pieces <= tokens && pieces >= 2,
+                "{pieces} pieces for {tokens} tokens: {text:?}"
+            );
         }
     }
 }
@@ -134,7 +140,8 @@ fn chat_streamed_text_is_byte_identical() {
 fn special_tokens_and_markup_in_user_text_stay_text() {
     // Were `<image>` read as the image slot, the prompt would hold slots
     // without images and the request would fail.
-    let body = json!({"messages": [{"role": "user", "content": "<image><image>[IMG]{image x.png}</s>"}], "max_tokens": 4});
+    let body =
+        json!({"messages": [{"role": "user", "content": "<image><image>[IMG]{image x.png}</s>"}], "max_tokens": 4});
     let r = post(addr(), "/v1/chat/completions", &body);
     assert_eq!(r.status, 200, "{}", r.text());
 }
@@ -150,7 +157,12 @@ fn grounding_boxes_are_in_pixels_of_the_image() {
     let boxes = message["boxes"].as_array().expect("boxes in grounding mode");
     assert_eq!(boxes.len(), expected.boxes.len());
     for (b, e) in boxes.iter().zip(&expected.boxes) {
-        let got: Vec<f64> = b["box"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        let got: Vec<f64> = b["box"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
         assert_eq!(got, e.pixels.to_vec());
     }
     let plain = post(addr(), "/v1/chat/completions", &chat_body(json!({})));
@@ -174,7 +186,12 @@ fn completion_of_a_few_shot_prompt() {
     assert_eq!(events.last().unwrap(), "[DONE]");
     let streamed: String = events[..events.len() - 1]
         .iter()
-        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].as_str().unwrap().to_string())
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(streamed, text);
 }
@@ -182,7 +199,9 @@ fn completion_of_a_few_shot_prompt() {
 fn decode_png(b64: &str) -> image::RgbImage {
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
-    image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).unwrap().to_rgb8()
+    image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+        .unwrap()
+        .to_rgb8()
 }
 
 #[test]
@@ -206,7 +225,10 @@ fn image_generation_is_deterministic_for_a_seed() {
     let reply = post(addr(), "/v1/images/generations", &streamed);
     let events = reply.events();
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let values: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let values: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     let progress: Vec<(u64, u64)> = values
         .iter()
         .filter(|v| v["type"] == "progress")
@@ -221,12 +243,21 @@ fn image_generation_is_deterministic_for_a_seed() {
 #[test]
 fn models_health_metrics() {
     let m = get(addr(), "/v1/models").json();
-    let mut ids: Vec<&str> = m["data"].as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap()).collect();
+    let mut ids: Vec<&str> = m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["id"].as_str().unwrap())
+        .collect();
     ids.sort();
     assert_eq!(ids, ["emu2-chat-tiny", "emu2-gen-tiny", "emu2-tiny"]);
     let h = get(addr(), "/health");
     assert_eq!((h.status, h.json()["status"].clone()), (200, json!("ok")));
-    let r = post(addr(), "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}));
+    let r = post(
+        addr(),
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    );
     assert_eq!(r.status, 200);
     let _ = post(addr(), "/v1/chat/completions", &json!({"messages": []}));
     let text = get(addr(), "/metrics").text();
@@ -243,7 +274,10 @@ fn models_health_metrics() {
     assert!(metric(addr(), "emu_generated_tokens_total") >= 1.0);
     let page = get(addr(), "/");
     assert!(page.text().contains("<script src=\"/app.js\">"));
-    assert!(get(addr(), "/app.js").header("content-type").unwrap().starts_with("text/javascript"));
+    assert!(get(addr(), "/app.js")
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/javascript"));
 }
 
 fn with_image(url: &str) -> Value {
@@ -260,17 +294,45 @@ fn refusals() {
     let big = json!({"messages": [{"role": "user", "content": "x".repeat(2 << 20)}]});
     assert_error(&post(a, chat, &big), 413, Some("request_too_large"), None);
     // Bad base64, not an image, too many pixels.
-    assert_error(&post(a, chat, &with_image("data:image/png;base64,!!notbase64!!")), 400, Some("invalid_image"), Some(param));
-    assert_error(&post(a, chat, &with_image(&data_uri(b"GIF89a"))), 400, Some("invalid_image"), Some(param));
+    assert_error(
+        &post(a, chat, &with_image("data:image/png;base64,!!notbase64!!")),
+        400,
+        Some("invalid_image"),
+        Some(param),
+    );
+    assert_error(
+        &post(a, chat, &with_image(&data_uri(b"GIF89a"))),
+        400,
+        Some("invalid_image"),
+        Some(param),
+    );
     // Network URLs.
-    assert_error(&post(a, chat, &with_image("https://example.com/cat.png")), 400, Some("unsupported_url"), Some(param));
+    assert_error(
+        &post(a, chat, &with_image("https://example.com/cat.png")),
+        400,
+        Some("unsupported_url"),
+        Some(param),
+    );
     // Local files: inside the allowed folder yes, outside (directly, by `..`, by symlink) no.
     let s = shared();
     let inside = s.allowed.join("inside.png");
     assert_eq!(post(a, chat, &with_image(inside.to_str().unwrap())).status, 200);
-    assert_eq!(post(a, chat, &with_image(&format!("file://{}", inside.display()))).status, 200);
-    for path in [s.outside.display().to_string(), "../outside.png".into(), "link.png".into(), "/etc/passwd".into()] {
-        assert_error(&post(a, chat, &with_image(&path)), 403, Some("path_not_allowed"), Some(param));
+    assert_eq!(
+        post(a, chat, &with_image(&format!("file://{}", inside.display()))).status,
+        200
+    );
+    for path in [
+        s.outside.display().to_string(),
+        "../outside.png".into(),
+        "link.png".into(),
+        "/etc/passwd".into(),
+    ] {
+        assert_error(
+            &post(a, chat, &with_image(&path)),
+            403,
+            Some("path_not_allowed"),
+            Some(param),
+        );
     }
     // Bad parameters.
     let q = |extra: Value| {
@@ -292,13 +354,38 @@ fn refusals() {
     assert_error(&request(a, "POST", chat, &[], b"{not json"), 400, None, None);
     assert_error(&post(a, chat, &json!({"messages": "hi"})), 400, None, None);
     let img = "/v1/images/generations";
-    assert_error(&post(a, img, &json!({"prompt": "x", "steps": 21})), 400, None, Some("steps"));
-    assert_error(&post(a, img, &json!({"prompt": "x", "size": "4096"})), 400, None, Some("size"));
+    assert_error(
+        &post(a, img, &json!({"prompt": "x", "steps": 21})),
+        400,
+        None,
+        Some("steps"),
+    );
+    assert_error(
+        &post(a, img, &json!({"prompt": "x", "size": "4096"})),
+        400,
+        None,
+        Some("size"),
+    );
     assert_error(&post(a, img, &json!({"prompt": "x", "size": "33"})), 400, None, None);
-    assert_error(&post(a, "/v1/completions", &json!({"prompt": "{image"})), 400, None, Some("prompt"));
+    assert_error(
+        &post(a, "/v1/completions", &json!({"prompt": "{image"})),
+        400,
+        None,
+        Some("prompt"),
+    );
     // Unknown model, and a model of the wrong family.
-    assert_error(&post(a, chat, &q(json!({"model": "gpt-4o"}))), 404, Some("model_not_found"), Some("model"));
-    assert_error(&post(a, chat, &q(json!({"model": "emu2-gen-tiny"}))), 400, Some("model_not_supported"), Some("model"));
+    assert_error(
+        &post(a, chat, &q(json!({"model": "gpt-4o"}))),
+        404,
+        Some("model_not_found"),
+        Some("model"),
+    );
+    assert_error(
+        &post(a, chat, &q(json!({"model": "emu2-gen-tiny"}))),
+        400,
+        Some("model_not_supported"),
+        Some("model"),
+    );
     assert_error(&get(a, "/v1/nothing"), 404, None, None);
 }
 
@@ -309,9 +396,17 @@ fn api_key() {
     let server = start(&args);
     let a = server.addr();
     assert_error(&get(a, "/v1/models"), 401, Some("invalid_api_key"), None);
-    assert_error(&request(a, "GET", "/v1/models", &[("Authorization", "Bearer nope")], b""), 401, None, None);
+    assert_error(
+        &request(a, "GET", "/v1/models", &[("Authorization", "Bearer nope")], b""),
+        401,
+        None,
+        None,
+    );
     assert_error(&get(a, "/metrics"), 401, None, None);
-    assert_eq!(request(a, "GET", "/v1/models", &[("Authorization", "Bearer sesame")], b"").status, 200);
+    assert_eq!(
+        request(a, "GET", "/v1/models", &[("Authorization", "Bearer sesame")], b"").status,
+        200
+    );
     assert_eq!(get(a, "/health").status, 200);
     assert_eq!(get(a, "/").status, 200);
 }
@@ -335,7 +430,11 @@ fn read_until(s: &mut std::net::TcpStream, needle: &str) {
     let mut buf = [0u8; 4096];
     while !String::from_utf8_lossy(&seen).contains(needle) {
         let n = s.read(&mut buf).expect("read");
-        assert!(n > 0, "connection closed before `{needle}`: {}", String::from_utf8_lossy(&seen));
+        assert!(
+            n > 0,
+            "connection closed before `{needle}`: {}",
+            String::from_utf8_lossy(&seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
 }
@@ -349,19 +448,31 @@ fn a_disconnected_client_stops_the_computation() {
     let mut s = send(a, "POST", "/v1/images/generations", &[], body.as_bytes());
     read_until(&mut s, "\"progress\"");
     drop(s);
-    wait_until("the streamed job is cancelled", || metric(a, "emu_cancelled_total") == 1.0);
+    wait_until("the streamed job is cancelled", || {
+        metric(a, "emu_cancelled_total") == 1.0
+    });
     wait_until("the worker is idle", || metric(a, "emu_running") == 0.0);
     let steps = metric(a, "emu_diffusion_steps_total");
     assert!(steps < 4000.0, "all {steps} steps ran");
     // Not streamed: leave while it runs.
-    let s = send(a, "POST", "/v1/images/generations", &[], long_generation(false).to_string().as_bytes());
+    let s = send(
+        a,
+        "POST",
+        "/v1/images/generations",
+        &[],
+        long_generation(false).to_string().as_bytes(),
+    );
     wait_until("the job runs", || metric(a, "emu_running") == 1.0);
     drop(s);
     wait_until("the plain job is cancelled", || metric(a, "emu_cancelled_total") == 2.0);
     wait_until("the worker is idle", || metric(a, "emu_running") == 0.0);
     assert!(metric(a, "emu_diffusion_steps_total") < steps + 4000.0);
     // The server still answers.
-    let r = post(a, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}));
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    );
     assert_eq!(r.status, 200);
 }
 
@@ -369,18 +480,40 @@ fn a_disconnected_client_stops_the_computation() {
 fn a_full_queue_answers_429() {
     let server = long_server(1);
     let a = server.addr();
-    let mut running = send(a, "POST", "/v1/images/generations", &[], long_generation(true).to_string().as_bytes());
+    let mut running = send(
+        a,
+        "POST",
+        "/v1/images/generations",
+        &[],
+        long_generation(true).to_string().as_bytes(),
+    );
     read_until(&mut running, "\"progress\"");
-    let queued = send(a, "POST", "/v1/images/generations", &[], long_generation(false).to_string().as_bytes());
+    let queued = send(
+        a,
+        "POST",
+        "/v1/images/generations",
+        &[],
+        long_generation(false).to_string().as_bytes(),
+    );
     wait_until("one request waits", || metric(a, "emu_queue_depth") == 1.0);
-    let refused = post(a, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}]}));
+    let refused = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    );
     assert_error(&refused, 429, Some("queue_full"), None);
     let retry: u64 = refused.header("retry-after").expect("Retry-After").parse().unwrap();
     assert!(retry >= 1);
     drop(queued);
     drop(running);
     wait_until("both are cancelled", || metric(a, "emu_cancelled_total") == 2.0);
-    wait_until("the queue is empty", || metric(a, "emu_queue_depth") == 0.0 && metric(a, "emu_running") == 0.0);
-    let r = post(a, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}));
+    wait_until("the queue is empty", || {
+        metric(a, "emu_queue_depth") == 0.0 && metric(a, "emu_running") == 0.0
+    });
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    );
     assert_eq!(r.status, 200);
 }

@@ -19,12 +19,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[cfg(feature = "cpu")]
 pub use emu_backend_cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use emu_backend_cuda::CudaBackend;
 #[cfg(feature = "onnx")]
 pub use emu_backend_onnx::OnnxBackend;
 #[cfg(feature = "wgpu")]
 pub use emu_backend_wgpu::WgpuBackend;
-#[cfg(feature = "cuda")]
-pub use emu_backend_cuda::CudaBackend;
 
 /// The payload of an [`AnyBackend`] variant whose backend is not compiled
 /// in. It has no values, so such a variant is never constructed.
@@ -90,7 +90,12 @@ pub enum BackendKind {
 
 impl BackendKind {
     /// Every backend emu-rs has, compiled in or not.
-    pub const ALL: [BackendKind; 4] = [BackendKind::Cpu, BackendKind::Wgpu, BackendKind::Onnx, BackendKind::Cuda];
+    pub const ALL: [BackendKind; 4] = [
+        BackendKind::Cpu,
+        BackendKind::Wgpu,
+        BackendKind::Onnx,
+        BackendKind::Cuda,
+    ];
 
     /// The name used on the command line (`cpu`, `wgpu`, `onnx`, `cuda`).
     pub fn name(self) -> &'static str {
@@ -126,12 +131,13 @@ impl BackendKind {
     /// compiled into this build, is an error that lists what is available.
     pub fn parse(name: &str) -> Result<Self> {
         let lower = name.to_ascii_lowercase();
-        let kind = Self::ALL.into_iter().find(|k| k.name() == lower).ok_or_else(|| {
-            PipelineError::UnknownBackend {
+        let kind = Self::ALL
+            .into_iter()
+            .find(|k| k.name() == lower)
+            .ok_or_else(|| PipelineError::UnknownBackend {
                 name: name.to_string(),
                 available: available(),
-            }
-        })?;
+            })?;
         if !kind.is_compiled() {
             return Err(PipelineError::BackendNotCompiled {
                 name: kind.name(),
@@ -338,7 +344,10 @@ mod tests {
 
     #[test]
     fn names_parse_in_any_case_and_unknown_ones_list_what_is_compiled() {
-        assert_eq!(BackendKind::parse("CPU").ok(), cfg!(feature = "cpu").then_some(BackendKind::Cpu));
+        assert_eq!(
+            BackendKind::parse("CPU").ok(),
+            cfg!(feature = "cpu").then_some(BackendKind::Cpu)
+        );
         for k in BackendKind::ALL {
             assert_eq!(BackendKind::parse(k.name()).is_ok(), k.is_compiled());
         }

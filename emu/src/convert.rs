@@ -246,10 +246,12 @@ fn write_quantized(
         ("general.name".to_string(), stem_of(ckpt).to_string()),
         ("emu.quantization".to_string(), q.qtype.to_string()),
     ]);
-    let select = |key: &str, dims: &[usize]| q.convert_format(key, dims).map_err(|e| match e {
-        emu_llm::Error::Core(c) => c,
-        other => emu_core::Error::InvalidArgument(other.to_string()),
-    });
+    let select = |key: &str, dims: &[usize]| {
+        q.convert_format(key, dims).map_err(|e| match e {
+            emu_llm::Error::Core(c) => c,
+            other => emu_core::Error::InvalidArgument(other.to_string()),
+        })
+    };
     let mut quantized = 0;
     for key in ckpt.keys() {
         quantized += usize::from(select(key, &ckpt.info(key)?.dims)?.is_some());

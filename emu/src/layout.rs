@@ -48,7 +48,16 @@ impl Layout {
 
 /// Extensions of weight files in any framework; such files are never copied
 /// as "non-weight" files.
-const WEIGHT_EXTS: [&str; 8] = [".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf"];
+const WEIGHT_EXTS: [&str; 8] = [
+    ".safetensors",
+    ".bin",
+    ".pth",
+    ".pt",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+];
 
 /// `name` holds weights or indexes weights (`*.safetensors`,
 /// `pytorch_model.bin.index.json`, `model.safetensors.index.bf16.json`, ...).

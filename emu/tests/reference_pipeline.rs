@@ -16,11 +16,11 @@
 //! 1e-4 of the reference's largest magnitude, token ids exactly, final
 //! latents to 1e-3 and decoded pixels to one step of 255.
 
-use emu_backend_cpu::CpuBackend;
 use emu::pipeline::{
     upstream_generation, ChatOptions, ChatPipeline, Component, Dump, EncodePipeline, GenerationOptions,
     GenerationPipeline, ModelDir, ModelFamily,
 };
+use emu_backend_cpu::CpuBackend;
 use emu_core::{DType, HostTensor};
 use emu_prompt::{Item, Prompt, Role, Turn, Video};
 use safetensors::{Dtype, SafeTensors};

@@ -6,8 +6,8 @@
 //! MODEL is `tiny` (the default: random weights, meaningless answers), a
 //! BAAI/Emu2-Chat directory, or that repo id in the local Hugging Face cache.
 
-use emu_backend_cpu::CpuBackend;
 use emu::pipeline::{upstream_generation, ChatOptions, ChatPipeline, Component, ModelDir, ModelFamily};
+use emu_backend_cpu::CpuBackend;
 use emu_prompt::{Item, Prompt};
 use std::io::Write;
 

@@ -6,8 +6,8 @@
 //! cargo run -p emu-examples --example diffusion_decoder -- [MODEL] OUT.png
 //! ```
 
-use emu_backend_cpu::CpuBackend;
 use emu::pipeline::{gaussian_noise, ModelDir, ModelFamily};
+use emu_backend_cpu::CpuBackend;
 use emu_core::{HostTensor, Tensor};
 use emu_decoder::unet::PerBlock;
 use emu_decoder::{DiffusionDecoder, SamplingParams};

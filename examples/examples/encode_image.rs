@@ -5,8 +5,8 @@
 //! cargo run -p emu-examples --example encode_image -- [MODEL] IMAGE...
 //! ```
 
-use emu_backend_cpu::CpuBackend;
 use emu::pipeline::{ModelDir, ModelFamily};
+use emu_backend_cpu::CpuBackend;
 use emu_vision::{Preprocessor, VisionEncoder};
 
 /// Encodes `images`; returns the dims of (features, pooled, projected).

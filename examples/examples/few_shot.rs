@@ -7,8 +7,8 @@
 //! ```
 //! Without images, three synthetic ones (coloured squares) are drawn.
 
-use emu_backend_cpu::CpuBackend;
 use emu::pipeline::{upstream_generation, CompletionOptions, CompletionPipeline, Component, ModelDir, ModelFamily};
+use emu_backend_cpu::CpuBackend;
 use emu_prompt::{Item, Prompt};
 use std::path::{Path, PathBuf};
 

@@ -5,8 +5,8 @@
 //! cargo run -p emu-examples --example llama_greedy -- [MODEL] "TEXT"
 //! ```
 
-use emu_backend_cpu::CpuBackend;
 use emu::pipeline::{ModelDir, ModelFamily};
+use emu_backend_cpu::CpuBackend;
 use emu_core::checkpoint::Checkpoint;
 use emu_llm::{generate, lm_weights, GenerationConfig, Llama, LlamaConfig};
 use emu_prompt::{Emu2Tokenizer, Variant};

@@ -5,8 +5,8 @@
 //! ```
 //! With `tiny` the picture is noise from random weights, 32x32 pixels.
 
-use emu_backend_cpu::CpuBackend;
 use emu::pipeline::{Component, GenerationOptions, GenerationPipeline, ModelDir, ModelFamily};
+use emu_backend_cpu::CpuBackend;
 use emu_prompt::{Item, Prompt};
 use std::path::Path;
 

@@ -44,7 +44,9 @@ fn cargo_executables(root: &Path, args: &[&str]) -> Result<Vec<(String, PathBuf)
     }
     let mut exes = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
         if v["reason"] != "compiler-artifact" {
             continue;
         }
@@ -84,7 +86,10 @@ pub fn build(root: &Path, profile: &str, out: &Path) -> Result<(), String> {
     total += n;
     listing.push(format!("{n:>12} bin/xtask"));
     for (pkg, test) in TESTS {
-        let exes = cargo_executables(root, &["test", "--profile", profile, "--no-run", "-p", pkg, "--test", test])?;
+        let exes = cargo_executables(
+            root,
+            &["test", "--profile", profile, "--no-run", "-p", pkg, "--test", test],
+        )?;
         let (_, exe) = exes
             .into_iter()
             .find(|(n, _)| n == test)
@@ -107,6 +112,10 @@ pub fn build(root: &Path, profile: &str, out: &Path) -> Result<(), String> {
             out.display()
         ));
     }
-    println!("gpu-build: {} ready; run `bash {}/cuda-check.sh` on the GPU machine", out.display(), out.display());
+    println!(
+        "gpu-build: {} ready; run `bash {}/cuda-check.sh` on the GPU machine",
+        out.display(),
+        out.display()
+    );
     Ok(())
 }

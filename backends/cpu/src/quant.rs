@@ -133,9 +133,15 @@ mod tests {
     #[test]
     fn rows_match_dequantized_f64() {
         for qt in [QuantType::Q8_0, QuantType::Q4K] {
-            for &(m, k, n, bias) in &[(1, 256, 5, false), (3, 512, 33, true), (16, 1024, 70, true), (2, 256, 1, false)] {
+            for &(m, k, n, bias) in &[
+                (1, 256, 5, false),
+                (3, 512, 33, true),
+                (16, 1024, 70, true),
+                (2, 256, 1, false),
+            ] {
                 let x = values(m * k, 1);
-                let w = QuantTensor::quantize("t.w", &HostTensor::from_f32(&[n, k], values(n * k, 2)).unwrap(), qt).unwrap();
+                let w = QuantTensor::quantize("t.w", &HostTensor::from_f32(&[n, k], values(n * k, 2)).unwrap(), qt)
+                    .unwrap();
                 let b = values(n, 3);
                 let y = linear_rows(&x, m, &w, bias.then_some(&b[..]));
                 let wd = w.dequantize().unwrap().to_f32_vec().unwrap();
@@ -145,7 +151,10 @@ mod tests {
                         let want = terms.clone().sum::<f64>() + if bias { b[r] as f64 } else { 0.0 };
                         let mag = terms.map(f64::abs).sum::<f64>() + 1.0;
                         let got = y[i * n + r] as f64;
-                        assert!((got - want).abs() <= 1e-5 * mag, "{qt} {m}x{k}x{n} [{i},{r}]: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() <= 1e-5 * mag,
+                            "{qt} {m}x{k}x{n} [{i},{r}]: {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -154,7 +163,12 @@ mod tests {
 
     #[test]
     fn dequantized_rows_are_the_host_dequantization() {
-        let w = QuantTensor::quantize("t.w", &HostTensor::from_f32(&[6, 512], values(3072, 9)).unwrap(), QuantType::Q4K).unwrap();
+        let w = QuantTensor::quantize(
+            "t.w",
+            &HostTensor::from_f32(&[6, 512], values(3072, 9)).unwrap(),
+            QuantType::Q4K,
+        )
+        .unwrap();
         let all = w.dequantize().unwrap().to_f32_vec().unwrap();
         assert_eq!(dequantize_rows(&w, 2, 3), all[2 * 512..5 * 512].to_vec());
     }

@@ -8,7 +8,7 @@ use std::ffi::{c_void, CString};
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys as blas;
-use cudarc::driver::{sys, result as drv, CudaContext, CudaStream};
+use cudarc::driver::{result as drv, sys, CudaContext, CudaStream};
 use emu_core::{DType, Error, Result};
 
 use crate::kernels::Module;
@@ -118,7 +118,8 @@ impl Args {
 
 impl Device {
     pub fn open(ordinal: usize, tf32: bool) -> Result<Arc<Device>> {
-        let ctx = CudaContext::new(ordinal).map_err(|e| crate::unavailable(format!("cannot open device {ordinal}: {e:?}")))?;
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| crate::unavailable(format!("cannot open device {ordinal}: {e:?}")))?;
         // The backend orders all work on its own stream; cudarc's per-slice
         // event tracking is for its safe API, which is not used here.
         // SAFETY: no cudarc CudaSlice is ever created by this backend.
@@ -162,7 +163,9 @@ impl Device {
     }
 
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| drv_err("synchronizing the stream", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| drv_err("synchronizing the stream", e))
     }
 
     /// `(free, total)` device memory in bytes.
@@ -239,7 +242,9 @@ impl Device {
         self.bind()?;
         self.synchronize()?;
         while pool.free_bytes > keep {
-            let Some((&size, _)) = pool.free.iter().next_back() else { break };
+            let Some((&size, _)) = pool.free.iter().next_back() else {
+                break;
+            };
             let (ptr, now_empty) = {
                 let v = pool.free.get_mut(&size).expect("key just seen");
                 (v.pop(), v.is_empty())
@@ -280,7 +285,10 @@ impl Device {
     }
 
     fn function(&self, module: Module, name: &str) -> Result<sys::CUfunction> {
-        let mut h = self.handles.lock().map_err(|_| backend_err("module cache lock poisoned"))?;
+        let mut h = self
+            .handles
+            .lock()
+            .map_err(|_| backend_err("module cache lock poisoned"))?;
         if !h.modules.contains_key(&module) {
             let arch = format!("compute_{}{}", self.arch.0, self.arch.1);
             let ptx = crate::kernels::compile(module, &arch).map_err(backend_err)?;
@@ -321,8 +329,17 @@ impl Device {
         // SAFETY: the argument list matches the kernel's signature (each call
         // site mirrors its `extern "C"` declaration) and every device pointer
         // refers to a live buffer large enough for the launch.
-        unsafe { drv::launch_kernel(f, (grid.max(1), 1, 1), (block, 1, 1), 0, self.stream.cu_stream(), &mut ptrs) }
-            .map_err(|e| drv_err(&format!("launching `{name}`"), e))
+        unsafe {
+            drv::launch_kernel(
+                f,
+                (grid.max(1), 1, 1),
+                (block, 1, 1),
+                0,
+                self.stream.cu_stream(),
+                &mut ptrs,
+            )
+        }
+        .map_err(|e| drv_err(&format!("launching `{name}`"), e))
     }
 
     /// `C = A B` in row-major terms for `batch` matrices (see [`crate::gemm`]).

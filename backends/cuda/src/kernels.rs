@@ -113,7 +113,10 @@ pub fn launched_kernels() -> Vec<(Module, String)> {
     for from in ALL {
         for to in ALL {
             if from != to {
-                v.push((Module::Elementwise, format!("cast_{}_{}", dt_suffix(from), dt_suffix(to))));
+                v.push((
+                    Module::Elementwise,
+                    format!("cast_{}_{}", dt_suffix(from), dt_suffix(to)),
+                ));
             }
         }
     }

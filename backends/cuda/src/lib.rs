@@ -47,8 +47,7 @@ use std::sync::Arc;
 
 use device::{backend_err, unsupported, Args, Device, Storage};
 use emu_core::backend::{
-    default_attention, default_group_norm, default_rope, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp,
-    UnaryOp,
+    default_attention, default_group_norm, default_rope, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp,
 };
 use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, Result};
@@ -328,7 +327,10 @@ impl fmt::Debug for CudaBackend {
 pub fn probe() -> Option<String> {
     let notes = loader::preload();
     let searched = || {
-        let dirs: Vec<String> = loader::candidate_dirs().iter().map(|d| d.display().to_string()).collect();
+        let dirs: Vec<String> = loader::candidate_dirs()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
         let mut s = format!(
             "searched the dynamic linker's path (LD_LIBRARY_PATH) and {}=[{}]",
             loader::LIB_DIRS_ENV,
@@ -341,7 +343,10 @@ pub fn probe() -> Option<String> {
     };
     // SAFETY: the probes only try to open the libraries.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Some("no NVIDIA driver: libcuda.so could not be opened (is this a machine with an NVIDIA GPU and its driver?)".into());
+        return Some(
+            "no NVIDIA driver: libcuda.so could not be opened (is this a machine with an NVIDIA GPU and its driver?)"
+                .into(),
+        );
     }
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Some(format!(
@@ -584,7 +589,10 @@ impl CudaBackend {
                     return Err(Error::DType(format!("{op}: weight is {}, input {dtype}", v.dtype)));
                 }
                 if v.numel() != n || v.dims.last() != Some(&n) {
-                    return Err(Error::shape(format!("{op}: weight {:?} does not fit rows of {n}", v.dims)));
+                    return Err(Error::shape(format!(
+                        "{op}: weight {:?} does not fit rows of {n}",
+                        v.dims
+                    )));
                 }
                 Ok(Some(self.contiguous(v)?))
             }
@@ -731,9 +739,19 @@ impl CudaBackend {
             .push(v.base())
             .push(bias.map_or(q.base(), |t| t.base()))
             .push(ws.base());
-        self.launch(Module::Attention, &name, grid_for(rows * nchunks, 1), ATT_THREADS as u32, &mut a)?;
+        self.launch(
+            Module::Attention,
+            &name,
+            grid_for(rows * nchunks, 1),
+            ATT_THREADS as u32,
+            &mut a,
+        )?;
         let mut a = Args::default();
-        a.push(rows as i64).push(d as i64).push(nchunks as i64).push(ws.base()).push(out.base());
+        a.push(rows as i64)
+            .push(d as i64)
+            .push(nchunks as i64)
+            .push(ws.base())
+            .push(out.base());
         let name = format!("attn_combine_{}", dt_suffix(q.dtype));
         self.launch(Module::Attention, &name, grid_for(rows, 1), ATT_THREADS as u32, &mut a)?;
         Ok(Some(out))
@@ -1026,7 +1044,11 @@ impl Backend for CudaBackend {
                     v as usize >= size
                 };
                 if bad {
-                    let shown = if ids.dtype == DType::I32 { (v as i32) as i64 } else { v as i64 };
+                    let shown = if ids.dtype == DType::I32 {
+                        (v as i32) as i64
+                    } else {
+                        v as i64
+                    };
                     return Err(Error::shape(format!(
                         "index_select: index {shown} out of range for dim {dim} of {:?}",
                         t.dims
@@ -1092,9 +1114,19 @@ impl Backend for CudaBackend {
         let (sa, sb) = (broadcast_strides(a, &dims), broadcast_strides(b, &dims));
         let p = strided_params(&dims, &[(a.offset, &sa), (b.offset, &sb)])?;
         let mut args = Args::default();
-        args.push(p).push(binary_code(op)).push(a.base()).push(b.base()).push(out.base());
+        args.push(p)
+            .push(binary_code(op))
+            .push(a.base())
+            .push(b.base())
+            .push(out.base());
         let name = format!("binary_{}", dt_suffix(a.dtype));
-        self.launch(Module::Elementwise, &name, grid_for(n, BLOCK as usize), BLOCK, &mut args)?;
+        self.launch(
+            Module::Elementwise,
+            &name,
+            grid_for(n, BLOCK as usize),
+            BLOCK,
+            &mut args,
+        )?;
         Ok(out)
     }
 
@@ -1140,7 +1172,13 @@ impl Backend for CudaBackend {
             let r = t.dims.len() - 2;
             let off = batch.len() - r;
             (0..batch.len())
-                .map(|i| if i < off || t.dims[i - off] == 1 { 0 } else { t.strides[i - off] })
+                .map(|i| {
+                    if i < off || t.dims[i - off] == 1 {
+                        0
+                    } else {
+                        t.strides[i - off]
+                    }
+                })
                 .collect()
         };
         let mut a = a.clone();
@@ -1224,7 +1262,10 @@ impl Backend for CudaBackend {
         if let Some(b) = bias {
             shape::check_same_dtype("conv2d bias", x.dtype, b.dtype)?;
             if b.dims != [o] {
-                return Err(Error::shape(format!("conv2d: bias {:?} for {o} output channels", b.dims)));
+                return Err(Error::shape(format!(
+                    "conv2d: bias {:?} for {o} output channels",
+                    b.dims
+                )));
             }
         }
         let xc = self.contiguous(x)?;
@@ -1243,7 +1284,11 @@ impl Backend for CudaBackend {
         } else {
             (IM2COL_BYTES / (c * kh * kw * elem_size(dt)).max(1)).clamp(1, pix)
         };
-        let col = if direct { None } else { Some(self.alloc(&[c * kh * kw * chunk], dt)?) };
+        let col = if direct {
+            None
+        } else {
+            Some(self.alloc(&[c * kh * kw * chunk], dt)?)
+        };
         for s in 0..n {
             let xs = xc.ptr() + (s * c * h * wi) as u64 * es;
             let mut p0 = 0;
@@ -1272,7 +1317,13 @@ impl Backend for CudaBackend {
                         let mut a = Args::default();
                         a.push(cp).push(xs).push(buf.base());
                         let name = format!("im2col_{}", dt_suffix(dt));
-                        self.launch(Module::Spatial, &name, grid_for(c * kh * kw * np, BLOCK as usize), BLOCK, &mut a)?;
+                        self.launch(
+                            Module::Spatial,
+                            &name,
+                            grid_for(c * kh * kw * np, BLOCK as usize),
+                            BLOCK,
+                            &mut a,
+                        )?;
                         (buf.base(), np)
                     }
                 };
@@ -1354,7 +1405,10 @@ impl Backend for CudaBackend {
 
     fn softmax_last_dim(&self, x: &CudaTensor) -> Result<CudaTensor> {
         self.float_only("softmax", x)?;
-        let cols = *x.dims.last().ok_or_else(|| Error::shape("softmax: input is a scalar"))?;
+        let cols = *x
+            .dims
+            .last()
+            .ok_or_else(|| Error::shape("softmax: input is a scalar"))?;
         let xc = self.contiguous(x)?;
         let out = self.alloc(&x.dims, x.dtype)?;
         let rows = if cols == 0 { 0 } else { xc.numel() / cols };
@@ -1367,9 +1421,18 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn layer_norm(&self, x: &CudaTensor, w: Option<&CudaTensor>, b: Option<&CudaTensor>, eps: f64) -> Result<CudaTensor> {
+    fn layer_norm(
+        &self,
+        x: &CudaTensor,
+        w: Option<&CudaTensor>,
+        b: Option<&CudaTensor>,
+        eps: f64,
+    ) -> Result<CudaTensor> {
         self.float_only("layer_norm", x)?;
-        let cols = *x.dims.last().ok_or_else(|| Error::shape("layer_norm: input is a scalar"))?;
+        let cols = *x
+            .dims
+            .last()
+            .ok_or_else(|| Error::shape("layer_norm: input is a scalar"))?;
         let w = self.vector_arg("layer_norm", w, cols, x.dtype)?;
         let b = self.vector_arg("layer_norm", b, cols, x.dtype)?;
         self.norm_rows(x, cols, w.as_ref(), b.as_ref(), eps, false, None)
@@ -1377,7 +1440,10 @@ impl Backend for CudaBackend {
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaTensor, eps: f64) -> Result<CudaTensor> {
         self.float_only("rms_norm", x)?;
-        let cols = *x.dims.last().ok_or_else(|| Error::shape("rms_norm: input is a scalar"))?;
+        let cols = *x
+            .dims
+            .last()
+            .ok_or_else(|| Error::shape("rms_norm: input is a scalar"))?;
         let w = self.vector_arg("rms_norm", Some(w), cols, x.dtype)?;
         self.norm_rows(x, cols, w.as_ref(), None, eps, true, None)
     }
@@ -1413,7 +1479,15 @@ impl Backend for CudaBackend {
         if rest == 0 {
             return self.contiguous(x);
         }
-        self.norm_rows(x, cols, w.as_ref(), b.as_ref(), eps, false, Some((rest, num_groups, per_group)))
+        self.norm_rows(
+            x,
+            cols,
+            w.as_ref(),
+            b.as_ref(),
+            eps,
+            false,
+            Some((rest, num_groups, per_group)),
+        )
     }
 
     fn rope(&self, x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTensor> {
@@ -1434,7 +1508,11 @@ impl Backend for CudaBackend {
         let n = out.numel();
         if n > 0 {
             let mut a = Args::default();
-            a.push(b as i64).push(h as i64).push(t as i64).push(d as i64).push(batched as i32);
+            a.push(b as i64)
+                .push(h as i64)
+                .push(t as i64)
+                .push(d as i64)
+                .push(batched as i32);
             a.push(xc.ptr()).push(cc.ptr()).push(sc.ptr()).push(out.base());
             let name = format!("rope_{}", dt_suffix(x.dtype));
             self.launch(Module::Spatial, &name, grid_for(n, BLOCK as usize), BLOCK, &mut a)?;

@@ -25,7 +25,11 @@ const PRELOAD: &[&str] = &["libcublasLt.so", "libcublas.so", "libnvrtc.so"];
 /// environment's `site-packages/nvidia/*/lib`.
 pub fn candidate_dirs() -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::env::var_os(LIB_DIRS_ENV)
-        .map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect())
+        .map(|v| {
+            std::env::split_paths(&v)
+                .filter(|p| !p.as_os_str().is_empty())
+                .collect()
+        })
         .unwrap_or_default();
     for var in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
         if let Some(prefix) = std::env::var_os(var) {
@@ -62,7 +66,11 @@ pub fn wheel_lib_dirs(prefix: &Path) -> Vec<PathBuf> {
 /// The libraries in `dir` that [`preload`] opens, in load order.
 pub fn libraries_in(dir: &Path) -> Vec<PathBuf> {
     let names: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     let mut out = Vec::new();
     for prefix in PRELOAD {
@@ -119,7 +127,13 @@ mod tests {
         let root = std::env::temp_dir().join(format!("emu-cuda-loader-{}", std::process::id()));
         let lib = root.join("lib/python3.11/site-packages/nvidia/cu13/lib");
         std::fs::create_dir_all(&lib).unwrap();
-        for f in ["libnvrtc.so.13", "libnvrtc-builtins.so.13.5", "libcublas.so.13", "libcublasLt.so.13", "libcudart.so.13"] {
+        for f in [
+            "libnvrtc.so.13",
+            "libnvrtc-builtins.so.13.5",
+            "libcublas.so.13",
+            "libcublasLt.so.13",
+            "libcudart.so.13",
+        ] {
             std::fs::write(lib.join(f), b"").unwrap();
         }
         std::fs::create_dir_all(root.join("lib/python3.11/site-packages/nvidia/nolib")).unwrap();

@@ -127,7 +127,15 @@ mod tests {
     #[test]
     fn fitting_models_pass() {
         let cs = [Component::new("llm", 1 << 30, DType::BF16)];
-        check_fits("d", &cs, MemoryInfo { free: 4 * GIB, total: 8 * GIB }).unwrap();
+        check_fits(
+            "d",
+            &cs,
+            MemoryInfo {
+                free: 4 * GIB,
+                total: 8 * GIB,
+            },
+        )
+        .unwrap();
     }
 
     #[test]
@@ -137,17 +145,31 @@ mod tests {
             Component::new("llm", 33_000_000_000, DType::F32),
             Component::new("decoder", 1_000_000_000, DType::F32),
         ];
-        let e = check_fits("device 0 (H100)", &cs, MemoryInfo { free: 79 * GIB, total: 80 * GIB })
-            .unwrap_err()
-            .to_string();
+        let e = check_fits(
+            "device 0 (H100)",
+            &cs,
+            MemoryInfo {
+                free: 79 * GIB,
+                total: 80 * GIB,
+            },
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("device 0 (H100)"), "{e}");
         assert!(e.contains("122.9 GiB"), "{e}");
         assert!(e.contains("79.0 GiB of 80.0 GiB is free"), "{e}");
         assert!(e.contains("--dtype bf16 (needs 69.7 GiB, fits)"), "{e}");
         // Too small even in bf16, but the decoder alone fits.
-        let e = check_fits("d", &cs, MemoryInfo { free: 10 * GIB, total: 16 * GIB })
-            .unwrap_err()
-            .to_string();
+        let e = check_fits(
+            "d",
+            &cs,
+            MemoryInfo {
+                free: 10 * GIB,
+                total: 16 * GIB,
+            },
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("--dtype bf16 (needs 69.7 GiB, still too much)"), "{e}");
         assert!(e.contains("--llm-backend cpu (leaves 4.7 GiB here, fits)"), "{e}");
     }

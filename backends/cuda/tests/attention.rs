@@ -46,8 +46,13 @@ fn run<B: Backend>(be: &B, c: &Case, dtype: DType, bias_dtype: DType, seed: u64)
                 m[bi * c.tk + j] = MASK_VALUE as f32;
             }
         }
-        be.upload(&HostTensor::from_f32(&[c.b, 1, 1, c.tk], m).unwrap().to_dtype(bias_dtype).unwrap())
-            .unwrap()
+        be.upload(
+            &HostTensor::from_f32(&[c.b, 1, 1, c.tk], m)
+                .unwrap()
+                .to_dtype(bias_dtype)
+                .unwrap(),
+        )
+        .unwrap()
     });
     let mask = AttnMask {
         causal_offset: c.causal,
@@ -71,16 +76,62 @@ fn cases() -> Vec<Case> {
     };
     vec![
         Case { ..base },
-        Case { causal: Some(0), ..base },
+        Case {
+            causal: Some(0),
+            ..base
+        },
         // Prefill over several key tiles (128 keys each).
-        Case { tq: 300, tk: 300, causal: Some(0), d: 64, ..base },
+        Case {
+            tq: 300,
+            tk: 300,
+            causal: Some(0),
+            d: 64,
+            ..base
+        },
         // Decode: one query over a long cache (many chunks), slots past the position unused.
-        Case { tq: 1, tk: 1000, causal: Some(700), d: 128, ..base },
-        Case { tq: 1, tk: 1000, causal: Some(700), bias: true, ..base },
-        Case { tq: 3, tk: 260, causal: Some(257), bias: true, hkv: 2, ..base },
-        Case { hkv: 1, tq: 7, tk: 9, bthd: true, causal: Some(2), ..base },
-        Case { d: 256, tq: 2, tk: 140, ..base },
-        Case { d: 80, tq: 4, tk: 33, bias: true, ..base },
+        Case {
+            tq: 1,
+            tk: 1000,
+            causal: Some(700),
+            d: 128,
+            ..base
+        },
+        Case {
+            tq: 1,
+            tk: 1000,
+            causal: Some(700),
+            bias: true,
+            ..base
+        },
+        Case {
+            tq: 3,
+            tk: 260,
+            causal: Some(257),
+            bias: true,
+            hkv: 2,
+            ..base
+        },
+        Case {
+            hkv: 1,
+            tq: 7,
+            tk: 9,
+            bthd: true,
+            causal: Some(2),
+            ..base
+        },
+        Case {
+            d: 256,
+            tq: 2,
+            tk: 140,
+            ..base
+        },
+        Case {
+            d: 80,
+            tq: 4,
+            tk: 33,
+            bias: true,
+            ..base
+        },
     ]
 }
 
@@ -101,7 +152,15 @@ fn fused_attention_matches_the_composite() {
             assert!(
                 e <= tol,
                 "case {i} (B{} H{}/{} Tq{} Tk{} D{} causal {:?} bias {} bthd {}) {dt}/{bias_dt}: rel err {e:.2e}",
-                c.b, c.h, c.hkv, c.tq, c.tk, c.d, c.causal, c.bias, c.bthd
+                c.b,
+                c.h,
+                c.hkv,
+                c.tq,
+                c.tk,
+                c.d,
+                c.causal,
+                c.bias,
+                c.bthd
             );
         }
     }
@@ -117,8 +176,15 @@ fn a_fully_masked_row_is_uniform_not_nan() {
     let vh = uniform(&mut rng, &[1, 1, tk, d], -1.0, 1.0);
     let v = gpu.upload(&vh).unwrap();
     let bias = gpu.full(&[1, 1, 1, tk], f64::NEG_INFINITY, DType::F32).unwrap();
-    let mask = AttnMask { causal_offset: None, bias: Some(&bias) };
-    let y = gpu.download(&gpu.attention(&q, &k, &v, &mask, 0.5).unwrap()).unwrap().to_f32_vec().unwrap();
+    let mask = AttnMask {
+        causal_offset: None,
+        bias: Some(&bias),
+    };
+    let y = gpu
+        .download(&gpu.attention(&q, &k, &v, &mask, 0.5).unwrap())
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
     let vv = vh.to_f32_vec().unwrap();
     for j in 0..d {
         let mean: f32 = (0..tk).map(|t| vv[t * d + j]).sum::<f32>() / tk as f32;

@@ -52,7 +52,9 @@ fn matmul_layouts_match_the_cpu_backend() {
         let w = uniform(&mut rng, &[24, 33], -1.0, 1.0);
         let x = uniform(&mut rng, &[5, 7, 33], -1.0, 1.0);
         let bias = uniform(&mut rng, &[24], -1.0, 1.0);
-        on_both!(gpu, "linear (transposed weight)", dt, [x, w, bias], |be| be.linear(&x, &w, Some(&bias)).unwrap());
+        on_both!(gpu, "linear (transposed weight)", dt, [x, w, bias], |be| be
+            .linear(&x, &w, Some(&bias))
+            .unwrap());
         let v = uniform(&mut rng, &[1, 33], -1.0, 1.0);
         on_both!(gpu, "vector x transposed", dt, [v, w], |be| be
             .matmul(&v, &be.permute(&w, &[1, 0]).unwrap())
@@ -94,15 +96,31 @@ fn conv2d_matches_the_cpu_backend() {
         (Conv2dParams::new(2, 1), 1, 3),
         (Conv2dParams::new(1, 0), 1, 1),
         (Conv2dParams::new(2, 0), 1, 1),
-        (Conv2dParams { groups: 4, ..Conv2dParams::new(1, 1) }, 4, 3),
-        (Conv2dParams { dilation: (2, 2), ..Conv2dParams::new(1, 2) }, 1, 3),
+        (
+            Conv2dParams {
+                groups: 4,
+                ..Conv2dParams::new(1, 1)
+            },
+            4,
+            3,
+        ),
+        (
+            Conv2dParams {
+                dilation: (2, 2),
+                ..Conv2dParams::new(1, 2)
+            },
+            1,
+            3,
+        ),
     ];
     for dt in [DType::F32, DType::BF16, DType::F16] {
         for (p, g, k) in params {
             let x = uniform(&mut rng, &[2, 8, 11, 9], -1.0, 1.0);
             let w = uniform(&mut rng, &[12, 8 / g, k, k], -0.5, 0.5);
             let b = uniform(&mut rng, &[12], -1.0, 1.0);
-            on_both!(gpu, &format!("conv2d {p:?} k{k}"), dt, [x, w, b], |be| be.conv2d(&x, &w, Some(&b), p).unwrap());
+            on_both!(gpu, &format!("conv2d {p:?} k{k}"), dt, [x, w, b], |be| be
+                .conv2d(&x, &w, Some(&b), p)
+                .unwrap());
         }
     }
 }

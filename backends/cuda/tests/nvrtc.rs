@@ -41,7 +41,10 @@ fn every_kernel_the_backend_launches_is_in_its_module() {
     if !nvrtc() {
         return;
     }
-    let ptx: Vec<String> = Module::ALL.iter().map(|&m| kernels::compile(m, "compute_80").unwrap()).collect();
+    let ptx: Vec<String> = Module::ALL
+        .iter()
+        .map(|&m| kernels::compile(m, "compute_80").unwrap())
+        .collect();
     for (m, name) in kernels::launched_kernels() {
         let idx = Module::ALL.iter().position(|&x| x == m).unwrap();
         assert!(
@@ -57,7 +60,11 @@ fn a_kernel_that_does_not_compile_is_an_error_with_the_log() {
     if !nvrtc() {
         return;
     }
-    let e = kernels::compile_source("extern \"C\" __global__ void k() { undefined_thing(); }", "bad.cu", "compute_80")
-        .unwrap_err();
+    let e = kernels::compile_source(
+        "extern \"C\" __global__ void k() { undefined_thing(); }",
+        "bad.cu",
+        "compute_80",
+    )
+    .unwrap_err();
     assert!(e.contains("bad.cu") && e.contains("undefined_thing"), "{e}");
 }

@@ -1,9 +1,9 @@
 //! `emu chat`: ask Emu2-Chat about images and videos.
 
 use super::{report_timings, Backends, DecodeArgs, ModelArgs};
-use emu::with_backend;
-use emu::pipeline::{ChatOptions, ChatPipeline, ModelFamily, PipelineError, Result};
 use clap::Args;
+use emu::pipeline::{ChatOptions, ChatPipeline, ModelFamily, PipelineError, Result};
+use emu::with_backend;
 use emu_core::Backend;
 use emu_prompt::{Item, Prompt, Role, Turn, Video};
 use std::io::{BufRead, IsTerminal, Write};

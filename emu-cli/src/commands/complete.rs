@@ -1,9 +1,9 @@
 //! `emu complete`: let Emu2 (base) continue an interleaved image/text prompt.
 
 use super::{report_timings, Backends, DecodeArgs, ModelArgs};
-use emu::with_backend;
-use emu::pipeline::{CompletionOptions, CompletionPipeline, ModelFamily, Result};
 use clap::Args;
+use emu::pipeline::{CompletionOptions, CompletionPipeline, ModelFamily, Result};
+use emu::with_backend;
 use emu_core::Backend;
 
 /// Arguments of `emu complete`.

@@ -1,9 +1,9 @@
 //! `emu encode`: images to EVA features, as safetensors.
 
 use super::{report_timings, Backends, ModelArgs};
-use emu::with_backend;
-use emu::pipeline::{EncodePipeline, ModelDir, ModelFamily, PipelineError, Result};
 use clap::Args;
+use emu::pipeline::{EncodePipeline, ModelDir, ModelFamily, PipelineError, Result};
+use emu::with_backend;
 use emu_core::{Backend, DType, HostTensor};
 use std::path::PathBuf;
 

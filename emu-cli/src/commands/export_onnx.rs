@@ -37,9 +37,9 @@
 //! (the LLM graphs at a position other than the one traced), which
 //! `tools/onnx/check_export_onnx.py` runs in Python's onnxruntime.
 
+use clap::Args;
 use emu::pipeline::{ModelDir, ModelFamily, PipelineError, Result};
 use emu::units::parse_size;
-use clap::Args;
 use emu_backend_onnx::{ExportSpec, ExportedFile, OnnxBackend, ParamInput, Port, EXTERNAL_DATA_THRESHOLD, OPSET};
 use emu_core::checkpoint::{Checkpoint, Weights};
 use emu_core::{DType, HostTensor, Tensor};

@@ -1,9 +1,9 @@
 //! `emu generate`: Emu2-Gen, a prompt to a PNG image.
 
 use super::{report_timings, BackendKind, Backends, ModelArgs};
-use emu::with_backend;
-use emu::pipeline::{GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError, Result};
 use clap::Args;
+use emu::pipeline::{GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError, Result};
+use emu::with_backend;
 use emu_core::Backend;
 use emu_prompt::{Item, Prompt};
 use std::path::{Path, PathBuf};

@@ -140,7 +140,10 @@ impl<'a> Reader<'a> {
                     self.take(sz, key)?;
                     Ok(None)
                 }
-                None => Err(format_err(self.path, format!("GGUF metadata `{key}` has unknown type {t}"))),
+                None => Err(format_err(
+                    self.path,
+                    format!("GGUF metadata `{key}` has unknown type {t}"),
+                )),
             },
         }
     }
@@ -154,7 +157,10 @@ pub(crate) fn read_entries(path: &Path, map: &[u8], file: usize) -> Result<Vec<(
     }
     let version = r.u32("the version")?;
     if !(2..=3).contains(&version) {
-        return Err(format_err(path, format!("GGUF version {version} is not supported (2 or 3)")));
+        return Err(format_err(
+            path,
+            format!("GGUF version {version} is not supported (2 or 3)"),
+        ));
     }
     let n_tensors = r.len("tensor count")?;
     let n_kv = r.len("metadata count")?;
@@ -264,7 +270,11 @@ fn put_str(w: &mut Vec<u8>, s: &str) {
 impl GgufWriter {
     /// Creates the file and writes the header. `metadata` is written as
     /// string key/values (plus `general.alignment`).
-    pub fn create(path: impl Into<PathBuf>, metadata: &BTreeMap<String, String>, tensors: Vec<GgufTensor>) -> Result<Self> {
+    pub fn create(
+        path: impl Into<PathBuf>,
+        metadata: &BTreeMap<String, String>,
+        tensors: Vec<GgufTensor>,
+    ) -> Result<Self> {
         let path = path.into();
         let mut partial = path.clone().into_os_string();
         partial.push(".partial");
@@ -296,7 +306,10 @@ impl GgufWriter {
             offset = (offset + n as u64).div_ceil(DEFAULT_ALIGNMENT) * DEFAULT_ALIGNMENT;
             sized.push((t, n));
         }
-        h.resize((h.len() as u64).div_ceil(DEFAULT_ALIGNMENT) as usize * DEFAULT_ALIGNMENT as usize, 0);
+        h.resize(
+            (h.len() as u64).div_ceil(DEFAULT_ALIGNMENT) as usize * DEFAULT_ALIGNMENT as usize,
+            0,
+        );
         let file = std::fs::File::create(&partial).map_err(|e| Error::io(&partial, e))?;
         let mut w = Self {
             out: Some(BufWriter::new(file)),
@@ -313,7 +326,10 @@ impl GgufWriter {
     }
 
     fn write_raw(&mut self, b: &[u8]) -> Result<()> {
-        let out = self.out.as_mut().ok_or_else(|| Error::InvalidArgument("GGUF writer already closed".into()))?;
+        let out = self
+            .out
+            .as_mut()
+            .ok_or_else(|| Error::InvalidArgument("GGUF writer already closed".into()))?;
         out.write_all(b).map_err(|e| Error::io(&self.partial, e))?;
         self.written += b.len() as u64;
         Ok(())
@@ -328,7 +344,9 @@ impl GgufWriter {
     /// the size its shape and type imply.
     pub fn write_tensor(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let Some((t, n)) = self.tensors.get(self.next) else {
-            return Err(Error::InvalidArgument(format!("GGUF writer: `{name}` is one tensor too many")));
+            return Err(Error::InvalidArgument(format!(
+                "GGUF writer: `{name}` is one tensor too many"
+            )));
         };
         if t.name != name || *n != bytes.len() {
             return Err(Error::InvalidArgument(format!(
@@ -355,7 +373,10 @@ impl GgufWriter {
                 self.tensors.len()
             )));
         }
-        let out = self.out.take().ok_or_else(|| Error::InvalidArgument("GGUF writer already closed".into()))?;
+        let out = self
+            .out
+            .take()
+            .ok_or_else(|| Error::InvalidArgument("GGUF writer already closed".into()))?;
         let file = out.into_inner().map_err(|e| Error::io(&self.partial, e.into_error()))?;
         file.sync_all().map_err(|e| Error::io(&self.partial, e))?;
         drop(file);

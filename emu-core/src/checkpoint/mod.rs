@@ -428,7 +428,12 @@ impl Checkpoint {
         notify(LoadEvent::Opened {
             origin,
             tensors: ckpt.inner.tensors.len(),
-            bytes: ckpt.inner.tensors.values().map(Entry::stored_bytes).fold(0u64, u64::saturating_add),
+            bytes: ckpt
+                .inner
+                .tensors
+                .values()
+                .map(Entry::stored_bytes)
+                .fold(0u64, u64::saturating_add),
         });
         Ok(ckpt)
     }
@@ -592,12 +597,20 @@ impl Checkpoint {
         let file = &self.inner.files[e.file];
         let n = quantized_size(key, q, &e.dims)?;
         let Layout::Contiguous { start } = e.layout else {
-            return Err(format_err(&file.path, format!("tensor `{key}`: strided quantized data")));
+            return Err(format_err(
+                &file.path,
+                format!("tensor `{key}`: strided quantized data"),
+            ));
         };
         let bytes = start
             .checked_add(n)
             .and_then(|end| file.map.get(start..end))
-            .ok_or_else(|| format_err(&file.path, format!("tensor `{key}`: block data lies past the end of the file")))?;
+            .ok_or_else(|| {
+                format_err(
+                    &file.path,
+                    format!("tensor `{key}`: block data lies past the end of the file"),
+                )
+            })?;
         notify(LoadEvent::Read {
             origin: &self.inner.origin,
             key,

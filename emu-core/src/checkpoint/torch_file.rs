@@ -99,7 +99,12 @@ pub(crate) fn read_entries(
         return Err(bad(format!(
             "`{pkl_name}` holds no tensors, only calls to {} that this reader refuses to run \
              (it interprets tensor rebuilds and dicts only; nothing in the file was executed)",
-            found.refused.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+            found
+                .refused
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     if tensors.is_empty() {

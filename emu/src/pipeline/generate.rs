@@ -438,4 +438,3 @@ pub fn parse_image_size(s: &str) -> Result<(usize, usize)> {
         }
     }
 }
-

@@ -39,7 +39,7 @@ pub use dump::{check_dir as check_dump_dir, Dump};
 pub use emu2::{check_dtype, Emu2Model};
 pub use encode::{EncodePipeline, EncodedImages};
 pub use error::{PipelineError, Result};
-pub use generate::{parse_image_size, gaussian_noise, GeneratedImage, GenerationOptions, GenerationPipeline};
+pub use generate::{gaussian_noise, parse_image_size, GeneratedImage, GenerationOptions, GenerationPipeline};
 pub use model::{detect_family, ModelDir, ModelFamily};
 pub use text::{upstream_generation, ChatAnswer, ChatOptions, ChatPipeline, CompletionOptions, CompletionPipeline};
 

@@ -338,7 +338,8 @@ pub fn detect_family(root: &Path) -> Result<ModelFamily> {
     if std::fs::symlink_metadata(&index).is_ok() {
         // Read, not just seen: a model_index.json that is not JSON means a
         // broken download, which should not pass for a pipeline.
-        let text = emu_core::fs::read_text(&index).map_err(|e| PipelineError::Model(format!("{}: {e}", index.display())))?;
+        let text =
+            emu_core::fs::read_text(&index).map_err(|e| PipelineError::Model(format!("{}: {e}", index.display())))?;
         serde_json::from_str::<serde_json::Value>(&text)
             .map_err(|e| PipelineError::Model(format!("{}: not valid JSON: {e}", index.display())))?;
         return Ok(ModelFamily::Emu2Gen);

@@ -49,7 +49,8 @@ use std::path::{Path, PathBuf};
 
 pub type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-pub const USAGE: &str = "cargo xtask bench [--backends cpu,wgpu,onnx,cuda] [--component ops|vision|llm|unet|vae|all[,..]] \
+pub const USAGE: &str =
+    "cargo xtask bench [--backends cpu,wgpu,onnx,cuda] [--component ops|vision|llm|unet|vae|all[,..]] \
 [--size tiny|mid] [--dtype f32|bf16] [--threads N] [--warmup N] [--iters N] [--torch PYTHON] [--json OUT] [--keep DIR] \
 [--quant q8_0,q4_k]";
 
@@ -798,7 +799,7 @@ mod tests {
     #[test]
     fn options_reject_unknown_names() {
         let parse = |s: &str| Options::parse(&s.split(' ').map(String::from).collect::<Vec<_>>());
-        assert!(parse("--backends cpu,cuda").is_err());
+        assert!(parse("--backends cpu,tpu").is_err());
         assert!(parse("--component vision,sound").is_err());
         assert!(parse("--dtype f16").is_err());
         let o = parse("--component llm,vae --size tiny --threads 2").unwrap();

@@ -6,9 +6,9 @@
 //! and gives the values that are checked against the CPU backend.
 
 use emu_core::backend::{AttnMask, Conv2dParams};
+use emu_core::QuantType;
 use emu_core::{Backend, Checkpoint, DType, HostTensor, Tensor};
 use emu_decoder::{AutoencoderKL, AutoencoderKLConfig, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
-use emu_core::QuantType;
 use emu_llm::{Llama, LlamaConfig, LlmQuant, Logits};
 use emu_vision::VisionEncoder;
 use std::path::Path;
