@@ -600,6 +600,27 @@ pub fn available<B>(created: Result<B>) -> Option<B> {
     }
 }
 
+/// An f32 host tensor of `dims` with values uniform in `[lo, hi)` (what
+/// backend test binaries upload).
+pub fn uniform_host(rng: &mut Rng, dims: &[usize], lo: f64, hi: f64) -> HostTensor {
+    let n = dims.iter().product();
+    HostTensor::from_f32(dims, (0..n).map(|_| rng.uniform(lo, hi) as f32).collect())
+        .expect("dims and values agree by construction")
+}
+
+/// [`rel_err`] of two host tensors of the same shape; a shape mismatch or a
+/// dtype that cannot be read as f32 is infinitely wrong.
+pub fn host_rel_err(got: &HostTensor, want: &HostTensor) -> f64 {
+    let f64s = |t: &HostTensor| {
+        t.to_f32_vec()
+            .map(|v| v.into_iter().map(f64::from).collect::<Vec<f64>>())
+    };
+    match (got.dims() == want.dims(), f64s(got), f64s(want)) {
+        (true, Ok(g), Ok(w)) => rel_err(&g, &w),
+        _ => f64::INFINITY,
+    }
+}
+
 /// Relative error as used across the project: `max|a-b| / max(max|b|, 1e-30)`.
 pub fn rel_err(actual: &[f64], expected: &[f64]) -> f64 {
     if actual.len() != expected.len() {
