@@ -23,10 +23,13 @@ use emu_core::backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, Una
 use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, QuantTensor, Result};
 
+mod attention;
 mod conv;
 mod matvec;
 mod norm;
 mod quant;
+#[cfg(target_arch = "x86_64")]
+mod quant_x86;
 
 /// The candle CPU backend. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -663,13 +666,10 @@ impl Backend for CpuBackend {
                 x.dims()
             )));
         }
-        if x.dtype() == CDType::F32 {
-            return candle_nn::ops::rms_norm(&x.contiguous().map_err(err)?, w, eps as f32).map_err(err);
+        if !matches!(x.dtype(), CDType::F32 | CDType::F16 | CDType::BF16) {
+            return emu_core::backend::default_rms_norm(self, x, w, eps);
         }
-        // Half precision: normalise in f32, round, then scale (LlamaRMSNorm's order).
-        let ones = CTensor::ones(last, CDType::F32, &self.device).map_err(err)?;
-        let n = in_f32(x, |x| candle_nn::ops::rms_norm(&x.contiguous()?, &ones, eps as f32))?;
-        n.broadcast_mul(w).map_err(err)
+        norm::rms_norm(x, w, eps).map_err(err)
     }
 
     fn layer_norm(&self, x: &CTensor, w: Option<&CTensor>, b: Option<&CTensor>, eps: f64) -> Result<CTensor> {
@@ -684,35 +684,10 @@ impl Backend for CpuBackend {
                 )));
             }
         }
-        let ones = CTensor::ones(last, CDType::F32, &self.device).map_err(err)?;
-        let zeros = CTensor::zeros(last, CDType::F32, &self.device).map_err(err)?;
-        let to32 = |p: Option<&CTensor>, d: &CTensor| -> Result<CTensor> {
-            p.map(|p| p.to_dtype(CDType::F32).map_err(err))
-                .unwrap_or_else(|| Ok(d.clone()))
-        };
-        if x.dtype() == CDType::F32 {
-            return candle_nn::ops::layer_norm(
-                &x.contiguous().map_err(err)?,
-                &to32(w, &ones)?,
-                &to32(b, &zeros)?,
-                eps as f32,
-            )
-            .map_err(err);
+        if !matches!(x.dtype(), CDType::F32 | CDType::F16 | CDType::BF16) {
+            return emu_core::backend::default_layer_norm(self, x, w, b, eps);
         }
-        // Half precision: PyTorch's kernel keeps the affine part in f32 too, then rounds once.
-        let y = in_f32(x, |x| {
-            candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, eps as f32)
-        })?;
-        let y = y.to_dtype(CDType::F32).map_err(err)?;
-        let y = match w {
-            Some(w) => y.broadcast_mul(&to32(Some(w), &ones)?).map_err(err)?,
-            None => y,
-        };
-        let y = match b {
-            Some(b) => y.broadcast_add(&to32(Some(b), &zeros)?).map_err(err)?,
-            None => y,
-        };
-        y.to_dtype(x.dtype()).map_err(err)
+        norm::layer_norm(x, w, b, eps).map_err(err)
     }
 
     fn group_norm(
@@ -766,6 +741,28 @@ impl Backend for CpuBackend {
         mask: &AttnMask<'_, CTensor>,
         scale: f64,
     ) -> Result<CTensor> {
-        emu_core::backend::default_attention(self, q, k, v, mask, scale)
+        let (qd, kd, vd) = (q.dims(), k.dims(), v.dims());
+        let fits = qd.len() == 4
+            && kd.len() == 4
+            && kd == vd
+            && qd[0] == kd[0]
+            && qd[3] == kd[3]
+            && kd[1] > 0
+            && qd[1].is_multiple_of(kd[1])
+            && kd[2] > 0;
+        let f32s = [q, k, v].iter().all(|t| t.dtype() == CDType::F32);
+        let bias_fits = mask.bias.is_none_or(|bias| {
+            let bd = bias.dims();
+            let want = [qd[0], qd[1], qd[2], kd[2]];
+            bias.dtype().is_float()
+                && bd.len() <= 4
+                && bd.iter().rev().zip(want.iter().rev()).all(|(&a, &w)| a == 1 || a == w)
+        });
+        if !(fits && f32s && bias_fits) {
+            // Half precision keeps the composite (eager PyTorch rounds the
+            // scores to the input dtype); malformed calls get its errors.
+            return emu_core::backend::default_attention(self, q, k, v, mask, scale);
+        }
+        attention::attention(q, k, v, mask.bias, mask.causal_offset, scale).map_err(err)
     }
 }

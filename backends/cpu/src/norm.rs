@@ -1,4 +1,9 @@
-//! Group normalisation in one kernel over NCHW (or any `[N, C, ..]`) data.
+//! Normalisations in one kernel each: group norm over NCHW (or any
+//! `[N, C, ..]`) data, and layer norm and RMS norm over the last dimension.
+//!
+//! Layer and RMS norm: candle's kernels walk the rows on one thread; here
+//! rows are split over rayon, each row is read twice while it sits in L1
+//! (mean, then centred variance) and written once, affine part applied.
 //!
 //! The default composite takes eight passes over the tensor (mean, centre,
 //! square, mean, scale, cast, weight, bias), each a new allocation; the VAE
@@ -97,6 +102,132 @@ pub(crate) fn group_norm(
     debug_assert_eq!(xs.len(), n * c * rest);
     let y = group_norm_f32(xs, (c, rest), groups, wv.as_deref(), bv.as_deref(), eps);
     CTensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())
+}
+
+/// Rows per rayon task: enough elements that the split pays for itself.
+fn rows_per_task(rows: usize, d: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    (16_384 / d.max(1)).max(rows.div_ceil(threads * 8)).max(1)
+}
+
+/// LayerNorm of each `d`-long row of `x` (biased variance), affine part in
+/// f32: `(x - mean) * rstd * w + b`.
+pub(crate) fn layer_norm_f32(x: &[f32], d: usize, w: Option<&[f32]>, b: Option<&[f32]>, eps: f64) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    if d == 0 {
+        return out;
+    }
+    let per = rows_per_task(x.len() / d, d) * d;
+    out.par_chunks_mut(per).zip(x.par_chunks(per)).for_each(|(o, xs)| {
+        for (oy, xr) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+            let mean = sum_by(xr, |v| v) / d as f64;
+            let m32 = mean as f32;
+            let var = sum_by(xr, |v| (v - m32) * (v - m32)) / d as f64;
+            let rstd = (1.0 / (var + eps).sqrt()) as f32;
+            match (w, b) {
+                (Some(w), Some(b)) => {
+                    for (((y, &v), &w), &b) in oy.iter_mut().zip(xr).zip(w).zip(b) {
+                        *y = (v - m32) * rstd * w + b;
+                    }
+                }
+                (Some(w), None) => {
+                    for ((y, &v), &w) in oy.iter_mut().zip(xr).zip(w) {
+                        *y = (v - m32) * rstd * w;
+                    }
+                }
+                (None, Some(b)) => {
+                    for ((y, &v), &b) in oy.iter_mut().zip(xr).zip(b) {
+                        *y = (v - m32) * rstd + b;
+                    }
+                }
+                (None, None) => {
+                    for (y, &v) in oy.iter_mut().zip(xr) {
+                        *y = (v - m32) * rstd;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+/// `x * rsqrt(mean(x^2) + eps)` of each `d`-long row, then `* w` where given
+/// (f32 `LlamaRMSNorm`; half precision scales after rounding, see
+/// [`rms_norm`]).
+pub(crate) fn rms_norm_f32(x: &[f32], d: usize, w: Option<&[f32]>, eps: f64) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    if d == 0 {
+        return out;
+    }
+    let per = rows_per_task(x.len() / d, d) * d;
+    out.par_chunks_mut(per).zip(x.par_chunks(per)).for_each(|(o, xs)| {
+        for (oy, xr) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
+            let ms = sum_by(xr, |v| v * v) / d as f64;
+            let r = (1.0 / (ms + eps).sqrt()) as f32;
+            match w {
+                Some(w) => {
+                    for ((y, &v), &w) in oy.iter_mut().zip(xr).zip(w) {
+                        *y = v * r * w;
+                    }
+                }
+                None => {
+                    for (y, &v) in oy.iter_mut().zip(xr) {
+                        *y = v * r;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+/// The contiguous f32 values of `t` (converted and copied only where needed).
+fn f32_values(t: &CTensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+}
+
+/// Runs `f` on the f32 contiguous data of `x` without copying it where it
+/// already is f32 and contiguous.
+fn with_f32<R>(x: &CTensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let (xs, xl) = x32.storage_and_layout();
+    let (Storage::Cpu(xs), Some((lo, hi))) = (&*xs, xl.contiguous_offsets()) else {
+        candle_core::bail!("norm: not a contiguous cpu tensor")
+    };
+    Ok(f(&xs.as_slice::<f32>()?[lo..hi]))
+}
+
+/// [`layer_norm_f32`] on candle tensors of f32/f16/bf16 (validated by the
+/// caller). Half precision is normalised and scaled in f32 and rounded
+/// once, as PyTorch's CPU kernel does.
+pub(crate) fn layer_norm(
+    x: &CTensor,
+    w: Option<&CTensor>,
+    b: Option<&CTensor>,
+    eps: f64,
+) -> candle_core::Result<CTensor> {
+    let d = *x.dims().last().unwrap_or(&1);
+    let wv = w.map(f32_values).transpose()?;
+    let bv = b.map(f32_values).transpose()?;
+    let y = with_f32(x, |xs| layer_norm_f32(xs, d, wv.as_deref(), bv.as_deref(), eps))?;
+    CTensor::from_vec(y, x.dims(), x.device())?.to_dtype(x.dtype())
+}
+
+/// [`rms_norm_f32`] on candle tensors (validated by the caller). f32 scales
+/// in the same pass; half precision normalises in f32, rounds, then scales
+/// in its own precision, as `LlamaRMSNorm` does
+/// (`weight * hidden.to(input_dtype)`).
+pub(crate) fn rms_norm(x: &CTensor, w: &CTensor, eps: f64) -> candle_core::Result<CTensor> {
+    let d = *x.dims().last().unwrap_or(&1);
+    if x.dtype() == DType::F32 {
+        let wv = f32_values(w)?;
+        let y = with_f32(x, |xs| rms_norm_f32(xs, d, Some(&wv), eps))?;
+        return CTensor::from_vec(y, x.dims(), x.device());
+    }
+    let n = with_f32(x, |xs| rms_norm_f32(xs, d, None, eps))?;
+    CTensor::from_vec(n, x.dims(), x.device())?
+        .to_dtype(x.dtype())?
+        .broadcast_mul(w)
 }
 
 #[cfg(test)]

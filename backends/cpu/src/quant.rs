@@ -2,24 +2,24 @@
 //!
 //! Decode (a few input rows) is bound by how fast the weights stream from
 //! memory, so the win of quantization is reading 8.5 or 4.5 bits per weight
-//! instead of 16 or 32. Each task dequantizes one weight row at a time into
-//! an f32 scratch row that stays in L1/L2 and takes its f32 dot product with
-//! every input row ([`crate::matvec::dot`]), so from main memory only the
-//! block bytes are read. The loop is compiled three times (baseline SSE2,
-//! AVX2+FMA, AVX-512) and the widest one the CPU has is picked at run time.
+//! instead of 16 or 32 — if widening them costs less than reading them. On
+//! x86-64 with AVX2 or AVX-512 the kernels of [`crate::quant_x86`] widen each
+//! block in registers and take its dot products with up to four input rows
+//! at once; elsewhere each task dequantizes one weight row into an f32
+//! scratch row (in L1/L2) and takes f32 dot products with it.
 //!
 //! The activations are *not* quantized (llama.cpp quantizes them to Q8_0 /
-//! Q8_K for integer dot products): the dequantized weights are exactly
-//! `gguf.dequantize`'s, and the only difference from dequantize-then-f32-linear
-//! is the f32 summation order, a relative error of a few 1e-7 (the op suite
-//! holds it to 1e-5).
+//! Q8_K for integer dot products): the weights are exactly `gguf.dequantize`'s,
+//! and the difference from dequantize-then-f32-linear is the f32 summation
+//! order (and one regrouping for Q4_K, see `quant_x86`), a relative error of
+//! a few 1e-7 (the op suite holds it to 1e-5).
 //!
 //! Many rows (prefill) take candle's gemm instead: the weight is dequantized
 //! in slabs of output features, so the transient f32 copy is one slab, not
 //! the whole matrix.
 
 use crate::matvec::dot;
-use emu_core::quant::{dequantize_into, QuantTensor};
+use emu_core::quant::{dequantize_into, QuantTensor, QuantType};
 use rayon::prelude::*;
 
 /// Inputs with at most this many rows take the row kernel; more rows
@@ -33,29 +33,62 @@ pub(crate) const SLAB_ELEMS: usize = 1 << 22;
 /// `y[i, r] = sum_j x[i, j] * deq(w)[r, j] + bias[r]` in f32, `m` input rows
 /// of `k`, `n = w.dims()[0]` outputs; `y` is `m x n`, row-major.
 pub(crate) fn linear_rows(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    return linear_rows_isa(x, m, w, bias, crate::quant_x86::detect());
+    #[cfg(not(target_arch = "x86_64"))]
+    return linear_rows_isa(x, m, w, bias, None);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+type Isa = ();
+#[cfg(target_arch = "x86_64")]
+use crate::quant_x86::Isa;
+
+/// [`linear_rows`] on the fused kernels of `isa`, or on the portable path
+/// where it is `None` (the tests run every path the CPU has).
+fn linear_rows_isa(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>, isa: Option<Isa>) -> Vec<f32> {
     let (n, k) = (w.dims()[0], w.dims()[1]);
     debug_assert_eq!(x.len(), m * k);
     let threads = rayon::current_num_threads().max(1);
     let block = n.div_ceil(threads * 4).clamp(8, 256);
     let mut yt = vec![0f32; n * m];
+    #[cfg(target_arch = "x86_64")]
+    if let Some(isa) = isa {
+        let xsum = match w.qtype() {
+            QuantType::Q4K => crate::quant_x86::sub_block_sums(x),
+            QuantType::Q8_0 => Vec::new(),
+        };
+        let rb = w.row_bytes();
+        yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
+            for (j, o) in out.chunks_exact_mut(m).enumerate() {
+                let r = bi * block + j;
+                let row = &w.bytes()[r * rb..(r + 1) * rb];
+                let sbs = k / 32;
+                for (g, og) in o.chunks_mut(4).enumerate() {
+                    let xg = &x[g * 4 * k..];
+                    let sg = xsum.get(g * 4 * sbs..).unwrap_or(&[]);
+                    // SAFETY: `detect` found the ISA; `row` holds the row's
+                    // k / block_size blocks and `xg` at least og.len() rows.
+                    unsafe { crate::quant_x86::dot_rows(isa, w.qtype(), row, xg, sg, k, og.len(), og) };
+                }
+                if let Some(b) = bias {
+                    o.iter_mut().for_each(|v| *v += b[r]);
+                }
+            }
+        });
+        return transpose(&yt, m, n);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
     yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
         let mut row = vec![0f32; k];
-        let task = Task { x, m, k, w, bias };
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F, checked just above.
-                unsafe { task.run_avx512(bi * block, out, &mut row) };
-                return;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                unsafe { task.run_avx2(bi * block, out, &mut row) };
-                return;
-            }
-        }
-        task.run(bi * block, out, &mut row);
+        Task { x, m, k, w, bias }.run(bi * block, out, &mut row);
     });
+    transpose(&yt, m, n)
+}
+
+/// `n x m` (output feature major, as the tasks write) to `m x n`.
+fn transpose(yt: &[f32], m: usize, n: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     for (r, col) in yt.chunks_exact(m).enumerate() {
         for (i, v) in col.iter().enumerate() {
@@ -104,18 +137,6 @@ impl Task<'_> {
             }
         }
     }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn run_avx2(&self, first: usize, out: &mut [f32], row: &mut [f32]) {
-        self.run(first, out, row)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    fn run_avx512(&self, first: usize, out: &mut [f32], row: &mut [f32]) {
-        self.run(first, out, row)
-    }
 }
 
 #[cfg(test)]
@@ -130,31 +151,51 @@ mod tests {
 
     /// Against an f64 product with the dequantized weights: the kernel's
     /// only error is f32 summation, bounded by 1e-5 of sum |x| |w| per output.
+    /// Every kernel this CPU can run, and the portable path.
+    fn isas() -> Vec<Option<Isa>> {
+        let mut v = vec![None];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::quant_x86::Isa;
+            if let Some(best) = crate::quant_x86::detect() {
+                v.push(Some(best));
+                if best == Isa::Avx512 {
+                    v.push(Some(Isa::Avx2));
+                }
+            }
+        }
+        v
+    }
+
     #[test]
     fn rows_match_dequantized_f64() {
-        for qt in [QuantType::Q8_0, QuantType::Q4K] {
-            for &(m, k, n, bias) in &[
-                (1, 256, 5, false),
-                (3, 512, 33, true),
-                (16, 1024, 70, true),
-                (2, 256, 1, false),
-            ] {
-                let x = values(m * k, 1);
-                let w = QuantTensor::quantize("t.w", &HostTensor::from_f32(&[n, k], values(n * k, 2)).unwrap(), qt)
-                    .unwrap();
-                let b = values(n, 3);
-                let y = linear_rows(&x, m, &w, bias.then_some(&b[..]));
-                let wd = w.dequantize().unwrap().to_f32_vec().unwrap();
-                for i in 0..m {
-                    for r in 0..n {
-                        let terms = (0..k).map(|j| x[i * k + j] as f64 * wd[r * k + j] as f64);
-                        let want = terms.clone().sum::<f64>() + if bias { b[r] as f64 } else { 0.0 };
-                        let mag = terms.map(f64::abs).sum::<f64>() + 1.0;
-                        let got = y[i * n + r] as f64;
-                        assert!(
-                            (got - want).abs() <= 1e-5 * mag,
-                            "{qt} {m}x{k}x{n} [{i},{r}]: {got} vs {want}"
-                        );
+        for isa in isas() {
+            for qt in [QuantType::Q8_0, QuantType::Q4K] {
+                for &(m, k, n, bias) in &[
+                    (1, 256, 5, false),
+                    (3, 512, 33, true),
+                    (16, 1024, 70, true),
+                    (2, 256, 1, false),
+                    (5, 768, 9, false),
+                    (7, 256, 300, true),
+                ] {
+                    let x = values(m * k, 1);
+                    let w = QuantTensor::quantize("t.w", &HostTensor::from_f32(&[n, k], values(n * k, 2)).unwrap(), qt)
+                        .unwrap();
+                    let b = values(n, 3);
+                    let y = linear_rows_isa(&x, m, &w, bias.then_some(&b[..]), isa);
+                    let wd = w.dequantize().unwrap().to_f32_vec().unwrap();
+                    for i in 0..m {
+                        for r in 0..n {
+                            let terms = (0..k).map(|j| x[i * k + j] as f64 * wd[r * k + j] as f64);
+                            let want = terms.clone().sum::<f64>() + if bias { b[r] as f64 } else { 0.0 };
+                            let mag = terms.map(f64::abs).sum::<f64>() + 1.0;
+                            let got = y[i * n + r] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * mag,
+                                "{isa:?} {qt} {m}x{k}x{n} [{i},{r}]: {got} vs {want}"
+                            );
+                        }
                     }
                 }
             }

@@ -1,0 +1,373 @@
+//! Scaled dot-product attention in f32, one pass per block of query rows.
+//!
+//! The default composite materialises the whole `[B, H, Tq, Tk]` score
+//! tensor several times (matmul, scale, mask, upcast, softmax, cast), and
+//! with a preallocated KV cache it scores every slot of the capacity,
+//! written or not. Here each rayon task takes up to `QBLOCK` query rows of
+//! one head: scores for the keys those rows may see (causal rows stop at
+//! their position, so decode reads only the written part of the cache) with
+//! gemm, the mask and softmax in place, then the weighted sum of values with
+//! gemm. The scratch is one `QBLOCK x Tk` block per task, so full-resolution
+//! attention (the VAE's 4096 x 4096) never allocates a full score matrix.
+//!
+//! The arithmetic is the composite's: scores `(q . k) * scale`, plus the
+//! bias clamped at `MASK_VALUE`, softmax in f32; masked keys get weight 0.
+
+use candle_core::{DType, Layout, Storage, Tensor as CTensor};
+use emu_core::backend::MASK_VALUE;
+use rayon::prelude::*;
+
+/// Query rows per task: large enough for gemm to reach its speed, small
+/// enough that a head of a few hundred rows still splits over the threads.
+const QBLOCK: usize = 64;
+
+/// The data of a contiguous f32 tensor (from its storage offset on).
+fn data<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (Storage::Cpu(s), Some((lo, hi))) = (s, l.contiguous_offsets()) else {
+        candle_core::bail!("attention: not a contiguous cpu tensor")
+    };
+    Ok(&s.as_slice::<f32>()?[lo..hi])
+}
+
+/// A bias broadcast to `[B, H, Tq, Tk]` by strides (0 on broadcast axes).
+struct Bias<'a> {
+    data: &'a [f32],
+    strides: [usize; 4],
+}
+
+impl Bias<'_> {
+    #[inline]
+    fn row(&self, b: usize, h: usize, i: usize) -> (usize, usize) {
+        let s = self.strides;
+        (b * s[0] + h * s[1] + i * s[2], s[3])
+    }
+}
+
+/// `e^x` to about 1 ulp over f32's range (Cephes' `expf` reduction and
+/// polynomial), branch-free so that loops over it vectorise; 0 below -87.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(-87.0, 88.3);
+    let fx = (xc * LOG2E).round();
+    let r = xc - fx * C1 - fx * C2;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let y = p * r * r + r + 1.0;
+    let pow2 = f32::from_bits(((fx as i32 + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        y * pow2
+    }
+}
+
+/// In-place softmax of `row[..n]` (scores already scaled and masked).
+#[inline(always)]
+fn softmax(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = exp(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// `dst[m x n] = beta * lhs[m x k] rhs[k x n]` with arbitrary strides
+/// (`(row, col)` for each operand).
+///
+/// # Safety
+/// Every element addressed by the strides over the given sizes must lie in
+/// the operand's slice (the caller's shapes guarantee it).
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into(
+    dst: &mut [f32],
+    dst_rs: usize,
+    lhs: *const f32,
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: *const f32,
+    (rhs_rs, rhs_cs): (usize, usize),
+    (m, n, k): (usize, usize, usize),
+    beta: f32,
+) {
+    debug_assert!(m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len());
+    // SAFETY: forwarded from the caller; dst is exclusively borrowed.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            lhs,
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs,
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// Attention of contiguous f32 `q [B, H, Tq, D]`, `k`/`v [B, Hkv, Tk, D]`
+/// (shapes validated by the caller, `Tk > 0`, `H` a multiple of `Hkv`), with
+/// an optional bias broadcastable to `[B, H, Tq, Tk]` and causal offset.
+/// Returns `[B, H, Tq, D]`.
+pub(crate) fn attention(
+    q: &CTensor,
+    k: &CTensor,
+    v: &CTensor,
+    bias: Option<&CTensor>,
+    causal_offset: Option<usize>,
+    scale: f64,
+) -> candle_core::Result<CTensor> {
+    let (b, h, tq, d) = q.dims4()?;
+    let (_, hkv, tk, _) = k.dims4()?;
+    let rep = h / hkv;
+    let q = q.contiguous()?;
+    let k = k.contiguous()?;
+    let v = v.contiguous()?;
+    let bias = match bias {
+        Some(t) => {
+            let t = t.to_dtype(DType::F32)?;
+            let bd = t.dims();
+            if bd.len() > 4 {
+                candle_core::bail!("attention: bias {bd:?} has more than 4 dimensions");
+            }
+            let mut full = [1usize; 4];
+            full[4 - bd.len()..].copy_from_slice(bd);
+            let want = [b, h, tq, tk];
+            if full.iter().zip(want).any(|(&f, w)| f != 1 && f != w) {
+                candle_core::bail!("attention: bias {bd:?} does not broadcast to {want:?}");
+            }
+            // Clamped as the composite clamps it (an f16 mask holds -inf).
+            let t = t.maximum(MASK_VALUE)?.contiguous()?;
+            let mut strides = [0usize; 4];
+            let mut acc = 1;
+            for ax in (0..4).rev() {
+                strides[ax] = if full[ax] == 1 { 0 } else { acc };
+                acc *= full[ax];
+            }
+            Some((t, strides))
+        }
+        None => None,
+    };
+    let mut out = vec![0f32; b * h * tq * d];
+    let run = |qs: &[f32], ks: &[f32], vs: &[f32], bias: Option<Bias<'_>>, out: &mut [f32]| {
+        let mut jobs = Vec::new();
+        for (bh, head) in out.chunks_mut(tq * d).enumerate() {
+            for (c, o) in head.chunks_mut(QBLOCK * d).enumerate() {
+                jobs.push((bh, c * QBLOCK, o));
+            }
+        }
+        jobs.into_par_iter().for_each_init(Vec::new, |scores, (bh, i0, o)| {
+            let (bi, hi) = (bh / h, bh % h);
+            let kvh = bi * hkv + hi / rep;
+            let rows = o.len() / d;
+            // Keys the block may see: causal rows stop at offset + i.
+            let kw = match causal_offset {
+                Some(off) => tk.min(off + i0 + rows),
+                None => tk,
+            };
+            scores.clear();
+            scores.resize(rows * kw, 0f32);
+            let qb = &qs[(bh * tq + i0) * d..(bh * tq + i0 + rows) * d];
+            let kb = &ks[kvh * tk * d..(kvh * tk + kw) * d];
+            let vb = &vs[kvh * tk * d..(kvh * tk + kw) * d];
+            // SAFETY: qb is rows x d, kb and vb are kw x d, row-major; the
+            // strides below address exactly those elements.
+            unsafe {
+                gemm_into(
+                    scores,
+                    kw,
+                    qb.as_ptr(),
+                    (d, 1),
+                    kb.as_ptr(),
+                    (1, d),
+                    (rows, kw, d),
+                    scale as f32,
+                )
+            };
+            for (r, row) in scores.chunks_exact_mut(kw).enumerate() {
+                let i = i0 + r;
+                let lim = causal_offset.map_or(kw, |off| kw.min(off + i + 1));
+                if let Some(bias) = &bias {
+                    let (at, st) = bias.row(bi, hi, i);
+                    for (j, s) in row[..lim].iter_mut().enumerate() {
+                        *s += bias.data[at + j * st];
+                    }
+                }
+                softmax(&mut row[..lim]);
+                row[lim..].fill(0.0);
+            }
+            // SAFETY: scores is rows x kw, vb is kw x d, o is rows x d.
+            unsafe { gemm_into(o, d, scores.as_ptr(), (kw, 1), vb.as_ptr(), (d, 1), (rows, d, kw), 1.0) };
+        });
+    };
+    let (qg, ql) = q.storage_and_layout();
+    let (kg, kl) = k.storage_and_layout();
+    let (vg, vl) = v.storage_and_layout();
+    let (qs, ks, vs) = (data(&qg, ql)?, data(&kg, kl)?, data(&vg, vl)?);
+    match &bias {
+        Some((t, strides)) => {
+            let (bg, bl) = t.storage_and_layout();
+            let bias = Bias {
+                data: data(&bg, bl)?,
+                strides: *strides,
+            };
+            run(qs, ks, vs, Some(bias), &mut out);
+        }
+        None => run(qs, ks, vs, None, &mut out),
+    }
+    drop((qg, kg, vg));
+    CTensor::from_vec(out, (b, h, tq, d), q.device())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = emu_core::testing::Rng::new(seed);
+        (0..n).map(|_| rng.uniform(-1.0, 1.0) as f32).collect()
+    }
+
+    /// softmax(q k^T scale + bias + causal) v in f64, bias given per
+    /// (b, h, i, j) by a closure.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        (b, h, hkv, tq, tk, d): (usize, usize, usize, usize, usize, usize),
+        bias: &dyn Fn(usize, usize, usize, usize) -> f64,
+        causal: Option<usize>,
+        scale: f64,
+    ) -> Vec<f64> {
+        let mut out = vec![0f64; b * h * tq * d];
+        for bi in 0..b {
+            for hi in 0..h {
+                let kh = bi * hkv + hi / (h / hkv);
+                for i in 0..tq {
+                    let qr = &q[((bi * h + hi) * tq + i) * d..][..d];
+                    let mut s: Vec<f64> = (0..tk)
+                        .map(|j| {
+                            let kr = &k[(kh * tk + j) * d..][..d];
+                            let dot: f64 = qr.iter().zip(kr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            let masked = causal.is_some_and(|o| j > o + i);
+                            dot * scale + bias(bi, hi, i, j).max(MASK_VALUE) + if masked { MASK_VALUE } else { 0.0 }
+                        })
+                        .collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    s.iter_mut().for_each(|x| *x = (*x - max).exp());
+                    let sum: f64 = s.iter().sum();
+                    for (j, p) in s.iter().enumerate() {
+                        for dd in 0..d {
+                            out[((bi * h + hi) * tq + i) * d + dd] += p / sum * v[(kh * tk + j) * d + dd] as f64;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Blocks of query rows (Tq over QBLOCK), causal offsets into a larger
+    /// cache, grouped-query heads and broadcast biases, against f64.
+    #[test]
+    fn matches_f64_across_blocks_masks_and_heads() {
+        let dev = Device::Cpu;
+        // b, h, hkv, tq, tk, d, causal offset, bias kind
+        for &(b, h, hkv, tq, tk, d, causal, bias_kind) in &[
+            (1, 2, 2, 150, 150, 16, Some(0), 0),
+            (2, 4, 2, 70, 90, 8, None, 1),
+            (2, 3, 1, 1, 40, 32, Some(20), 1),
+            (1, 2, 2, 100, 100, 4, None, 2),
+            (2, 2, 2, 65, 80, 8, Some(10), 1),
+        ] {
+            let qv = values(b * h * tq * d, 1);
+            let kv = values(b * hkv * tk * d, 2);
+            let vv = values(b * hkv * tk * d, 3);
+            let q = CTensor::from_vec(qv.clone(), (b, h, tq, d), &dev).unwrap();
+            let k = CTensor::from_vec(kv.clone(), (b, hkv, tk, d), &dev).unwrap();
+            let v = CTensor::from_vec(vv.clone(), (b, hkv, tk, d), &dev).unwrap();
+            // 1: a padding mask [B, 1, 1, Tk] hiding the first 3 keys of
+            // sequence 1 (all of them at decode would be a fully masked row);
+            // 2: an arbitrary [Tq, Tk] bias.
+            let (bias_t, bias_f): (Option<CTensor>, Box<dyn Fn(usize, usize, usize, usize) -> f64>) = match bias_kind {
+                1 => {
+                    let m: Vec<f32> = (0..b * tk)
+                        .map(|x| {
+                            if x / tk == 1 && x % tk < 3 {
+                                MASK_VALUE as f32
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    let mf = m.clone();
+                    (
+                        Some(CTensor::from_vec(m, (b, 1, 1, tk), &dev).unwrap()),
+                        Box::new(move |bi, _, _, j| mf[bi * tk + j] as f64),
+                    )
+                }
+                2 => {
+                    let m = values(tq * tk, 4);
+                    let mf = m.clone();
+                    (
+                        Some(CTensor::from_vec(m, (tq, tk), &dev).unwrap()),
+                        Box::new(move |_, _, i, j| mf[i * tk + j] as f64),
+                    )
+                }
+                _ => (None, Box::new(|_, _, _, _| 0.0)),
+            };
+            let scale = 1.0 / (d as f64).sqrt();
+            let got = attention(&q, &k, &v, bias_t.as_ref(), causal, scale)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let want = reference(&qv, &kv, &vv, (b, h, hkv, tq, tk, d), &*bias_f, causal, scale);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            assert!(
+                worst <= 1e-5,
+                "{b}x{h}/{hkv}x{tq}x{tk}x{d} {causal:?} bias {bias_kind}: {worst:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_of_libm() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (exp(x), x.exp());
+            assert!((got - want).abs() <= 2.5e-7 * want, "exp({x}) = {got}, libm {want}");
+            x += 0.0137;
+        }
+        assert_eq!(exp(-1e30), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+}

@@ -1,0 +1,292 @@
+//! Fused dequantize-and-dot kernels for block-quantized weights on x86-64,
+//! one per format and ISA (AVX-512F, AVX2+FMA), each for `R` = 1..=4 input
+//! rows at once.
+//!
+//! The weights are widened to f32 in registers and never written out, so a
+//! weight row is read from memory once and touched by two to four vector
+//! instructions per 16 weights; that keeps decode bound by memory, not by
+//! the dequantization. The activations stay f32 (llama.cpp instead rounds
+//! them to 8 bits for integer dot products): the products are those of
+//! `gguf.dequantize`'s weights with the f32 input, up to the summation order
+//! and, for Q4_K, one regrouping (below).
+//!
+//! Q8_0: `w = q * d` exactly as the dequantization rounds it, then an FMA
+//! into the row's accumulators.
+//!
+//! Q4_K: a sub-block's weights are `dl * q - ml`, so its contribution is
+//! `dl * sum(q * x) - ml * sum(x)`. `sum(x)` of every 32-wide sub-block is
+//! computed once per input row ([`sub_block_sums`]) and shared by all output
+//! features, which takes the subtraction out of the inner loop. The
+//! regrouping changes rounding at the f32 epsilon level, relative to
+//! `sum(|dl * q| |x|) + sum(|ml| |x|)`; the tests hold it to 1e-5 of that.
+
+use emu_core::quant::{scale_min_k4, QuantType, QK8_0, QK_K};
+use std::arch::x86_64::*;
+
+/// Which kernel family the CPU runs, detected once per call site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+}
+
+pub(crate) fn detect() -> Option<Isa> {
+    let f16c = is_x86_feature_detected!("f16c");
+    if is_x86_feature_detected!("avx512f") && f16c {
+        return Some(Isa::Avx512);
+    }
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && f16c {
+        return Some(Isa::Avx2);
+    }
+    None
+}
+
+/// `sum(x[32 j .. 32 j + 32])` for every sub-block `j` of each row: `m` rows
+/// of `k` (a multiple of 32), out `m * k / 32`.
+pub(crate) fn sub_block_sums(x: &[f32]) -> Vec<f32> {
+    // k is a whole number of 32-wide sub-blocks, so chunks never straddle
+    // rows.
+    x.chunks_exact(32)
+        .map(|c| {
+            let mut s = [0f32; 8];
+            for (i, v) in c.iter().enumerate() {
+                s[i % 8] += v;
+            }
+            ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]))
+        })
+        .collect()
+}
+
+/// Dot products of one quantized weight row (`row`, whole blocks of `k`
+/// weights) with `r` (1..=4) input rows `x` (`r * k`, row-major), into
+/// `out[..r]`. `xsum` holds the rows' sub-block sums (Q4_K only).
+///
+/// # Safety
+/// The CPU must have what `isa` names (as [`detect`] found).
+#[inline(always)]
+pub(crate) unsafe fn dot_rows(
+    isa: Isa,
+    qt: QuantType,
+    row: &[u8],
+    x: &[f32],
+    xsum: &[f32],
+    k: usize,
+    r: usize,
+    out: &mut [f32],
+) {
+    debug_assert!(row.len() >= k / qt.block_size() * qt.type_size());
+    debug_assert!(x.len() >= r * k && out.len() >= r);
+    macro_rules! go {
+        ($f:ident) => {
+            match r {
+                1 => $f::<1>(row, x, xsum, k, out),
+                2 => $f::<2>(row, x, xsum, k, out),
+                3 => $f::<3>(row, x, xsum, k, out),
+                _ => $f::<4>(row, x, xsum, k, out),
+            }
+        };
+    }
+    // SAFETY (all arms): the caller guarantees the ISA; slices were checked
+    // by the caller's shapes (row holds k / block_size blocks).
+    unsafe {
+        match (isa, qt) {
+            (Isa::Avx512, QuantType::Q8_0) => go!(q8_0_avx512),
+            (Isa::Avx2, QuantType::Q8_0) => go!(q8_0_avx2),
+            (Isa::Avx512, QuantType::Q4K) => go!(q4_k_avx512),
+            (Isa::Avx2, QuantType::Q4K) => go!(q4_k_avx2),
+        }
+    }
+}
+
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller points at two readable bytes.
+    let bits = unsafe { u16::from_le_bytes([*p, *p.add(1)]) };
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn hsum512(v: __m512) -> f32 {
+    _mm512_reduce_add_ps(v)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Q8_0 blocks are 34 bytes: an f16 scale, then 32 int8 weights.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q8_0_avx512<const R: usize>(row: &[u8], x: &[f32], _xsum: &[f32], k: usize, out: &mut [f32]) {
+    const TS: usize = 2 + QK8_0;
+    let nb = k / QK8_0;
+    let (wp, xp) = (row.as_ptr(), x.as_ptr());
+    // Two independent accumulators per row, so the FMA latency of one block
+    // overlaps the next.
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for b in 0..nb {
+        // SAFETY: block b lies inside `row` (nb * TS bytes) and the inputs
+        // inside `x` (R rows of k floats).
+        unsafe {
+            let blk = wp.add(b * TS);
+            let d = _mm512_set1_ps(f16_at(blk));
+            let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2) as *const __m128i));
+            let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(18) as *const __m128i));
+            let w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d);
+            let w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xi = xp.add(i * k + b * QK8_0);
+                a[0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xi), a[0]);
+                a[1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi.add(16)), a[1]);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: same features as this function.
+        *o = unsafe { hsum512(_mm512_add_ps(a[0], a[1])) };
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_avx2<const R: usize>(row: &[u8], x: &[f32], _xsum: &[f32], k: usize, out: &mut [f32]) {
+    const TS: usize = 2 + QK8_0;
+    let nb = k / QK8_0;
+    let (wp, xp) = (row.as_ptr(), x.as_ptr());
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for b in 0..nb {
+        // SAFETY: as in `q8_0_avx512`.
+        unsafe {
+            let blk = wp.add(b * TS);
+            let d = _mm256_set1_ps(f16_at(blk));
+            let mut w = [_mm256_setzero_ps(); 4];
+            for (c, wc) in w.iter_mut().enumerate() {
+                let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * c) as *const __m128i));
+                *wc = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+            }
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xi = xp.add(i * k + b * QK8_0);
+                a[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xi), a[0]);
+                a[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xi.add(8)), a[1]);
+                a[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xi.add(16)), a[0]);
+                a[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xi.add(24)), a[1]);
+            }
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: same features as this function.
+        *o = unsafe { hsum256(_mm256_add_ps(a[0], a[1])) };
+    }
+}
+
+/// The eight (d * scale, dmin * min) pairs of a Q4_K super-block.
+#[inline(always)]
+fn q4_k_scales(blk: &[u8]) -> ([f32; 8], [f32; 8]) {
+    let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+    let dmin = half::f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+    let mut dl = [0f32; 8];
+    let mut ml = [0f32; 8];
+    for j in 0..8 {
+        let (sc, m) = scale_min_k4(j, &blk[4..16]);
+        dl[j] = d * sc as f32;
+        ml[j] = dmin * m as f32;
+    }
+    (dl, ml)
+}
+
+/// Q4_K super-blocks are 144 bytes: f16 d, f16 dmin, 12 bytes of packed
+/// 6-bit scales and mins, then 128 bytes holding 256 nibbles; sub-blocks
+/// 2p and 2p+1 are the low and high nibbles of bytes 32p .. 32p + 32.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn q4_k_avx512<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: usize, out: &mut [f32]) {
+    const TS: usize = 144;
+    let nb = k / QK_K;
+    let sbs = k / 32;
+    let xp = x.as_ptr();
+    let mask = _mm256_set1_epi8(0x0F);
+    // Even and odd sub-blocks accumulate apart (latency, as in Q8_0).
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let mut mins = [0f32; R];
+    for b in 0..nb {
+        let blk = &row[b * TS..(b + 1) * TS];
+        let (dl, ml) = q4_k_scales(blk);
+        for (i, m) in mins.iter_mut().enumerate() {
+            let s = &xsum[i * sbs + b * 8..i * sbs + b * 8 + 8];
+            *m += ml.iter().zip(s).map(|(a, b)| a * b).sum::<f32>();
+        }
+        for p in 0..4 {
+            // SAFETY: bytes 16 + 32p .. 48 + 32p are inside the 144-byte
+            // block; the inputs are inside `x`.
+            unsafe {
+                let v = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * p) as *const __m256i);
+                let lo = _mm256_and_si256(v, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for (h, nib) in [lo, hi].into_iter().enumerate() {
+                    let j = 2 * p + h;
+                    let w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(nib)));
+                    let w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(nib, 1)));
+                    let s = _mm512_set1_ps(dl[j]);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xi = xp.add(i * k + b * QK_K + 32 * j);
+                        let t = _mm512_mul_ps(w0, _mm512_loadu_ps(xi));
+                        let t = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xi.add(16)), t);
+                        a[h] = _mm512_fmadd_ps(s, t, a[h]);
+                    }
+                }
+            }
+        }
+    }
+    for ((o, a), m) in out.iter_mut().zip(acc).zip(mins) {
+        // SAFETY: same features as this function.
+        *o = unsafe { hsum512(_mm512_add_ps(a[0], a[1])) } - m;
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_avx2<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: usize, out: &mut [f32]) {
+    const TS: usize = 144;
+    let nb = k / QK_K;
+    let sbs = k / 32;
+    let xp = x.as_ptr();
+    let mask = _mm_set1_epi8(0x0F);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    let mut mins = [0f32; R];
+    for b in 0..nb {
+        let blk = &row[b * TS..(b + 1) * TS];
+        let (dl, ml) = q4_k_scales(blk);
+        for (i, m) in mins.iter_mut().enumerate() {
+            let s = &xsum[i * sbs + b * 8..i * sbs + b * 8 + 8];
+            *m += ml.iter().zip(s).map(|(a, b)| a * b).sum::<f32>();
+        }
+        for p in 0..4 {
+            for half in 0..2 {
+                // SAFETY: 16 bytes at 16 + 32p + 16 half are inside the
+                // block; the inputs are inside `x`.
+                unsafe {
+                    let v = _mm_loadu_si128(blk.as_ptr().add(16 + 32 * p + 16 * half) as *const __m128i);
+                    let lo = _mm_and_si128(v, mask);
+                    let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+                    for (h, nib) in [lo, hi].into_iter().enumerate() {
+                        let j = 2 * p + h;
+                        let w0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib));
+                        let w1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8)));
+                        let s = _mm256_set1_ps(dl[j]);
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let xi = xp.add(i * k + b * QK_K + 32 * j + 16 * half);
+                            let t = _mm256_mul_ps(w0, _mm256_loadu_ps(xi));
+                            let t = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xi.add(8)), t);
+                            a[h] = _mm256_fmadd_ps(s, t, a[h]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for ((o, a), m) in out.iter_mut().zip(acc).zip(mins) {
+        // SAFETY: same features as this function.
+        *o = unsafe { hsum256(_mm256_add_ps(a[0], a[1])) } - m;
+    }
+}
