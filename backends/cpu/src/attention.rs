@@ -68,9 +68,9 @@ fn exp(x: f32) -> f32 {
     }
 }
 
-/// In-place softmax of `row[..n]` (scores already scaled and masked).
+/// In-place softmax of `row` (scores already scaled and masked).
 #[inline(always)]
-fn softmax(row: &mut [f32]) {
+pub(crate) fn softmax(row: &mut [f32]) {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let mut sum = 0f32;
     for v in row.iter_mut() {
@@ -81,6 +81,19 @@ fn softmax(row: &mut [f32]) {
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+/// Softmax over each `d`-long row of `x` in f32, rows split over rayon
+/// (candle's walks them on one thread with libm's `exp`).
+pub(crate) fn softmax_rows(x: &CTensor) -> candle_core::Result<CTensor> {
+    let d = *x.dims().last().unwrap_or(&1);
+    let mut y = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    if d > 0 {
+        let per = (16_384 / d).max(1) * d;
+        y.par_chunks_mut(per)
+            .for_each(|c| c.chunks_exact_mut(d).for_each(softmax));
+    }
+    CTensor::from_vec(y, x.dims(), x.device())?.to_dtype(x.dtype())
 }
 
 /// `dst[m x n] = beta * lhs[m x k] rhs[k x n]` with arbitrary strides

@@ -653,7 +653,11 @@ impl Backend for CpuBackend {
         if x.rank() == 0 {
             return Err(Error::shape("softmax of a scalar"));
         }
-        in_f32(x, |x| candle_nn::ops::softmax_last_dim(&x.contiguous()?))
+        if !matches!(x.dtype(), CDType::F32 | CDType::F16 | CDType::BF16) {
+            return in_f32(x, |x| candle_nn::ops::softmax_last_dim(&x.contiguous()?));
+        }
+        // Half precision: f32 inside, rounded once, as PyTorch does.
+        attention::softmax_rows(x).map_err(err)
     }
 
     fn rms_norm(&self, x: &CTensor, w: &CTensor, eps: f64) -> Result<CTensor> {

@@ -295,4 +295,31 @@ mod tests {
             }
         }
     }
+
+    /// Layer and RMS norm rows against f64, over rows that split across
+    /// tasks unevenly and a large mean offset (the two-pass variance).
+    #[test]
+    fn row_norms_match_f64() {
+        for &(rows, d, offset) in &[(1, 7, 0.0), (33, 2048, 30.0), (1000, 24, -3.0)] {
+            let x = values(rows * d, 1, offset);
+            let w = values(d, 2, 0.0);
+            let b = values(d, 3, 0.0);
+            let ln = layer_norm_f32(&x, d, Some(&w), Some(&b), 1e-5);
+            let rn = rms_norm_f32(&x, d, Some(&w), 1e-6);
+            let mut worst = (0f64, 0f64);
+            for r in 0..rows {
+                let xr: Vec<f64> = x[r * d..(r + 1) * d].iter().map(|&v| v as f64).collect();
+                let mean = xr.iter().sum::<f64>() / d as f64;
+                let var = xr.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+                let ms = xr.iter().map(|v| v * v).sum::<f64>() / d as f64;
+                for j in 0..d {
+                    let want_ln = (xr[j] - mean) / (var + 1e-5).sqrt() * w[j] as f64 + b[j] as f64;
+                    let want_rn = xr[j] / (ms + 1e-6).sqrt() * w[j] as f64;
+                    worst.0 = worst.0.max((ln[r * d + j] as f64 - want_ln).abs());
+                    worst.1 = worst.1.max((rn[r * d + j] as f64 - want_rn).abs());
+                }
+            }
+            assert!(worst.0 <= 1e-5 && worst.1 <= 1e-5, "{rows}x{d}: {worst:?}");
+        }
+    }
 }

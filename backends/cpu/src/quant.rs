@@ -103,9 +103,18 @@ pub(crate) fn dequantize_rows(w: &QuantTensor, first: usize, rows: usize) -> Vec
     let k = w.dims()[1];
     let rb = w.row_bytes();
     let mut out = vec![0f32; rows * k];
+    #[cfg(target_arch = "x86_64")]
+    let wide = crate::quant_x86::detect() == Some(crate::quant_x86::Isa::Avx512);
     out.par_chunks_mut(k).enumerate().for_each(|(j, o)| {
         let r = first + j;
-        dequantize_into(&w.bytes()[r * rb..(r + 1) * rb], w.qtype(), o);
+        let row = &w.bytes()[r * rb..(r + 1) * rb];
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: `detect` found AVX-512F and F16C.
+            unsafe { crate::quant_x86::dequantize_row_avx512(w.qtype(), row, o) };
+            return;
+        }
+        dequantize_into(row, w.qtype(), o);
     });
     out
 }
@@ -212,5 +221,30 @@ mod tests {
         .unwrap();
         let all = w.dequantize().unwrap().to_f32_vec().unwrap();
         assert_eq!(dequantize_rows(&w, 2, 3), all[2 * 512..5 * 512].to_vec());
+    }
+
+    /// The vectorised dequantization is bit-identical to the host one,
+    /// outliers, zero blocks and negative ranges included.
+    #[test]
+    fn wide_dequantization_is_bit_identical() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::quant_x86::detect() == Some(crate::quant_x86::Isa::Avx512) {
+            let mut v = values(4 * 768, 5);
+            v[7] = 40.0;
+            v[300..556].fill(0.0);
+            v[900..1200].iter_mut().for_each(|x| *x = -x.abs() - 2.0);
+            for qt in [QuantType::Q8_0, QuantType::Q4K] {
+                let w = QuantTensor::quantize("t.w", &HostTensor::from_f32(&[4, 768], v.clone()).unwrap(), qt).unwrap();
+                let host = w.dequantize().unwrap().to_f32_vec().unwrap();
+                let mut out = vec![0f32; 4 * 768];
+                for (r, o) in out.chunks_exact_mut(768).enumerate() {
+                    let row = &w.bytes()[r * w.row_bytes()..(r + 1) * w.row_bytes()];
+                    // SAFETY: detected above.
+                    unsafe { crate::quant_x86::dequantize_row_avx512(qt, row, o) };
+                }
+                let same = out.iter().zip(&host).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{qt}");
+            }
+        }
     }
 }

@@ -290,3 +290,58 @@ unsafe fn q4_k_avx2<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: usiz
         *o = unsafe { hsum256(_mm256_add_ps(a[0], a[1])) } - m;
     }
 }
+
+/// Dequantizes one weight row (whole blocks) into `out`, bit for bit as
+/// `emu_core::quant::dequantize_into` (same products and roundings), for
+/// the prefill path that hands f32 slabs to gemm.
+///
+/// # Safety
+/// The CPU must have AVX-512F and F16C.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(crate) unsafe fn dequantize_row_avx512(qt: QuantType, row: &[u8], out: &mut [f32]) {
+    let k = out.len();
+    let op = out.as_mut_ptr();
+    match qt {
+        QuantType::Q8_0 => {
+            const TS: usize = 2 + QK8_0;
+            for b in 0..k / QK8_0 {
+                let blk = &row[b * TS..(b + 1) * TS];
+                // SAFETY: the block and its 32 outputs are in bounds.
+                unsafe {
+                    let d = _mm512_set1_ps(f16_at(blk.as_ptr()));
+                    for h in 0..2 {
+                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.as_ptr().add(2 + 16 * h) as *const __m128i));
+                        _mm512_storeu_ps(op.add(b * QK8_0 + 16 * h), _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+                    }
+                }
+            }
+        }
+        QuantType::Q4K => {
+            const TS: usize = 144;
+            let mask = _mm256_set1_epi8(0x0F);
+            for b in 0..k / QK_K {
+                let blk = &row[b * TS..(b + 1) * TS];
+                let (dl, ml) = q4_k_scales(blk);
+                for p in 0..4 {
+                    // SAFETY: bytes and outputs of sub-blocks 2p, 2p+1 are
+                    // in bounds.
+                    unsafe {
+                        let v = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * p) as *const __m256i);
+                        let lo = _mm256_and_si256(v, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                        for (h, nib) in [lo, hi].into_iter().enumerate() {
+                            let j = 2 * p + h;
+                            let (s, m) = (_mm512_set1_ps(dl[j]), _mm512_set1_ps(ml[j]));
+                            let halves = [_mm256_castsi256_si128(nib), _mm256_extracti128_si256(nib, 1)];
+                            for (e, part) in halves.into_iter().enumerate() {
+                                let w = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(part));
+                                let y = _mm512_sub_ps(_mm512_mul_ps(s, w), m);
+                                _mm512_storeu_ps(op.add(b * QK_K + 32 * j + 16 * e), y);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
