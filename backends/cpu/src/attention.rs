@@ -44,9 +44,10 @@ impl Bias<'_> {
 }
 
 /// `e^x` to about 1 ulp over f32's range (Cephes' `expf` reduction and
-/// polynomial), branch-free so that loops over it vectorise; 0 below -87.
+/// polynomial), branch-free so that loops over it vectorise; 0 below -87
+/// and infinity above f32's range, as libm.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
@@ -63,6 +64,8 @@ fn exp(x: f32) -> f32 {
     let pow2 = f32::from_bits(((fx as i32 + 127) as u32) << 23);
     if x < -87.0 {
         0.0
+    } else if x > 88.72 {
+        f32::INFINITY
     } else {
         y * pow2
     }
@@ -381,6 +384,8 @@ mod tests {
             x += 0.0137;
         }
         assert_eq!(exp(-1e30), 0.0);
+        assert_eq!(exp(89.0), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
         assert_eq!(exp(0.0), 1.0);
     }
 }

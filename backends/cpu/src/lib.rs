@@ -25,6 +25,7 @@ use emu_core::{DType, Error, HostTensor, QuantTensor, Result};
 
 mod attention;
 mod conv;
+mod elementwise;
 mod matvec;
 mod norm;
 mod quant;
@@ -148,6 +149,47 @@ fn in_f32(x: &CTensor, f: impl FnOnce(&CTensor) -> candle_core::Result<CTensor>)
         y.to_dtype(x.dtype()).map_err(err)
     } else {
         f(x).map_err(err)
+    }
+}
+
+/// The values of `t` as one contiguous f32 vector.
+fn f32_vec(t: &CTensor) -> Result<Vec<f32>> {
+    t.to_dtype(CDType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .map_err(err)
+}
+
+impl CpuBackend {
+    /// f32 `a op b` where one operand has the output's shape and the other
+    /// repeats along it (same shape, or a trailing block such as a bias);
+    /// `None` for the layouts candle's broadcasting handles.
+    fn binary_f32(&self, op: BinaryOp, a: &CTensor, b: &CTensor, out: &[usize]) -> Result<Option<CTensor>> {
+        if a.dtype() != CDType::F32 || b.dtype() != CDType::F32 {
+            return Ok(None);
+        }
+        // The trailing dims of `small` (leading 1s dropped) end `out`.
+        let repeats = |small: &CTensor| {
+            let d = small.dims();
+            let lead = d.iter().take_while(|&&x| x == 1).count();
+            let tail = &d[lead..];
+            tail.len() <= out.len() && out[out.len() - tail.len()..] == *tail
+        };
+        let commutes = matches!(
+            op,
+            BinaryOp::Add | BinaryOp::Mul | BinaryOp::Maximum | BinaryOp::Minimum
+        );
+        let (full, small) = if a.dims() == out && repeats(b) {
+            (a, b)
+        } else if commutes && b.dims() == out && repeats(a) {
+            (b, a)
+        } else {
+            return Ok(None);
+        };
+        let mut v = f32_vec(full)?;
+        let s = f32_vec(small)?;
+        elementwise::binary_repeat(op, &mut v, &s);
+        CTensor::from_vec(v, out, &self.device).map(Some).map_err(err)
     }
 }
 
@@ -358,6 +400,13 @@ impl Backend for CpuBackend {
                 from_candle(t.dtype())
             )));
         }
+        if elementwise::has_unary(op) && matches!(t.dtype(), CDType::F32 | CDType::F16 | CDType::BF16) {
+            let mut v = f32_vec(t)?;
+            elementwise::unary(op, &mut v);
+            return CTensor::from_vec(v, t.dims(), &self.device)
+                .and_then(|y| y.to_dtype(t.dtype()))
+                .map_err(err);
+        }
         // Half-precision inputs are computed in f32 and rounded once, as
         // PyTorch's CPU kernels do; candle's native bf16 silu/exp round twice.
         in_f32(t, |t| match op {
@@ -381,7 +430,10 @@ impl Backend for CpuBackend {
 
     fn binary(&self, op: BinaryOp, a: &CTensor, b: &CTensor) -> Result<CTensor> {
         same_dtype("binary op", a, b)?;
-        broadcast_dims(&format!("{op:?}"), a.dims(), b.dims())?;
+        let out = broadcast_dims(&format!("{op:?}"), a.dims(), b.dims())?;
+        if let Some(y) = self.binary_f32(op, a, b, &out)? {
+            return Ok(y);
+        }
         let r = match op {
             BinaryOp::Add => a.broadcast_add(b),
             BinaryOp::Sub => a.broadcast_sub(b),
