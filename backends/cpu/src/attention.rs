@@ -52,7 +52,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
     let xc = x.clamp(-87.0, 88.3);
-    let fx = (xc * LOG2E).round();
+    // Round to nearest through the f32 mantissa (|v| < 2^22): SSE2 has no
+    // rounding instruction, and `f32::round` would be a libm call per lane.
+    const MAGIC: f32 = 12_582_912.0;
+    let fx = (xc * LOG2E + MAGIC) - MAGIC;
     let r = xc - fx * C1 - fx * C2;
     let p = 1.987_569_1e-4f32;
     let p = p * r + 1.398_199_9e-3;
@@ -71,15 +74,35 @@ pub(crate) fn exp(x: f32) -> f32 {
     }
 }
 
-/// In-place softmax of `row` (scores already scaled and masked).
+/// In-place softmax of `row` (scores already scaled and masked). Max and
+/// sum run over 16 lanes, so every loop here vectorises (a single running
+/// sum is a serial dependency the compiler may not reorder).
 #[inline(always)]
 pub(crate) fn softmax(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
+    const L: usize = 16;
+    let mut mx = [f32::NEG_INFINITY; L];
+    let mut it = row.chunks_exact(L);
+    for c in &mut it {
+        for l in 0..L {
+            mx[l] = mx[l].max(c[l]);
+        }
+    }
+    let max = it
+        .remainder()
+        .iter()
+        .chain(&mx)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     for v in row.iter_mut() {
         *v = exp(*v - max);
-        sum += *v;
     }
+    let mut acc = [0f32; L];
+    let mut it = row.chunks_exact(L);
+    for c in &mut it {
+        for l in 0..L {
+            acc[l] += c[l];
+        }
+    }
+    let sum = acc.iter().sum::<f32>() + it.remainder().iter().sum::<f32>();
     let inv = 1.0 / sum;
     for v in row.iter_mut() {
         *v *= inv;
@@ -94,7 +117,7 @@ pub(crate) fn softmax_rows(x: &CTensor) -> candle_core::Result<CTensor> {
     if d > 0 {
         let per = (16_384 / d).max(1) * d;
         y.par_chunks_mut(per)
-            .for_each(|c| c.chunks_exact_mut(d).for_each(softmax));
+            .for_each(|c| crate::elementwise::wide(c, |c| c.chunks_exact_mut(d).for_each(softmax)));
     }
     CTensor::from_vec(y, x.dims(), x.device())?.to_dtype(x.dtype())
 }
@@ -222,18 +245,21 @@ pub(crate) fn attention(
                     scale as f32,
                 )
             };
-            for (r, row) in scores.chunks_exact_mut(kw).enumerate() {
-                let i = i0 + r;
-                let lim = causal_offset.map_or(kw, |off| kw.min(off + i + 1));
-                if let Some(bias) = &bias {
-                    let (at, st) = bias.row(bi, hi, i);
-                    for (j, s) in row[..lim].iter_mut().enumerate() {
-                        *s += bias.data[at + j * st];
+            let masked_softmax = |scores: &mut [f32]| {
+                for (r, row) in scores.chunks_exact_mut(kw).enumerate() {
+                    let i = i0 + r;
+                    let lim = causal_offset.map_or(kw, |off| kw.min(off + i + 1));
+                    if let Some(bias) = &bias {
+                        let (at, st) = bias.row(bi, hi, i);
+                        for (j, s) in row[..lim].iter_mut().enumerate() {
+                            *s += bias.data[at + j * st];
+                        }
                     }
+                    softmax(&mut row[..lim]);
+                    row[lim..].fill(0.0);
                 }
-                softmax(&mut row[..lim]);
-                row[lim..].fill(0.0);
-            }
+            };
+            crate::elementwise::wide(scores, masked_softmax);
             // SAFETY: scores is rows x kw, vb is kw x d, o is rows x d.
             unsafe { gemm_into(o, d, scores.as_ptr(), (kw, 1), vb.as_ptr(), (d, 1), (rows, d, kw), 1.0) };
         });

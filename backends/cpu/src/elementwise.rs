@@ -71,14 +71,43 @@ fn apply(op: UnaryOp, x: f32) -> f32 {
     }
 }
 
+/// Runs `f` on `data` compiled for the widest vector ISA the CPU has
+/// (AVX-512, AVX2+FMA, or the baseline), so that loops `f` inlines
+/// vectorise at that width.
+#[inline(always)]
+pub(crate) fn wide<F: FnOnce(&mut [f32])>(data: &mut [f32], f: F) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx2,fma")]
+        fn avx512<F: FnOnce(&mut [f32])>(data: &mut [f32], f: F) {
+            f(data)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2<F: FnOnce(&mut [f32])>(data: &mut [f32], f: F) {
+            f(data)
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { avx512(data, f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above).
+            return unsafe { avx2(data, f) };
+        }
+    }
+    f(data)
+}
+
 /// One pass of `op` ([`has_unary`]) over `xs`, in place.
 pub(crate) fn unary(op: UnaryOp, xs: &mut [f32]) {
     macro_rules! run {
         ($op:expr) => {
             xs.par_chunks_mut(CHUNK).for_each(|c| {
-                for v in c.iter_mut() {
-                    *v = apply($op, *v);
-                }
+                wide(c, |c| {
+                    for v in c.iter_mut() {
+                        *v = apply($op, *v);
+                    }
+                })
             })
         };
     }
@@ -120,11 +149,13 @@ pub(crate) fn binary_repeat(op: BinaryOp, a: &mut [f32], b: &[f32]) {
             // Tasks hold whole repeats of `b`, so its index restarts at 0.
             let per = (CHUNK / n).max(1) * n;
             a.par_chunks_mut(per).for_each(|c| {
-                for row in c.chunks_mut(n) {
-                    for (x, &y) in row.iter_mut().zip(b) {
-                        *x = bin($op, *x, y);
+                wide(c, |c| {
+                    for row in c.chunks_mut(n) {
+                        for (x, &y) in row.iter_mut().zip(b) {
+                            *x = bin($op, *x, y);
+                        }
                     }
-                }
+                })
             })
         }};
     }
