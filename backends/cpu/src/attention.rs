@@ -166,7 +166,7 @@ unsafe fn gemm_into(
     }
 }
 
-/// Attention of contiguous f32 `q [B, H, Tq, D]`, `k`/`v [B, Hkv, Tk, D]`
+/// Attention of `q [B, H, Tq, D]`, `k`/`v [B, Hkv, Tk, D]`
 /// (shapes validated by the caller, `Tk > 0`, `H` a multiple of `Hkv`), with
 /// an optional bias broadcastable to `[B, H, Tq, Tk]` and causal offset.
 /// Returns `[B, H, Tq, D]`.
@@ -181,9 +181,21 @@ pub(crate) fn attention(
     let (b, h, tq, d) = q.dims4()?;
     let (_, hkv, tk, _) = k.dims4()?;
     let rep = h / hkv;
-    let q = q.contiguous()?;
-    let k = k.contiguous()?;
-    let v = v.contiguous()?;
+    let dtype = q.dtype();
+    // Half precision follows the composite's (eager PyTorch's) roundings:
+    // scores rounded to the dtype after the product and again after the
+    // scale, probabilities rounded before the product with v, the output
+    // rounded once; everything else in f32.
+    let round: fn(f32) -> f32 = match dtype {
+        DType::BF16 => |x| half::bf16::from_f32(x).to_f32(),
+        DType::F16 => |x| half::f16::from_f32(x).to_f32(),
+        _ => |x| x,
+    };
+    let is_half = matches!(dtype, DType::BF16 | DType::F16);
+    let scale_h = round(scale as f32);
+    let q = q.to_dtype(DType::F32)?.contiguous()?;
+    let k = k.to_dtype(DType::F32)?.contiguous()?;
+    let v = v.to_dtype(DType::F32)?.contiguous()?;
     let bias = match bias {
         Some(t) => {
             let t = t.to_dtype(DType::F32)?;
@@ -242,9 +254,12 @@ pub(crate) fn attention(
                     kb.as_ptr(),
                     (1, d),
                     (rows, kw, d),
-                    scale as f32,
+                    if is_half { 1.0 } else { scale as f32 },
                 )
             };
+            if is_half {
+                scores.iter_mut().for_each(|s| *s = round(round(*s) * scale_h));
+            }
             let masked_softmax = |scores: &mut [f32]| {
                 for (r, row) in scores.chunks_exact_mut(kw).enumerate() {
                     let i = i0 + r;
@@ -280,7 +295,7 @@ pub(crate) fn attention(
         None => run(qs, ks, vs, None, &mut out),
     }
     drop((qg, kg, vg));
-    CTensor::from_vec(out, (b, h, tq, d), q.device())
+    CTensor::from_vec(out, (b, h, tq, d), q.device())?.to_dtype(dtype)
 }
 
 #[cfg(test)]

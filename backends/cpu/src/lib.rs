@@ -806,7 +806,9 @@ impl Backend for CpuBackend {
             && kd[1] > 0
             && qd[1].is_multiple_of(kd[1])
             && kd[2] > 0;
-        let f32s = [q, k, v].iter().all(|t| t.dtype() == CDType::F32);
+        let floats = matches!(q.dtype(), CDType::F32 | CDType::F16 | CDType::BF16)
+            && k.dtype() == q.dtype()
+            && v.dtype() == q.dtype();
         let bias_fits = mask.bias.is_none_or(|bias| {
             let bd = bias.dims();
             let want = [qd[0], qd[1], qd[2], kd[2]];
@@ -814,9 +816,8 @@ impl Backend for CpuBackend {
                 && bd.len() <= 4
                 && bd.iter().rev().zip(want.iter().rev()).all(|(&a, &w)| a == 1 || a == w)
         });
-        if !(fits && f32s && bias_fits) {
-            // Half precision keeps the composite (eager PyTorch rounds the
-            // scores to the input dtype); malformed calls get its errors.
+        if !(fits && floats && bias_fits) {
+            // f64 and malformed calls: the composite computes or reports them.
             return emu_core::backend::default_attention(self, q, k, v, mask, scale);
         }
         attention::attention(q, k, v, mask.bias, mask.causal_offset, scale).map_err(err)
