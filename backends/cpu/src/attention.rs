@@ -113,13 +113,13 @@ pub(crate) fn softmax(row: &mut [f32]) {
 /// (candle's walks them on one thread with libm's `exp`).
 pub(crate) fn softmax_rows(x: &CTensor) -> candle_core::Result<CTensor> {
     let d = *x.dims().last().unwrap_or(&1);
-    let mut y = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = crate::convert::to_f32(x)?.flatten_all()?.to_vec1::<f32>()?;
     if d > 0 {
         let per = (16_384 / d).max(1) * d;
         y.par_chunks_mut(per)
             .for_each(|c| crate::elementwise::wide(c, |c| c.chunks_exact_mut(d).for_each(softmax)));
     }
-    CTensor::from_vec(y, x.dims(), x.device())?.to_dtype(x.dtype())
+    crate::convert::from_f32(&CTensor::from_vec(y, x.dims(), x.device())?, x.dtype())
 }
 
 /// `dst[m x n] = beta * lhs[m x k] rhs[k x n]` with arbitrary strides
@@ -193,9 +193,9 @@ pub(crate) fn attention(
     };
     let is_half = matches!(dtype, DType::BF16 | DType::F16);
     let scale_h = round(scale as f32);
-    let q = q.to_dtype(DType::F32)?.contiguous()?;
-    let k = k.to_dtype(DType::F32)?.contiguous()?;
-    let v = v.to_dtype(DType::F32)?.contiguous()?;
+    let q = crate::convert::to_f32(q)?.contiguous()?;
+    let k = crate::convert::to_f32(k)?.contiguous()?;
+    let v = crate::convert::to_f32(v)?.contiguous()?;
     let bias = match bias {
         Some(t) => {
             let t = t.to_dtype(DType::F32)?;
@@ -295,7 +295,7 @@ pub(crate) fn attention(
         None => run(qs, ks, vs, None, &mut out),
     }
     drop((qg, kg, vg));
-    CTensor::from_vec(out, (b, h, tq, d), q.device())?.to_dtype(dtype)
+    crate::convert::from_f32(&CTensor::from_vec(out, (b, h, tq, d), q.device())?, dtype)
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use emu_core::{DType, Error, HostTensor, QuantTensor, Result};
 
 mod attention;
 mod conv;
+mod convert;
 mod elementwise;
 mod matvec;
 mod norm;
@@ -145,8 +146,8 @@ fn is_half(t: &CTensor) -> bool {
 /// Runs `f` in f32 for f16/bf16 inputs and casts the result back.
 fn in_f32(x: &CTensor, f: impl FnOnce(&CTensor) -> candle_core::Result<CTensor>) -> Result<CTensor> {
     if is_half(x) {
-        let y = f(&x.to_dtype(CDType::F32).map_err(err)?).map_err(err)?;
-        y.to_dtype(x.dtype()).map_err(err)
+        let y = f(&convert::to_f32(x).map_err(err)?).map_err(err)?;
+        convert::from_f32(&y, x.dtype()).map_err(err)
     } else {
         f(x).map_err(err)
     }
@@ -154,7 +155,7 @@ fn in_f32(x: &CTensor, f: impl FnOnce(&CTensor) -> candle_core::Result<CTensor>)
 
 /// The values of `t` as one contiguous f32 vector.
 fn f32_vec(t: &CTensor) -> Result<Vec<f32>> {
-    t.to_dtype(CDType::F32)
+    convert::to_f32(t)
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1())
         .map_err(err)
@@ -273,7 +274,12 @@ impl Backend for CpuBackend {
     }
 
     fn cast(&self, t: &CTensor, dtype: DType) -> Result<CTensor> {
-        t.to_dtype(to_candle(dtype)?).map_err(err)
+        let to = to_candle(dtype)?;
+        match (t.dtype(), to) {
+            (CDType::BF16, CDType::F32) => convert::to_f32(t).map_err(err),
+            (CDType::F32, CDType::BF16) => convert::from_f32(t, to).map_err(err),
+            _ => t.to_dtype(to).map_err(err),
+        }
     }
 
     fn reshape(&self, t: &CTensor, dims: &[usize]) -> Result<CTensor> {
@@ -404,7 +410,7 @@ impl Backend for CpuBackend {
             let mut v = f32_vec(t)?;
             elementwise::unary(op, &mut v);
             return CTensor::from_vec(v, t.dims(), &self.device)
-                .and_then(|y| y.to_dtype(t.dtype()))
+                .and_then(|y| convert::from_f32(&y, t.dtype()))
                 .map_err(err);
         }
         // Half-precision inputs are computed in f32 and rounded once, as
@@ -498,7 +504,16 @@ impl Backend for CpuBackend {
                 t.contiguous().map_err(err)
             }
         };
-        prep(a)?.broadcast_matmul(&prep(b)?).map_err(err)
+        let (a, b) = (prep(a)?, prep(b)?);
+        if a.dtype() == CDType::BF16 {
+            // candle widens bf16 operands element by element; the product is
+            // f32 gemm either way, rounded once (as PyTorch's CPU bf16 gemm).
+            let y = convert::to_f32(&a)
+                .and_then(|a| a.broadcast_matmul(&convert::to_f32(&b)?))
+                .map_err(err)?;
+            return convert::from_f32(&y, CDType::BF16).map_err(err);
+        }
+        a.broadcast_matmul(&b).map_err(err)
     }
 
     fn conv2d(&self, x: &CTensor, w: &CTensor, bias: Option<&CTensor>, p: Conv2dParams) -> Result<CTensor> {
@@ -626,7 +641,14 @@ impl Backend for CpuBackend {
         // `w.t()` is a column-major view that gemm consumes without a copy.
         let rows: usize = xd[..xd.len() - 1].iter().product();
         let x2 = x.reshape((rows, wd[1])).map_err(err)?;
-        let y = x2.matmul(&w.t().map_err(err)?).map_err(err)?;
+        let y = if x.dtype() == CDType::BF16 {
+            let y = convert::to_f32(&x2)
+                .and_then(|x2| x2.matmul(&convert::to_f32(w)?.t()?))
+                .map_err(err)?;
+            convert::from_f32(&y, CDType::BF16).map_err(err)?
+        } else {
+            x2.matmul(&w.t().map_err(err)?).map_err(err)?
+        };
         let mut od = xd[..xd.len() - 1].to_vec();
         od.push(wd[0]);
         let y = y.reshape(od).map_err(err)?;

@@ -183,13 +183,13 @@ pub(crate) fn rms_norm_f32(x: &[f32], d: usize, w: Option<&[f32]>, eps: f64) -> 
 
 /// The contiguous f32 values of `t` (converted and copied only where needed).
 fn f32_values(t: &CTensor) -> candle_core::Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+    crate::convert::to_f32(t)?.flatten_all()?.to_vec1()
 }
 
 /// Runs `f` on the f32 contiguous data of `x` without copying it where it
 /// already is f32 and contiguous.
 fn with_f32<R>(x: &CTensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let x32 = crate::convert::to_f32(x)?.contiguous()?;
     let (xs, xl) = x32.storage_and_layout();
     let (Storage::Cpu(xs), Some((lo, hi))) = (&*xs, xl.contiguous_offsets()) else {
         candle_core::bail!("norm: not a contiguous cpu tensor")
@@ -210,7 +210,7 @@ pub(crate) fn layer_norm(
     let wv = w.map(f32_values).transpose()?;
     let bv = b.map(f32_values).transpose()?;
     let y = with_f32(x, |xs| layer_norm_f32(xs, d, wv.as_deref(), bv.as_deref(), eps))?;
-    CTensor::from_vec(y, x.dims(), x.device())?.to_dtype(x.dtype())
+    crate::convert::from_f32(&CTensor::from_vec(y, x.dims(), x.device())?, x.dtype())
 }
 
 /// [`rms_norm_f32`] on candle tensors (validated by the caller). f32 scales
@@ -225,9 +225,7 @@ pub(crate) fn rms_norm(x: &CTensor, w: &CTensor, eps: f64) -> candle_core::Resul
         return CTensor::from_vec(y, x.dims(), x.device());
     }
     let n = with_f32(x, |xs| rms_norm_f32(xs, d, None, eps))?;
-    CTensor::from_vec(n, x.dims(), x.device())?
-        .to_dtype(x.dtype())?
-        .broadcast_mul(w)
+    crate::convert::from_f32(&CTensor::from_vec(n, x.dims(), x.device())?, x.dtype())?.broadcast_mul(w)
 }
 
 #[cfg(test)]
