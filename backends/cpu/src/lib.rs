@@ -162,11 +162,13 @@ fn f32_vec(t: &CTensor) -> Result<Vec<f32>> {
 }
 
 impl CpuBackend {
-    /// f32 `a op b` where one operand has the output's shape and the other
+    /// f32/bf16 `a op b` where one operand has the output's shape and the other
     /// repeats along it (same shape, or a trailing block such as a bias);
     /// `None` for the layouts candle's broadcasting handles.
     fn binary_f32(&self, op: BinaryOp, a: &CTensor, b: &CTensor, out: &[usize]) -> Result<Option<CTensor>> {
-        if a.dtype() != CDType::F32 || b.dtype() != CDType::F32 {
+        // bf16 too: widened, computed in f32 and rounded once, which is what
+        // candle's and PyTorch's bf16 arithmetic give element by element.
+        if !matches!(a.dtype(), CDType::F32 | CDType::BF16) || b.dtype() != a.dtype() {
             return Ok(None);
         }
         // The trailing dims of `small` (leading 1s dropped) end `out`.
@@ -190,7 +192,10 @@ impl CpuBackend {
         let mut v = f32_vec(full)?;
         let s = f32_vec(small)?;
         elementwise::binary_repeat(op, &mut v, &s);
-        CTensor::from_vec(v, out, &self.device).map(Some).map_err(err)
+        CTensor::from_vec(v, out, &self.device)
+            .and_then(|y| convert::from_f32(&y, a.dtype()))
+            .map(Some)
+            .map_err(err)
     }
 }
 
