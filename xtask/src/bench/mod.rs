@@ -361,7 +361,7 @@ impl Report {
     /// `/format` suffix), else its dtype's.
     fn floor_of(&self, r: &Row) -> Option<floor::DecodeFloor> {
         let format = match r.backend.split_once('/') {
-            Some((_, f)) if f == "bf16" => "f16".to_string(),
+            Some((_, "bf16")) => "f16".to_string(),
             Some((_, f)) => f.to_string(),
             None if r.dtype == DType::F32 => "f32".to_string(),
             None => "f16".to_string(),

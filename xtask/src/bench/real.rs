@@ -361,18 +361,18 @@ impl UnetShape {
         conv += 9.0 * (self.latent * self.latent * 4 * ch[0]) as f64; // conv_in
         let mut skips = vec![ch[0]];
         let mut cin = ch[0];
-        for i in 0..n {
+        for (i, &c) in ch.iter().enumerate() {
             for _ in 0..self.layers {
-                conv += Self::resnet_macs(cin, ch[i], self.side(i));
-                cin = ch[i];
+                conv += Self::resnet_macs(cin, c, self.side(i));
+                cin = c;
                 if self.cross[i] {
-                    attn(i, ch[i], &mut t, &mut wrap);
+                    attn(i, c, &mut t, &mut wrap);
                 }
-                skips.push(ch[i]);
+                skips.push(c);
             }
             if i + 1 < n {
-                conv += 9.0 * (self.side(i + 1).pow(2) * ch[i] * ch[i]) as f64;
-                skips.push(ch[i]);
+                conv += 9.0 * (self.side(i + 1).pow(2) * c * c) as f64;
+                skips.push(c);
             }
         }
         let last = n - 1;
@@ -451,7 +451,7 @@ fn write_layers(s: &RealSpec, root: &Path) -> Res<[PathBuf; 5]> {
     }
     eprintln!(
         "bench: writing a random LLaMA layer ({} MB in f32) ...",
-        4 * super::floor::decode_weight_elems(&s.llm) >> 20
+        (4 * super::floor::decode_weight_elems(&s.llm)) >> 20
     );
     models::write_llm(&s.llm, &dirs[0])?;
     models::write_vision(&s.eva, &dirs[1])?;
