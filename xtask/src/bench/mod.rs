@@ -766,6 +766,14 @@ pub fn cmd_bench(args: &[String]) -> Res<()> {
         for line in real::estimate_lines(&report, &spec)? {
             println!("{line}");
         }
+        println!(
+            "Emu2-Chat decode floor (all {} layers and the LM head) at a {}-token context:",
+            spec.llm_layers,
+            real::DECODE_CONTEXT
+        );
+        for line in report.floor_lines() {
+            println!("{line}");
+        }
         if let Some(path) = &o.json {
             std::fs::write(path, serde_json::to_string_pretty(&to_json(&report, &o))?)?;
             println!("wrote {}", path.display());

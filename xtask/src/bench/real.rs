@@ -51,7 +51,7 @@ use super::run::Call;
 use super::{Component, Options, Report, Res, Row, Timing};
 
 const PREFILL: usize = 128;
-const DECODE_CONTEXT: usize = 512;
+pub const DECODE_CONTEXT: usize = 512;
 /// LM head of the one-layer LLaMA: small, so the layer is what is timed.
 const LAYER_VOCAB: usize = 256;
 const UNET_BATCH: usize = 2;
@@ -522,6 +522,27 @@ pub fn run(o: &Options, root: &Path) -> Res<(Report, RealSpec)> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     report.peak = Some(super::peak::fma_peak(threads, 10_000_000));
+    // The whole decoder's floor: what one Emu2-Chat decode step reads.
+    let bw = super::floor::read_bandwidth(256 << 20, threads, 5);
+    let chat = LlmSpec {
+        layers: s.llm_layers,
+        vocab: s.llm_vocab,
+        new: 1,
+        ..s.llm.clone()
+    };
+    let base = super::floor::decode_floor(&chat, o.dtype, bw);
+    report.decode_floor = Some(base);
+    report
+        .floors
+        .push(("f32".into(), super::floor::decode_floor(&chat, DType::F32, bw)));
+    report
+        .floors
+        .push(("f16".into(), super::floor::decode_floor(&chat, DType::F16, bw)));
+    for &q in &o.quant {
+        report
+            .floors
+            .push((q.to_string(), super::floor::quant_decode_floor(&chat, o.dtype, q, base)));
+    }
     bench(&CpuBackend::new(), "cpu", &s, &dirs, o, &mut report);
     for name in o.backends.iter().filter(|b| *b != "cpu") {
         match name.as_str() {
