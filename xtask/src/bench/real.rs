@@ -11,7 +11,8 @@
 //! layer is resident at a time (the largest, a LLaMA-33B layer, is 2.1 GB in
 //! f32; with its LM head about 3 GB).
 //!
-//! Layers and what they stand for:
+//! `--component llm,vision,unet` picks the layers (ops and vae have none
+//! here). Layers and what they stand for:
 //! * `LLaMA layer prefill`: a one-layer LLaMA (real widths, a 256-token
 //!   vocabulary so the head is negligible) prefilling 128 prompt embeddings.
 //! * `LLaMA layer decode`: the same layer decoding one token at a time after
@@ -444,33 +445,39 @@ fn unet<B: Backend>(be: &B, s: &RealSpec, dirs: [&Path; 2], o: &Options) -> Res<
 
 /// Writes every layer's model folder under `root`; returns the folders
 /// (llm, eva one block, eva none, unet transformer, unet resnet).
-fn write_layers(s: &RealSpec, root: &Path) -> Res<[PathBuf; 5]> {
+fn write_layers(s: &RealSpec, root: &Path, components: &[Component]) -> Res<[PathBuf; 5]> {
     let dirs = ["llm-layer", "eva-1", "eva-0", "unet-transformer", "unet-resnet"].map(|d| root.join(d));
     for d in &dirs {
         std::fs::create_dir_all(d)?;
     }
-    eprintln!(
-        "bench: writing a random LLaMA layer ({} MB in f32) ...",
-        (4 * super::floor::decode_weight_elems(&s.llm)) >> 20
-    );
-    models::write_llm(&s.llm, &dirs[0])?;
-    models::write_vision(&s.eva, &dirs[1])?;
-    models::write_vision(
-        &VisionSpec {
-            layers: 0,
-            ..s.eva.clone()
-        },
-        &dirs[2],
-    )?;
-    let shape = UnetShape::from_json(&s.unet_json)?;
-    let level = shape.attention_level()?;
-    let mut w = Params::new(23);
-    w.transformer("", shape.channels[level], shape.cross_dim, 1);
-    write_unprefixed(w, &dirs[3])?;
-    let temb = 4 * shape.channels[0];
-    let mut w = Params::new(29);
-    w.resnet("", shape.channels[0], shape.channels[0], Some(temb));
-    write_unprefixed(w, &dirs[4])?;
+    if components.contains(&Component::Llm) {
+        eprintln!(
+            "bench: writing a random LLaMA layer ({} MB in f32) ...",
+            (4 * super::floor::decode_weight_elems(&s.llm)) >> 20
+        );
+        models::write_llm(&s.llm, &dirs[0])?;
+    }
+    if components.contains(&Component::Vision) {
+        models::write_vision(&s.eva, &dirs[1])?;
+        models::write_vision(
+            &VisionSpec {
+                layers: 0,
+                ..s.eva.clone()
+            },
+            &dirs[2],
+        )?;
+    }
+    if components.contains(&Component::Unet) {
+        let shape = UnetShape::from_json(&s.unet_json)?;
+        let level = shape.attention_level()?;
+        let mut w = Params::new(23);
+        w.transformer("", shape.channels[level], shape.cross_dim, 1);
+        write_unprefixed(w, &dirs[3])?;
+        let temb = UNetResnetBlock::<CpuBackend>::time_embed_dim(&UNet2DConditionConfig::from_file(&s.unet_path)?)?;
+        let mut w = Params::new(29);
+        w.resnet("", shape.channels[0], shape.channels[0], Some(temb));
+        write_unprefixed(w, &dirs[4])?;
+    }
     Ok(dirs)
 }
 
@@ -494,6 +501,9 @@ fn bench<B: Backend>(be: &B, label: &str, s: &RealSpec, dirs: &[PathBuf; 5], o: 
         (Component::Unet, "unet"),
     ];
     for (c, name) in parts {
+        if !o.components.contains(&c) {
+            continue;
+        }
         eprintln!("bench: {label} real {name} ...");
         let r = match c {
             Component::Llm => llm(be, s, &dirs[0], o),
@@ -516,7 +526,7 @@ fn bench<B: Backend>(be: &B, label: &str, s: &RealSpec, dirs: &[PathBuf; 5], o: 
 /// Runs every layer on every selected backend; rows are checked against the CPU backend's.
 pub fn run(o: &Options, root: &Path) -> Res<(Report, RealSpec)> {
     let s = RealSpec::load()?;
-    let dirs = write_layers(&s, root)?;
+    let dirs = write_layers(&s, root, &o.components)?;
     let mut report = Report::default();
     let threads = o
         .threads
