@@ -39,5 +39,5 @@ mod weights;
 pub use error::{Error, Result};
 pub use pipeline::{to_rgb8, DiffusionDecoder, Progress, RgbImage, SamplingParams};
 pub use scheduler::{EulerDiscreteConfig, EulerDiscreteScheduler, PredictionType, TimestepSpacing};
-pub use unet::{TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
+pub use unet::{TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel, UNetResnetBlock, UNetTransformerBlock};
 pub use vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};

@@ -885,3 +885,84 @@ impl<B: Backend> UNet2DConditionModel<B> {
         self.conv_out.forward(&self.conv_norm_out.forward(&h)?.silu()?)
     }
 }
+
+/// One `Transformer2DModel` of the UNet on its own, as `cfg` configures the
+/// blocks of down level `level` but with `layers` transformer layers: for
+/// benchmarks that time single blocks at Emu2-Gen's real widths
+/// (`cargo xtask bench --size real`) without building the whole UNet.
+#[derive(Debug, Clone)]
+pub struct UNetTransformerBlock<B: Backend>(Transformer2D<B>);
+
+impl<B: Backend> UNetTransformerBlock<B> {
+    /// `weights`: a view at the block (`norm`, `proj_in`, `transformer_blocks.*`, `proj_out`).
+    pub fn load(
+        backend: &B,
+        weights: &Weights,
+        cfg: &UNet2DConditionConfig,
+        level: usize,
+        layers: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        let rv = cfg.resolve()?;
+        let (Some(&channels), Some(&heads), Some(&cross)) = (
+            cfg.block_out_channels.get(level),
+            rv.heads.get(level),
+            rv.cross_dims.get(level),
+        ) else {
+            return Err(Error::unsupported(COMPONENT, "level", level));
+        };
+        let r = Res {
+            groups: rv.groups,
+            eps: cfg.norm_eps,
+            temb: rv.time_embed_dim,
+        };
+        let vb = Vb::new(weights, backend, dtype);
+        Ok(Self(Transformer2D::load(&vb, channels, heads, layers, cross, &r)?))
+    }
+
+    /// `x`: `[B, C, H, W]`; `context`: `[B, T, cross_attention_dim]`.
+    pub fn forward(&self, x: &Tensor<B>, context: &Tensor<B>) -> Result<Tensor<B>> {
+        self.0.forward(x, context)
+    }
+}
+
+/// One `ResnetBlock2D` of the UNet on its own (`cin` to `cout` channels,
+/// with the time-embedding projection), as `cfg` configures them; see
+/// [`UNetTransformerBlock`].
+#[derive(Debug, Clone)]
+pub struct UNetResnetBlock<B: Backend>(ResnetBlock2D<B>);
+
+impl<B: Backend> UNetResnetBlock<B> {
+    pub fn load(
+        backend: &B,
+        weights: &Weights,
+        cfg: &UNet2DConditionConfig,
+        cin: usize,
+        cout: usize,
+        dtype: DType,
+    ) -> Result<Self> {
+        let rv = cfg.resolve()?;
+        let r = Res {
+            groups: rv.groups,
+            eps: cfg.norm_eps,
+            temb: rv.time_embed_dim,
+        };
+        let vb = Vb::new(weights, backend, dtype);
+        Ok(Self(ResnetBlock2D::load(
+            &vb,
+            cin,
+            cout,
+            &r.resnet(cfg.resnet_out_scale_factor),
+        )?))
+    }
+
+    /// `temb`: the `[B, time_embed_dim]` time embedding.
+    pub fn forward(&self, x: &Tensor<B>, temb: &Tensor<B>) -> Result<Tensor<B>> {
+        self.0.forward(x, Some(temb))
+    }
+
+    /// The time-embedding width the block projects from.
+    pub fn time_embed_dim(cfg: &UNet2DConditionConfig) -> Result<usize> {
+        Ok(cfg.resolve()?.time_embed_dim)
+    }
+}

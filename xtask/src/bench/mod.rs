@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! cargo xtask bench [--backends cpu,wgpu,onnx,cuda] [--component ops|vision|llm|unet|vae|all[,..]]
-//!                   [--size tiny|mid] [--dtype f32|bf16] [--threads N] [--warmup N] [--iters N]
-//!                   [--torch PYTHON] [--json OUT] [--keep DIR] [--quant q8_0,q4_k]
+//!                   [--size tiny|mid|real] [--dtype f32|bf16] [--threads N] [--warmup N] [--iters N]
+//!                   [--torch PYTHON] [--llamacpp PYTHON] [--json OUT] [--keep DIR] [--quant q8_0,q4_k]
 //! ```
 //!
 //! One run builds a random model of every requested component at the
@@ -21,7 +21,18 @@
 //! Python with torch, transformers, diffusers, safetensors), the
 //! `tools/reference/bench_<component>.py` scripts time the same weights on
 //! the same inputs and thread count, and their outputs are checked against
-//! the CPU backend's too.
+//! the CPU backend's too. With `--llamacpp PYTHON` (a Python with
+//! llama-cpp-python), the LLM is also written as GGUF files in llama.cpp's
+//! layout (the run's float format and each `--quant` format; see
+//! [`llamacpp`]) and timed by `tools/reference/bench_llamacpp.py`; its f32
+//! and 16-bit rows must reproduce the CPU backend's logits, or the run
+//! fails, so the comparison is on the same model.
+//!
+//! Every run prints the f32 FMA peak of the detected ISA at the measured
+//! clock ([`peak`]) and each GFLOP/s row's share of it; LLM runs print the
+//! decode floor per weight format from the measured read bandwidth
+//! ([`floor`]). `--size real` times single layers at Emu2's true
+//! dimensions instead and prints whole-model estimates ([`real`]).
 //!
 //! Each time is the median of `--iters` runs (default 3) after `--warmup`
 //! (default 1); a run ends with the download of its output. `--threads N`
@@ -34,7 +45,10 @@
 //! `cargo run --release -p xtask -- bench ...` optimises everything.
 
 pub mod floor;
+mod llamacpp;
 pub mod models;
+pub mod peak;
+pub mod real;
 pub mod run;
 mod torch;
 
@@ -51,8 +65,8 @@ pub type Res<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 pub const USAGE: &str =
     "cargo xtask bench [--backends cpu,wgpu,onnx,cuda] [--component ops|vision|llm|unet|vae|all[,..]] \
-[--size tiny|mid] [--dtype f32|bf16] [--threads N] [--warmup N] [--iters N] [--torch PYTHON] [--json OUT] [--keep DIR] \
-[--quant q8_0,q4_k]";
+[--size tiny|mid|real] [--dtype f32|bf16] [--threads N] [--warmup N] [--iters N] [--torch PYTHON] [--llamacpp PYTHON] \
+[--json OUT] [--keep DIR] [--quant q8_0,q4_k]";
 
 /// A part of the system that is timed as a unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +128,8 @@ pub struct Options {
     pub threads: Option<usize>,
     pub timing: Timing,
     pub torch: Option<PathBuf>,
+    /// A Python with llama-cpp-python: llama.cpp rows for the LLM.
+    pub llamacpp: Option<PathBuf>,
     pub json: Option<PathBuf>,
     pub keep: Option<PathBuf>,
     /// Extra LLM rows on the CPU backend with the linears in these formats.
@@ -130,6 +146,7 @@ impl Options {
             threads: None,
             timing: Timing { warmup: 1, iters: 3 },
             torch: None,
+            llamacpp: None,
             json: None,
             keep: None,
             quant: Vec::new(),
@@ -165,7 +182,8 @@ impl Options {
                     o.size = match val.as_str() {
                         "tiny" => Size::Tiny,
                         "mid" => Size::Mid,
-                        _ => return Err(format!("unknown size `{val}` (tiny|mid)").into()),
+                        "real" => Size::Real,
+                        _ => return Err(format!("unknown size `{val}` (tiny|mid|real)").into()),
                     }
                 }
                 "--dtype" => {
@@ -177,6 +195,7 @@ impl Options {
                 "--warmup" => o.timing.warmup = num()?,
                 "--iters" => o.timing.iters = num()?.max(1),
                 "--torch" => o.torch = Some(PathBuf::from(val)),
+                "--llamacpp" => o.llamacpp = Some(PathBuf::from(val)),
                 "--json" => o.json = Some(PathBuf::from(val)),
                 "--keep" => o.keep = Some(PathBuf::from(val)),
                 "--quant" => {
@@ -328,31 +347,50 @@ pub struct Report {
     pub notes: Vec<String>,
     /// Parameter counts by component.
     pub params: Vec<(Component, usize)>,
-    /// The memory-bandwidth floor of LLM decode, when the LLM ran.
+    /// The memory-bandwidth floor of LLM decode in the run's dtype, when the LLM ran.
     pub decode_floor: Option<floor::DecodeFloor>,
-    /// The same floor with the linears quantized (`--quant`), per format.
-    pub quant_floors: Vec<(emu_core::QuantType, floor::DecodeFloor)>,
+    /// The same floor per weight format: `f32`, `f16` (any 16-bit float)
+    /// and each `--quant` format (linears quantized, the rest in the run's dtype).
+    pub floors: Vec<(String, floor::DecodeFloor)>,
+    /// The f32 FMA peak the GFLOP/s rows are compared with.
+    pub peak: Option<peak::FmaPeak>,
 }
 
 impl Report {
-    /// How far each backend's decode is from the bandwidth floor.
+    /// The floor a decode row is held to: its format's (the backend label's
+    /// `/format` suffix), else its dtype's.
+    fn floor_of(&self, r: &Row) -> Option<floor::DecodeFloor> {
+        let format = match r.backend.split_once('/') {
+            Some((_, "bf16")) => "f16".to_string(),
+            Some((_, f)) => f.to_string(),
+            None if r.dtype == DType::F32 => "f32".to_string(),
+            None => "f16".to_string(),
+        };
+        self.floors.iter().find(|(f, _)| *f == format).map(|(_, fl)| *fl)
+    }
+
+    /// The read bandwidth, each format's floor, and how far each decode row is from its floor.
     pub fn floor_lines(&self) -> Vec<String> {
         let Some(f) = self.decode_floor else { return Vec::new() };
         let mut lines = vec![format!(
-            "decode floor: {:.1} MB of weights + {:.1} MB of KV cache per token at {:.2} GB/s host copy bandwidth \
-             (read+written) -> {:.2} ms/token ({:.1} tok/s)",
-            f.weight_bytes as f64 / 1e6,
-            f.kv_bytes as f64 / 1e6,
+            "decode floor: host read bandwidth {:.2} GB/s (every thread summing its share of one buffer, as decode streams its weights)",
             f.bandwidth / 1e9,
-            f.ms_per_token(),
-            1e3 / f.ms_per_token()
         )];
-        for (q, qf) in &self.quant_floors {
+        for (format, fl) in &self.floors {
             lines.push(format!(
-                "decode floor {q}: {:.1} MB of weights (quantized linears, the rest in the run's dtype) -> {:.2} ms/token ({:.1} tok/s)",
-                qf.weight_bytes as f64 / 1e6,
-                qf.ms_per_token(),
-                1e3 / qf.ms_per_token()
+                "  {format:<5} {:.1} MB of weights + {:.1} MB of KV cache per token -> {:.2} ms/token ({:.1} tok/s){}",
+                fl.weight_bytes as f64 / 1e6,
+                fl.kv_bytes as f64 / 1e6,
+                fl.ms_per_token(),
+                fl.tokens_per_s(),
+                if format.starts_with('q') {
+                    format!(
+                        " (attention and MLP linears {format}, the rest {})",
+                        self.rows.first().map_or(DType::F32, |r| r.dtype)
+                    )
+                } else {
+                    String::new()
+                }
             ));
         }
         for r in self
@@ -360,17 +398,13 @@ impl Report {
             .iter()
             .filter(|r| r.component == Component::Llm && r.call.key == "decode")
         {
-            let floor = self
-                .quant_floors
-                .iter()
-                .find(|(q, _)| r.backend.ends_with(&format!("/{q}")))
-                .map_or(f, |(_, qf)| *qf);
+            let Some(fl) = self.floor_of(r) else { continue };
             let ms = r.median_ms() / r.call.work;
             lines.push(format!(
-                "  {:<9} decode {:.2} ms/token = {:.2}x the floor",
+                "  {:<14} decode {:.2} ms/token = {:.2}x its floor",
                 r.backend,
                 ms,
-                ms / floor.ms_per_token()
+                ms / fl.ms_per_token()
             ));
         }
         lines
@@ -429,16 +463,32 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
         let params = work.write(c)?;
         report.params.push((c, params));
     }
+    let threads = o
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    // The tiny size (tests) only checks the wiring: short measurements.
+    let (read_bytes, clock_iters) = match o.size {
+        Size::Tiny => (4 << 20, 1_000_000),
+        // 256 MiB is past any cache.
+        Size::Mid | Size::Real => (256 << 20, 10_000_000),
+    };
+    report.peak = Some(peak::fma_peak(threads, clock_iters));
     if o.components.contains(&Component::Llm) {
-        let threads = o
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        // 256 MiB is past any cache; the tiny size (tests) only checks the wiring.
-        let copy_bytes = match o.size {
-            Size::Tiny => 4 << 20,
-            Size::Mid => 256 << 20,
-        };
-        report.decode_floor = Some(floor::decode_floor(&work.spec.llm, o.dtype, threads, copy_bytes));
+        let bw = floor::read_bandwidth(read_bytes, threads, 5);
+        let l = &work.spec.llm;
+        let base = floor::decode_floor(l, o.dtype, bw);
+        report.decode_floor = Some(base);
+        report
+            .floors
+            .push(("f32".into(), floor::decode_floor(l, DType::F32, bw)));
+        report
+            .floors
+            .push(("f16".into(), floor::decode_floor(l, DType::F16, bw)));
+        for &q in &o.quant {
+            report
+                .floors
+                .push((q.to_string(), floor::quant_decode_floor(l, o.dtype, q, base)));
+        }
     }
     bench_backend(&CpuBackend::new(), "cpu", o, &work, &mut report);
     if o.components.contains(&Component::Llm) {
@@ -454,16 +504,10 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
                 })),
                 Err(e) => report.notes.push(format!("cpu/{q} llm: failed: {e}")),
             }
-            if let Some(f) = report.decode_floor {
-                report
-                    .quant_floors
-                    .push((q, floor::quant_decode_floor(&work.spec.llm, o.dtype, q, f)));
-            }
         }
         if !o.quant.is_empty() {
             report.notes.push(
-                "cpu/<format> rows: linears quantized at load time; their rel err is the quantization error against f32. \
-                 No llama.cpp rows: building llama-cpp-python takes ~6 min on 2 cores (ENVIRONMENT.md)"
+                "cpu/<format> rows: linears quantized at load time; their rel err is the quantization error against f32"
                     .into(),
             );
         }
@@ -520,6 +564,34 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
             }
         }
     }
+    if let (Some(python), true) = (&o.llamacpp, o.components.contains(&Component::Llm)) {
+        for format in llamacpp::formats(o) {
+            let label = format!("llama.cpp/{}", format.label());
+            eprintln!("bench: {label} llm ...");
+            let t = match llamacpp::run(python, &work, o, format) {
+                Ok(t) => t,
+                Err(e) => {
+                    report.notes.push(format!("{label} llm: failed: {e}"));
+                    continue;
+                }
+            };
+            report.notes.push(format!("{label}: {}", t.about));
+            for (key, ms, out) in t.calls {
+                let Some(cpu) = report
+                    .rows
+                    .iter()
+                    .find(|r| r.backend == "cpu" && r.component == Component::Llm && r.call.key == key)
+                else {
+                    continue;
+                };
+                let mut row = cpu.clone();
+                row.backend = label.clone();
+                row.call.ms = ms;
+                row.call.out = out;
+                report.rows.push(row);
+            }
+        }
+    }
     // Reduced-precision rows are checked against the CPU backend in f32
     // (one untimed run), so the CPU backend's own rounding shows too.
     let mut f32_ref = Report::default();
@@ -550,15 +622,38 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
             .find(|(c, k, _)| *c == row.component && *k == row.call.key)
             .map(|(_, _, cpu)| rel_err(&row.call.out, cpu));
     }
+    // The llama.cpp rows compare speed only if llama.cpp ran the same model:
+    // its float rows must give the CPU backend's logits (a wrong rope
+    // layout or tensor mapping gives errors of order one). Bounds: in f32,
+    // llama.cpp's CPU flash attention (on by default) rounds through f16
+    // inside: at mid size its logits differ from the CPU backend's by
+    // 1.6e-4 (prefill) and 1.3e-3 (decode, 32 steps), and turning it off
+    // changes them by as much; 16-bit weights round to ~4e-3 relative per
+    // weight, which random logits show as ~1e-2.
+    for r in report.rows.iter().filter(|r| r.backend.starts_with("llama.cpp/")) {
+        let bound = match r.backend.as_str() {
+            "llama.cpp/f32" => 1e-2,
+            "llama.cpp/f16" | "llama.cpp/bf16" => 5e-2,
+            _ => continue,
+        };
+        match r.rel_err {
+            Some(e) if e <= bound => {}
+            e => report.notes.push(format!(
+                "{} {}: failed: logits differ from the cpu backend's by {e:?} (bound {bound:e}): the GGUF does not hold the same model",
+                r.backend, r.call.key
+            )),
+        }
+    }
     Ok(report)
 }
 
 /// The table, one row per (call, backend), PyTorch last in each group.
 pub fn format_table(report: &Report) -> String {
     let mut s = format!(
-        "{:<7} {:<50} {:<9} {:<5} {:>10} {:>14} {:>9} {:>9}\n",
-        "comp", "call", "backend", "dtype", "median ms", "throughput", "GFLOP/s", "rel err"
+        "{:<7} {:<50} {:<14} {:<5} {:>10} {:>14} {:>9} {:>6} {:>9}\n",
+        "comp", "call", "backend", "dtype", "median ms", "throughput", "GFLOP/s", "%peak", "rel err"
     );
+    let peak = report.peak.as_ref().map(peak::FmaPeak::gflops);
     let mut keys: Vec<(Component, &'static str)> = Vec::new();
     for r in &report.rows {
         if !keys.contains(&(r.component, r.call.key)) {
@@ -573,7 +668,7 @@ pub fn format_table(report: &Report) -> String {
                 format!("{:.2} {}/s", r.throughput(), r.call.unit)
             };
             s += &format!(
-                "{:<7} {:<50} {:<9} {:<5} {:>10.2} {:>14} {:>9} {:>9}\n",
+                "{:<7} {:<50} {:<14} {:<5} {:>10.2} {:>14} {:>9} {:>6} {:>9}\n",
                 c.name(),
                 r.call.label,
                 r.backend,
@@ -581,6 +676,10 @@ pub fn format_table(report: &Report) -> String {
                 r.median_ms(),
                 tp,
                 r.gflops().map_or("-".into(), |g| format!("{g:.1}")),
+                match (r.gflops(), peak) {
+                    (Some(g), Some(p)) if p > 0.0 => format!("{:.0}%", 100.0 * g / p),
+                    _ => "-".into(),
+                },
                 r.rel_err.map_or("-".into(), |e| format!("{e:.1e}")),
             );
         }
@@ -607,10 +706,12 @@ pub fn to_json(report: &Report, o: &Options) -> serde_json::Value {
         "warmup": o.timing.warmup, "iters": o.timing.iters,
         "params": report.params.iter().map(|(c, n)| (c.name().to_string(), serde_json::json!(*n))).collect::<serde_json::Map<_, _>>(),
         "notes": report.notes, "rows": rows,
-        "decode_floor": report.decode_floor.map(|f| serde_json::json!({
-            "weight_bytes": f.weight_bytes, "kv_bytes": f.kv_bytes,
-            "copy_bandwidth_bytes_per_s": f.bandwidth, "ms_per_token": f.ms_per_token(),
-        })),
+        "read_bandwidth_bytes_per_s": report.decode_floor.map(|f| f.bandwidth),
+        "decode_floors": report.floors.iter().map(|(format, f)| serde_json::json!({
+            "format": format, "weight_bytes": f.weight_bytes, "kv_bytes": f.kv_bytes,
+            "ms_per_token": f.ms_per_token(),
+        })).collect::<Vec<_>>(),
+        "fma_peak_gflops": report.peak.as_ref().map(peak::FmaPeak::gflops),
     })
 }
 
@@ -647,6 +748,42 @@ pub fn cmd_bench(args: &[String]) -> Res<()> {
         o.timing.iters,
         load_average()
     );
+    if o.size == Size::Real {
+        let result = real::run(&o, &root);
+        if temporary {
+            // Best effort: a failed clean-up must not hide the result.
+            let _ = std::fs::remove_dir_all(&root);
+        }
+        let (report, spec) = result?;
+        for n in &report.notes {
+            println!("{n}");
+        }
+        println!("load average at end {}\n", load_average());
+        if let Some(p) = &report.peak {
+            println!("{}", p.line());
+        }
+        print!("{}", format_table(&report));
+        for line in real::estimate_lines(&report, &spec)? {
+            println!("{line}");
+        }
+        println!(
+            "Emu2-Chat decode floor (all {} layers and the LM head) at a {}-token context:",
+            spec.llm_layers,
+            real::DECODE_CONTEXT
+        );
+        for line in report.floor_lines() {
+            println!("{line}");
+        }
+        if let Some(path) = &o.json {
+            std::fs::write(path, serde_json::to_string_pretty(&to_json(&report, &o))?)?;
+            println!("wrote {}", path.display());
+        }
+        let failed = report.notes.iter().filter(|n| n.contains(": failed: ")).count();
+        if failed > 0 {
+            return Err(format!("{failed} layer run(s) failed (see above)").into());
+        }
+        return Ok(());
+    }
     let result = run(&o, &root);
     if temporary {
         // Best effort: a failed clean-up must not hide the result.
@@ -662,6 +799,9 @@ pub fn cmd_bench(args: &[String]) -> Res<()> {
         println!("{n}");
     }
     println!("load average at end {}\n", load_average());
+    if let Some(p) = &report.peak {
+        println!("{}", p.line());
+    }
     print!("{}", format_table(&report));
     for line in report.floor_lines() {
         println!("{line}");
@@ -698,7 +838,7 @@ mod tests {
         assert!(failures.is_empty(), "{failures:?}");
         let floor = report.floor_lines();
         assert!(
-            floor.len() >= 2 && floor[1].contains("cpu") && floor[1].contains("x the floor"),
+            floor.len() >= 4 && floor[3].contains("cpu") && floor[3].contains("x its floor"),
             "{floor:?}"
         );
         let expected = [
@@ -791,8 +931,10 @@ mod tests {
                 assert!(e < 0.1, "{q} {}: rel err {e}", r.call.key);
             }
         }
-        assert_eq!(report.quant_floors.len(), 2);
-        assert!(report.quant_floors[0].1.weight_bytes < report.decode_floor.unwrap().weight_bytes);
+        let formats: Vec<&str> = report.floors.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(formats, ["f32", "f16", "q8_0", "q4_k"]);
+        assert!(report.floors[2].1.weight_bytes < report.floors[1].1.weight_bytes);
+        assert!(report.floors[1].1.weight_bytes < report.decode_floor.unwrap().weight_bytes);
         assert!(report.floor_lines().iter().any(|l| l.contains("cpu/q8_0")));
     }
 

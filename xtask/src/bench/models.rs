@@ -21,6 +21,8 @@ pub enum Size {
     Tiny,
     /// Shapes where the kernels, not the overheads, dominate (see [`Spec::mid`]).
     Mid,
+    /// Single layers at Emu2's true dimensions (see [`super::real`]).
+    Real,
 }
 
 /// The EVA ViT: `batch` images of `image`² pixels, pooled to `n_query` tokens.
@@ -105,7 +107,8 @@ impl Spec {
     pub fn new(size: Size) -> Self {
         match size {
             Size::Tiny => Self::tiny(),
-            Size::Mid => Self::mid(),
+            // `--size real` builds its own layers; its whole-model runs are mid-sized.
+            Size::Mid | Size::Real => Self::mid(),
         }
     }
 
@@ -248,6 +251,11 @@ impl Tensors {
         self.0.insert(key.into(), (dims.to_vec(), values));
     }
 
+    /// The tensors by name: (dims, values).
+    pub fn into_inner(self) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+        self.0
+    }
+
     /// Total element count.
     pub fn numel(&self) -> usize {
         self.0.values().map(|(_, v)| v.len()).sum()
@@ -284,13 +292,13 @@ impl Tensors {
 }
 
 /// Draws parameters from one seeded stream, in insertion order.
-struct Params {
+pub(crate) struct Params {
     rng: Rng,
-    out: Tensors,
+    pub(crate) out: Tensors,
 }
 
 impl Params {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Params {
             rng: Rng::new(seed),
             out: Tensors::default(),
@@ -326,7 +334,7 @@ impl Params {
     }
 
     /// diffusers `ResnetBlock2D` (`temb`: the time-embedding width, if any).
-    fn resnet(&mut self, key: &str, cin: usize, cout: usize, temb: Option<usize>) {
+    pub(crate) fn resnet(&mut self, key: &str, cin: usize, cout: usize, temb: Option<usize>) {
         self.norm(&format!("{key}.norm1"), cin);
         self.conv(&format!("{key}.conv1"), cin, cout, 3);
         if let Some(t) = temb {
@@ -349,7 +357,7 @@ impl Params {
 
     /// diffusers `Transformer2DModel` (linear projections) with `depth`
     /// `BasicTransformerBlock`s: self-attention, cross-attention, GEGLU.
-    fn transformer(&mut self, key: &str, c: usize, cross: usize, depth: usize) {
+    pub(crate) fn transformer(&mut self, key: &str, c: usize, cross: usize, depth: usize) {
         self.norm(&format!("{key}.norm"), c);
         self.linear(&format!("{key}.proj_in"), c, c, true);
         for k in 0..depth {
