@@ -449,6 +449,12 @@ impl WgpuBackend {
         describe(&self.ctx.info)
     }
 
+    /// Whether the adapter computes in host memory (a CPU driver such as
+    /// lavapipe), so that its buffers count against the host's memory.
+    pub fn uses_host_memory(&self) -> bool {
+        self.ctx.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// The limits the device was opened with.
     pub fn limits(&self) -> &wgpu::Limits {
         &self.ctx.limits
