@@ -289,7 +289,7 @@ impl Device {
             .handles
             .lock()
             .map_err(|_| backend_err("module cache lock poisoned"))?;
-        if !h.modules.contains_key(&module) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = h.modules.entry(module) {
             let arch = format!("compute_{}{}", self.arch.0, self.arch.1);
             let cache = crate::kernels::ptx_cache_dir();
             let load = |ptx: String| -> std::result::Result<sys::CUmodule, String> {
@@ -313,13 +313,10 @@ impl Device {
                     module.name()
                 ))
             })?;
-            h.modules.insert(
-                module,
-                Loaded {
-                    module: raw,
-                    funcs: HashMap::new(),
-                },
-            );
+            slot.insert(Loaded {
+                module: raw,
+                funcs: HashMap::new(),
+            });
         }
         let loaded = h.modules.get_mut(&module).expect("inserted above");
         if let Some(f) = loaded.funcs.get(name) {

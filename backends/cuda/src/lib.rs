@@ -519,6 +519,7 @@ impl CudaBackend {
     }
 
     /// One block per output element folding dimension `dim` (reduce, argmax).
+    #[allow(clippy::too_many_arguments)]
     fn along_dim(
         &self,
         op: &str,
@@ -572,7 +573,7 @@ impl CudaBackend {
     ) -> Result<CudaTensor> {
         let xc = self.contiguous(x)?;
         let out = self.alloc(&x.dims, x.dtype)?;
-        let rows = if cols == 0 { 0 } else { xc.numel() / cols };
+        let rows = xc.numel().checked_div(cols).unwrap_or(0);
         if rows == 0 {
             return Ok(out);
         }
@@ -1283,7 +1284,7 @@ impl Backend for CudaBackend {
             .ok_or_else(|| Error::shape("softmax: input is a scalar"))?;
         let xc = self.contiguous(x)?;
         let out = self.alloc(&x.dims, x.dtype)?;
-        let rows = if cols == 0 { 0 } else { xc.numel() / cols };
+        let rows = xc.numel().checked_div(cols).unwrap_or(0);
         if rows > 0 {
             let mut a = Args::default();
             a.push(rows as i64).push(cols as i64).push(xc.ptr()).push(out.base());
@@ -1362,6 +1363,8 @@ impl Backend for CudaBackend {
         )
     }
 
+    // `is_multiple_of` is newer than the workspace's rust-version (1.85).
+    #[allow(clippy::manual_is_multiple_of)]
     fn rope(&self, x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTensor> {
         let xd = &x.dims;
         let same = x.dtype == cos.dtype && x.dtype == sin.dtype && x.dtype.is_float() && cos.dims == sin.dims;
