@@ -28,6 +28,12 @@ struct Cli {
     /// Never draw progress bars (by default they are drawn when stderr is a terminal).
     #[arg(long, global = true, overrides_with = "progress")]
     no_progress: bool,
+    /// Skip the memory checks that refuse a run whose estimated weights, KV
+    /// cache or activations exceed the available memory (for when the
+    /// estimate is wrong; also EMU_NO_MEMORY_CHECK=1). An allocation that
+    /// then fails aborts the process.
+    #[arg(long, global = true)]
+    no_memory_check: bool,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +124,9 @@ fn parse_shard_size(s: &str) -> Result<u64, String> {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if cli.no_memory_check {
+        emu::memory::disable_checks();
+    }
     emu_cli::commands::set_threads(cli.threads.unwrap_or(0))?;
     emu_cli::commands::progress::set_mode(match (cli.progress, cli.no_progress) {
         (true, _) => Some(true),

@@ -304,3 +304,62 @@ fn grounding_mode_and_box_drawing() {
     ]);
     assert!(!o.status.success(), "--boxes-out needs --grounding");
 }
+
+/// `emu chat … | head -c 10`: once stdout's reader has gone, streaming
+/// generation stops at the next token and the run ends quietly with success.
+/// Deterministic evidence that it stopped early, without timing anything:
+/// `--dump` writes `generated_ids` only when generation ran to its end, and
+/// the same run into a reader that stays writes it with every token.
+#[test]
+fn a_reader_that_goes_away_stops_streaming_generation() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 64, 48);
+    let run = |dump: &Path, closed: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_emu"));
+        cmd.args(["chat", "--model", "tiny", "--num-beams", "1", "--max-new-tokens", "600"])
+            .arg("--image")
+            .arg(&img)
+            .arg("--dump")
+            .arg(dump)
+            .arg("describe the picture")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        if closed {
+            cmd.stdout(Stdio::piped());
+            let mut child = cmd.spawn().unwrap();
+            // The reader goes away before the model has even loaded.
+            drop(child.stdout.take());
+            child.wait_with_output().unwrap()
+        } else {
+            cmd.stdout(Stdio::null()).output().unwrap()
+        }
+    };
+    let full = dir.path().join("full");
+    let o = run(&full, false);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids = emu_core::Checkpoint::open(full.join("generated_ids.safetensors"))
+        .unwrap()
+        .get("generated_ids")
+        .unwrap();
+    assert!(
+        ids.numel() > 100,
+        "the uninterrupted answer should be long, got {} tokens",
+        ids.numel()
+    );
+
+    let cut = dir.path().join("cut");
+    let o = run(&cut, true);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let other: Vec<&str> = err.lines().filter(|l| !l.starts_with("note: `--model tiny`")).collect();
+    assert!(other.is_empty(), "a closed pipe is not an error to report: {err}");
+    assert!(
+        cut.join("prefill_logits.safetensors").is_file(),
+        "generation was reached"
+    );
+    assert!(
+        !cut.join("generated_ids.safetensors").exists(),
+        "generation ran to its end although nobody was reading"
+    );
+}

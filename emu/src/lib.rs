@@ -44,6 +44,7 @@ pub mod convert;
 pub mod error;
 pub mod inspect;
 pub mod layout;
+pub mod memory;
 pub mod pipeline;
 pub mod tiny;
 pub mod units;

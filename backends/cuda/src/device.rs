@@ -289,25 +289,34 @@ impl Device {
             .handles
             .lock()
             .map_err(|_| backend_err("module cache lock poisoned"))?;
-        if !h.modules.contains_key(&module) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = h.modules.entry(module) {
             let arch = format!("compute_{}{}", self.arch.0, self.arch.1);
-            let ptx = crate::kernels::compile(module, &arch).map_err(backend_err)?;
-            let image = CString::new(ptx).map_err(|_| backend_err("PTX with a NUL byte"))?;
-            // SAFETY: a NUL-terminated PTX image, loaded into the bound context.
-            let raw = unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| {
+            let cache = crate::kernels::ptx_cache_dir();
+            let load = |ptx: String| -> std::result::Result<sys::CUmodule, String> {
+                let image = CString::new(ptx).map_err(|_| "PTX with a NUL byte".to_string())?;
+                // SAFETY: a NUL-terminated PTX image, loaded into the bound context.
+                unsafe { drv::module::load_data(image.as_ptr() as *const c_void) }.map_err(|e| format!("{e:?}"))
+            };
+            let (ptx, origin) = crate::kernels::compile_cached(module, &arch, cache.as_deref()).map_err(backend_err)?;
+            let loaded = match (load(ptx), origin, &cache) {
+                // A cached entry the driver refuses is dropped and compiled afresh.
+                (Err(_), crate::kernels::PtxOrigin::Cache, Some(dir)) => {
+                    crate::kernels::forget_cached(module, &arch, dir);
+                    load(crate::kernels::compile(module, &arch).map_err(backend_err)?)
+                }
+                (r, _, _) => r,
+            };
+            let raw = loaded.map_err(|e| {
                 backend_err(format!(
-                    "the driver cannot load the PTX of {} ({e:?}); an NVRTC newer than the driver \
+                    "the driver cannot load the PTX of {} ({e}); an NVRTC newer than the driver \
                      produces PTX it cannot read: use the NVRTC of the driver's CUDA version",
                     module.name()
                 ))
             })?;
-            h.modules.insert(
-                module,
-                Loaded {
-                    module: raw,
-                    funcs: HashMap::new(),
-                },
-            );
+            slot.insert(Loaded {
+                module: raw,
+                funcs: HashMap::new(),
+            });
         }
         let loaded = h.modules.get_mut(&module).expect("inserted above");
         if let Some(f) = loaded.funcs.get(name) {

@@ -47,33 +47,6 @@ pub fn layout(r: usize, c: usize, rs: usize, cs: usize) -> Option<(bool, i64)> {
     None
 }
 
-/// Drops size-1 dimensions and merges neighbours that are contiguous in
-/// every operand: `(dims, per-operand strides)` of the same index space.
-pub fn coalesce(dims: &[usize], strides: &[Vec<usize>]) -> (Vec<usize>, Vec<Vec<usize>>) {
-    let mut od: Vec<usize> = Vec::new();
-    let mut os: Vec<Vec<usize>> = vec![Vec::new(); strides.len()];
-    for d in 0..dims.len() {
-        if dims[d] == 1 {
-            continue;
-        }
-        let mergeable = !od.is_empty() && strides.iter().zip(&os).all(|(s, o)| o[o.len() - 1] == s[d] * dims[d]);
-        if mergeable {
-            let last = od.len() - 1;
-            od[last] *= dims[d];
-            for (k, s) in strides.iter().enumerate() {
-                let l = os[k].len() - 1;
-                os[k][l] = s[d];
-            }
-        } else {
-            od.push(dims[d]);
-            for (k, s) in strides.iter().enumerate() {
-                os[k].push(s[d]);
-            }
-        }
-    }
-    (od, os)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -96,18 +69,5 @@ mod tests {
         assert_eq!(layout(3, 5, 10, 2), None);
         // Broadcast rows (stride 0) cannot be a leading dimension.
         assert_eq!(layout(3, 5, 0, 1), None);
-    }
-
-    #[test]
-    fn batch_dims_merge_only_where_every_operand_is_contiguous() {
-        // [2, 3] batch, a contiguous, b broadcast over the first dim.
-        let (d, s) = coalesce(&[2, 3], &[vec![3 * 20, 20], vec![0, 30]]);
-        assert_eq!(d, vec![2, 3]);
-        assert_eq!(s, vec![vec![60, 20], vec![0, 30]]);
-        let (d, s) = coalesce(&[2, 1, 3], &[vec![60, 60, 20], vec![90, 90, 30]]);
-        assert_eq!(d, vec![6]);
-        assert_eq!(s, vec![vec![20], vec![30]]);
-        let (d, _) = coalesce(&[1, 1], &[vec![0, 0]]);
-        assert!(d.is_empty());
     }
 }

@@ -6,6 +6,7 @@
 //! backend. The sources need no headers (halves are converted with PTX and
 //! bit operations), so NVRTC needs no include path.
 
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use emu_core::DType;
@@ -59,10 +60,15 @@ pub fn compile(module: Module, arch: &str) -> Result<String, String> {
     compile_source(module.source(), module.name(), arch)
 }
 
+/// The NVRTC options every kernel is compiled with.
+fn compile_options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}")]
+}
+
 /// Compiles CUDA C++ source to PTX; `name` appears in errors.
 pub fn compile_source(src: &str, name: &str, arch: &str) -> Result<String, String> {
     let opts = cudarc::nvrtc::CompileOptions {
-        options: vec![format!("--gpu-architecture={arch}")],
+        options: compile_options(arch),
         name: Some(name.to_string()),
         ..Default::default()
     };
@@ -74,6 +80,148 @@ pub fn compile_source(src: &str, name: &str, arch: &str) -> Result<String, Strin
         )),
         Err(e) => Err(format!("NVRTC could not compile {name} for {arch}: {e}")),
     }
+}
+
+/// Overrides the folder of emu-rs's disk caches (compiled PTX goes into
+/// its `ptx/`); set to an empty string to turn the disk cache off.
+pub const CACHE_DIR_ENV: &str = "EMU_CACHE_DIR";
+
+/// Where compiled PTX is cached: `$EMU_CACHE_DIR/ptx`, else
+/// `$XDG_CACHE_HOME/emu-rs/ptx`, else `~/.cache/emu-rs/ptx`; `None` when
+/// turned off or no home is known.
+pub fn ptx_cache_dir() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let root = match std::env::var_os(CACHE_DIR_ENV) {
+        Some(v) if v.is_empty() => return None,
+        Some(v) => PathBuf::from(v),
+        None => var("XDG_CACHE_HOME")
+            .filter(|p| p.is_absolute())
+            .or_else(|| var("HOME").map(|h| h.join(".cache")))?
+            .join("emu-rs"),
+    };
+    Some(root.join("ptx"))
+}
+
+/// The loaded NVRTC's `(major, minor)` version, part of a cache key: PTX
+/// from another NVRTC may differ (and an older driver may refuse it).
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    // cudarc panics when a function of a missing library is called.
+    if !nvrtc_available() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: writes two ints into locals; libnvrtc is present (checked above).
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS).then_some((major, minor))
+}
+
+/// FNV-1a with 128-bit state: cache keys and entry checksums (not a
+/// defence against an attacker who can write the cache folder, who could
+/// as well replace the binary; a guard against truncated or stale files).
+fn fnv128(parts: &[&[u8]]) -> u128 {
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013B;
+    let mut h: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    for p in parts {
+        for &b in p.iter().chain(&[0xff]) {
+            h ^= b as u128;
+            h = h.wrapping_mul(PRIME);
+        }
+    }
+    h
+}
+
+/// Where a module's PTX came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PtxOrigin {
+    Compiled,
+    /// Read from the disk cache, its checksum verified.
+    Cache,
+}
+
+const CACHE_MAGIC: &str = "// emu-rs ptx cache v1";
+
+/// The cache file of `name` for `arch` and its key.
+fn cache_entry(dir: &Path, src: &str, name: &str, arch: &str) -> (PathBuf, String) {
+    let version = nvrtc_version().map_or("unknown".to_string(), |(a, b)| format!("{a}.{b}"));
+    let options = compile_options(arch).join(" ");
+    let key = format!(
+        "{:032x}",
+        fnv128(&[src.as_bytes(), options.as_bytes(), arch.as_bytes(), version.as_bytes()])
+    );
+    let stem = name.strip_suffix(".cu").unwrap_or(name);
+    (dir.join(format!("{stem}-{arch}-{key}.ptx")), key)
+}
+
+/// The PTX of a cache entry whose header names `key` and whose body has
+/// the recorded length and checksum; `None` for anything else (a missing,
+/// truncated, corrupted or foreign file), which is then recompiled.
+fn read_entry(path: &Path, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (header, body) = text.split_once('\n')?;
+    let fields: Vec<&str> = header.strip_prefix(CACHE_MAGIC)?.split_whitespace().collect();
+    let expect = [
+        format!("key={key}"),
+        format!("len={}", body.len()),
+        format!("sum={:032x}", fnv128(&[body.as_bytes()])),
+    ];
+    let ok = fields.len() == expect.len() && fields.iter().zip(&expect).all(|(f, e)| f == e);
+    (ok && !body.contains('\0') && body.contains(".entry")).then(|| body.to_string())
+}
+
+/// Writes a cache entry through a temporary file renamed into place, so a
+/// reader never sees half a file. Failures are ignored: the cache only saves time.
+fn write_entry(path: &Path, key: &str, ptx: &str) {
+    let Some(dir) = path.parent() else {
+        return;
+    };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".tmp-{}-{seq}", std::process::id()));
+    let header = format!(
+        "{CACHE_MAGIC} key={key} len={} sum={:032x}\n",
+        ptx.len(),
+        fnv128(&[ptx.as_bytes()])
+    );
+    let written = std::fs::write(&tmp, [header.as_bytes(), ptx.as_bytes()].concat());
+    if written.is_err() || std::fs::rename(&tmp, path).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// [`compile`] through the disk cache in `cache` (no cache: `None`). The
+/// key covers the source, the compile options, the architecture and the
+/// NVRTC version, so any change compiles afresh.
+pub fn compile_cached(module: Module, arch: &str, cache: Option<&Path>) -> Result<(String, PtxOrigin), String> {
+    compile_source_cached(module.source(), module.name(), arch, cache)
+}
+
+/// [`compile_source`] through the disk cache in `cache`.
+pub fn compile_source_cached(
+    src: &str,
+    name: &str,
+    arch: &str,
+    cache: Option<&Path>,
+) -> Result<(String, PtxOrigin), String> {
+    let Some(dir) = cache else {
+        return Ok((compile_source(src, name, arch)?, PtxOrigin::Compiled));
+    };
+    let (path, key) = cache_entry(dir, src, name, arch);
+    if let Some(ptx) = read_entry(&path, &key) {
+        return Ok((ptx, PtxOrigin::Cache));
+    }
+    let ptx = compile_source(src, name, arch)?;
+    write_entry(&path, &key, &ptx);
+    Ok((ptx, PtxOrigin::Compiled))
+}
+
+/// Removes the cache entry of `module` for `arch` (after the driver refused
+/// to load it), so the next run compiles afresh.
+pub fn forget_cached(module: Module, arch: &str, cache: &Path) {
+    let (path, _) = cache_entry(cache, module.source(), module.name(), arch);
+    let _ = std::fs::remove_file(path);
 }
 
 /// Kernel-name suffix of a dtype.

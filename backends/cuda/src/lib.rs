@@ -49,7 +49,7 @@ use device::{backend_err, unsupported, Args, Device, Storage};
 use emu_core::backend::{
     default_attention, default_group_norm, default_rope, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp,
 };
-use emu_core::shape::{self, broadcast_dims};
+use emu_core::shape::{self, broadcast_dims, contiguous_strides, View};
 use emu_core::{DType, Error, HostTensor, Result};
 use kernels::{dt_suffix, size_suffix, Module};
 
@@ -176,8 +176,8 @@ struct AttnP {
 
 /// The strided walk over `dims` of up to three operands `(offset, strides)`.
 fn strided_params(dims: &[usize], ops: &[(usize, &[usize])]) -> Result<StridedP> {
-    let strides: Vec<Vec<usize>> = ops.iter().map(|(_, s)| s.to_vec()).collect();
-    let (cd, cs) = gemm::coalesce(dims, &strides);
+    let strides: Vec<&[usize]> = ops.iter().map(|(_, s)| *s).collect();
+    let (cd, cs) = shape::coalesce(dims, &strides);
     if cd.len() > MAX_RANK {
         return Err(unsupported(format!(
             "strided views of rank {} (at most {MAX_RANK} after merging dims)",
@@ -199,14 +199,6 @@ fn strided_params(dims: &[usize], ops: &[(usize, &[usize])]) -> Result<StridedP>
         }
     }
     Ok(p)
-}
-
-fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; dims.len()];
-    for i in (0..dims.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * dims[i + 1];
-    }
-    s
 }
 
 /// A tensor on the device: shared storage plus a strided view of it.
@@ -236,14 +228,25 @@ impl CudaTensor {
     }
 
     fn is_contiguous(&self) -> bool {
-        let mut expect = 1;
-        for (&d, &s) in self.dims.iter().zip(&self.strides).rev() {
-            if d != 1 && s != expect {
-                return false;
-            }
-            expect *= d;
+        shape::is_contiguous(&self.dims, &self.strides)
+    }
+
+    fn view(&self) -> View {
+        View {
+            dims: self.dims.clone(),
+            strides: self.strides.clone(),
+            offset: self.offset,
         }
-        true
+    }
+
+    /// This tensor's storage seen through `v`.
+    fn with_view(&self, v: View) -> Self {
+        CudaTensor {
+            dims: v.dims,
+            strides: v.strides,
+            offset: v.offset,
+            ..self.clone()
+        }
     }
 
     /// Device address of the view's first element.
@@ -255,20 +258,6 @@ impl CudaTensor {
     fn base(&self) -> u64 {
         self.storage.ptr
     }
-}
-
-/// Strides of `t` viewed as broadcast to `dims` (0 on expanded dimensions).
-fn broadcast_strides(t: &CudaTensor, dims: &[usize]) -> Vec<usize> {
-    let off = dims.len() - t.dims.len();
-    (0..dims.len())
-        .map(|i| {
-            if i < off || t.dims[i - off] == 1 {
-                0
-            } else {
-                t.strides[i - off]
-            }
-        })
-        .collect()
 }
 
 /// Options of [`CudaBackend::with_options`].
@@ -529,20 +518,8 @@ impl CudaBackend {
         Ok(out)
     }
 
-    fn check_dim(op: &str, t: &CudaTensor, dim: usize) -> Result<()> {
-        shape::check_dim(op, &t.dims, dim)
-    }
-
-    /// `[outer, r, inner]` around `dim`.
-    fn split3(dims: &[usize], dim: usize) -> (usize, usize, usize) {
-        (
-            dims[..dim].iter().product(),
-            dims[dim],
-            dims[dim + 1..].iter().product(),
-        )
-    }
-
     /// One block per output element folding dimension `dim` (reduce, argmax).
+    #[allow(clippy::too_many_arguments)]
     fn along_dim(
         &self,
         op: &str,
@@ -553,19 +530,10 @@ impl CudaBackend {
         name: &str,
         code: Option<i32>,
     ) -> Result<CudaTensor> {
-        Self::check_dim(op, t, dim)?;
+        let dims = shape::reduce_dims(op, &t.dims, dim, keepdim)?;
         self.float_only(op, t)?;
-        if t.dims[dim] == 0 {
-            return Err(Error::shape(format!("{op}: dimension {dim} of {:?} is empty", t.dims)));
-        }
         let tc = self.contiguous(t)?;
-        let (outer, r, inner) = Self::split3(&tc.dims, dim);
-        let mut dims = t.dims.clone();
-        if keepdim {
-            dims[dim] = 1;
-        } else {
-            dims.remove(dim);
-        }
+        let (outer, r, inner) = shape::split_at_dim(&tc.dims, dim);
         let out = self.alloc(&dims, out_dtype)?;
         let nout = outer * inner;
         if nout > 0 {
@@ -585,15 +553,7 @@ impl CudaBackend {
         match v {
             None => Ok(None),
             Some(v) => {
-                if v.dtype != dtype {
-                    return Err(Error::DType(format!("{op}: weight is {}, input {dtype}", v.dtype)));
-                }
-                if v.numel() != n || v.dims.last() != Some(&n) {
-                    return Err(Error::shape(format!(
-                        "{op}: weight {:?} does not fit rows of {n}",
-                        v.dims
-                    )));
-                }
+                shape::check_channel_vector(op, &v.dims, v.dtype, n, dtype)?;
                 Ok(Some(self.contiguous(v)?))
             }
         }
@@ -613,7 +573,7 @@ impl CudaBackend {
     ) -> Result<CudaTensor> {
         let xc = self.contiguous(x)?;
         let out = self.alloc(&x.dims, x.dtype)?;
-        let rows = if cols == 0 { 0 } else { xc.numel() / cols };
+        let rows = xc.numel().checked_div(cols).unwrap_or(0);
         if rows == 0 {
             return Ok(out);
         }
@@ -703,7 +663,7 @@ impl CudaBackend {
         };
         let bs = match bias {
             Some(bt) => {
-                let v = broadcast_strides(bt, &sdims);
+                let v = shape::broadcast_strides(&bt.dims, &bt.strides, &sdims);
                 [v[0] as i64, v[1] as i64, v[2] as i64, v[3] as i64]
             }
             None => [0; 4],
@@ -923,9 +883,7 @@ impl Backend for CudaBackend {
     }
 
     fn reshape(&self, t: &CudaTensor, dims: &[usize]) -> Result<CudaTensor> {
-        if emu_core::host::checked_numel(dims)? != t.numel() {
-            return Err(Error::shape(format!("reshape: cannot view {:?} as {dims:?}", t.dims)));
-        }
+        t.view().check_reshape(dims)?;
         let c = self.contiguous(t)?;
         Ok(CudaTensor {
             dims: dims.to_vec(),
@@ -935,58 +893,20 @@ impl Backend for CudaBackend {
     }
 
     fn permute(&self, t: &CudaTensor, perm: &[usize]) -> Result<CudaTensor> {
-        let rank = t.dims.len();
-        let mut seen = vec![false; rank];
-        if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
-            return Err(Error::shape(format!(
-                "permute: {perm:?} is not a permutation of the dims of {:?}",
-                t.dims
-            )));
-        }
-        Ok(CudaTensor {
-            dims: perm.iter().map(|&p| t.dims[p]).collect(),
-            strides: perm.iter().map(|&p| t.strides[p]).collect(),
-            ..t.clone()
-        })
+        Ok(t.with_view(t.view().permute(perm)?))
     }
 
     fn narrow(&self, t: &CudaTensor, dim: usize, start: usize, len: usize) -> Result<CudaTensor> {
-        Self::check_dim("narrow", t, dim)?;
-        if start.checked_add(len).is_none_or(|end| end > t.dims[dim]) {
-            return Err(Error::shape(format!(
-                "narrow: {start}..{start}+{len} out of range for dim {dim} of {:?}",
-                t.dims
-            )));
-        }
-        let mut dims = t.dims.clone();
-        dims[dim] = len;
-        Ok(CudaTensor {
-            dims,
-            offset: t.offset + if len > 0 { start * t.strides[dim] } else { 0 },
-            ..t.clone()
-        })
+        Ok(t.with_view(t.view().narrow(dim, start, len)?))
     }
 
     fn concat(&self, ts: &[&CudaTensor], dim: usize) -> Result<CudaTensor> {
-        let first = ts.first().ok_or_else(|| Error::shape("concat of no tensors"))?;
-        Self::check_dim("concat", first, dim)?;
+        let shapes: Vec<&[usize]> = ts.iter().map(|t| t.dims.as_slice()).collect();
+        let dims = shape::concat_dims(&shapes, dim)?;
+        let first = ts[0];
         for t in ts {
             shape::check_same_dtype("concat", first.dtype, t.dtype)?;
-            let ok = t.dims.len() == first.dims.len()
-                && t.dims
-                    .iter()
-                    .zip(&first.dims)
-                    .enumerate()
-                    .all(|(i, (a, b))| i == dim || a == b);
-            if !ok {
-                return Err(Error::shape(format!(
-                    "concat along {dim}: {:?} does not fit {:?}",
-                    t.dims, first.dims
-                )));
-            }
         }
-        let mut dims = first.dims.clone();
-        dims[dim] = ts.iter().map(|t| t.dims[dim]).sum();
         let out = self.alloc(&dims, first.dtype)?;
         let mut at = 0;
         for t in ts {
@@ -998,23 +918,10 @@ impl Backend for CudaBackend {
     }
 
     fn slice_set(&self, dst: CudaTensor, src: &CudaTensor, dim: usize, start: usize) -> Result<CudaTensor> {
-        Self::check_dim("slice_set", &dst, dim)?;
+        shape::check_slice_set(&dst.dims, &src.dims, dim, start)?;
         shape::check_same_dtype("slice_set", dst.dtype, src.dtype)?;
-        let fits = src.dims.len() == dst.dims.len()
-            && src
-                .dims
-                .iter()
-                .zip(&dst.dims)
-                .enumerate()
-                .all(|(i, (s, d))| if i == dim { start + s <= *d } else { s == d });
-        if !fits {
-            return Err(Error::shape(format!(
-                "slice_set: {:?} at {start} along {dim} does not fit into {:?}",
-                src.dims, dst.dims
-            )));
-        }
         // A broadcast view aliases elements: write into a private copy instead.
-        let dst = if dst.strides.iter().zip(&dst.dims).any(|(&s, &d)| s == 0 && d > 1) {
+        let dst = if dst.view().aliases() {
             let out = self.alloc(&dst.dims, dst.dtype)?;
             self.copy_into(&dst, &out)?;
             out
@@ -1027,41 +934,15 @@ impl Backend for CudaBackend {
     }
 
     fn index_select(&self, t: &CudaTensor, ids: &CudaTensor, dim: usize) -> Result<CudaTensor> {
-        Self::check_dim("index_select", t, dim)?;
-        if ids.dims.len() != 1 || !matches!(ids.dtype, DType::U32 | DType::I32) {
-            return Err(Error::shape(format!(
-                "index_select: ids must be a 1-D u32/i32 tensor, found {:?} {}",
-                ids.dims, ids.dtype
-            )));
-        }
-        let size = t.dims[dim];
-        if let Some(host) = &ids.host_ids {
-            for k in 0..ids.dims[0] {
-                let v = host.get(ids.offset + k * ids.strides[0]).copied().unwrap_or(u32::MAX);
-                let bad = if ids.dtype == DType::I32 {
-                    (v as i32) < 0 || v as usize >= size
-                } else {
-                    v as usize >= size
-                };
-                if bad {
-                    let shown = if ids.dtype == DType::I32 {
-                        (v as i32) as i64
-                    } else {
-                        v as i64
-                    };
-                    return Err(Error::shape(format!(
-                        "index_select: index {shown} out of range for dim {dim} of {:?}",
-                        t.dims
-                    )));
-                }
-            }
-        }
+        let host = ids
+            .host_ids
+            .as_deref()
+            .map(|h| (h, ids.offset, ids.strides.first().copied().unwrap_or(0)));
+        let dims = shape::index_select_dims(&t.dims, dim, &ids.dims, ids.dtype, host)?;
         let tc = self.contiguous(t)?;
         let idc = self.contiguous(ids)?;
-        let (_, d, inner) = Self::split3(&tc.dims, dim);
+        let (_, d, inner) = shape::split_at_dim(&tc.dims, dim);
         let nids = ids.dims[0];
-        let mut dims = t.dims.clone();
-        dims[dim] = nids;
         let out = self.alloc(&dims, t.dtype)?;
         let n = out.numel();
         if n > 0 {
@@ -1080,18 +961,7 @@ impl Backend for CudaBackend {
     }
 
     fn broadcast_to(&self, t: &CudaTensor, dims: &[usize]) -> Result<CudaTensor> {
-        let out = broadcast_dims("broadcast_to", &t.dims, dims)?;
-        if out != dims || dims.len() < t.dims.len() {
-            return Err(Error::shape(format!(
-                "broadcast_to: {:?} cannot expand to {dims:?}",
-                t.dims
-            )));
-        }
-        Ok(CudaTensor {
-            dims: dims.to_vec(),
-            strides: broadcast_strides(t, dims),
-            ..t.clone()
-        })
+        Ok(t.with_view(t.view().broadcast_to(dims)?))
     }
 
     fn unary(&self, op: UnaryOp, t: &CudaTensor) -> Result<CudaTensor> {
@@ -1111,7 +981,10 @@ impl Backend for CudaBackend {
         if n == 0 {
             return Ok(out);
         }
-        let (sa, sb) = (broadcast_strides(a, &dims), broadcast_strides(b, &dims));
+        let (sa, sb) = (
+            shape::broadcast_strides(&a.dims, &a.strides, &dims),
+            shape::broadcast_strides(&b.dims, &b.strides, &dims),
+        );
         let p = strided_params(&dims, &[(a.offset, &sa), (b.offset, &sb)])?;
         let mut args = Args::default();
         args.push(p)
@@ -1186,7 +1059,7 @@ impl Backend for CudaBackend {
         let es = elem_size(a.dtype) as u64;
         for attempt in 0..2 {
             let (sa, sb, so) = (bstr(&a), bstr(&b), out.strides[..batch.len()].to_vec());
-            let (cd, cs) = gemm::coalesce(&batch, &[sa, sb, so]);
+            let (cd, cs) = shape::coalesce(&batch, &[&sa, &sb, &so]);
             let inner = cd.last().copied().unwrap_or(1);
             let st = |k: usize| cs[k].last().copied().unwrap_or(0);
             let outer_dims = &cd[..cd.len().saturating_sub(1)];
@@ -1411,7 +1284,7 @@ impl Backend for CudaBackend {
             .ok_or_else(|| Error::shape("softmax: input is a scalar"))?;
         let xc = self.contiguous(x)?;
         let out = self.alloc(&x.dims, x.dtype)?;
-        let rows = if cols == 0 { 0 } else { xc.numel() / cols };
+        let rows = xc.numel().checked_div(cols).unwrap_or(0);
         if rows > 0 {
             let mut a = Args::default();
             a.push(rows as i64).push(cols as i64).push(xc.ptr()).push(out.base());
@@ -1490,6 +1363,8 @@ impl Backend for CudaBackend {
         )
     }
 
+    // `is_multiple_of` is newer than the workspace's rust-version (1.85).
+    #[allow(clippy::manual_is_multiple_of)]
     fn rope(&self, x: &CudaTensor, cos: &CudaTensor, sin: &CudaTensor) -> Result<CudaTensor> {
         let xd = &x.dims;
         let same = x.dtype == cos.dtype && x.dtype == sin.dtype && x.dtype.is_float() && cos.dims == sin.dims;

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use emu_core::backend::{
     default_attention, default_group_norm, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp,
 };
-use emu_core::shape::{self, broadcast_dims};
+use emu_core::shape::{self, broadcast_dims, contiguous_strides, View};
 use emu_core::{DType, Error, HostTensor, Result};
 use half::{bf16, f16};
 use kernels::{Word, MAX_RANK, WG};
@@ -190,60 +190,36 @@ impl fmt::Debug for WgpuTensor {
     }
 }
 
-fn contiguous_strides(dims: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; dims.len()];
-    for i in (0..dims.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * dims[i + 1];
-    }
-    s
-}
-
 impl WgpuTensor {
     fn numel(&self) -> usize {
         self.dims.iter().product()
     }
 
     fn is_contiguous(&self) -> bool {
-        let mut expect = 1;
-        for (&d, &s) in self.dims.iter().zip(&self.strides).rev() {
-            if d != 1 && s != expect {
-                return false;
-            }
-            expect *= d;
+        shape::is_contiguous(&self.dims, &self.strides)
+    }
+
+    fn view(&self) -> View {
+        View {
+            dims: self.dims.clone(),
+            strides: self.strides.clone(),
+            offset: self.offset,
         }
-        true
+    }
+
+    /// This tensor's storage seen through `v`.
+    fn with_view(&self, v: View) -> Self {
+        WgpuTensor {
+            dims: v.dims,
+            strides: v.strides,
+            offset: v.offset,
+            ..self.clone()
+        }
     }
 
     fn buffer(&self) -> &wgpu::Buffer {
         self.storage.buffer()
     }
-}
-
-/// Merges dimensions that are contiguous in every operand and drops size-1
-/// dimensions, so that the strided kernels loop over as few as possible.
-fn coalesce(dims: &[usize], strides: &[&[usize]]) -> (Vec<usize>, Vec<Vec<usize>>) {
-    let mut od: Vec<usize> = Vec::new();
-    let mut os: Vec<Vec<usize>> = vec![Vec::new(); strides.len()];
-    for d in 0..dims.len() {
-        if dims[d] == 1 {
-            continue;
-        }
-        let mergeable = !od.is_empty() && strides.iter().zip(&os).all(|(s, o)| o[o.len() - 1] == s[d] * dims[d]);
-        if mergeable {
-            let last = od.len() - 1;
-            od[last] *= dims[d];
-            for (k, s) in strides.iter().enumerate() {
-                let l = os[k].len() - 1;
-                os[k][l] = s[d];
-            }
-        } else {
-            od.push(dims[d]);
-            for (k, s) in strides.iter().enumerate() {
-                os[k].push(s[d]);
-            }
-        }
-    }
-    (od, os)
 }
 
 fn u32_of(what: &str, v: usize) -> Result<u32> {
@@ -254,7 +230,7 @@ fn u32_of(what: &str, v: usize) -> Result<u32> {
 /// and per-operand offsets/strides.
 fn strided_params(dims: &[usize], ops: &[(usize, &[usize])]) -> Result<Vec<u32>> {
     let stride_refs: Vec<&[usize]> = ops.iter().map(|(_, s)| *s).collect();
-    let (cd, cs) = coalesce(dims, &stride_refs);
+    let (cd, cs) = shape::coalesce(dims, &stride_refs);
     if cd.len() > MAX_RANK {
         return Err(unsupported(format!(
             "strided views of rank {} (at most {MAX_RANK} after merging dims)",
@@ -473,6 +449,12 @@ impl WgpuBackend {
         describe(&self.ctx.info)
     }
 
+    /// Whether the adapter computes in host memory (a CPU driver such as
+    /// lavapipe), so that its buffers count against the host's memory.
+    pub fn uses_host_memory(&self) -> bool {
+        self.ctx.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// The limits the device was opened with.
     pub fn limits(&self) -> &wgpu::Limits {
         &self.ctx.limits
@@ -557,7 +539,7 @@ impl WgpuBackend {
         match bias {
             Some(bt) => {
                 p.push(u32_of("offset", bt.offset)?);
-                for s in broadcast_strides(bt, &sdims) {
+                for s in shape::broadcast_strides(&bt.dims, &bt.strides, &sdims) {
                     p.push(u32_of("stride", s)?);
                 }
             }
@@ -755,15 +737,6 @@ impl WgpuBackend {
         Ok(out)
     }
 
-    /// `[outer, r, inner]` around `dim` of a contiguous tensor.
-    fn split3(dims: &[usize], dim: usize) -> (usize, usize, usize) {
-        (
-            dims[..dim].iter().product(),
-            dims[dim],
-            dims[dim + 1..].iter().product(),
-        )
-    }
-
     fn check_dim(op: &str, t: &WgpuTensor, dim: usize) -> Result<()> {
         shape::check_dim(op, &t.dims, dim)
     }
@@ -814,19 +787,10 @@ impl WgpuBackend {
         key: &str,
         src: impl FnOnce() -> String,
     ) -> Result<WgpuTensor> {
-        Self::check_dim(op, t, dim)?;
+        let dims = shape::reduce_dims(op, &t.dims, dim, keepdim)?;
         self.float_only(op, t)?;
-        if t.dims[dim] == 0 {
-            return Err(Error::shape(format!("{op}: dimension {dim} of {:?} is empty", t.dims)));
-        }
         let tc = self.contiguous(t)?;
-        let (outer, r, inner) = Self::split3(&tc.dims, dim);
-        let mut dims = t.dims.clone();
-        if keepdim {
-            dims[dim] = 1;
-        } else {
-            dims.remove(dim);
-        }
+        let (outer, r, inner) = shape::split_at_dim(&tc.dims, dim);
         let out = self.alloc(&dims, out_dtype)?;
         let n = outer * inner;
         if n > 0 {
@@ -895,33 +859,11 @@ impl WgpuBackend {
         match v {
             None => Ok(None),
             Some(v) => {
-                if v.dtype != dtype {
-                    return Err(Error::DType(format!("{op}: weight is {}, input {dtype}", v.dtype)));
-                }
-                if v.numel() != n || v.dims.last() != Some(&n) {
-                    return Err(Error::shape(format!(
-                        "{op}: weight {:?} does not fit rows of {n}",
-                        v.dims
-                    )));
-                }
+                shape::check_channel_vector(op, &v.dims, v.dtype, n, dtype)?;
                 Ok(Some(self.contiguous(v)?))
             }
         }
     }
-}
-
-/// Strides of `t` viewed as broadcast to `dims` (0 on expanded dimensions).
-fn broadcast_strides(t: &WgpuTensor, dims: &[usize]) -> Vec<usize> {
-    let off = dims.len() - t.dims.len();
-    (0..dims.len())
-        .map(|i| {
-            if i < off || t.dims[i - off] == 1 {
-                0
-            } else {
-                t.strides[i - off]
-            }
-        })
-        .collect()
 }
 
 fn dt_key(dtype: DType) -> &'static str {
@@ -1059,9 +1001,7 @@ impl Backend for WgpuBackend {
     }
 
     fn reshape(&self, t: &WgpuTensor, dims: &[usize]) -> Result<WgpuTensor> {
-        if emu_core::host::checked_numel(dims)? != t.numel() {
-            return Err(Error::shape(format!("reshape: cannot view {:?} as {dims:?}", t.dims)));
-        }
+        t.view().check_reshape(dims)?;
         let c = self.contiguous(t)?;
         Ok(WgpuTensor {
             dims: dims.to_vec(),
@@ -1071,58 +1011,20 @@ impl Backend for WgpuBackend {
     }
 
     fn permute(&self, t: &WgpuTensor, perm: &[usize]) -> Result<WgpuTensor> {
-        let rank = t.dims.len();
-        let mut seen = vec![false; rank];
-        if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
-            return Err(Error::shape(format!(
-                "permute: {perm:?} is not a permutation of the dims of {:?}",
-                t.dims
-            )));
-        }
-        Ok(WgpuTensor {
-            dims: perm.iter().map(|&p| t.dims[p]).collect(),
-            strides: perm.iter().map(|&p| t.strides[p]).collect(),
-            ..t.clone()
-        })
+        Ok(t.with_view(t.view().permute(perm)?))
     }
 
     fn narrow(&self, t: &WgpuTensor, dim: usize, start: usize, len: usize) -> Result<WgpuTensor> {
-        Self::check_dim("narrow", t, dim)?;
-        if start.checked_add(len).is_none_or(|end| end > t.dims[dim]) {
-            return Err(Error::shape(format!(
-                "narrow: {start}..{start}+{len} out of range for dim {dim} of {:?}",
-                t.dims
-            )));
-        }
-        let mut dims = t.dims.clone();
-        dims[dim] = len;
-        Ok(WgpuTensor {
-            dims,
-            offset: t.offset + if len > 0 { start * t.strides[dim] } else { 0 },
-            ..t.clone()
-        })
+        Ok(t.with_view(t.view().narrow(dim, start, len)?))
     }
 
     fn concat(&self, ts: &[&WgpuTensor], dim: usize) -> Result<WgpuTensor> {
-        let first = ts.first().ok_or_else(|| Error::shape("concat of no tensors"))?;
-        Self::check_dim("concat", first, dim)?;
+        let shapes: Vec<&[usize]> = ts.iter().map(|t| t.dims.as_slice()).collect();
+        let dims = shape::concat_dims(&shapes, dim)?;
+        let first = ts[0];
         for t in ts {
             self.same_dtype("concat", first, t)?;
-            let ok = t.dims.len() == first.dims.len()
-                && t.dims
-                    .iter()
-                    .zip(&first.dims)
-                    .enumerate()
-                    .all(|(i, (a, b))| i == dim || a == b);
-            if !ok {
-                return Err(Error::shape(format!(
-                    "concat along {dim}: {:?} does not fit {:?}",
-                    t.dims, first.dims
-                )));
-            }
         }
-        let mut dims = first.dims.clone();
-        dims[dim] = ts.iter().map(|t| t.dims[dim]).sum();
         let out = self.alloc(&dims, first.dtype)?;
         let pipeline = self.pipeline("copy", 1, kernels::copy)?;
         let mut launches = Vec::new();
@@ -1148,23 +1050,10 @@ impl Backend for WgpuBackend {
     }
 
     fn slice_set(&self, dst: WgpuTensor, src: &WgpuTensor, dim: usize, start: usize) -> Result<WgpuTensor> {
-        Self::check_dim("slice_set", &dst, dim)?;
+        shape::check_slice_set(&dst.dims, &src.dims, dim, start)?;
         self.same_dtype("slice_set", &dst, src)?;
-        let fits = src.dims.len() == dst.dims.len()
-            && src
-                .dims
-                .iter()
-                .zip(&dst.dims)
-                .enumerate()
-                .all(|(i, (s, d))| if i == dim { start + s <= *d } else { s == d });
-        if !fits {
-            return Err(Error::shape(format!(
-                "slice_set: {:?} at {start} along {dim} does not fit into {:?}",
-                src.dims, dst.dims
-            )));
-        }
         // A broadcast view aliases elements: write into a private copy instead.
-        let dst = if dst.strides.iter().zip(&dst.dims).any(|(&s, &d)| s == 0 && d > 1) {
+        let dst = if dst.view().aliases() {
             let out = self.alloc(&dst.dims, dst.dtype)?;
             self.copy_into(&dst, &out)?;
             out
@@ -1177,42 +1066,15 @@ impl Backend for WgpuBackend {
     }
 
     fn index_select(&self, t: &WgpuTensor, ids: &WgpuTensor, dim: usize) -> Result<WgpuTensor> {
-        Self::check_dim("index_select", t, dim)?;
-        if ids.dims.len() != 1 || !matches!(ids.dtype, DType::U32 | DType::I32) {
-            return Err(Error::shape(format!(
-                "index_select: ids must be a 1-D u32/i32 tensor, found {:?} {}",
-                ids.dims, ids.dtype
-            )));
-        }
-        let size = t.dims[dim];
-        if let Some(host) = &ids.host_ids {
-            // ids.host_ids covers the whole upload; a narrowed view reads its part.
-            for k in 0..ids.dims[0] {
-                let v = host.get(ids.offset + k * ids.strides[0]).copied().unwrap_or(u32::MAX);
-                let bad = if ids.dtype == DType::I32 {
-                    (v as i32) < 0 || v as usize >= size
-                } else {
-                    v as usize >= size
-                };
-                if bad {
-                    return Err(Error::shape(format!(
-                        "index_select: index {} out of range for dim {dim} of {:?}",
-                        if ids.dtype == DType::I32 {
-                            (v as i32) as i64
-                        } else {
-                            v as i64
-                        },
-                        t.dims
-                    )));
-                }
-            }
-        }
+        let host = ids
+            .host_ids
+            .as_deref()
+            .map(|h| (h, ids.offset, ids.strides.first().copied().unwrap_or(0)));
+        let dims = shape::index_select_dims(&t.dims, dim, &ids.dims, ids.dtype, host)?;
         let tc = self.contiguous(t)?;
         let idc = self.contiguous(ids)?;
-        let (outer, d, inner) = Self::split3(&tc.dims, dim);
+        let (outer, d, inner) = shape::split_at_dim(&tc.dims, dim);
         let nids = ids.dims[0];
-        let mut dims = t.dims.clone();
-        dims[dim] = nids;
         let out = self.alloc(&dims, t.dtype)?;
         let n = out.numel();
         if n > 0 {
@@ -1237,18 +1099,7 @@ impl Backend for WgpuBackend {
     }
 
     fn broadcast_to(&self, t: &WgpuTensor, dims: &[usize]) -> Result<WgpuTensor> {
-        let out = broadcast_dims("broadcast_to", &t.dims, dims)?;
-        if out != dims || dims.len() < t.dims.len() {
-            return Err(Error::shape(format!(
-                "broadcast_to: {:?} cannot expand to {dims:?}",
-                t.dims
-            )));
-        }
-        Ok(WgpuTensor {
-            dims: dims.to_vec(),
-            strides: broadcast_strides(t, dims),
-            ..t.clone()
-        })
+        Ok(t.with_view(t.view().broadcast_to(dims)?))
     }
 
     fn unary(&self, op: UnaryOp, t: &WgpuTensor) -> Result<WgpuTensor> {
@@ -1266,7 +1117,10 @@ impl Backend for WgpuBackend {
         if n == 0 {
             return Ok(out);
         }
-        let (sa, sb) = (broadcast_strides(a, &dims), broadcast_strides(b, &dims));
+        let (sa, sb) = (
+            shape::broadcast_strides(&a.dims, &a.strides, &dims),
+            shape::broadcast_strides(&b.dims, &b.strides, &dims),
+        );
         let params = strided_params(&dims, &[(a.offset, &sa), (b.offset, &sb)])?;
         let key = format!("binary {op:?} {}", dt_key(a.dtype));
         let pipeline = self.pipeline(&key, 2, || kernels::binary(op, a.dtype))?;

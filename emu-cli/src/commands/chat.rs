@@ -117,9 +117,11 @@ fn run_on<V: Backend, L: Backend>(vision: V, llm: L, args: &ChatArgs, dir: &emu:
             items,
         });
         let prompt = Prompt { turns: turns.clone() };
-        let mut stream = super::output::Stream::default();
-        let answer = chat.answer(&prompt, &opts, Some(&mut |s: &str| stream.write(s)))?;
-        stream.finish()?;
+        let stream = super::output::Stream::default();
+        let answer = chat.answer_cancellable(&prompt, &opts, Some(&mut |s: &str| stream.write(s)), &|| {
+            stream.failed()
+        });
+        let answer = stream.finish(answer)?;
         crate::outln!()?;
         if let Some(g) = &answer.grounding {
             for b in &g.boxes {

@@ -43,9 +43,9 @@ fn run_on<V: Backend, L: Backend>(
     let opts = CompletionOptions {
         generation: args.decode.generation(),
     };
-    let mut stream = super::output::Stream::default();
-    let answer = pipe.complete(prompt, &opts, Some(&mut |s: &str| stream.write(s)))?;
-    stream.finish()?;
+    let stream = super::output::Stream::default();
+    let answer = pipe.complete_cancellable(prompt, &opts, Some(&mut |s: &str| stream.write(s)), &|| stream.failed());
+    let answer = stream.finish(answer)?;
     crate::outln!()?;
     super::progress::report_tokens(answer.ids.len(), &answer.timings);
     report_timings(args.model.verbose, pipe.load_timings(), &answer.timings);

@@ -316,7 +316,7 @@ fn fits(what: &str, bytes: u64) -> Result<()> {
     Ok(emu_core::memory::check_fits(
         what,
         bytes,
-        emu_core::memory::available(),
+        emu::memory::host_available()?,
         "use a smaller --image-size",
     )?)
 }

@@ -30,28 +30,38 @@ macro_rules! outln {
 }
 
 /// A streaming sink for generated text: writes each piece as it comes and
-/// keeps the first failure for [`Stream::finish`] (generation itself cannot
-/// be interrupted from the sink).
+/// keeps the first failure. Generation polls [`Stream::failed`] as its cancel
+/// flag, so a reader that went away (`emu chat … | head -c 10`) stops the
+/// run at the next token instead of after every remaining one.
 #[derive(Default)]
 pub struct Stream {
-    failed: Option<std::io::Error>,
+    failed: std::cell::RefCell<Option<std::io::Error>>,
 }
 
 impl Stream {
     /// Writes one piece (nothing more after a failure).
-    pub fn write(&mut self, s: &str) {
-        if self.failed.is_none() {
-            if let Err(PipelineError::Stdout(e)) = write_out(s) {
-                self.failed = Some(e);
-            }
+    pub fn write(&self, s: &str) {
+        if self.failed() {
+            return;
+        }
+        if let Err(PipelineError::Stdout(e)) = write_out(s) {
+            *self.failed.borrow_mut() = Some(e);
         }
     }
 
-    /// The first write failure, if any.
-    pub fn finish(self) -> Result<()> {
-        match self.failed {
+    /// Whether a write has failed: the cancel flag of the generation that
+    /// feeds this stream.
+    pub fn failed(&self) -> bool {
+        self.failed.borrow().is_some()
+    }
+
+    /// The outcome of a generation that streamed here: the first write
+    /// failure if there was one (a generation cancelled because of it ends
+    /// with that failure, so a closed pipe still ends quietly), else `result`.
+    pub fn finish<T>(self, result: Result<T>) -> Result<T> {
+        match self.failed.into_inner() {
             Some(e) => Err(PipelineError::Stdout(e)),
-            None => Ok(()),
+            None => result,
         }
     }
 }

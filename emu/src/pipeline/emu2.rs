@@ -6,6 +6,7 @@ use super::dump::{put, Dump};
 use super::error::{PipelineError, Result};
 use super::model::ModelDir;
 use super::{Component, Timings};
+use crate::memory::{checkpoint_bytes, llm_weight_bytes, loading_need, pool_of, Need, Pool};
 use emu_core::checkpoint::{Checkpoint, Weights};
 use emu_core::{Backend, DType, HostTensor, Tensor};
 use emu_llm::{Llama, LlamaConfig, Logits, SlotIds};
@@ -89,6 +90,94 @@ pub(crate) fn parse_config(config: &serde_json::Value, origin: &str) -> Result<(
     Ok((vision, llm))
 }
 
+/// Whether checkpoint `key` is one of the LLaMA tensors under `lm` (the
+/// LLaMA root's prefix); everything else of an Emu2 checkpoint is the
+/// vision side and the projections.
+pub(crate) fn is_llm_key(key: &str, lm: &str) -> bool {
+    key.strip_prefix(lm).is_some_and(|k| {
+        ["model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."]
+            .iter()
+            .any(|p| k.starts_with(p))
+    })
+}
+
+/// Refuses to encode `n` pictures at once when the encoder's activations
+/// would not fit where it runs (on `backend`).
+pub(crate) fn check_vision_memory<B: Backend>(cfg: &emu_vision::EvaConfig, backend: &B, n: usize) -> Result<()> {
+    let s = if n == 1 { "" } else { "s" };
+    let need = Need {
+        component: "vision",
+        what: format!("activations of {n} picture{s}"),
+        bytes: crate::memory::vision_activation_bytes(cfg, n),
+        dtype: None,
+        pool: pool_of(backend),
+    };
+    crate::memory::check(
+        &format!("encoding {n} picture{s}"),
+        &[need],
+        "use fewer images or video frames",
+    )
+}
+
+/// The memory the vision encoder and the language model of `ckpt` will
+/// hold once loaded, each where it will live.
+fn weight_needs<V: Backend, L: Backend>(
+    ckpt: &Checkpoint,
+    llm_cfg: &LlamaConfig,
+    vision: &Component<V>,
+    llm: &Component<L>,
+    more_largest: u64,
+) -> Result<Vec<Need>> {
+    let lm = emu_llm::lm_weights(ckpt)?;
+    let prefix = lm.prefix().to_string();
+    let (vision_bytes, _) = checkpoint_bytes(ckpt, vision.dtype, &|k| !is_llm_key(k, &prefix))?;
+    let (_, largest) = checkpoint_bytes(ckpt, DType::F32, &|_| true)?;
+    let stored = |k: &str| ckpt.quant_type(&lm.key(k)).ok().flatten();
+    let (mut dense, host) = llm_weight_bytes(
+        llm_cfg,
+        llm.dtype,
+        llm.quant.as_ref(),
+        &stored,
+        lm.contains("lm_head.weight"),
+    )?;
+    if let Some((up, down)) = projection_keys(ckpt) {
+        for key in [up, down] {
+            if let Ok(info) = ckpt.info(&key) {
+                let n = info.dims.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
+                dense = dense.saturating_add(n.saturating_mul(llm.dtype.size_in_bytes() as u64));
+            }
+        }
+    }
+    let mut needs = vec![
+        Need {
+            component: "vision",
+            what: format!("weights in {}", vision.dtype),
+            bytes: vision_bytes,
+            dtype: Some(vision.dtype),
+            pool: pool_of(&vision.backend),
+        },
+        Need {
+            component: "llm",
+            what: format!("weights in {}", llm.dtype),
+            bytes: dense,
+            dtype: Some(llm.dtype),
+            pool: pool_of(&llm.backend),
+        },
+    ];
+    if host > 0 {
+        needs.push(Need {
+            component: "llm",
+            what: "quantized linears (kept on the host)".into(),
+            bytes: host,
+            dtype: None,
+            pool: Pool::Host,
+        });
+    }
+    // Tensors load one at a time, whichever checkpoint they come from.
+    needs.push(loading_need("loading", largest.max(more_largest), Pool::Host));
+    Ok(needs)
+}
+
 impl<V: Backend, L: Backend> Emu2Model<V, L> {
     /// Loads the configuration, the weights and the tokenizer of `dir` (see
     /// [`ModelDir::emu_config`], [`ModelDir::open_encoder_weights`],
@@ -100,6 +189,22 @@ impl<V: Backend, L: Backend> Emu2Model<V, L> {
         vision: &Component<V>,
         llm: &Component<L>,
         timings: &mut Timings,
+    ) -> Result<Self> {
+        Self::load_with(dir, variant, vision, llm, timings, Vec::new(), 0)
+    }
+
+    /// [`Self::load`], refusing before anything is loaded when these
+    /// weights plus `more` (what the caller loads next, e.g. the decoder,
+    /// whose largest tensor in f32 is `more_largest` bytes) cannot fit in
+    /// memory (see [`crate::memory`]).
+    pub(crate) fn load_with(
+        dir: &ModelDir,
+        variant: Variant,
+        vision: &Component<V>,
+        llm: &Component<L>,
+        timings: &mut Timings,
+        more: Vec<Need>,
+        more_largest: u64,
     ) -> Result<Self> {
         check_dtype(&vision.backend, vision.dtype, "vision encoder")?;
         check_dtype(&llm.backend, llm.dtype, "language model")?;
@@ -124,6 +229,13 @@ impl<V: Backend, L: Backend> Emu2Model<V, L> {
             other => other.into(),
         })?;
         let ckpt = dir.open_encoder_weights()?;
+        let mut needs = weight_needs(&ckpt, &llm_cfg, vision, llm, more_largest)?;
+        needs.extend(more);
+        crate::memory::check(
+            "loading the model",
+            &needs,
+            "try --dtype bf16, --quantize q4_k (the language model), or another backend for a component",
+        )?;
         let root = Weights::new(&ckpt);
         let encoder = VisionEncoder::load(&vision.backend, &root, vision_cfg, vision.dtype)?;
         let preprocessor = Preprocessor::for_config(&encoder.config().vision)?;
@@ -172,6 +284,46 @@ impl<V: Backend, L: Backend> Emu2Model<V, L> {
         }
     }
 
+    /// Refuses a run of the language model over a `prompt`-token prompt
+    /// plus `new_tokens` generated ones with `beams` beams (`what` names it)
+    /// whose KV cache and activations would not fit where it runs. Weights
+    /// are resident by now, so what is available now is what these can use.
+    pub(crate) fn check_llm_memory(&self, prompt: usize, beams: usize, new_tokens: usize, what: &str) -> Result<()> {
+        let cfg = self.llm.config();
+        let (beams, context) = (beams.max(1), prompt.saturating_add(new_tokens));
+        let dtype = self.llm.dtype();
+        let pool = pool_of(self.llm.backend());
+        let needs = [
+            Need {
+                component: "llm",
+                what: format!(
+                    "KV cache ({} layers x 2 x {beams} beam{} x {context} positions x {} kv heads x {} x {} bytes)",
+                    cfg.num_hidden_layers,
+                    if beams == 1 { "" } else { "s" },
+                    cfg.num_key_value_heads,
+                    cfg.head_dim,
+                    dtype.size_in_bytes()
+                ),
+                bytes: crate::memory::kv_cache_bytes(cfg, beams, context, dtype),
+                dtype: None,
+                pool: pool.clone(),
+            },
+            Need {
+                component: "llm",
+                what: "activations (prompt, then each step)".into(),
+                bytes: crate::memory::llm_activation_bytes(cfg, 1, prompt, prompt, dtype)
+                    .max(crate::memory::llm_activation_bytes(cfg, beams, 1, context, dtype)),
+                dtype: None,
+                pool,
+            },
+        ];
+        crate::memory::check(
+            what,
+            &needs,
+            "lower --max-new-tokens or --num-beams, or use a shorter prompt",
+        )
+    }
+
     /// Decodes the pictures of a rendered prompt in slot order.
     pub fn load_pictures(&self, inputs: &[VisualInput]) -> Result<Vec<RgbImage>> {
         inputs
@@ -194,6 +346,7 @@ impl<V: Backend, L: Backend> Emu2Model<V, L> {
         timings: &mut Timings,
     ) -> Result<Tensor<L>> {
         let t0 = Instant::now();
+        check_vision_memory(&self.vision.config().vision, &self.vision_backend, images.len())?;
         let pixels = self.preprocessor.batch(&self.vision_backend, images)?;
         let names = if frames {
             [
@@ -246,6 +399,11 @@ impl<V: Backend, L: Backend> Emu2Model<V, L> {
         timings: &mut Timings,
     ) -> Result<Tensor<V>> {
         let t0 = Instant::now();
+        check_vision_memory(
+            &self.vision.config().vision,
+            &self.vision_backend,
+            images.map_or(1, |i| i.len()),
+        )?;
         let pixels = match images {
             Some(images) => self.preprocessor.batch(&self.vision_backend, images)?,
             None => {

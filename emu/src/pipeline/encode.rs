@@ -42,6 +42,23 @@ impl<B: Backend> EncodePipeline<B> {
         let (config, origin) = dir.emu_config()?;
         let (config, _) = super::emu2::parse_config(&config, &origin)?;
         let ckpt = dir.open_encoder_weights()?;
+        // Only the vision side is loaded: the language model's tensors, when
+        // the checkpoint has them, are not counted.
+        let lm = emu_llm::lm_weights(&ckpt).ok().map(|w| w.prefix().to_string());
+        let keep = |k: &str| lm.as_deref().is_none_or(|p| !super::emu2::is_llm_key(k, p));
+        let (bytes, _) = crate::memory::checkpoint_bytes(&ckpt, vision.dtype, &keep)?;
+        let (_, largest) = crate::memory::checkpoint_bytes(&ckpt, emu_core::DType::F32, &keep)?;
+        let needs = [
+            crate::memory::Need {
+                component: "vision",
+                what: format!("weights in {}", vision.dtype),
+                bytes,
+                dtype: Some(vision.dtype),
+                pool: crate::memory::pool_of(&vision.backend),
+            },
+            crate::memory::loading_need("loading", largest, crate::memory::Pool::Host),
+        ];
+        crate::memory::check("loading the vision encoder", &needs, "try --dtype bf16")?;
         let encoder = VisionEncoder::load(&vision.backend, &Weights::new(&ckpt), config, vision.dtype)?;
         let preprocessor = Preprocessor::for_config(&encoder.config().vision)?;
         // The vision encoder finds `project_up` where Hugging Face puts it;
@@ -86,6 +103,7 @@ impl<B: Backend> EncodePipeline<B> {
             .iter()
             .map(|p| load_image(p, &self.preprocessor.decode))
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        super::emu2::check_vision_memory(&self.vision.config().vision, &self.backend, pics.len())?;
         let pixels = self.preprocessor.batch(&self.backend, &pics)?;
         let features = self.vision.encode(&pixels)?;
         let pooled = self.vision.pool(&features, n_query.unwrap_or(self.n_query()))?;

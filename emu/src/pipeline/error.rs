@@ -48,6 +48,10 @@ pub enum PipelineError {
     /// Standard output cannot be written (full disk, closed pipe).
     #[error("cannot write to standard output: {0}")]
     Stdout(std::io::Error),
+    /// A run that would not fit in memory, refused before it starts (see [`crate::memory`]).
+    #[error("{0}")]
+    Memory(String),
+
     /// The caller asked to stop (see `answer_cancellable`, `generate_cancellable`).
     #[error("the computation was cancelled")]
     Cancelled,

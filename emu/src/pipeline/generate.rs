@@ -134,14 +134,30 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         }
         check_dtype(&decoder.backend, decoder.dtype, "UNet and VAE")?;
         let mut load_timings = Timings::default();
-        let enc = Emu2Model::load(dir, Variant::Base, vision, llm, &mut load_timings)?;
-        let t0 = Instant::now();
         let root = dir.root();
-        let unet_cfg = UNet2DConditionConfig::from_file(root.join("unet").join("config.json"))?;
+        // Opening reads headers only: the decoder's weights join the
+        // encoder's in one memory check before anything is loaded.
         let unet_ckpt = open_component(root, "unet")?;
+        let vae_ckpt = open_component(root, "vae")?;
+        let mut decoder_bytes = 0u64;
+        let mut largest = 0u64;
+        for ckpt in [&unet_ckpt, &vae_ckpt] {
+            decoder_bytes =
+                decoder_bytes.saturating_add(crate::memory::checkpoint_bytes(ckpt, decoder.dtype, &|_| true)?.0);
+            largest = largest.max(crate::memory::checkpoint_bytes(ckpt, emu_core::DType::F32, &|_| true)?.1);
+        }
+        let more = vec![crate::memory::Need {
+            component: "decoder",
+            what: format!("UNet and VAE weights in {}", decoder.dtype),
+            bytes: decoder_bytes,
+            dtype: Some(decoder.dtype),
+            pool: crate::memory::pool_of(&decoder.backend),
+        }];
+        let enc = Emu2Model::load_with(dir, Variant::Base, vision, llm, &mut load_timings, more, largest)?;
+        let t0 = Instant::now();
+        let unet_cfg = UNet2DConditionConfig::from_file(root.join("unet").join("config.json"))?;
         let unet_model = UNet2DConditionModel::load(&decoder.backend, &unet_ckpt.weights(), &unet_cfg, decoder.dtype)?;
         let vae_cfg = AutoencoderKLConfig::from_file(root.join("vae").join("config.json"))?;
-        let vae_ckpt = open_component(root, "vae")?;
         let vae_model = AutoencoderKL::load(&decoder.backend, &vae_ckpt.weights(), &vae_cfg, decoder.dtype)?;
         let scheduler = EulerDiscreteScheduler::from_config_file(root.join("scheduler").join("scheduler_config.json"))?;
         load_timings.add("load", t0.elapsed());
@@ -220,7 +236,13 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         ropts.n_query = n;
         ropts.v_query = enc.v_query();
         let rendered = render(prompt, &ropts)?;
-        let (_, embeds) = enc.prompt_embeds(&rendered, dump, timings)?;
+        let (ids, embeds) = enc.prompt_embeds(&rendered, dump, timings)?;
+        enc.check_llm_memory(
+            ids.len(),
+            1,
+            n,
+            &format!("regressing {n} visual embeddings after a {}-token prompt", ids.len()),
+        )?;
         let t0 = Instant::now();
         let (up, down) = enc.projections()?;
         let out = regress_visual(&enc.llm, &embeds, &[], up, down, n)?;
@@ -297,10 +319,16 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
                 .config()
                 .attention_bytes(if guided { 2 } else { 1 }, lh, lw)?
                 .max(self.vae.config().attention_bytes(lh, lw));
-            emu_core::memory::check_fits(
-                &format!("a {width}x{height} image with this model (its attention matrices)"),
-                need,
-                emu_core::memory::available(),
+            let need = crate::memory::Need {
+                component: "decoder",
+                what: "attention matrices".into(),
+                bytes: need,
+                dtype: None,
+                pool: crate::memory::pool_of(&self.decoder_at.backend),
+            };
+            crate::memory::check(
+                &format!("a {width}x{height} image with this model"),
+                &[need],
                 &format!("use a smaller --size (this model's default is {})", self.default_size()),
             )?;
         }

@@ -111,6 +111,16 @@ fn run_text<V: Backend, L: Backend>(
             generation.max_new_tokens
         )));
     }
+    model.check_llm_memory(
+        ids.len(),
+        generation.num_beams,
+        generation.max_new_tokens,
+        &format!(
+            "generating {} tokens after a {}-token prompt",
+            generation.max_new_tokens,
+            ids.len()
+        ),
+    )?;
     let t0 = Instant::now();
     let eos = generation.eos_token_ids.clone();
     // Stop strings match the text as the answer is decoded; an id the
