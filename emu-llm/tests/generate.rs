@@ -143,6 +143,8 @@ fn left_padded_batch_matches_single_prompts() {
     }
 }
 
+type Sink<'a> = Box<dyn FnMut(&[u32]) + 'a>;
+
 #[test]
 fn a_lockstep_batch_matches_each_prompt_alone() {
     // Different prompt lengths, greedy and seeded sampling with their own
@@ -189,9 +191,9 @@ fn a_lockstep_batch_matches_each_prompt_alone() {
             })
             .collect();
         let mut streams: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
-        let mut sinks: Vec<Box<dyn FnMut(&[u32]) + '_>> = streams
+        let mut sinks: Vec<Sink<'_>> = streams
             .iter_mut()
-            .map(|s| Box::new(move |t: &[u32]| s.extend_from_slice(t)) as Box<dyn FnMut(&[u32])>)
+            .map(|s| Box::new(move |t: &[u32]| s.extend_from_slice(t)) as Sink<'_>)
             .collect();
         let batch: Vec<BatchRow<'_, _>> = rows
             .iter()

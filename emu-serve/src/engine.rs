@@ -347,19 +347,22 @@ fn guarded_batch(
     })
 }
 
+type Cancel<'a> = Box<dyn Fn() -> bool + 'a>;
+type TextSink<'a> = Box<dyn FnMut(&str) + 'a>;
+
 /// Runs text jobs of one [`BatchKind`] together; one result per job, in order.
 fn run_batch<B: Backend>(m: &Loaded<B>, jobs: &[Job], metrics: &Metrics) -> Vec<Result<Output, ApiError>> {
     let t0 = Instant::now();
-    let cancels: Vec<Box<dyn Fn() -> bool + '_>> = jobs
+    let cancels: Vec<Cancel<'_>> = jobs
         .iter()
-        .map(|j| Box::new(move || j.cancel.load(Ordering::Relaxed)) as Box<dyn Fn() -> bool>)
+        .map(|j| Box::new(move || j.cancel.load(Ordering::Relaxed)) as Cancel<'_>)
         .collect();
-    let mut sinks: Vec<Box<dyn FnMut(&str) + '_>> = jobs
+    let mut sinks: Vec<TextSink<'_>> = jobs
         .iter()
         .map(|j| {
             Box::new(move |s: &str| {
                 let _ = j.events.send(Event::Text(s.to_string()));
-            }) as Box<dyn FnMut(&str)>
+            }) as TextSink<'_>
         })
         .collect();
     let kind = jobs.first().and_then(|j| batch_kind(&j.task));
