@@ -68,7 +68,9 @@ pub struct ServeArgs {
     /// Compute dtype of the vision encoder only (overrides --dtype).
     #[arg(long, value_name = "DTYPE")]
     pub vision_dtype: Option<String>,
-    /// Requests that may wait behind the running one; more are refused with 429.
+    /// Requests that may wait behind the running ones; more are refused with
+    /// 429. With batching, up to `--max-batch - 1` more that a batch passed
+    /// over (other kinds of request) also wait.
     #[arg(long, default_value_t = 16, value_name = "N")]
     pub queue_depth: usize,
     /// Most text requests (greedy or sampled, no beams) decoded together,
