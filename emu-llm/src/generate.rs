@@ -367,6 +367,165 @@ pub fn generate_with<B: Backend>(
     }
 }
 
+/// One sequence of [`generate_batch`]: its prompt, its own settings and its
+/// own hooks (streaming, decoder for stop strings, extra stop rule).
+pub struct BatchRow<'a, B: Backend> {
+    /// The prompt's embeddings, `[1, T, H]`.
+    pub embeds: Tensor<B>,
+    /// Greedy search or sampling (`num_beams` must be 1).
+    pub cfg: GenerationConfig,
+    pub hooks: Hooks<'a>,
+}
+
+/// A row of [`generate_batch`] while it generates.
+struct Live<'a, B: Backend> {
+    index: usize,
+    cfg: GenerationConfig,
+    hooks: Hooks<'a>,
+    rng: Rng,
+    cache: KvCache<B>,
+    logits: Vec<f32>,
+    seq: Vec<u32>,
+}
+
+/// Greedy search or sampling for several independent prompts at once: each
+/// prompt is prefilled on its own (exactly as [`generate_with`] prefills it),
+/// then the decode steps run in lockstep, one forward of every unfinished
+/// row per step ([`Llama::forward_rows`]). Each row keeps its own settings
+/// (temperature, top-p, seed, `max_new_tokens`, stop strings), streams
+/// through its own [`Hooks::on_token`] (called with its one new token) and
+/// leaves the batch when it finishes.
+///
+/// Returns, per row, what [`generate_with`] returns for that prompt alone
+/// (its one sequence): the same ids wherever the backend's `linear` treats
+/// rows independently, which the CPU backend does for up to 16 rows in f32
+/// and 32 in bf16/f16. A row whose settings or prompt are refused gets its
+/// own error and the others go on; an error of a shared step fails every
+/// row still running.
+pub fn generate_batch<B: Backend>(model: &Llama<B>, rows: Vec<BatchRow<'_, B>>) -> Vec<Result<Vec<u32>>> {
+    let v = model.config().vocab_size;
+    let mut out: Vec<Option<Result<Vec<u32>>>> = (0..rows.len()).map(|_| None).collect();
+    let mut live: Vec<Live<'_, B>> = Vec::with_capacity(rows.len());
+    for (index, row) in rows.into_iter().enumerate() {
+        match prefill_row(model, row) {
+            Ok((cache, logits, cfg, hooks)) => live.push(Live {
+                index,
+                rng: Rng::new(cfg.seed),
+                cfg,
+                hooks,
+                cache,
+                logits,
+                seq: Vec::new(),
+            }),
+            Err(e) => out[index] = Some(Err(e)),
+        }
+    }
+    while !live.is_empty() {
+        // transformers' `_sample` step for one sequence, per row.
+        let mut keep = Vec::with_capacity(live.len());
+        for mut row in live {
+            let cfg = &row.cfg;
+            let scores = &mut row.logits[..];
+            process(scores, &row.seq, cfg);
+            let tok = if cfg.do_sample {
+                warp(scores, cfg);
+                row.rng.categorical(&softmax(scores))
+            } else {
+                argmax(scores)
+            } as u32;
+            row.seq.push(tok);
+            let done = row.seq.len() >= cfg.max_new_tokens
+                || cfg.eos_token_ids.contains(&tok)
+                || row_stops(&mut row.hooks, cfg, &row.seq);
+            if let Some(f) = row.hooks.on_token.as_mut() {
+                f(&[tok]);
+            }
+            if done {
+                out[row.index] = Some(Ok(std::mem::take(&mut row.seq)));
+            } else {
+                keep.push(row);
+            }
+        }
+        live = keep;
+        if live.is_empty() {
+            break;
+        }
+        let tokens: Vec<u32> = live.iter().map(|r| r.seq[r.seq.len() - 1]).collect();
+        let step = model.embed(&tokens, tokens.len()).and_then(|e| {
+            let mut caches: Vec<&mut KvCache<B>> = live.iter_mut().map(|r| &mut r.cache).collect();
+            let o = model.forward_rows(&e, &mut caches, Logits::Last)?;
+            last_logits(&o.logits, tokens.len(), v)
+        });
+        match step {
+            Ok(logits) => {
+                for (row, l) in live.iter_mut().zip(logits.chunks_exact(v)) {
+                    row.logits.clear();
+                    row.logits.extend_from_slice(l);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for row in live.drain(..) {
+                    out[row.index] = Some(Err(Error::Generation(format!("a batched decode step failed: {msg}"))));
+                }
+            }
+        }
+    }
+    out.into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Error::Generation("a batch row produced no result".into()))))
+        .collect()
+}
+
+/// Checks one row of [`generate_batch`] as [`generate_with`] checks a
+/// single prompt, and runs its prefill.
+#[allow(clippy::type_complexity)]
+fn prefill_row<'a, B: Backend>(
+    model: &Llama<B>,
+    row: BatchRow<'a, B>,
+) -> Result<(KvCache<B>, Vec<f32>, GenerationConfig, Hooks<'a>)> {
+    let BatchRow { embeds, cfg, hooks } = row;
+    cfg.validate()?;
+    if cfg.num_beams != 1 {
+        return Err(Error::Generation(
+            "beam search runs alone (generate_with), not in a batch".into(),
+        ));
+    }
+    if !cfg.stop_strings.is_empty() && hooks.decode.is_none() {
+        return Err(Error::Generation(
+            "stop strings need a decoder from ids to text (Hooks::decode)".into(),
+        ));
+    }
+    let t = match embeds.dims().as_slice() {
+        [1, t, _] if *t > 0 => *t,
+        d => {
+            return Err(Error::Input(format!(
+                "generate_batch: each row's embeddings must be [1, T, H], found {d:?}"
+            )))
+        }
+    };
+    let capacity = t.saturating_add(cfg.max_new_tokens);
+    let max_ctx = model.config().max_position_embeddings;
+    if capacity > max_ctx {
+        return Err(Error::ContextOverflow {
+            needed: capacity,
+            capacity: max_ctx,
+        });
+    }
+    let mut cache = model.new_cache(1, capacity)?;
+    let out = model.forward_embeds(&embeds, &mut cache, Logits::Last)?;
+    let logits = last_logits(&out.logits, 1, model.config().vocab_size)?;
+    Ok((cache, logits, cfg, hooks))
+}
+
+/// A row's stop strings and extra stop rule, in [`generate_with`]'s order.
+fn row_stops(hooks: &mut Hooks<'_>, cfg: &GenerationConfig, seq: &[u32]) -> bool {
+    let strings = match hooks.decode {
+        Some(d) if !cfg.stop_strings.is_empty() => StopStrings::new(&cfg.stop_strings, d).matches(seq),
+        _ => false,
+    };
+    strings || hooks.stop.as_mut().is_some_and(|f| f(seq))
+}
+
 fn last_logits<B: Backend>(l: &Option<Tensor<B>>, b: usize, v: usize) -> Result<Vec<f32>> {
     let l = l
         .as_ref()

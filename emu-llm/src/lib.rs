@@ -9,7 +9,9 @@
 //! * [`generate()`]: greedy, sampling and beam search with transformers'
 //!   `generate` semantics.
 //!   [`generate_with`] adds stop strings (`GenerationConfig::stop_strings`,
-//!   matched on text from the caller's decoder) and custom stop rules.
+//!   matched on text from the caller's decoder) and custom stop rules;
+//!   [`generate_batch`] runs several prompts, each with its own settings,
+//!   in lockstep decode steps.
 //! * [`LlmQuant`]: block-quantized (Q8_0 / Q4_K) linears chosen at load
 //!   time ([`Llama::load_quantized`]).
 //! * [`regress_visual`]: Emu2-Gen's autoregressive regression of visual
@@ -48,8 +50,8 @@ pub mod visual;
 pub use config::LlamaConfig;
 pub use error::{Error, Result};
 pub use generate::{
-    generate, generate_with, Decode, EarlyStopping, GenerationConfig, Hooks, OnToken, StopCheck, StopStrings,
-    TransformersVersion, MAX_BEAMS,
+    generate, generate_batch, generate_with, BatchRow, Decode, EarlyStopping, GenerationConfig, Hooks, OnToken,
+    StopCheck, StopStrings, TransformersVersion, MAX_BEAMS,
 };
 pub use model::{lm_weights, KvCache, Linear, Llama, LlamaOutput, Logits, SlotIds, LM_PREFIXES};
 pub use quant::{LlmQuant, QuantLinears};

@@ -650,29 +650,127 @@ impl<B: Backend> Llama<B> {
         start: usize,
     ) -> Result<Tensor<B>> {
         let a = &layer.self_attn;
-        let dims = x.dims();
-        let (b, t) = (dims[0], dims[1]);
         let h = layer.input_layernorm.forward(x)?;
-        let heads = |y: Tensor<B>, n: usize| -> Result<Tensor<B>> {
-            Ok(y.reshape(&[b, t, n, a.head_dim])?.permute(&[0, 2, 1, 3])?)
-        };
-        let q = heads(a.q_proj.forward(&h)?, a.num_heads)?.rope(cos, sin)?;
-        let k = heads(a.k_proj.forward(&h)?, a.num_kv_heads)?.rope(cos, sin)?;
-        let v = heads(a.v_proj.forward(&h)?, a.num_kv_heads)?;
-        let missing = || Error::Input("KvCache buffer missing".into());
-        let kc = cache.k[i].take().ok_or_else(missing)?.slice_set(&k, 2, start)?;
-        let vc = cache.v[i].take().ok_or_else(missing)?.slice_set(&v, 2, start)?;
-        let scale = 1.0 / (a.head_dim as f64).sqrt();
-        let attn = q.attention(&kc, &vc, Some(start), cache.bias.as_ref(), scale);
-        cache.k[i] = Some(kc);
-        cache.v[i] = Some(vc);
-        let attn = attn?
-            .permute(&[0, 2, 1, 3])?
-            .reshape(&[b, t, a.num_heads * a.head_dim])?;
+        let (q, k, v) = (a.q_proj.forward(&h)?, a.k_proj.forward(&h)?, a.v_proj.forward(&h)?);
+        let attn = attend(a, &q, &k, &v, cos, sin, cache, i, start)?;
         let x = x.add(&a.o_proj.forward(&attn)?)?;
         let h = layer.post_attention_layernorm.forward(&x)?;
         Ok(x.add(&layer.mlp.forward(&h)?)?)
     }
+
+    /// Runs `embeds` (`[B, T, H]`) where row `r` continues `caches[r]`, a
+    /// cache of one sequence of its own (lengths and capacities may differ).
+    /// The linear layers see all rows at once; attention, RoPE and the cache
+    /// writes run per row on that row's cache, exactly as
+    /// [`Llama::forward_embeds`] runs them for the sequence alone. No row is
+    /// padded, so on a backend whose `linear` computes each row the same
+    /// whatever the other rows (the CPU backend's small-batch kernel does),
+    /// every row's result is bit for bit its result alone.
+    pub fn forward_rows(
+        &self,
+        embeds: &Tensor<B>,
+        caches: &mut [&mut KvCache<B>],
+        logits: Logits,
+    ) -> Result<LlamaOutput<B>> {
+        let dims = embeds.dims();
+        let (b, t) = match dims.as_slice() {
+            [b, t, h] if *h == self.cfg.hidden_size && *t > 0 => (*b, *t),
+            _ => {
+                return Err(Error::Input(format!(
+                    "embeddings must be [B, T, {}] with T > 0, found {dims:?}",
+                    self.cfg.hidden_size
+                )))
+            }
+        };
+        if b != caches.len() {
+            return Err(Error::Input(format!("{b} sequences run on {} caches", caches.len())));
+        }
+        let mut ropes = Vec::with_capacity(b);
+        for c in caches.iter() {
+            if c.batch() != 1 {
+                return Err(Error::Input(format!(
+                    "forward_rows takes caches of one sequence, found one of {}",
+                    c.batch()
+                )));
+            }
+            if c.k.len() != self.layers.len() {
+                return Err(Error::Input(format!(
+                    "a cache of {} layers used with a model of {}",
+                    c.k.len(),
+                    self.layers.len()
+                )));
+            }
+            if c.len + t > c.capacity {
+                return Err(Error::ContextOverflow {
+                    needed: c.len + t,
+                    capacity: c.capacity,
+                });
+            }
+            ropes.push(self.rope_for(c, t)?);
+        }
+        let mut x = embeds.to_dtype(self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = &layer.self_attn;
+            let h = layer.input_layernorm.forward(&x)?;
+            let (q, k, v) = (a.q_proj.forward(&h)?, a.k_proj.forward(&h)?, a.v_proj.forward(&h)?);
+            let mut rows = Vec::with_capacity(b);
+            for (r, (cache, (cos, sin))) in caches.iter_mut().zip(&ropes).enumerate() {
+                let row = |y: &Tensor<B>| y.narrow(0, r, 1);
+                let start = cache.len;
+                rows.push(attend(a, &row(&q)?, &row(&k)?, &row(&v)?, cos, sin, cache, i, start)?);
+            }
+            let refs: Vec<&Tensor<B>> = rows.iter().collect();
+            let attn = Tensor::concat(&refs, 0)?;
+            let y = x.add(&a.o_proj.forward(&attn)?)?;
+            let h = layer.post_attention_layernorm.forward(&y)?;
+            x = y.add(&layer.mlp.forward(&h)?)?;
+        }
+        for c in caches.iter_mut() {
+            c.len += t;
+        }
+        let hidden = self.norm.forward(&x)?;
+        let logits = match logits {
+            Logits::All => Some(self.logits(&hidden)?),
+            Logits::Last => Some(self.logits(&hidden.narrow(1, t - 1, 1)?)?),
+            Logits::Skip => None,
+        };
+        Ok(LlamaOutput { hidden, logits })
+    }
+}
+
+/// Self-attention of projected `q`, `k`, `v` (`[B, T, heads * D]`) over
+/// `cache` (layer `i`), whose next free position is `start`; writes the new
+/// keys and values into the cache. Returns `[B, T, heads * D]`.
+#[allow(clippy::too_many_arguments)]
+fn attend<B: Backend>(
+    a: &Attention<B>,
+    q: &Tensor<B>,
+    k: &Tensor<B>,
+    v: &Tensor<B>,
+    cos: &Tensor<B>,
+    sin: &Tensor<B>,
+    cache: &mut KvCache<B>,
+    i: usize,
+    start: usize,
+) -> Result<Tensor<B>> {
+    let dims = q.dims();
+    let (b, t) = (dims[0], dims[1]);
+    let heads = |y: &Tensor<B>, n: usize| -> Result<Tensor<B>> {
+        Ok(y.reshape(&[b, t, n, a.head_dim])?.permute(&[0, 2, 1, 3])?)
+    };
+    let q = heads(q, a.num_heads)?.rope(cos, sin)?;
+    let k = heads(k, a.num_kv_heads)?.rope(cos, sin)?;
+    let v = heads(v, a.num_kv_heads)?;
+    let missing = || Error::Input("KvCache buffer missing".into());
+    let kc = cache.k[i].take().ok_or_else(missing)?.slice_set(&k, 2, start)?;
+    let vc = cache.v[i].take().ok_or_else(missing)?.slice_set(&v, 2, start)?;
+    let scale = 1.0 / (a.head_dim as f64).sqrt();
+    let attn = q.attention(&kc, &vc, Some(start), cache.bias.as_ref(), scale);
+    cache.k[i] = Some(kc);
+    cache.v[i] = Some(vc);
+    Ok(attn?
+        .permute(&[0, 2, 1, 3])?
+        .reshape(&[b, t, a.num_heads * a.head_dim])?)
 }
 
 // `is_multiple_of` is newer than the workspace's rust-version (1.85).

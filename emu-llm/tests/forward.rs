@@ -225,3 +225,80 @@ fn token_ids_outside_the_vocabulary_are_rejected() {
     let e = f.model.embed(&[1, 2, 400], 1).unwrap_err();
     assert!(e.to_string().contains("400"), "{e}");
 }
+
+/// `forward_rows` gives every row, bit for bit, what `forward_embeds` gives
+/// its sequence alone: caches of different lengths and capacities, several
+/// steps, in f32 and bf16.
+fn rows_match_alone(set: &str, dtype: DType) {
+    let f = Fixture::load(set, dtype);
+    let m = &f.model;
+    let prompts = ["gen.embeds.3", "gen.embeds.0", "gen.embeds.2"];
+    let capacities = [20, 31, 12];
+    let mut alone = Vec::new();
+    let mut rows = Vec::new();
+    for (key, &cap) in prompts.iter().zip(&capacities) {
+        let x = f.tensor(key);
+        for caches in [&mut alone, &mut rows] {
+            let mut c = m.new_cache(1, cap).unwrap();
+            m.forward_embeds(&x, &mut c, Logits::Last).unwrap();
+            caches.push(c);
+        }
+    }
+    for step in 0..4u32 {
+        let tokens: Vec<u32> = (0..prompts.len() as u32).map(|r| 3 + 7 * r + step).collect();
+        let mut want = Vec::new();
+        for (c, &t) in alone.iter_mut().zip(&tokens) {
+            let e = m.embed(&[t], 1).unwrap();
+            let o = m.forward_embeds(&e, c, Logits::Last).unwrap();
+            want.extend(o.logits.unwrap().to_f32_vec().unwrap());
+        }
+        let e = m.embed(&tokens, tokens.len()).unwrap();
+        let mut refs: Vec<&mut emu_llm::KvCache<_>> = rows.iter_mut().collect();
+        let got = m.forward_rows(&e, &mut refs, Logits::Last).unwrap();
+        let got = got.logits.unwrap().to_f32_vec().unwrap();
+        assert!(
+            got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{set} {dtype:?} step {step}: rows differ from their sequences alone"
+        );
+        assert_eq!(got.len(), want.len());
+    }
+    for (a, r) in alone.iter().zip(&rows) {
+        assert_eq!(a.len(), r.len());
+    }
+}
+
+#[test]
+fn forward_rows_match_each_sequence_alone() {
+    for set in SETS {
+        rows_match_alone(set, DType::F32);
+        rows_match_alone(set, DType::BF16);
+    }
+}
+
+#[test]
+fn forward_rows_checks_its_caches() {
+    let f = Fixture::load("mha", DType::F32);
+    let m = &f.model;
+    let e = m.embed(&[1, 2], 2).unwrap();
+    let mut one = m.new_cache(1, 4).unwrap();
+    let mut refs = vec![&mut one];
+    assert!(matches!(
+        m.forward_rows(&e, &mut refs, Logits::Last),
+        Err(Error::Input(_))
+    ));
+    let mut pair = m.new_cache(2, 4).unwrap();
+    let mut full = m.new_cache(1, 1).unwrap();
+    m.forward_embeds(&m.embed(&[1], 1).unwrap(), &mut full, Logits::Skip)
+        .unwrap();
+    let mut refs = vec![&mut pair];
+    let e1 = m.embed(&[1], 1).unwrap();
+    assert!(matches!(
+        m.forward_rows(&e1, &mut refs, Logits::Last),
+        Err(Error::Input(_))
+    ));
+    let mut refs = vec![&mut full];
+    assert!(matches!(
+        m.forward_rows(&e1, &mut refs, Logits::Last),
+        Err(Error::ContextOverflow { .. })
+    ));
+}

@@ -6,7 +6,7 @@ mod common;
 
 use common::Fixture;
 use emu_core::DType;
-use emu_llm::{generate, generate_with, Error, GenerationConfig, Hooks, StopStrings};
+use emu_llm::{generate, generate_batch, generate_with, BatchRow, Error, GenerationConfig, Hooks, StopStrings};
 
 const SETS: [&str; 2] = ["mha", "gqa"];
 
@@ -141,6 +141,126 @@ fn left_padded_batch_matches_single_prompts() {
         assert_eq!(strip(got[0].clone()), strip(ra), "{cfg:?}");
         assert_eq!(strip(got[1].clone()), strip(rb), "{cfg:?}");
     }
+}
+
+type Sink<'a> = Box<dyn FnMut(&[u32]) + 'a>;
+
+#[test]
+fn a_lockstep_batch_matches_each_prompt_alone() {
+    // Different prompt lengths, greedy and seeded sampling with their own
+    // temperatures and lengths, a stop string, and an EOS: every row must
+    // produce, and stream, exactly what its prompt produces alone.
+    for set in SETS {
+        let f = Fixture::load(set, DType::F32);
+        let (_, greedy) = settings(set).into_iter().find(|(n, _)| n == "greedy").unwrap();
+        let alone_ids = generate(&f.model, &f.tensor("gen.embeds.1"), &[], &greedy, None).unwrap();
+        let stop = straddling(&alone_ids[0], 3);
+        let rows: Vec<(String, GenerationConfig)> = vec![
+            ("gen.embeds.3".into(), greedy.clone()),
+            ("gen.embeds.2".into(), sampling(11, 50, 0.9, 1.3)),
+            (
+                "gen.embeds.1".into(),
+                GenerationConfig {
+                    stop_strings: vec![stop.clone()],
+                    ..greedy.clone()
+                },
+            ),
+            (
+                "gen.embeds.0".into(),
+                GenerationConfig {
+                    max_new_tokens: 3,
+                    ..sampling(12, 0, 1.0, 0.8)
+                },
+            ),
+            ("gen.embeds.2".into(), greedy.clone()),
+        ];
+        let alone: Vec<(Vec<u32>, Vec<u32>)> = rows
+            .iter()
+            .map(|(key, cfg)| {
+                let mut streamed = Vec::new();
+                let mut on = |t: &[u32]| streamed.extend_from_slice(t);
+                let hooks = Hooks {
+                    on_token: Some(&mut on),
+                    decode: Some(&angle),
+                    ..Hooks::default()
+                };
+                let ids = generate_with(&f.model, &f.tensor(key), &[], cfg, hooks)
+                    .unwrap()
+                    .remove(0);
+                (ids, streamed)
+            })
+            .collect();
+        let mut streams: Vec<Vec<u32>> = vec![Vec::new(); rows.len()];
+        let mut sinks: Vec<Sink<'_>> = streams
+            .iter_mut()
+            .map(|s| Box::new(move |t: &[u32]| s.extend_from_slice(t)) as Sink<'_>)
+            .collect();
+        let batch: Vec<BatchRow<'_, _>> = rows
+            .iter()
+            .zip(sinks.iter_mut())
+            .map(|((key, cfg), sink)| BatchRow {
+                embeds: f.tensor(key),
+                cfg: cfg.clone(),
+                hooks: Hooks {
+                    on_token: Some(&mut **sink),
+                    decode: Some(&angle),
+                    ..Hooks::default()
+                },
+            })
+            .collect();
+        let got = generate_batch(&f.model, batch);
+        drop(sinks);
+        let lengths: Vec<usize> = alone.iter().map(|(ids, _)| ids.len()).collect();
+        assert!(
+            lengths.iter().any(|&n| n < greedy.max_new_tokens),
+            "{set}: some row should stop early: {lengths:?}"
+        );
+        assert!(
+            alone[2].0.len() <= 4,
+            "{set}: the stop string ends row 2 by its 4th token"
+        );
+        for (i, ((want, want_stream), got)) in alone.iter().zip(got).enumerate() {
+            assert_eq!(&got.unwrap(), want, "{set} row {i}");
+            assert_eq!(&streams[i], want_stream, "{set} row {i} streamed");
+        }
+    }
+}
+
+#[test]
+fn a_batch_row_with_bad_settings_fails_alone() {
+    let f = Fixture::load("mha", DType::F32);
+    let ok = GenerationConfig {
+        max_new_tokens: 4,
+        ..Default::default()
+    };
+    let rows = vec![
+        BatchRow {
+            embeds: f.tensor("gen.embeds.0"),
+            cfg: GenerationConfig {
+                num_beams: 2,
+                ..ok.clone()
+            },
+            hooks: Hooks::default(),
+        },
+        BatchRow {
+            embeds: f.tensor("gen.embeds.1"),
+            cfg: ok.clone(),
+            hooks: Hooks::default(),
+        },
+        BatchRow {
+            embeds: f.tensor("gen.embeds.1"),
+            cfg: GenerationConfig {
+                max_new_tokens: 10_000,
+                ..ok.clone()
+            },
+            hooks: Hooks::default(),
+        },
+    ];
+    let got = generate_batch(&f.model, rows);
+    assert!(matches!(got[0], Err(Error::Generation(_))), "{:?}", got[0]);
+    let alone = generate(&f.model, &f.tensor("gen.embeds.1"), &[], &ok, None).unwrap();
+    assert_eq!(got[1].as_ref().unwrap(), &alone[0]);
+    assert!(matches!(got[2], Err(Error::ContextOverflow { .. })), "{:?}", got[2]);
 }
 
 #[test]

@@ -1,16 +1,21 @@
 //! The model side: one dedicated thread loads the models once and runs
-//! requests one at a time from a bounded queue. The pipelines are
-//! synchronous, so they never run on the async runtime's threads.
+//! requests from a bounded queue: one at a time, except that text requests
+//! decoded greedily or by sampling (no beams) that wait together run as one
+//! batch of up to `max_batch`, one forward per generated token for all of
+//! them. The pipelines are synchronous, so they never run on the async
+//! runtime's threads.
 
 use crate::deps::{
-    check_dtype, BackendKind, Backends, ChatAnswer, ChatOptions, ChatPipeline, CompletionOptions, CompletionPipeline,
-    Component, GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError, TINY_NOTICE,
+    check_dtype, BackendKind, Backends, BatchItem, ChatAnswer, ChatOptions, ChatPipeline, CompletionOptions,
+    CompletionPipeline, Component, GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError,
+    TINY_NOTICE,
 };
 use crate::error::{ApiError, ServeError};
 use crate::images::RequestFiles;
 use crate::metrics::Metrics;
 use emu_core::{Backend, DType};
 use emu_prompt::Prompt;
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -124,8 +129,14 @@ impl Queue {
 }
 
 /// Starts the worker thread, loads the models on it and waits until they are
-/// ready. `depth` is how many requests may wait behind the running one.
-pub fn start(spec: LoadSpec, depth: usize, metrics: Arc<Metrics>) -> Result<(Queue, Vec<ModelInfo>), ServeError> {
+/// ready. `depth` is how many requests may wait behind the running ones;
+/// `max_batch` is the most text requests decoded together (1: none).
+pub fn start(
+    spec: LoadSpec,
+    depth: usize,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+) -> Result<(Queue, Vec<ModelInfo>), ServeError> {
     let (jobs, rx) = std::sync::mpsc::sync_channel::<Job>(depth);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<Vec<ModelInfo>, ServeError>>();
     let m = metrics.clone();
@@ -135,7 +146,7 @@ pub fn start(spec: LoadSpec, depth: usize, metrics: Arc<Metrics>) -> Result<(Que
             // Backends are opened on this thread: a GPU device need not move between threads.
             let opened = Backends::default().open(spec.backend);
             match opened {
-                Ok(any) => emu::with_backend!(any, |b| worker(b, &spec, ready_tx, rx, &m)),
+                Ok(any) => emu::with_backend!(any, |b| worker(b, &spec, max_batch, ready_tx, rx, &m)),
                 Err(e) => {
                     let _ = ready_tx.send(Err(e.into()));
                 }
@@ -221,6 +232,7 @@ fn load<B: Backend>(b: &B, spec: &LoadSpec) -> Result<(Loaded<B>, Vec<ModelInfo>
 fn worker<B: Backend>(
     b: B,
     spec: &LoadSpec,
+    max_batch: usize,
     ready: std::sync::mpsc::Sender<Result<Vec<ModelInfo>, ServeError>>,
     jobs: Receiver<Job>,
     metrics: &Metrics,
@@ -235,40 +247,196 @@ fn worker<B: Backend>(
             return;
         }
     };
-    // Ends when the server drops the queue.
-    while let Ok(job) = jobs.recv() {
-        metrics.queued.fetch_sub(1, Ordering::SeqCst);
-        if job.cancel.load(Ordering::Relaxed) {
-            // The client left while the job waited.
-            metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+    // Jobs taken off the channel to look for batch mates. They still count
+    // in `queued`, and at most `max_batch` are held here, so the server
+    // holds at most `depth + max_batch` waiting jobs.
+    let mut waiting: VecDeque<Job> = VecDeque::new();
+    loop {
+        if waiting.is_empty() {
+            // Ends when the server drops the queue.
+            match jobs.recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => return,
+            }
+        }
+        while waiting.len() < max_batch {
+            match jobs.try_recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => break,
+            }
+        }
+        let batch = next_batch(&mut waiting, max_batch, metrics);
+        if batch.is_empty() {
             continue;
         }
-        metrics.running.store(1, Ordering::SeqCst);
+        metrics.running.store(batch.len(), Ordering::SeqCst);
+        metrics.batch(batch.len());
         let t0 = Instant::now();
-        let result = guarded(metrics, || run(&loaded, &job, metrics));
-        metrics.job(t0.elapsed());
+        let results = if let [job] = batch.as_slice() {
+            vec![guarded(metrics, || run(&loaded, job, metrics))]
+        } else {
+            guarded_batch(metrics, batch.len(), || run_batch(&loaded, &batch, metrics))
+        };
+        metrics.jobs(batch.len(), t0.elapsed());
         metrics.running.store(0, Ordering::SeqCst);
-        if job.cancel.load(Ordering::Relaxed) {
+        for (job, result) in batch.iter().zip(results) {
+            if job.cancel.load(Ordering::Relaxed) {
+                metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = job.events.send(Event::Done(result));
+        }
+    }
+}
+
+/// Which text requests can decode together: greedy or sampled ones of the
+/// same pipeline. Beam search and image generation run alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchKind {
+    Chat,
+    Complete,
+}
+
+fn batch_kind(task: &Task) -> Option<BatchKind> {
+    match task {
+        Task::Chat { opts, .. } if opts.generation.num_beams == 1 => Some(BatchKind::Chat),
+        Task::Complete { opts, .. } if opts.generation.num_beams == 1 => Some(BatchKind::Complete),
+        _ => None,
+    }
+}
+
+/// The oldest waiting job, with the later waiting jobs that can decode with
+/// it (oldest first, up to `max_batch` in all). Jobs whose client left while
+/// they waited are dropped here.
+fn next_batch(waiting: &mut VecDeque<Job>, max_batch: usize, metrics: &Metrics) -> Vec<Job> {
+    waiting.retain(|job| {
+        let gone = job.cancel.load(Ordering::Relaxed);
+        if gone {
+            metrics.queued.fetch_sub(1, Ordering::SeqCst);
             metrics.cancelled.fetch_add(1, Ordering::Relaxed);
         }
-        let _ = job.events.send(Event::Done(result));
+        !gone
+    });
+    let Some(first) = waiting.pop_front() else {
+        return Vec::new();
+    };
+    let kind = batch_kind(&first.task);
+    let mut batch = vec![first];
+    if let Some(kind) = kind {
+        let mut i = 0;
+        while i < waiting.len() && batch.len() < max_batch {
+            if batch_kind(&waiting[i].task) == Some(kind) {
+                batch.extend(waiting.remove(i));
+            } else {
+                i += 1;
+            }
+        }
     }
+    metrics.queued.fetch_sub(batch.len(), Ordering::SeqCst);
+    batch
+}
+
+/// [`guarded`] for a batch: a panic fails every request of the batch.
+fn guarded_batch(
+    metrics: &Metrics,
+    n: usize,
+    f: impl FnOnce() -> Vec<Result<Output, ApiError>>,
+) -> Vec<Result<Output, ApiError>> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let e = panic_error(metrics, payload);
+        (0..n).map(|_| Err(ApiError::internal(e.message.clone()))).collect()
+    })
+}
+
+type Cancel<'a> = Box<dyn Fn() -> bool + 'a>;
+type TextSink<'a> = Box<dyn FnMut(&str) + 'a>;
+
+/// Runs text jobs of one [`BatchKind`] together; one result per job, in order.
+fn run_batch<B: Backend>(m: &Loaded<B>, jobs: &[Job], metrics: &Metrics) -> Vec<Result<Output, ApiError>> {
+    let t0 = Instant::now();
+    let cancels: Vec<Cancel<'_>> = jobs
+        .iter()
+        .map(|j| Box::new(move || j.cancel.load(Ordering::Relaxed)) as Cancel<'_>)
+        .collect();
+    let mut sinks: Vec<TextSink<'_>> = jobs
+        .iter()
+        .map(|j| {
+            Box::new(move |s: &str| {
+                let _ = j.events.send(Event::Text(s.to_string()));
+            }) as TextSink<'_>
+        })
+        .collect();
+    let kind = jobs.first().and_then(|j| batch_kind(&j.task));
+    let answers: Vec<Result<ChatAnswer, ApiError>> = match kind {
+        Some(BatchKind::Chat) => match m.chat.as_ref() {
+            None => jobs.iter().map(|_| Err(missing("Emu2-Chat"))).collect(),
+            Some(pipe) => {
+                let mut items = Vec::with_capacity(jobs.len());
+                for ((job, sink), cancel) in jobs.iter().zip(sinks.iter_mut()).zip(&cancels) {
+                    if let Task::Chat { prompt, opts, stream } = &job.task {
+                        items.push(BatchItem {
+                            prompt,
+                            opts,
+                            on_text: if *stream { Some(&mut **sink) } else { None },
+                            cancel: &**cancel,
+                        });
+                    }
+                }
+                same_length(jobs.len(), pipe.answer_batch(items))
+            }
+        },
+        Some(BatchKind::Complete) => match m.complete.as_ref() {
+            None => jobs.iter().map(|_| Err(missing("Emu2 (base)"))).collect(),
+            Some(pipe) => {
+                let mut items = Vec::with_capacity(jobs.len());
+                for ((job, sink), cancel) in jobs.iter().zip(sinks.iter_mut()).zip(&cancels) {
+                    if let Task::Complete { prompt, opts, stream } = &job.task {
+                        items.push(BatchItem {
+                            prompt,
+                            opts,
+                            on_text: if *stream { Some(&mut **sink) } else { None },
+                            cancel: &**cancel,
+                        });
+                    }
+                }
+                same_length(jobs.len(), pipe.complete_batch(items))
+            }
+        },
+        None => jobs
+            .iter()
+            .map(|_| Err(ApiError::internal("a job that cannot be batched was batched")))
+            .collect(),
+    };
+    let tokens: usize = answers.iter().flatten().map(|a| a.ids.len()).sum();
+    metrics.tokens(tokens, t0.elapsed());
+    answers.into_iter().map(|a| a.map(Output::Text)).collect()
+}
+
+/// The pipeline's answers as API results, one per job (`next_batch` only
+/// groups jobs of one kind, so the counts agree).
+fn same_length(n: usize, answers: Vec<Result<ChatAnswer, PipelineError>>) -> Vec<Result<ChatAnswer, ApiError>> {
+    if answers.len() != n {
+        return (0..n)
+            .map(|_| Err(ApiError::internal("a batch returned the wrong number of answers")))
+            .collect();
+    }
+    answers.into_iter().map(|a| a.map_err(api)).collect()
 }
 
 /// Runs one job; a panic inside it fails this request only (a 500). The
 /// models are read-only during a request, so nothing is left half-updated.
 fn guarded(metrics: &Metrics, f: impl FnOnce() -> Result<Output, ApiError>) -> Result<Output, ApiError> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
-        metrics.panics.fetch_add(1, Ordering::Relaxed);
-        let what = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown cause".into());
-        Err(ApiError::internal(format!(
-            "the request failed inside the model: {what}"
-        )))
-    })
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| Err(panic_error(metrics, payload)))
+}
+
+/// Counts a panic and turns its message into a 500.
+fn panic_error(metrics: &Metrics, payload: Box<dyn std::any::Any + Send>) -> ApiError {
+    metrics.panics.fetch_add(1, Ordering::Relaxed);
+    let what = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown cause".into());
+    ApiError::internal(format!("the request failed inside the model: {what}"))
 }
 
 fn missing(what: &str) -> ApiError {

@@ -68,9 +68,15 @@ pub struct ServeArgs {
     /// Compute dtype of the vision encoder only (overrides --dtype).
     #[arg(long, value_name = "DTYPE")]
     pub vision_dtype: Option<String>,
-    /// Requests that may wait behind the running one; more are refused with 429.
+    /// Requests that may wait behind the running ones; more are refused with
+    /// 429. With batching, up to `--max-batch - 1` more that a batch passed
+    /// over (other kinds of request) also wait.
     #[arg(long, default_value_t = 16, value_name = "N")]
     pub queue_depth: usize,
+    /// Most text requests (greedy or sampled, no beams) decoded together,
+    /// one forward per token for all of them; 1 turns batching off.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub max_batch: usize,
     /// Largest request body in bytes.
     #[arg(long, default_value_t = 32 << 20, value_name = "BYTES")]
     pub max_body_bytes: usize,
@@ -115,6 +121,11 @@ impl ServeArgs {
     fn check(&self) -> Result<(), ServeError> {
         if self.queue_depth == 0 {
             return Err(ServeError::Args("--queue-depth must be at least 1".into()));
+        }
+        if self.max_batch == 0 {
+            return Err(ServeError::Args(
+                "--max-batch must be at least 1 (1: no batching)".into(),
+            ));
         }
         if self.default_max_tokens == 0 || self.default_max_tokens > self.max_tokens {
             return Err(ServeError::Args(
@@ -205,7 +216,7 @@ pub fn spawn(args: &ServeArgs, listener: TcpListener) -> Result<RunningServer, S
         dtype,
         vision_dtype,
     };
-    let (queue, models) = engine::start(spec, args.queue_depth, metrics.clone())?;
+    let (queue, models) = engine::start(spec, args.queue_depth, args.max_batch, metrics.clone())?;
     let state = Arc::new(routes::AppState::new(
         queue,
         models,

@@ -14,8 +14,12 @@ pub struct Metrics {
     errors: Mutex<BTreeMap<String, u64>>,
     /// Jobs accepted and not yet picked up by the worker.
     pub queued: AtomicUsize,
-    /// 1 while the worker runs a job.
+    /// Requests the worker is computing (more than 1 for a batch).
     pub running: AtomicUsize,
+    /// Runs of the worker by how many requests each computed: counts per
+    /// [`BATCH_BUCKETS`] upper bound (the last one counts the rest).
+    batches: [AtomicU64; BATCH_BUCKETS.len() + 1],
+    batched_requests: AtomicU64,
     tokens: AtomicU64,
     token_micros: AtomicU64,
     steps: AtomicU64,
@@ -25,6 +29,9 @@ pub struct Metrics {
     pub cancelled: AtomicU64,
     pub panics: AtomicU64,
 }
+
+/// Upper bounds of the batch-size histogram.
+const BATCH_BUCKETS: [usize; 6] = [1, 2, 4, 8, 16, 32];
 
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -52,9 +59,20 @@ impl Metrics {
         self.step_micros.fetch_add(micros(took), Ordering::Relaxed);
     }
 
-    pub fn job(&self, took: Duration) {
-        self.jobs.fetch_add(1, Ordering::Relaxed);
+    /// `n` jobs finished together in `took`.
+    pub fn jobs(&self, n: usize, took: Duration) {
+        self.jobs.fetch_add(n as u64, Ordering::Relaxed);
         self.job_micros.fetch_add(micros(took), Ordering::Relaxed);
+    }
+
+    /// The worker starts computing `n` requests together.
+    pub fn batch(&self, n: usize) {
+        let i = BATCH_BUCKETS
+            .iter()
+            .position(|&b| n <= b)
+            .unwrap_or(BATCH_BUCKETS.len());
+        self.batches[i].fetch_add(1, Ordering::Relaxed);
+        self.batched_requests.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Mean seconds per finished job (1 before the first).
@@ -88,6 +106,32 @@ impl Metrics {
             }
         }
         flush(&mut s, &mut lines);
+        let n = header(
+            &mut s,
+            "emu_batch_size",
+            "histogram",
+            "Requests computed together per run of the model (text requests batch; 1 = alone).",
+        );
+        let mut cumulative = 0;
+        for (i, c) in self.batches.iter().enumerate() {
+            cumulative += c.load(Ordering::Relaxed);
+            let le = BATCH_BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+            let _ = writeln!(s, "{n}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let requests = self.batched_requests.load(Ordering::Relaxed);
+        let _ = writeln!(s, "{n}_sum {requests}\n{n}_count {cumulative}");
+        let n = header(
+            &mut s,
+            "emu_batch_size_mean",
+            "gauge",
+            "Mean requests per run of the model, over the server's life.",
+        );
+        let mean = if cumulative > 0 {
+            requests as f64 / cumulative as f64
+        } else {
+            0.0
+        };
+        let _ = writeln!(s, "{n} {mean:.3}");
         let gauges: [(&str, &str, String); 10] = [
             (
                 "emu_queue_depth",
@@ -96,7 +140,7 @@ impl Metrics {
             ),
             (
                 "emu_running",
-                "Requests the model is computing (0 or 1).",
+                "Requests the model is computing (more than 1 while a batch runs).",
                 self.running.load(Ordering::Relaxed).to_string(),
             ),
             (

@@ -41,7 +41,9 @@ pub use encode::{EncodePipeline, EncodedImages};
 pub use error::{PipelineError, Result};
 pub use generate::{gaussian_noise, parse_image_size, GeneratedImage, GenerationOptions, GenerationPipeline};
 pub use model::{detect_family, ModelDir, ModelFamily};
-pub use text::{upstream_generation, ChatAnswer, ChatOptions, ChatPipeline, CompletionOptions, CompletionPipeline};
+pub use text::{
+    upstream_generation, BatchItem, ChatAnswer, ChatOptions, ChatPipeline, CompletionOptions, CompletionPipeline,
+};
 
 use emu_core::{Backend, DType};
 use std::time::Duration;

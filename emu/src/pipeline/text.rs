@@ -7,7 +7,7 @@ use super::error::{PipelineError, Result};
 use super::model::{ModelDir, ModelFamily};
 use super::{Component, Timings};
 use emu_core::Backend;
-use emu_llm::{generate_with, GenerationConfig, Hooks};
+use emu_llm::{generate_batch, generate_with, BatchRow, GenerationConfig, Hooks};
 use emu_prompt::{
     parse_boxes, render, Emu2Tokenizer, Grounding, ModelKind, Prompt, RenderOptions, SpecialToken, Variant,
 };
@@ -188,6 +188,187 @@ fn run_text<V: Backend, L: Backend>(
     Ok((new_ids, text, ids.len(), timings))
 }
 
+/// One request of [`ChatPipeline::answer_batch`] or
+/// [`CompletionPipeline::complete_batch`]; `O` is the pipeline's options.
+pub struct BatchItem<'a, O> {
+    pub prompt: &'a Prompt,
+    pub opts: &'a O,
+    /// Receives this answer's text as it is generated.
+    pub on_text: Option<&'a mut dyn FnMut(&str)>,
+    /// Stops this request at its next token, with [`PipelineError::Cancelled`].
+    pub cancel: &'a dyn Fn() -> bool,
+}
+
+/// [`run_text`]'s inputs, for one request of a batch.
+struct TextJob<'a> {
+    prompt: &'a Prompt,
+    render_opts: RenderOptions,
+    generation: &'a GenerationConfig,
+    skip_special: bool,
+    on_text: Option<&'a mut dyn FnMut(&str)>,
+    cancel: &'a dyn Fn() -> bool,
+}
+
+type TextOut = (Vec<u32>, String, usize, Timings);
+
+/// A request of a batch whose prompt is embedded and checked.
+struct Prepared<'a, L: Backend> {
+    index: usize,
+    prompt_tokens: usize,
+    embeds: emu_core::Tensor<L>,
+    timings: Timings,
+    generation: &'a GenerationConfig,
+    skip_special: bool,
+    cancel: &'a dyn Fn() -> bool,
+}
+
+type TokenSink<'a> = Box<dyn FnMut(&[u32]) + 'a>;
+type StopRule<'a> = Box<dyn FnMut(&[u32]) -> bool + 'a>;
+
+/// [`run_text`] for several requests: each prompt is rendered and its images
+/// encoded on its own, then greedy search / sampling runs for all of them in
+/// lockstep ([`generate_batch`]), so every answer is the one [`run_text`]
+/// gives alone. Beam-search requests run alone, one after another.
+fn run_text_batch<V: Backend, L: Backend>(model: &Emu2Model<V, L>, jobs: Vec<TextJob<'_>>) -> Vec<Result<TextOut>> {
+    let mut results: Vec<Option<Result<TextOut>>> = (0..jobs.len()).map(|_| None).collect();
+    let mut prepared = Vec::new();
+    let mut sinks = Vec::new();
+    for (index, job) in jobs.into_iter().enumerate() {
+        if job.generation.num_beams != 1 {
+            results[index] = Some(run_text(
+                model,
+                job.prompt,
+                &job.render_opts,
+                job.generation,
+                job.skip_special,
+                None,
+                job.on_text,
+                job.cancel,
+            ));
+            continue;
+        }
+        let mut timings = Timings::default();
+        let embedded = render(job.prompt, &job.render_opts)
+            .map_err(PipelineError::from)
+            .and_then(|r| model.prompt_embeds(&r, None, &mut timings))
+            .and_then(|(ids, embeds)| {
+                let max = model.llm.config().max_position_embeddings;
+                if ids.len() + job.generation.max_new_tokens > max {
+                    return Err(PipelineError::Input(format!(
+                        "the prompt is {} tokens and {} new tokens were asked for, more than the model's context of {max}; lower --max-new-tokens or use fewer images",
+                        ids.len(),
+                        job.generation.max_new_tokens
+                    )));
+                }
+                Ok((ids.len(), embeds))
+            });
+        match embedded {
+            Ok((prompt_tokens, embeds)) => {
+                prepared.push(Prepared {
+                    index,
+                    prompt_tokens,
+                    embeds,
+                    timings,
+                    generation: job.generation,
+                    skip_special: job.skip_special,
+                    cancel: job.cancel,
+                });
+                sinks.push(job.on_text);
+            }
+            Err(e) => results[index] = Some(Err(e)),
+        }
+    }
+    if prepared.is_empty() {
+        return results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(no_result())))
+            .collect();
+    }
+    let t0 = Instant::now();
+    let mut streams: Vec<Option<TextStream<'_, '_>>> = sinks
+        .into_iter()
+        .zip(&prepared)
+        .map(|(sink, p)| {
+            sink.map(|sink| TextStream {
+                tokenizer: &model.tokenizer,
+                skip_special: p.skip_special,
+                eos: &p.generation.eos_token_ids,
+                ids: Vec::new(),
+                done: false,
+                printed: 0,
+                sink,
+            })
+        })
+        .collect();
+    let decode_plain = |ids: &[u32]| model.tokenizer.decode(ids, true).unwrap_or_default();
+    let decode_special = |ids: &[u32]| model.tokenizer.decode(ids, false).unwrap_or_default();
+    let outs = {
+        let mut on_tokens: Vec<Option<TokenSink<'_>>> = streams
+            .iter_mut()
+            .map(|s| {
+                s.as_mut().map(|s| {
+                    Box::new(move |t: &[u32]| {
+                        if let Some(&id) = t.first() {
+                            s.push(id);
+                        }
+                    }) as TokenSink<'_>
+                })
+            })
+            .collect();
+        // Cancellation ends a row at its next token; its output is discarded below.
+        let mut stops: Vec<StopRule<'_>> = prepared
+            .iter()
+            .map(|p| {
+                let cancel = p.cancel;
+                Box::new(move |_: &[u32]| cancel()) as StopRule<'_>
+            })
+            .collect();
+        let rows: Vec<BatchRow<'_, L>> = prepared
+            .iter()
+            .zip(on_tokens.iter_mut())
+            .zip(stops.iter_mut())
+            .map(|((p, on_token), stop)| {
+                let decode: &dyn Fn(&[u32]) -> String = if p.skip_special { &decode_plain } else { &decode_special };
+                BatchRow {
+                    embeds: p.embeds.clone(),
+                    cfg: p.generation.clone(),
+                    hooks: Hooks {
+                        on_token: on_token.as_mut().map(|f| &mut **f as &mut dyn FnMut(&[u32])),
+                        decode: Some(decode),
+                        stop: Some(&mut **stop),
+                    },
+                }
+            })
+            .collect();
+        generate_batch(&model.llm, rows)
+    };
+    for s in streams.iter_mut().flatten() {
+        s.flush(true);
+    }
+    let took = t0.elapsed();
+    for (p, out) in prepared.into_iter().zip(outs) {
+        let r = out.map_err(PipelineError::from).and_then(|ids| {
+            if (p.cancel)() {
+                return Err(PipelineError::Cancelled);
+            }
+            let new_ids = until_eos(&ids, &p.generation.eos_token_ids);
+            let text = model.tokenizer.decode(&new_ids, p.skip_special)?;
+            let mut timings = p.timings;
+            timings.add("generate", took);
+            Ok((new_ids, text, p.prompt_tokens, timings))
+        });
+        results[p.index] = Some(r);
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(no_result())))
+        .collect()
+}
+
+fn no_result() -> PipelineError {
+    PipelineError::Input("a batched request produced no result".into())
+}
+
 /// Settings of [`ChatPipeline::answer`].
 #[derive(Debug, Clone)]
 pub struct ChatOptions {
@@ -293,12 +474,9 @@ impl<V: Backend, L: Backend> ChatPipeline<V, L> {
         on_text: Option<&mut dyn FnMut(&str)>,
         cancel: &dyn Fn() -> bool,
     ) -> Result<ChatAnswer> {
-        let mut ropts = RenderOptions::new(ModelKind::Emu2Chat).grounding(opts.grounding);
-        ropts.n_query = self.inner.model.n_query();
-        ropts.v_query = self.inner.model.v_query();
-        ropts.system = opts.system.clone();
+        let ropts = self.render_options(opts);
         // Upstream decodes grounding answers with their special tokens kept.
-        let (ids, text, prompt_tokens, timings) = run_text(
+        let out = run_text(
             &self.inner.model,
             conversation,
             &ropts,
@@ -308,8 +486,56 @@ impl<V: Backend, L: Backend> ChatPipeline<V, L> {
             on_text,
             cancel,
         )?;
+        self.finish(conversation, opts, &ropts, out)
+    }
+
+    /// Answers several conversations at once: each one's images are encoded
+    /// on their own, then greedy and sampled answers decode together, one
+    /// forward of every unfinished answer per token (beam-search requests
+    /// run alone). Each answer is the one [`Self::answer_cancellable`]
+    /// gives for it alone; each streams to its own `on_text` and stops on
+    /// its own `cancel`. Nothing is dumped.
+    pub fn answer_batch(&self, items: Vec<BatchItem<'_, ChatOptions>>) -> Vec<Result<ChatAnswer>> {
+        let ropts: Vec<RenderOptions> = items.iter().map(|i| self.render_options(i.opts)).collect();
+        let keep: Vec<(&Prompt, &ChatOptions)> = items.iter().map(|i| (i.prompt, i.opts)).collect();
+        let jobs = items
+            .into_iter()
+            .zip(&ropts)
+            .map(|(i, r)| TextJob {
+                prompt: i.prompt,
+                render_opts: r.clone(),
+                generation: &i.opts.generation,
+                skip_special: !i.opts.grounding,
+                on_text: i.on_text,
+                cancel: i.cancel,
+            })
+            .collect();
+        run_text_batch(&self.inner.model, jobs)
+            .into_iter()
+            .zip(keep.into_iter().zip(&ropts))
+            .map(|(out, ((prompt, opts), r))| out.and_then(|o| self.finish(prompt, opts, r, o)))
+            .collect()
+    }
+
+    fn render_options(&self, opts: &ChatOptions) -> RenderOptions {
+        let mut ropts = RenderOptions::new(ModelKind::Emu2Chat).grounding(opts.grounding);
+        ropts.n_query = self.inner.model.n_query();
+        ropts.v_query = self.inner.model.v_query();
+        ropts.system = opts.system.clone();
+        ropts
+    }
+
+    /// The answer, with its boxes read in grounding mode.
+    fn finish(
+        &self,
+        conversation: &Prompt,
+        opts: &ChatOptions,
+        ropts: &RenderOptions,
+        out: TextOut,
+    ) -> Result<ChatAnswer> {
+        let (ids, text, prompt_tokens, timings) = out;
         let grounding = if opts.grounding {
-            let first = emu_prompt::render(conversation, &ropts)?.images.into_iter().next();
+            let first = emu_prompt::render(conversation, ropts)?.images.into_iter().next();
             let (w, h) = match first {
                 Some(v) => {
                     let img = self.inner.model.load_pictures(std::slice::from_ref(&v))?;
@@ -394,10 +620,8 @@ impl<V: Backend, L: Backend> CompletionPipeline<V, L> {
         on_text: Option<&mut dyn FnMut(&str)>,
         cancel: &dyn Fn() -> bool,
     ) -> Result<ChatAnswer> {
-        let mut ropts = RenderOptions::new(ModelKind::Emu2);
-        ropts.n_query = self.inner.model.n_query();
-        ropts.v_query = self.inner.model.v_query();
-        let (ids, text, prompt_tokens, timings) = run_text(
+        let ropts = self.render_options();
+        let out = run_text(
             &self.inner.model,
             prompt,
             &ropts,
@@ -407,12 +631,45 @@ impl<V: Backend, L: Backend> CompletionPipeline<V, L> {
             on_text,
             cancel,
         )?;
-        Ok(ChatAnswer {
-            text,
-            ids,
-            prompt_tokens,
-            grounding: None,
-            timings,
-        })
+        Ok(answer(out))
+    }
+
+    /// Continues several prompts at once, as [`ChatPipeline::answer_batch`]
+    /// answers several conversations: each result is the one
+    /// [`Self::complete_cancellable`] gives for it alone.
+    pub fn complete_batch(&self, items: Vec<BatchItem<'_, CompletionOptions>>) -> Vec<Result<ChatAnswer>> {
+        let ropts = self.render_options();
+        let jobs = items
+            .into_iter()
+            .map(|i| TextJob {
+                prompt: i.prompt,
+                render_opts: ropts.clone(),
+                generation: &i.opts.generation,
+                skip_special: true,
+                on_text: i.on_text,
+                cancel: i.cancel,
+            })
+            .collect();
+        run_text_batch(&self.inner.model, jobs)
+            .into_iter()
+            .map(|r| r.map(answer))
+            .collect()
+    }
+
+    fn render_options(&self) -> RenderOptions {
+        let mut ropts = RenderOptions::new(ModelKind::Emu2);
+        ropts.n_query = self.inner.model.n_query();
+        ropts.v_query = self.inner.model.v_query();
+        ropts
+    }
+}
+
+fn answer((ids, text, prompt_tokens, timings): TextOut) -> ChatAnswer {
+    ChatAnswer {
+        text,
+        ids,
+        prompt_tokens,
+        grounding: None,
+        timings,
     }
 }
