@@ -117,8 +117,8 @@ impl ApiError {
 }
 
 impl From<PipelineError> for ApiError {
-    /// Errors caused by the request's content (its prompt, images, sizes)
-    /// are 400; the rest are the server's.
+    /// Errors caused by the request's content (its prompt, images, sizes,
+    /// the memory those need) are 400; the rest are the server's.
     fn from(e: PipelineError) -> Self {
         let msg = e.to_string();
         match e {
@@ -126,6 +126,9 @@ impl From<PipelineError> for ApiError {
             PipelineError::Llm(
                 emu_llm::Error::Generation(_) | emu_llm::Error::Input(_) | emu_llm::Error::ContextOverflow { .. },
             ) => ApiError::invalid(msg),
+            // The request's own size (beams, tokens, pixels) does not fit the
+            // memory left: the same request made smaller can succeed.
+            PipelineError::Memory(_) => ApiError::invalid(msg).with_code("insufficient_memory"),
             _ => ApiError::internal(msg),
         }
     }
@@ -140,5 +143,20 @@ impl IntoResponse for ApiError {
             }
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipeline_errors_map_to_the_party_at_fault() {
+        let mem = ApiError::from(PipelineError::Memory("need about 9 GiB, have 1 GiB".into()));
+        assert_eq!(mem.status, StatusCode::BAD_REQUEST);
+        assert_eq!(mem.metric_kind(), "insufficient_memory");
+        assert!(mem.message.contains("need about 9 GiB"));
+        let bad = ApiError::from(PipelineError::Input("no image".into()));
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     }
 }
