@@ -62,7 +62,7 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     let pow2 = f32::from_bits(((fx as i32 + 127) as u32) << 23);
     if x < -87.0 {
@@ -114,8 +114,8 @@ pub(crate) fn softmax(row: &mut [f32]) {
 pub(crate) fn softmax_rows(x: &CTensor) -> candle_core::Result<CTensor> {
     let d = *x.dims().last().unwrap_or(&1);
     let mut y = crate::convert::to_f32(x)?.flatten_all()?.to_vec1::<f32>()?;
-    if d > 0 {
-        let per = (16_384 / d).max(1) * d;
+    if let Some(per) = 16_384usize.checked_div(d) {
+        let per = per.max(1) * d;
         y.par_chunks_mut(per)
             .for_each(|c| crate::elementwise::wide(c, |c| c.chunks_exact_mut(d).for_each(softmax)));
     }
@@ -308,6 +308,8 @@ mod tests {
         (0..n).map(|_| rng.uniform(-1.0, 1.0) as f32).collect()
     }
 
+    type BiasAt = dyn Fn(usize, usize, usize, usize) -> f64;
+
     /// softmax(q k^T scale + bias + causal) v in f64, bias given per
     /// (b, h, i, j) by a closure.
     #[allow(clippy::too_many_arguments)]
@@ -370,7 +372,7 @@ mod tests {
             // 1: a padding mask [B, 1, 1, Tk] hiding the first 3 keys of
             // sequence 1 (all of them at decode would be a fully masked row);
             // 2: an arbitrary [Tq, Tk] bias.
-            let (bias_t, bias_f): (Option<CTensor>, Box<dyn Fn(usize, usize, usize, usize) -> f64>) = match bias_kind {
+            let (bias_t, bias_f): (Option<CTensor>, Box<BiasAt>) = match bias_kind {
                 1 => {
                     let m: Vec<f32> = (0..b * tk)
                         .map(|x| {

@@ -64,6 +64,7 @@ pub(crate) fn sub_block_sums(x: &[f32]) -> Vec<f32> {
 /// # Safety
 /// The CPU must have what `isa` names (as [`detect`] found).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn dot_rows(
     isa: Isa,
     qt: QuantType,
