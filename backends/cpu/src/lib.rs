@@ -28,6 +28,8 @@ mod conv;
 mod convert;
 mod elementwise;
 mod matvec;
+#[cfg(target_arch = "x86_64")]
+mod matvec_x86;
 mod norm;
 mod quant;
 #[cfg(target_arch = "x86_64")]

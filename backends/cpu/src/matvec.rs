@@ -32,6 +32,9 @@ const LANES: usize = 16;
 
 /// Weight element types: rows widen to f32 (f32 rows are used as they are).
 pub(crate) trait Weight: Copy + Send + Sync + 'static {
+    /// How the AVX-512 kernel widens this type.
+    #[cfg(target_arch = "x86_64")]
+    const ELEM: crate::matvec_x86::Elem;
     fn widen(src: &[Self], dst: &mut [f32]);
     fn widen_one(self) -> f32;
     fn round(x: f32) -> Self;
@@ -43,6 +46,8 @@ pub(crate) trait Weight: Copy + Send + Sync + 'static {
 }
 
 impl Weight for f32 {
+    #[cfg(target_arch = "x86_64")]
+    const ELEM: crate::matvec_x86::Elem = crate::matvec_x86::Elem::F32;
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         dst.copy_from_slice(src);
@@ -60,6 +65,8 @@ impl Weight for f32 {
 }
 
 impl Weight for bf16 {
+    #[cfg(target_arch = "x86_64")]
+    const ELEM: crate::matvec_x86::Elem = crate::matvec_x86::Elem::Bf16;
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         // bf16 is the top half of an f32: a shift the compiler vectorises.
@@ -76,6 +83,8 @@ impl Weight for bf16 {
 }
 
 impl Weight for f16 {
+    #[cfg(target_arch = "x86_64")]
+    const ELEM: crate::matvec_x86::Elem = crate::matvec_x86::Elem::F16;
     #[inline(always)]
     fn widen(src: &[Self], dst: &mut [f32]) {
         // Branch-free (selects only), so it vectorises; `half`'s slice
@@ -144,6 +153,12 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// (`m` rows of `k`), half weights `w` (`n` rows of `k`, contiguous) and an
 /// optional half bias; `y` is `m x n`, row-major.
 pub(crate) fn linear_rows<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>, n: usize) -> Vec<T> {
+    linear_rows_with(x, m, w, bias, n, true)
+}
+
+/// [`linear_rows`]; `allow_wide: false` keeps the portable loop (the tests
+/// run both on an AVX-512 machine).
+fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>, n: usize, allow_wide: bool) -> Vec<T> {
     let k = x.len() / m.max(1);
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
@@ -152,6 +167,33 @@ pub(crate) fn linear_rows<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<
     let threads = rayon::current_num_threads().max(1);
     let block = n.div_ceil(threads * 4).clamp(16, 512);
     let mut yt = vec![0f32; n * m];
+    #[cfg(target_arch = "x86_64")]
+    let wide = allow_wide
+        && crate::matvec_x86::available()
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && std::arch::is_x86_feature_detected!("f16c");
+    #[cfg(target_arch = "x86_64")]
+    if wide {
+        yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
+            for (j, o) in out.chunks_exact_mut(m).enumerate() {
+                let r = bi * block + j;
+                let wr = w[r * k..(r + 1) * k].as_ptr() as *const u8;
+                for (g, og) in o.chunks_mut(4).enumerate() {
+                    // SAFETY: the features were detected above; `wr` is a
+                    // row of k weights and `x` holds og.len() rows from g*4.
+                    unsafe { crate::matvec_x86::dot_rows(T::ELEM, wr, &x[g * 4 * k..], k, og.len(), og) };
+                }
+                let b = bias.map_or(0.0, |b| b[r].widen_one());
+                o.iter_mut().for_each(|v| *v += b);
+            }
+        });
+        let mut y = Vec::with_capacity(m * n);
+        for i in 0..m {
+            y.extend((0..n).map(|r| T::round(yt[r * m + i])));
+        }
+        return y;
+    }
     yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
         let mut row = vec![0f32; k];
         let rows = Rows { x, m, k, w, bias };
@@ -287,21 +329,26 @@ mod tests {
         let x: Vec<f32> = values(m * k, 1).into_iter().map(|v| from(v).into()).collect();
         let w: Vec<T> = values(n * k, 2).into_iter().map(from).collect();
         let b: Vec<T> = values(n, 3).into_iter().map(from).collect();
-        let y = linear_rows(&x, m, &w, bias.then_some(&b[..]), n);
-        let mut worst = 0f64;
-        let mut scale = 0f64;
-        for i in 0..m {
-            for r in 0..n {
-                let mut acc = if bias { b[r].into() as f64 } else { 0.0 };
-                for j in 0..k {
-                    acc += x[i * k + j] as f64 * w[r * k + j].into() as f64;
+        for wide in [true, false] {
+            let y = linear_rows_with(&x, m, &w, bias.then_some(&b[..]), n, wide);
+            let mut worst = 0f64;
+            let mut scale = 0f64;
+            for i in 0..m {
+                for r in 0..n {
+                    let mut acc = if bias { b[r].into() as f64 } else { 0.0 };
+                    for j in 0..k {
+                        acc += x[i * k + j] as f64 * w[r * k + j].into() as f64;
+                    }
+                    worst = worst.max((y[i * n + r].into() as f64 - acc).abs());
+                    scale = scale.max(acc.abs());
                 }
-                worst = worst.max((y[i * n + r].into() as f64 - acc).abs());
-                scale = scale.max(acc.abs());
             }
+            let rel = worst / scale.max(1e-30);
+            assert!(
+                rel <= tol,
+                "m {m} k {k} n {n} wide {wide}: relative error {rel:e} > {tol:e}"
+            );
         }
-        let rel = worst / scale.max(1e-30);
-        assert!(rel <= tol, "m {m} k {k} n {n}: relative error {rel:e} > {tol:e}");
     }
 
     #[test]
@@ -313,7 +360,14 @@ mod tests {
 
     #[test]
     fn f32_rows_match_f64() {
-        for &(m, k, n) in &[(1, 37, 5), (3, 100, 33), (17, 259, 70), (16, 1000, 40)] {
+        for &(m, k, n) in &[
+            (1, 37, 5),
+            (3, 100, 33),
+            (17, 259, 70),
+            (16, 1000, 40),
+            (5, 64, 3),
+            (2, 130, 9),
+        ] {
             check::<f32>(m, k, n, m % 2 == 1, |v| v, 1e-5);
         }
     }

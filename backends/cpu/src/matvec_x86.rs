@@ -1,0 +1,107 @@
+//! AVX-512 dot products for small-batch `linear` (decode): one weight row
+//! against up to four f32 input rows, the weights widened in registers
+//! (bf16: a 16-bit shift; f16: `vcvtph2ps`) and never written out.
+//!
+//! Decode is bound by how fast the weights stream in, and the autovectorised
+//! loop of `matvec.rs` (AVX2, one weight row widened into a scratch row and
+//! then read again) reached about half the read bandwidth, below candle's
+//! AVX-512 gemm at one row. Each input row has four accumulators, so the
+//! FMA latency of one 64-weight step overlaps the next; a row's summation
+//! order does not depend on how many rows share the call, so a batch gives
+//! each row what it gets alone.
+
+use std::arch::x86_64::*;
+
+/// How the weight elements widen to f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Elem {
+    F32,
+    Bf16,
+    F16,
+}
+
+pub(crate) fn available() -> bool {
+    is_x86_feature_detected!("avx512f")
+}
+
+/// 16 weights from `p` (element `j` of the row) as f32 lanes; `mask` keeps
+/// the lanes that exist (the row's tail).
+#[inline(always)]
+unsafe fn load16(e: Elem, p: *const u8, j: usize, mask: __mmask16) -> __m512 {
+    // SAFETY: the caller's mask covers only elements inside the row.
+    unsafe {
+        match e {
+            Elem::F32 => _mm512_maskz_loadu_ps(mask, (p as *const f32).add(j)),
+            Elem::Bf16 => {
+                let h = _mm256_maskz_loadu_epi16(mask, (p as *const i16).add(j));
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+            }
+            Elem::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (p as *const i16).add(j))),
+        }
+    }
+}
+
+/// `out[i] = sum_j w[j] * x[i * k + j]` for `i < r` (1..=4); `w` points at
+/// `k` elements of type `e`, `x` holds `r * k` floats.
+///
+/// # Safety
+/// The CPU must have AVX-512F and AVX-512BW ([`available`] checks F; BW
+/// ships with it on every AVX-512 CPU but Knights Landing, which is also
+/// checked by the caller through `is_x86_feature_detected`); `w` must hold
+/// `k` elements of `e`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+pub(crate) unsafe fn dot_rows(e: Elem, w: *const u8, x: &[f32], k: usize, r: usize, out: &mut [f32]) {
+    debug_assert!(x.len() >= r * k && out.len() >= r);
+    // SAFETY (each arm): forwarded from the caller.
+    unsafe {
+        match r {
+            1 => rows::<1>(e, w, x, k, out),
+            2 => rows::<2>(e, w, x, k, out),
+            3 => rows::<3>(e, w, x, k, out),
+            _ => rows::<4>(e, w, x, k, out),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn rows<const R: usize>(e: Elem, w: *const u8, x: &[f32], k: usize, out: &mut [f32]) {
+    let xp = x.as_ptr();
+    let mut acc = [[_mm512_setzero_ps(); 4]; R];
+    let full = k / 64 * 64;
+    let mut j = 0;
+    // SAFETY: every load below reads elements j .. j + 64 < k (full
+    // steps) or masked ones < k (the tail), of w and of each input row.
+    unsafe {
+        while j < full {
+            let ws = [
+                load16(e, w, j, !0),
+                load16(e, w, j + 16, !0),
+                load16(e, w, j + 32, !0),
+                load16(e, w, j + 48, !0),
+            ];
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xi = xp.add(i * k + j);
+                for (q, wq) in ws.iter().enumerate() {
+                    a[q] = _mm512_fmadd_ps(*wq, _mm512_loadu_ps(xi.add(16 * q)), a[q]);
+                }
+            }
+            j += 64;
+        }
+        let mut q = 0;
+        while j < k {
+            let left = (k - j).min(16);
+            let mask: __mmask16 = if left == 16 { !0 } else { (1u16 << left) - 1 };
+            let wq = load16(e, w, j, mask);
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xv = _mm512_maskz_loadu_ps(mask, xp.add(i * k + j));
+                a[q] = _mm512_fmadd_ps(wq, xv, a[q]);
+            }
+            j += 16;
+            q += 1;
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+            *o = _mm512_reduce_add_ps(s);
+        }
+    }
+}
