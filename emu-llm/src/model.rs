@@ -570,22 +570,37 @@ impl<B: Backend> Llama<B> {
     /// Runs `embeds` (`[B, T, H]`, the next `T` positions of every sequence)
     /// through the decoder, appending their keys/values to `cache`.
     pub fn forward_embeds(&self, embeds: &Tensor<B>, cache: &mut KvCache<B>, logits: Logits) -> Result<LlamaOutput<B>> {
-        let dims = embeds.dims();
-        let (b, t) = match dims.as_slice() {
-            [b, t, h] if *h == self.cfg.hidden_size && *t > 0 => (*b, *t),
-            _ => {
-                return Err(Error::Input(format!(
-                    "embeddings must be [B, T, {}] with T > 0, found {dims:?}",
-                    self.cfg.hidden_size
-                )))
-            }
-        };
+        let (b, t) = self.embeds_shape(embeds)?;
         if b != cache.batch() {
             return Err(Error::Input(format!(
                 "a batch of {b} sequences run on a cache of {}",
                 cache.batch()
             )));
         }
+        self.check_cache(cache, t)?;
+        let start = cache.len;
+        let (cos, sin) = self.rope_for(cache, t)?;
+        let mut x = embeds.to_dtype(self.dtype)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, &x, &cos, &sin, cache, i, start)?;
+        }
+        cache.len = start + t;
+        self.output(&x, t, logits)
+    }
+
+    /// `(B, T)` of decoder input embeddings `[B, T, H]`, `T > 0`.
+    fn embeds_shape(&self, embeds: &Tensor<B>) -> Result<(usize, usize)> {
+        match embeds.dims().as_slice() {
+            [b, t, h] if *h == self.cfg.hidden_size && *t > 0 => Ok((*b, *t)),
+            dims => Err(Error::Input(format!(
+                "embeddings must be [B, T, {}] with T > 0, found {dims:?}",
+                self.cfg.hidden_size
+            ))),
+        }
+    }
+
+    /// That `cache` belongs to this model and has room for `t` more positions.
+    fn check_cache(&self, cache: &KvCache<B>, t: usize) -> Result<()> {
         if cache.k.len() != self.layers.len() {
             return Err(Error::Input(format!(
                 "a cache of {} layers used with a model of {}",
@@ -593,20 +608,19 @@ impl<B: Backend> Llama<B> {
                 self.layers.len()
             )));
         }
-        let start = cache.len;
-        if start + t > cache.capacity {
+        if cache.len + t > cache.capacity {
             return Err(Error::ContextOverflow {
-                needed: start + t,
+                needed: cache.len + t,
                 capacity: cache.capacity,
             });
         }
-        let (cos, sin) = self.rope_for(cache, t)?;
-        let mut x = embeds.to_dtype(self.dtype)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = self.layer_forward(layer, &x, &cos, &sin, cache, i, start)?;
-        }
-        cache.len = start + t;
-        let hidden = self.norm.forward(&x)?;
+        Ok(())
+    }
+
+    /// The final norm of the last layer's output `x` (`T` positions), and
+    /// the logits `logits` asks for.
+    fn output(&self, x: &Tensor<B>, t: usize, logits: Logits) -> Result<LlamaOutput<B>> {
+        let hidden = self.norm.forward(x)?;
         let logits = match logits {
             Logits::All => Some(self.logits(&hidden)?),
             Logits::Last => Some(self.logits(&hidden.narrow(1, t - 1, 1)?)?),
@@ -653,9 +667,7 @@ impl<B: Backend> Llama<B> {
         let h = layer.input_layernorm.forward(x)?;
         let (q, k, v) = (a.q_proj.forward(&h)?, a.k_proj.forward(&h)?, a.v_proj.forward(&h)?);
         let attn = attend(a, &q, &k, &v, cos, sin, cache, i, start)?;
-        let x = x.add(&a.o_proj.forward(&attn)?)?;
-        let h = layer.post_attention_layernorm.forward(&x)?;
-        Ok(x.add(&layer.mlp.forward(&h)?)?)
+        layer_rest(layer, x, &attn)
     }
 
     /// Runs `embeds` (`[B, T, H]`) where row `r` continues `caches[r]`, a
@@ -672,16 +684,7 @@ impl<B: Backend> Llama<B> {
         caches: &mut [&mut KvCache<B>],
         logits: Logits,
     ) -> Result<LlamaOutput<B>> {
-        let dims = embeds.dims();
-        let (b, t) = match dims.as_slice() {
-            [b, t, h] if *h == self.cfg.hidden_size && *t > 0 => (*b, *t),
-            _ => {
-                return Err(Error::Input(format!(
-                    "embeddings must be [B, T, {}] with T > 0, found {dims:?}",
-                    self.cfg.hidden_size
-                )))
-            }
-        };
+        let (b, t) = self.embeds_shape(embeds)?;
         if b != caches.len() {
             return Err(Error::Input(format!("{b} sequences run on {} caches", caches.len())));
         }
@@ -693,19 +696,7 @@ impl<B: Backend> Llama<B> {
                     c.batch()
                 )));
             }
-            if c.k.len() != self.layers.len() {
-                return Err(Error::Input(format!(
-                    "a cache of {} layers used with a model of {}",
-                    c.k.len(),
-                    self.layers.len()
-                )));
-            }
-            if c.len + t > c.capacity {
-                return Err(Error::ContextOverflow {
-                    needed: c.len + t,
-                    capacity: c.capacity,
-                });
-            }
+            self.check_cache(c, t)?;
             ropes.push(self.rope_for(c, t)?);
         }
         let mut x = embeds.to_dtype(self.dtype)?;
@@ -721,21 +712,22 @@ impl<B: Backend> Llama<B> {
             }
             let refs: Vec<&Tensor<B>> = rows.iter().collect();
             let attn = Tensor::concat(&refs, 0)?;
-            let y = x.add(&a.o_proj.forward(&attn)?)?;
-            let h = layer.post_attention_layernorm.forward(&y)?;
-            x = y.add(&layer.mlp.forward(&h)?)?;
+            x = layer_rest(layer, &x, &attn)?;
         }
         for c in caches.iter_mut() {
             c.len += t;
         }
-        let hidden = self.norm.forward(&x)?;
-        let logits = match logits {
-            Logits::All => Some(self.logits(&hidden)?),
-            Logits::Last => Some(self.logits(&hidden.narrow(1, t - 1, 1)?)?),
-            Logits::Skip => None,
-        };
-        Ok(LlamaOutput { hidden, logits })
+        self.output(&x, t, logits)
     }
+}
+
+/// The rest of a decoder layer after attention: `o_proj` and the residual,
+/// then the MLP block and its residual.
+fn layer_rest<B: Backend>(layer: &DecoderLayer<B>, x: &Tensor<B>, attn: &Tensor<B>) -> Result<Tensor<B>> {
+    let a = &layer.self_attn;
+    let x = x.add(&a.o_proj.forward(attn)?)?;
+    let h = layer.post_attention_layernorm.forward(&x)?;
+    Ok(x.add(&layer.mlp.forward(&h)?)?)
 }
 
 /// Self-attention of projected `q`, `k`, `v` (`[B, T, heads * D]`) over
