@@ -13,21 +13,14 @@
 //! The arithmetic is the composite's: scores `(q . k) * scale`, plus the
 //! bias clamped at `MASK_VALUE`, softmax in f32; masked keys get weight 0.
 
-use candle_core::{DType, Layout, Storage, Tensor as CTensor};
+use crate::convert::{from_f32, slice_of, to_f32};
+use candle_core::{DType, Tensor as CTensor};
 use emu_core::backend::MASK_VALUE;
 use rayon::prelude::*;
 
 /// Query rows per task: large enough for gemm to reach its speed, small
 /// enough that a head of a few hundred rows still splits over the threads.
 const QBLOCK: usize = 64;
-
-/// The data of a contiguous f32 tensor (from its storage offset on).
-fn data<'a>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let (Storage::Cpu(s), Some((lo, hi))) = (s, l.contiguous_offsets()) else {
-        candle_core::bail!("attention: not a contiguous cpu tensor")
-    };
-    Ok(&s.as_slice::<f32>()?[lo..hi])
-}
 
 /// A bias broadcast to `[B, H, Tq, Tk]` by strides (0 on broadcast axes).
 struct Bias<'a> {
@@ -113,13 +106,13 @@ pub(crate) fn softmax(row: &mut [f32]) {
 /// (candle's walks them on one thread with libm's `exp`).
 pub(crate) fn softmax_rows(x: &CTensor) -> candle_core::Result<CTensor> {
     let d = *x.dims().last().unwrap_or(&1);
-    let mut y = crate::convert::to_f32(x)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = to_f32(x)?.flatten_all()?.to_vec1::<f32>()?;
     if let Some(per) = 16_384usize.checked_div(d) {
         let per = per.max(1) * d;
         y.par_chunks_mut(per)
             .for_each(|c| crate::elementwise::wide(c, |c| c.chunks_exact_mut(d).for_each(softmax)));
     }
-    crate::convert::from_f32(&CTensor::from_vec(y, x.dims(), x.device())?, x.dtype())
+    from_f32(&CTensor::from_vec(y, x.dims(), x.device())?, x.dtype())
 }
 
 /// `dst[m x n] = beta * lhs[m x k] rhs[k x n]` with arbitrary strides
@@ -193,12 +186,12 @@ pub(crate) fn attention(
     };
     let is_half = matches!(dtype, DType::BF16 | DType::F16);
     let scale_h = round(scale as f32);
-    let q = crate::convert::to_f32(q)?.contiguous()?;
-    let k = crate::convert::to_f32(k)?.contiguous()?;
-    let v = crate::convert::to_f32(v)?.contiguous()?;
+    let q = to_f32(q)?.contiguous()?;
+    let k = to_f32(k)?.contiguous()?;
+    let v = to_f32(v)?.contiguous()?;
     let bias = match bias {
         Some(t) => {
-            let t = t.to_dtype(DType::F32)?;
+            let t = to_f32(t)?;
             let bd = t.dims();
             if bd.len() > 4 {
                 candle_core::bail!("attention: bias {bd:?} has more than 4 dimensions");
@@ -282,12 +275,12 @@ pub(crate) fn attention(
     let (qg, ql) = q.storage_and_layout();
     let (kg, kl) = k.storage_and_layout();
     let (vg, vl) = v.storage_and_layout();
-    let (qs, ks, vs) = (data(&qg, ql)?, data(&kg, kl)?, data(&vg, vl)?);
+    let (qs, ks, vs) = (slice_of(&qg, ql)?, slice_of(&kg, kl)?, slice_of(&vg, vl)?);
     match &bias {
         Some((t, strides)) => {
             let (bg, bl) = t.storage_and_layout();
             let bias = Bias {
-                data: data(&bg, bl)?,
+                data: slice_of(&bg, bl)?,
                 strides: *strides,
             };
             run(qs, ks, vs, Some(bias), &mut out);
@@ -295,7 +288,7 @@ pub(crate) fn attention(
         None => run(qs, ks, vs, None, &mut out),
     }
     drop((qg, kg, vg));
-    crate::convert::from_f32(&CTensor::from_vec(out, (b, h, tq, d), q.device())?, dtype)
+    from_f32(&CTensor::from_vec(out, (b, h, tq, d), q.device())?, dtype)
 }
 
 #[cfg(test)]

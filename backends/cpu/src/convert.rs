@@ -7,7 +7,7 @@
 //! nearest-even on the integer bits, bit for bit `half::bf16::from_f32`
 //! (NaNs stay NaN, quieted).
 
-use candle_core::{DType, Storage, Tensor as CTensor};
+use candle_core::{DType, Layout, Storage, Tensor as CTensor};
 use half::bf16;
 use rayon::prelude::*;
 
@@ -54,13 +54,32 @@ fn bytemuck_u16(s: &mut [bf16]) -> &mut [u16] {
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut u16, s.len()) }
 }
 
-/// The contiguous elements of a contiguous tensor of type `T`.
-fn with_slice<T: candle_core::WithDType, R>(t: &CTensor, f: impl FnOnce(&[T]) -> R) -> candle_core::Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let (Storage::Cpu(s), Some((lo, hi))) = (&*s, l.contiguous_offsets()) else {
-        candle_core::bail!("convert: not a contiguous cpu tensor")
+/// The elements of a contiguous CPU tensor's storage, from its offset on.
+pub(crate) fn slice_of<'a, T: candle_core::WithDType>(s: &'a Storage, l: &Layout) -> candle_core::Result<&'a [T]> {
+    let (Storage::Cpu(s), Some((lo, hi))) = (s, l.contiguous_offsets()) else {
+        candle_core::bail!("not a contiguous cpu tensor")
     };
-    Ok(f(&s.as_slice::<T>()?[lo..hi]))
+    Ok(&s.as_slice::<T>()?[lo..hi])
+}
+
+/// Runs `f` on the elements of a contiguous CPU tensor of type `T`.
+pub(crate) fn with_slice<T: candle_core::WithDType, R>(
+    t: &CTensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> candle_core::Result<R> {
+    let (s, l) = t.storage_and_layout();
+    Ok(f(slice_of::<T>(&s, l)?))
+}
+
+/// Runs `f` on the values of `t` in f32, contiguous (no copy where `t`
+/// already is contiguous f32).
+pub(crate) fn with_f32<R>(t: &CTensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    with_slice(&to_f32(t)?.contiguous()?, f)
+}
+
+/// The values of `t` as one contiguous f32 vector.
+pub(crate) fn f32_values(t: &CTensor) -> candle_core::Result<Vec<f32>> {
+    to_f32(t)?.flatten_all()?.to_vec1()
 }
 
 /// `t` in f32 (bf16 by the fast path; a transposed view stays one).

@@ -157,10 +157,7 @@ fn in_f32(x: &CTensor, f: impl FnOnce(&CTensor) -> candle_core::Result<CTensor>)
 
 /// The values of `t` as one contiguous f32 vector.
 fn f32_vec(t: &CTensor) -> Result<Vec<f32>> {
-    convert::to_f32(t)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1())
-        .map_err(err)
+    convert::f32_values(t).map_err(err)
 }
 
 impl CpuBackend {
@@ -556,7 +553,7 @@ impl Backend for CpuBackend {
             // product once and adds the bias in its own dtype, as this
             // backend always has (the bf16 component fixtures are held to
             // that rounding).
-            let f32c = |t: &CTensor| t.to_dtype(CDType::F32).and_then(|t| t.contiguous()).map_err(err);
+            let f32c = |t: &CTensor| convert::to_f32(t).and_then(|t| t.contiguous()).map_err(err);
             let g = conv::Geometry {
                 padding: p.padding,
                 stride: p.stride.0,
@@ -690,19 +687,13 @@ impl Backend for CpuBackend {
             return self.full(&od, 0.0, from_candle(dt));
         }
         if m <= quant::MAX_ROWS {
-            let f32s = |t: &CTensor| -> Result<Vec<f32>> {
-                t.to_dtype(CDType::F32)
-                    .and_then(|t| t.flatten_all())
-                    .and_then(|t| t.to_vec1())
-                    .map_err(err)
-            };
-            let xf = f32s(x)?;
-            let bf = b.map(f32s).transpose()?;
+            let xf = f32_vec(x)?;
+            let bf = b.map(f32_vec).transpose()?;
             // The bias is added in f32 and the output rounded once, as the
             // half-precision `linear` kernel does.
             let y = quant::linear_rows(&xf, m, w, bf.as_deref());
             return CTensor::from_vec(y, od, &self.device)
-                .and_then(|y| y.to_dtype(dt))
+                .and_then(|y| convert::from_f32(&y, dt))
                 .map_err(err);
         }
         // Prefill: gemm on slabs of dequantized output features.
@@ -713,7 +704,7 @@ impl Backend for CpuBackend {
         while first < n {
             let rows = slab.min(n - first);
             let wf = CTensor::from_vec(quant::dequantize_rows(w, first, rows), (rows, k), &self.device)
-                .and_then(|t| t.to_dtype(dt))
+                .and_then(|t| convert::from_f32(&t, dt))
                 .map_err(err)?;
             parts.push(self.linear(&x2, &wf, None)?);
             first += rows;

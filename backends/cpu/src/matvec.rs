@@ -271,7 +271,7 @@ pub(crate) fn linear(x: &CTensor, w: &CTensor, b: Option<&CTensor>) -> candle_co
         return Ok(None);
     }
     // The input is small: one f32 copy of it, whatever its layout.
-    let xf: Vec<f32> = x.to_dtype(CDType::F32)?.flatten_all()?.to_vec1()?;
+    let xf: Vec<f32> = crate::convert::f32_values(x)?;
     let b = match b {
         Some(b) => Some(b.contiguous()?),
         None => None,

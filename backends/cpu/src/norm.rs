@@ -11,7 +11,8 @@
 //! group) block is read twice (mean, then centred variance) and written
 //! once with the affine part applied, in f32, blocks split over rayon.
 
-use candle_core::{DType, Storage, Tensor as CTensor};
+use crate::convert::{f32_values, from_f32, with_f32};
+use candle_core::{DType, Tensor as CTensor};
 use rayon::prelude::*;
 
 /// Sum in f32 over short runs (so the compiler vectorises them) and in f64
@@ -88,20 +89,12 @@ pub(crate) fn group_norm(
     let dims = x.dims();
     let (n, c) = (dims[0], dims[1]);
     let rest: usize = dims[2..].iter().product();
-    let f32c = |t: &CTensor| t.to_dtype(DType::F32).and_then(|t| t.contiguous());
-    let param = |p: Option<&CTensor>| -> candle_core::Result<Option<Vec<f32>>> {
-        p.map(|p| f32c(p).and_then(|p| p.to_vec1())).transpose()
-    };
-    let (wv, bv) = (param(w)?, param(b)?);
-    let x32 = f32c(x)?;
-    let (xs, xl) = x32.storage_and_layout();
-    let (Storage::Cpu(xs), Some((lo, hi))) = (&*xs, xl.contiguous_offsets()) else {
-        candle_core::bail!("group_norm: not a contiguous cpu tensor")
-    };
-    let xs = &xs.as_slice::<f32>()?[lo..hi];
-    debug_assert_eq!(xs.len(), n * c * rest);
-    let y = group_norm_f32(xs, (c, rest), groups, wv.as_deref(), bv.as_deref(), eps);
-    CTensor::from_vec(y, dims, x.device())?.to_dtype(x.dtype())
+    let (wv, bv) = (w.map(f32_values).transpose()?, b.map(f32_values).transpose()?);
+    let y = with_f32(x, |xs| {
+        debug_assert_eq!(xs.len(), n * c * rest);
+        group_norm_f32(xs, (c, rest), groups, wv.as_deref(), bv.as_deref(), eps)
+    })?;
+    from_f32(&CTensor::from_vec(y, dims, x.device())?, x.dtype())
 }
 
 /// Rows per rayon task: enough elements that the split pays for itself.
@@ -181,22 +174,6 @@ pub(crate) fn rms_norm_f32(x: &[f32], d: usize, w: Option<&[f32]>, eps: f64) -> 
     out
 }
 
-/// The contiguous f32 values of `t` (converted and copied only where needed).
-fn f32_values(t: &CTensor) -> candle_core::Result<Vec<f32>> {
-    crate::convert::to_f32(t)?.flatten_all()?.to_vec1()
-}
-
-/// Runs `f` on the f32 contiguous data of `x` without copying it where it
-/// already is f32 and contiguous.
-fn with_f32<R>(x: &CTensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let x32 = crate::convert::to_f32(x)?.contiguous()?;
-    let (xs, xl) = x32.storage_and_layout();
-    let (Storage::Cpu(xs), Some((lo, hi))) = (&*xs, xl.contiguous_offsets()) else {
-        candle_core::bail!("norm: not a contiguous cpu tensor")
-    };
-    Ok(f(&xs.as_slice::<f32>()?[lo..hi]))
-}
-
 /// [`layer_norm_f32`] on candle tensors of f32/f16/bf16 (validated by the
 /// caller). Half precision is normalised and scaled in f32 and rounded
 /// once, as PyTorch's CPU kernel does.
@@ -210,7 +187,7 @@ pub(crate) fn layer_norm(
     let wv = w.map(f32_values).transpose()?;
     let bv = b.map(f32_values).transpose()?;
     let y = with_f32(x, |xs| layer_norm_f32(xs, d, wv.as_deref(), bv.as_deref(), eps))?;
-    crate::convert::from_f32(&CTensor::from_vec(y, x.dims(), x.device())?, x.dtype())
+    from_f32(&CTensor::from_vec(y, x.dims(), x.device())?, x.dtype())
 }
 
 /// [`rms_norm_f32`] on candle tensors (validated by the caller). f32 scales
@@ -225,7 +202,7 @@ pub(crate) fn rms_norm(x: &CTensor, w: &CTensor, eps: f64) -> candle_core::Resul
         return CTensor::from_vec(y, x.dims(), x.device());
     }
     let n = with_f32(x, |xs| rms_norm_f32(xs, d, None, eps))?;
-    crate::convert::from_f32(&CTensor::from_vec(n, x.dims(), x.device())?, x.dtype())?.broadcast_mul(w)
+    from_f32(&CTensor::from_vec(n, x.dims(), x.device())?, x.dtype())?.broadcast_mul(w)
 }
 
 #[cfg(test)]

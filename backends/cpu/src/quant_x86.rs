@@ -23,6 +23,11 @@
 use emu_core::quant::{scale_min_k4, QuantType, QK8_0, QK_K};
 use std::arch::x86_64::*;
 
+/// Bytes of one Q8_0 block (f16 scale + 32 int8) and of one Q4_K
+/// super-block (2 f16 + 12 scale bytes + 128 nibble bytes).
+const Q8_0_BYTES: usize = 2 + QK8_0;
+const Q4K_BYTES: usize = 4 + 12 + QK_K / 2;
+
 /// Which kernel family the CPU runs, detected once per call site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
@@ -123,7 +128,7 @@ unsafe fn hsum256(v: __m256) -> f32 {
 /// Q8_0 blocks are 34 bytes: an f16 scale, then 32 int8 weights.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn q8_0_avx512<const R: usize>(row: &[u8], x: &[f32], _xsum: &[f32], k: usize, out: &mut [f32]) {
-    const TS: usize = 2 + QK8_0;
+    const TS: usize = Q8_0_BYTES;
     let nb = k / QK8_0;
     let (wp, xp) = (row.as_ptr(), x.as_ptr());
     // Two independent accumulators per row, so the FMA latency of one block
@@ -154,7 +159,7 @@ unsafe fn q8_0_avx512<const R: usize>(row: &[u8], x: &[f32], _xsum: &[f32], k: u
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_avx2<const R: usize>(row: &[u8], x: &[f32], _xsum: &[f32], k: usize, out: &mut [f32]) {
-    const TS: usize = 2 + QK8_0;
+    const TS: usize = Q8_0_BYTES;
     let nb = k / QK8_0;
     let (wp, xp) = (row.as_ptr(), x.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
@@ -198,12 +203,25 @@ fn q4_k_scales(blk: &[u8]) -> ([f32; 8], [f32; 8]) {
     (dl, ml)
 }
 
+/// The eight `d * scale` of Q4_K super-block `b` (bytes `blk`), after
+/// adding its `sum_j dmin * min_j * sum(x of sub-block j)` to each input
+/// row's `mins` (the regrouped subtraction, see the module docs).
+#[inline(always)]
+fn q4_k_block<const R: usize>(blk: &[u8], b: usize, xsum: &[f32], sbs: usize, mins: &mut [f32; R]) -> [f32; 8] {
+    let (dl, ml) = q4_k_scales(blk);
+    for (i, m) in mins.iter_mut().enumerate() {
+        let s = &xsum[i * sbs + b * 8..i * sbs + b * 8 + 8];
+        *m += ml.iter().zip(s).map(|(a, b)| a * b).sum::<f32>();
+    }
+    dl
+}
+
 /// Q4_K super-blocks are 144 bytes: f16 d, f16 dmin, 12 bytes of packed
 /// 6-bit scales and mins, then 128 bytes holding 256 nibbles; sub-blocks
 /// 2p and 2p+1 are the low and high nibbles of bytes 32p .. 32p + 32.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn q4_k_avx512<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: usize, out: &mut [f32]) {
-    const TS: usize = 144;
+    const TS: usize = Q4K_BYTES;
     let nb = k / QK_K;
     let sbs = k / 32;
     let xp = x.as_ptr();
@@ -213,11 +231,7 @@ unsafe fn q4_k_avx512<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: us
     let mut mins = [0f32; R];
     for b in 0..nb {
         let blk = &row[b * TS..(b + 1) * TS];
-        let (dl, ml) = q4_k_scales(blk);
-        for (i, m) in mins.iter_mut().enumerate() {
-            let s = &xsum[i * sbs + b * 8..i * sbs + b * 8 + 8];
-            *m += ml.iter().zip(s).map(|(a, b)| a * b).sum::<f32>();
-        }
+        let dl = q4_k_block(blk, b, xsum, sbs, &mut mins);
         for p in 0..4 {
             // SAFETY: bytes 16 + 32p .. 48 + 32p are inside the 144-byte
             // block; the inputs are inside `x`.
@@ -248,7 +262,7 @@ unsafe fn q4_k_avx512<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: us
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_k_avx2<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: usize, out: &mut [f32]) {
-    const TS: usize = 144;
+    const TS: usize = Q4K_BYTES;
     let nb = k / QK_K;
     let sbs = k / 32;
     let xp = x.as_ptr();
@@ -257,11 +271,7 @@ unsafe fn q4_k_avx2<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: usiz
     let mut mins = [0f32; R];
     for b in 0..nb {
         let blk = &row[b * TS..(b + 1) * TS];
-        let (dl, ml) = q4_k_scales(blk);
-        for (i, m) in mins.iter_mut().enumerate() {
-            let s = &xsum[i * sbs + b * 8..i * sbs + b * 8 + 8];
-            *m += ml.iter().zip(s).map(|(a, b)| a * b).sum::<f32>();
-        }
+        let dl = q4_k_block(blk, b, xsum, sbs, &mut mins);
         for p in 0..4 {
             for half in 0..2 {
                 // SAFETY: 16 bytes at 16 + 32p + 16 half are inside the
@@ -304,7 +314,7 @@ pub(crate) unsafe fn dequantize_row_avx512(qt: QuantType, row: &[u8], out: &mut 
     let op = out.as_mut_ptr();
     match qt {
         QuantType::Q8_0 => {
-            const TS: usize = 2 + QK8_0;
+            const TS: usize = Q8_0_BYTES;
             for b in 0..k / QK8_0 {
                 let blk = &row[b * TS..(b + 1) * TS];
                 // SAFETY: the block and its 32 outputs are in bounds.
@@ -318,7 +328,7 @@ pub(crate) unsafe fn dequantize_row_avx512(qt: QuantType, row: &[u8], out: &mut 
             }
         }
         QuantType::Q4K => {
-            const TS: usize = 144;
+            const TS: usize = Q4K_BYTES;
             let mask = _mm256_set1_epi8(0x0F);
             for b in 0..k / QK_K {
                 let blk = &row[b * TS..(b + 1) * TS];
