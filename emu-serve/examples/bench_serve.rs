@@ -162,7 +162,7 @@ fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, f32)]) -> Resu
     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
     f.write_all(&(h.len() as u64).to_le_bytes())?;
     f.write_all(&h)?;
-    let mut state = 0x454D_5532_4D49_4421u64;
+    let mut rng = emu_core::testing::Rng::new(0x454D_5532_4D49_4421);
     for (_, dims, std) in tensors {
         let n: usize = dims.iter().product();
         let std = if *std < 0.0 {
@@ -171,18 +171,9 @@ fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, f32)]) -> Resu
             *std
         };
         // Uniform on [-a, a) has standard deviation a / sqrt(3).
-        let a = std * 3f32.sqrt();
+        let a = (std * 3f32.sqrt()) as f64;
         for _ in 0..n {
-            let x = if std == 0.0 {
-                1.0
-            } else {
-                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = state;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                a * ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
-            };
+            let x = if std == 0.0 { 1.0 } else { rng.uniform(-a, a) as f32 };
             f.write_all(&x.to_le_bytes())?;
         }
     }
