@@ -159,6 +159,95 @@ unsafe fn gemm_into(
     }
 }
 
+/// Query rows per head from which bf16 attention takes AMX tiles: below
+/// it (decode) packing k and v would cost more than it saves.
+#[cfg(target_arch = "x86_64")]
+const TILED_MIN_ROWS: usize = 16;
+
+/// bf16 attention on AMX tiles (see `amx`): q read as it is, k and v
+/// packed once per kv head, so neither is widened to f32.
+#[cfg(target_arch = "x86_64")]
+struct Tiled {
+    q: Vec<u16>,
+    d: usize,
+    keys: Vec<crate::amx::Packed>,
+    values: Vec<crate::amx::Packed>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Tiled {
+    /// `kmax`: how many keys of each head any row may see.
+    fn new(q: &CTensor, k: &CTensor, v: &CTensor, kmax: usize) -> candle_core::Result<Self> {
+        use crate::amx::Packed;
+        use crate::convert::bits;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (b, hkv, tk, d) = k.dims4()?;
+        let (kg, kl) = k.storage_and_layout();
+        let (vg, vl) = v.storage_and_layout();
+        let (ks, vs) = (bits(slice_of(&kg, kl)?), bits(slice_of(&vg, vl)?));
+        let keys = (0..b * hkv)
+            .map(|i| Packed::from_columns(&ks[i * tk * d..], d, kmax, d))
+            .collect();
+        let values = (0..b * hkv)
+            .map(|i| Packed::from_rows(&vs[i * tk * d..], kmax, d, d))
+            .collect();
+        let q = crate::convert::with_slice::<half::bf16, _>(&q, |s| bits(s).to_vec())?;
+        Ok(Tiled { q, d, keys, values })
+    }
+
+    /// Scores of query rows `row0..row0 + rows` (over all heads) against
+    /// the first `kw` keys of kv head `kvh`, into `scores` (`rows x kw`).
+    fn scores(&self, row0: usize, rows: usize, kvh: usize, kw: usize, scores: &mut [f32]) {
+        let d = self.d;
+        let left = crate::amx::Left {
+            data: &self.q[row0 * d..(row0 + rows) * d],
+            rows,
+            k: d,
+            ld: d,
+        };
+        crate::amx::product_here(left, &self.keys[kvh], kw, |r0, c0, blk| {
+            for r in 0..16.min(rows - r0) {
+                let n = 16.min(kw - c0);
+                scores[(r0 + r) * kw + c0..][..n].copy_from_slice(&blk[r * 16..r * 16 + n]);
+            }
+        });
+    }
+
+    /// `o = p v` for probabilities `p` (`rows x kw`, already bf16 values;
+    /// `bits` is scratch) and the values of kv head `kvh`.
+    fn weighted(&self, p: &[f32], bits: &mut Vec<u16>, rows: usize, kvh: usize, kw: usize, o: &mut [f32]) {
+        let d = self.d;
+        bits.clear();
+        bits.extend(p.iter().map(|p| crate::convert::narrow_bits(p.to_bits())));
+        let left = crate::amx::Left {
+            data: bits,
+            rows,
+            k: kw,
+            ld: kw,
+        };
+        crate::amx::product_here(left, &self.values[kvh], d, |r0, c0, blk| {
+            for r in 0..16.min(rows - r0) {
+                let n = 16.min(d - c0);
+                o[(r0 + r) * d + c0..][..n].copy_from_slice(&blk[r * 16..r * 16 + n]);
+            }
+        });
+    }
+}
+
+/// No tiled path off x86-64.
+#[cfg(not(target_arch = "x86_64"))]
+enum Tiled {}
+
+#[cfg(not(target_arch = "x86_64"))]
+impl Tiled {
+    fn scores(&self, _: usize, _: usize, _: usize, _: usize, _: &mut [f32]) {
+        match *self {}
+    }
+    fn weighted(&self, _: &[f32], _: &mut Vec<u16>, _: usize, _: usize, _: usize, _: &mut [f32]) {
+        match *self {}
+    }
+}
+
 /// Attention of `q [B, H, Tq, D]`, `k`/`v [B, Hkv, Tk, D]`
 /// (shapes validated by the caller, `Tk > 0`, `H` a multiple of `Hkv`), with
 /// an optional bias broadcastable to `[B, H, Tq, Tk]` and causal offset.
@@ -170,6 +259,20 @@ pub(crate) fn attention(
     bias: Option<&CTensor>,
     causal_offset: Option<usize>,
     scale: f64,
+) -> candle_core::Result<CTensor> {
+    attention_with(q, k, v, bias, causal_offset, scale, true)
+}
+
+/// [`attention`]; `tiles: false` keeps bf16 off the AMX path (the tests
+/// compare the two).
+fn attention_with(
+    q: &CTensor,
+    k: &CTensor,
+    v: &CTensor,
+    bias: Option<&CTensor>,
+    causal_offset: Option<usize>,
+    scale: f64,
+    tiles: bool,
 ) -> candle_core::Result<CTensor> {
     let (b, h, tq, d) = q.dims4()?;
     let (_, hkv, tk, _) = k.dims4()?;
@@ -186,9 +289,30 @@ pub(crate) fn attention(
     };
     let is_half = matches!(dtype, DType::BF16 | DType::F16);
     let scale_h = round(scale as f32);
-    let q = to_f32(q)?.contiguous()?;
-    let k = to_f32(k)?.contiguous()?;
-    let v = to_f32(v)?.contiguous()?;
+    #[cfg(target_arch = "x86_64")]
+    let tiled = if tiles && dtype == DType::BF16 && tq >= TILED_MIN_ROWS && crate::amx::available() {
+        // Keys any query row may see (a causal cache is written up to here).
+        let kmax = causal_offset.map_or(tk, |off| tk.min(off + tq));
+        Some(Tiled::new(q, k, v, kmax)?)
+    } else {
+        None
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let tiled: Option<Tiled> = {
+        let _ = tiles;
+        None
+    };
+    // The tiled path reads q, k, v as bf16; the gemm path in f32.
+    let (q, k, v) = if tiled.is_some() {
+        let empty = || CTensor::zeros(0, DType::F32, q.device());
+        (empty()?, empty()?, empty()?)
+    } else {
+        (
+            to_f32(q)?.contiguous()?,
+            to_f32(k)?.contiguous()?,
+            to_f32(v)?.contiguous()?,
+        )
+    };
     let bias = match bias {
         Some(t) => {
             let t = to_f32(t)?;
@@ -222,55 +346,73 @@ pub(crate) fn attention(
                 jobs.push((bh, c * QBLOCK, o));
             }
         }
-        jobs.into_par_iter().for_each_init(Vec::new, |scores, (bh, i0, o)| {
-            let (bi, hi) = (bh / h, bh % h);
-            let kvh = bi * hkv + hi / rep;
-            let rows = o.len() / d;
-            // Keys the block may see: causal rows stop at offset + i.
-            let kw = match causal_offset {
-                Some(off) => tk.min(off + i0 + rows),
-                None => tk,
-            };
-            scores.clear();
-            scores.resize(rows * kw, 0f32);
-            let qb = &qs[(bh * tq + i0) * d..(bh * tq + i0 + rows) * d];
-            let kb = &ks[kvh * tk * d..(kvh * tk + kw) * d];
-            let vb = &vs[kvh * tk * d..(kvh * tk + kw) * d];
-            // SAFETY: qb is rows x d, kb and vb are kw x d, row-major; the
-            // strides below address exactly those elements.
-            unsafe {
-                gemm_into(
-                    scores,
-                    kw,
-                    qb.as_ptr(),
-                    (d, 1),
-                    kb.as_ptr(),
-                    (1, d),
-                    (rows, kw, d),
-                    if is_half { 1.0 } else { scale as f32 },
-                )
-            };
-            if is_half {
-                scores.iter_mut().for_each(|s| *s = round(round(*s) * scale_h));
-            }
-            let masked_softmax = |scores: &mut [f32]| {
-                for (r, row) in scores.chunks_exact_mut(kw).enumerate() {
-                    let i = i0 + r;
-                    let lim = causal_offset.map_or(kw, |off| kw.min(off + i + 1));
-                    if let Some(bias) = &bias {
-                        let (at, st) = bias.row(bi, hi, i);
-                        for (j, s) in row[..lim].iter_mut().enumerate() {
-                            *s += bias.data[at + j * st];
+        jobs.into_par_iter().for_each_init(
+            Default::default,
+            |(scores, probs): &mut (Vec<f32>, Vec<u16>), (bh, i0, o)| {
+                let (bi, hi) = (bh / h, bh % h);
+                let kvh = bi * hkv + hi / rep;
+                let rows = o.len() / d;
+                // Keys the block may see: causal rows stop at offset + i.
+                let kw = match causal_offset {
+                    Some(off) => tk.min(off + i0 + rows),
+                    None => tk,
+                };
+                scores.clear();
+                scores.resize(rows * kw, 0f32);
+                match &tiled {
+                    Some(t) => t.scores(bh * tq + i0, rows, kvh, kw, scores),
+                    None => {
+                        let qb = &qs[(bh * tq + i0) * d..(bh * tq + i0 + rows) * d];
+                        let kb = &ks[kvh * tk * d..(kvh * tk + kw) * d];
+                        // SAFETY: qb is rows x d, kb is kw x d, row-major;
+                        // the strides below address exactly those elements.
+                        unsafe {
+                            gemm_into(
+                                scores,
+                                kw,
+                                qb.as_ptr(),
+                                (d, 1),
+                                kb.as_ptr(),
+                                (1, d),
+                                (rows, kw, d),
+                                if is_half { 1.0 } else { scale as f32 },
+                            )
+                        };
+                    }
+                }
+                if is_half {
+                    scores.iter_mut().for_each(|s| *s = round(round(*s) * scale_h));
+                }
+                let masked_softmax = |scores: &mut [f32]| {
+                    for (r, row) in scores.chunks_exact_mut(kw).enumerate() {
+                        let i = i0 + r;
+                        let lim = causal_offset.map_or(kw, |off| kw.min(off + i + 1));
+                        if let Some(bias) = &bias {
+                            let (at, st) = bias.row(bi, hi, i);
+                            for (j, s) in row[..lim].iter_mut().enumerate() {
+                                *s += bias.data[at + j * st];
+                            }
+                        }
+                        softmax(&mut row[..lim]);
+                        row[lim..].fill(0.0);
+                        // The composite casts the probabilities to the
+                        // dtype before the product with v.
+                        if is_half {
+                            row[..lim].iter_mut().for_each(|p| *p = round(*p));
                         }
                     }
-                    softmax(&mut row[..lim]);
-                    row[lim..].fill(0.0);
+                };
+                crate::elementwise::wide(scores, masked_softmax);
+                match &tiled {
+                    Some(t) => t.weighted(scores, probs, rows, kvh, kw, o),
+                    None => {
+                        let vb = &vs[kvh * tk * d..(kvh * tk + kw) * d];
+                        // SAFETY: scores is rows x kw, vb is kw x d, o is rows x d.
+                        unsafe { gemm_into(o, d, scores.as_ptr(), (kw, 1), vb.as_ptr(), (d, 1), (rows, d, kw), 1.0) };
+                    }
                 }
-            };
-            crate::elementwise::wide(scores, masked_softmax);
-            // SAFETY: scores is rows x kw, vb is kw x d, o is rows x d.
-            unsafe { gemm_into(o, d, scores.as_ptr(), (kw, 1), vb.as_ptr(), (d, 1), (rows, d, kw), 1.0) };
-        });
+            },
+        );
     };
     let (qg, ql) = q.storage_and_layout();
     let (kg, kl) = k.storage_and_layout();
@@ -408,6 +550,52 @@ mod tests {
                 worst <= 1e-5,
                 "{b}x{h}/{hkv}x{tq}x{tk}x{d} {causal:?} bias {bias_kind}: {worst:e}"
             );
+        }
+    }
+
+    /// bf16 with and without AMX tiles (where the CPU has them), both
+    /// against the f64 result of the same bf16 inputs: they differ in
+    /// summation order only, which moves an output by a bf16 rounding step
+    /// at most. Ragged tiles: d 40, 70 keys; causal and padding masks.
+    #[test]
+    fn bf16_tiles_match_the_gemm_path() {
+        let dev = Device::Cpu;
+        for &(b, h, hkv, tq, tk, d, causal) in &[(1, 2, 1, 70, 70, 40, Some(0)), (2, 2, 2, 33, 90, 64, None)] {
+            let bf = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect() };
+            let (qv, kv, vv) = (
+                bf(values(b * h * tq * d, 5)),
+                bf(values(b * hkv * tk * d, 6)),
+                bf(values(b * hkv * tk * d, 7)),
+            );
+            let t = |v: &[f32], n: usize, t: usize| {
+                CTensor::from_vec(v.to_vec(), (b, n, t, d), &dev)
+                    .unwrap()
+                    .to_dtype(DType::BF16)
+                    .unwrap()
+            };
+            let (q, k, v) = (t(&qv, h, tq), t(&kv, hkv, tk), t(&vv, hkv, tk));
+            let scale = 1.0 / (d as f64).sqrt();
+            let want = reference(&qv, &kv, &vv, (b, h, hkv, tq, tk, d), &|_, _, _, _| 0.0, causal, scale);
+            let run = |tiles| -> Vec<f32> {
+                attention_with(&q, &k, &v, None, causal, scale, tiles)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (tiled, plain) = (run(true), run(false));
+            let err = |g: &[f32]| g.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            assert!(
+                err(&tiled) < 2e-2 && err(&plain) < 2e-2,
+                "{} {}",
+                err(&tiled),
+                err(&plain)
+            );
+            let apart = tiled.iter().zip(&plain).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(apart <= 1.6e-2, "tiled and gemm paths {apart} apart");
         }
     }
 

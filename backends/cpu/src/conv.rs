@@ -96,14 +96,14 @@ fn gemm_rows(
 /// Fills `row` (one output row of the im2col matrix, `ow` wide) from input
 /// row `src` for a kernel column whose input offset is `off` (`ix = ox *
 /// stride + off`); positions in the padding are zero.
-fn gather_row(row: &mut [f32], src: &[f32], off: isize, stride: usize) {
+fn gather_row<T: Copy + Default>(row: &mut [T], src: &[T], off: isize, stride: usize) {
     let (ow, wi, s) = (row.len() as isize, src.len() as isize, stride as isize);
     // First and one-past-last ox whose ix lies inside the input.
     let lo = if off >= 0 { 0 } else { (-off + s - 1) / s }.min(ow);
     let hi = if wi - off > 0 { (wi - off + s - 1) / s } else { 0 }.clamp(lo, ow);
     let (lo, hi) = (lo as usize, hi as usize);
-    row[..lo].fill(0.0);
-    row[hi..].fill(0.0);
+    row[..lo].fill(T::default());
+    row[hi..].fill(T::default());
     if stride == 1 {
         let start = (lo as isize + off) as usize;
         row[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
@@ -111,6 +111,79 @@ fn gather_row(row: &mut [f32], src: &[f32], off: isize, stride: usize) {
         for (ox, r) in row[lo..hi].iter_mut().enumerate() {
             *r = src[((ox + lo) as isize * s + off) as usize];
         }
+    }
+}
+
+/// The sizes of one convolution, checked against its operands.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    c: usize,
+    h: usize,
+    wi: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Dims {
+    fn new(x: &CTensor, w: &CTensor, g: Geometry) -> candle_core::Result<Self> {
+        let (b, c, h, wi) = x.dims4()?;
+        let (o, c2, kh, kw) = w.dims4()?;
+        if c2 != c || g.stride == 0 || g.dilation == 0 {
+            candle_core::bail!("conv2d: input {:?}, weight {:?}", x.dims(), w.dims());
+        }
+        let span = |n: usize, pad: usize, k: usize| {
+            (n + 2 * pad)
+                .checked_sub(g.dilation * (k - 1) + 1)
+                .map(|v| v / g.stride + 1)
+        };
+        let (Some(oh), Some(ow)) = (span(h, g.padding.0, kh), span(wi, g.padding.1, kw)) else {
+            candle_core::bail!("conv2d: kernel larger than the padded input")
+        };
+        Ok(Dims {
+            b,
+            c,
+            h,
+            wi,
+            o,
+            kh,
+            kw,
+            oh,
+            ow,
+        })
+    }
+
+    fn pointwise(&self, g: Geometry) -> bool {
+        self.kh == 1 && self.kw == 1 && g.stride == 1 && g.padding == (0, 0)
+    }
+
+    /// Output rows per im2col tile.
+    fn tile_rows(&self) -> usize {
+        (TILE_ELEMS / (self.c * self.kh * self.kw * self.ow).max(1)).clamp(1, self.oh.max(1))
+    }
+
+    /// The im2col rows of output rows `oy0..oy0 + nr` of one image `xb`
+    /// into `col` (`[C*KH*KW, nr*OW]`).
+    fn im2col<T: Copy + Default + Send + Sync>(&self, g: Geometry, xb: &[T], col: &mut [T], oy0: usize, nr: usize) {
+        let d = *self;
+        let tp = nr * d.ow;
+        col.par_chunks_mut(tp).enumerate().for_each(|(r, dst)| {
+            let (ci, ky, kx) = (r / (d.kh * d.kw), (r / d.kw) % d.kh, r % d.kw);
+            let plane = &xb[ci * d.h * d.wi..(ci + 1) * d.h * d.wi];
+            let off = (kx * g.dilation) as isize - g.padding.1 as isize;
+            for (t, row) in dst.chunks_exact_mut(d.ow).enumerate() {
+                let iy = ((oy0 + t) * g.stride + ky * g.dilation) as isize - g.padding.0 as isize;
+                if iy < 0 || iy >= d.h as isize {
+                    row.fill(T::default());
+                } else {
+                    let iy = iy as usize;
+                    gather_row(row, &plane[iy * d.wi..(iy + 1) * d.wi], off, g.stride);
+                }
+            }
+        });
     }
 }
 
@@ -123,20 +196,9 @@ pub(crate) fn conv2d_f32(
     bias: Option<&CTensor>,
     g: Geometry,
 ) -> candle_core::Result<CTensor> {
-    let (b, c, h, wi) = x.dims4()?;
-    let (o, c2, kh, kw) = w.dims4()?;
-    if c2 != c || g.stride == 0 || g.dilation == 0 {
-        candle_core::bail!("conv2d: input {:?}, weight {:?}", x.dims(), w.dims());
-    }
-    let span = |n: usize, pad: usize, k: usize| {
-        (n + 2 * pad)
-            .checked_sub(g.dilation * (k - 1) + 1)
-            .map(|v| v / g.stride + 1)
-    };
-    let (Some(oh), Some(ow)) = (span(h, g.padding.0, kh), span(wi, g.padding.1, kw)) else {
-        candle_core::bail!("conv2d: kernel larger than the padded input")
-    };
-    let (hw, kk) = (oh * ow, c * kh * kw);
+    let d = Dims::new(x, w, g)?;
+    let (b, c, h, wi, o, oh, ow) = (d.b, d.c, d.h, d.wi, d.o, d.oh, d.ow);
+    let (hw, kk) = (oh * ow, c * d.kh * d.kw);
     let (xs, _) = x.storage_and_layout();
     let xs = f32_slice(&xs, x)?;
     let (ws, _) = w.storage_and_layout();
@@ -151,37 +213,82 @@ pub(crate) fn conv2d_f32(
         }
     }
     let acc = bias.is_some();
-    let pointwise = kh == 1 && kw == 1 && g.stride == 1 && g.padding == (0, 0);
-    if pointwise {
+    if d.pointwise(g) {
         for (ob, xb) in out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
             gemm_rows(ob, hw, ws, xb, hw, (o, hw, c), acc);
         }
         return CTensor::from_vec(out, (b, o, oh, ow), x.device());
     }
-    let rows = (TILE_ELEMS / (kk * ow).max(1)).clamp(1, oh.max(1));
+    let rows = d.tile_rows();
     let mut col = vec![0f32; kk * rows * ow];
     for (ob, xb) in out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
         for oy0 in (0..oh).step_by(rows) {
             let nr = rows.min(oh - oy0);
             let tp = nr * ow;
             let col = &mut col[..kk * tp];
-            col.par_chunks_mut(tp).enumerate().for_each(|(r, dst)| {
-                let (ci, ky, kx) = (r / (kh * kw), (r / kw) % kh, r % kw);
-                let plane = &xb[ci * h * wi..(ci + 1) * h * wi];
-                let off = (kx * g.dilation) as isize - g.padding.1 as isize;
-                for (t, row) in dst.chunks_exact_mut(ow).enumerate() {
-                    let iy = ((oy0 + t) * g.stride + ky * g.dilation) as isize - g.padding.0 as isize;
-                    if iy < 0 || iy >= h as isize {
-                        row.fill(0.0);
-                    } else {
-                        let iy = iy as usize;
-                        gather_row(row, &plane[iy * wi..(iy + 1) * wi], off, g.stride);
-                    }
-                }
-            });
+            d.im2col(g, xb, col, oy0, nr);
             gemm_rows(&mut ob[oy0 * ow..], hw, ws, col, tp, (o, tp, kk), acc);
         }
     }
+    CTensor::from_vec(out, (b, o, oh, ow), x.device())
+}
+
+/// The bf16 convolution on AMX tiles (see `amx`), same layout as
+/// [`conv2d_f32`]: the weights are the left operand as they lie, each
+/// im2col tile (or the image itself, for 1x1) the packed right one. The
+/// product is rounded to bf16 and the bias added after, rounding again, as
+/// the f32 route gives. `x`, `w`, `bias` contiguous bf16 CPU tensors.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn conv2d_bf16(
+    x: &CTensor,
+    w: &CTensor,
+    bias: Option<&CTensor>,
+    g: Geometry,
+) -> candle_core::Result<CTensor> {
+    use crate::amx::{product_into, Bias, Left, Packed};
+    use crate::convert::{bits, bits_mut, with_slice};
+    let d = Dims::new(x, w, g)?;
+    let (b, c, h, wi, o, oh, ow) = (d.b, d.c, d.h, d.wi, d.o, d.oh, d.ow);
+    let (hw, kk) = (oh * ow, c * d.kh * d.kw);
+    let bias_bits = match bias {
+        Some(t) => Some(with_slice::<half::bf16, _>(&t.contiguous()?, |s| bits(s).to_vec())?),
+        None => None,
+    };
+    let bias = match &bias_bits {
+        Some(v) => Bias::Rounded(v),
+        None => Bias::None,
+    };
+    let out = with_slice::<half::bf16, _>(x, |xs| {
+        with_slice::<half::bf16, _>(w, |ws| {
+            let (xs, ws) = (bits(xs), bits(ws));
+            let left = Left {
+                data: ws,
+                rows: o,
+                k: kk,
+                ld: kk,
+            };
+            let mut out = vec![half::bf16::ZERO; b * o * hw];
+            let ys = bits_mut(&mut out);
+            if d.pointwise(g) {
+                for (ob, xb) in ys.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
+                    product_into(left, &Packed::from_rows(xb, c, hw, hw), ob, hw, bias);
+                }
+                return out;
+            }
+            let rows = d.tile_rows();
+            let mut col = vec![0u16; kk * rows * ow];
+            for (ob, xb) in ys.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
+                for oy0 in (0..oh).step_by(rows) {
+                    let nr = rows.min(oh - oy0);
+                    let tp = nr * ow;
+                    let col = &mut col[..kk * tp];
+                    d.im2col(g, xb, col, oy0, nr);
+                    product_into(left, &Packed::from_rows(col, kk, tp, tp), &mut ob[oy0 * ow..], hw, bias);
+                }
+            }
+            out
+        })
+    })??;
     CTensor::from_vec(out, (b, o, oh, ow), x.device())
 }
 

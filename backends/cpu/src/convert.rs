@@ -14,7 +14,7 @@ use rayon::prelude::*;
 const CHUNK: usize = 1 << 15;
 
 #[inline(always)]
-fn narrow_bits(x: u32) -> u16 {
+pub(crate) fn narrow_bits(x: u32) -> u16 {
     if x & 0x7fff_ffff > 0x7f80_0000 {
         ((x >> 16) as u16) | 0x0040
     } else {
@@ -39,7 +39,7 @@ pub(crate) fn widen(src: &[bf16]) -> Vec<f32> {
 pub(crate) fn narrow(src: &[f32]) -> Vec<bf16> {
     let mut out = vec![bf16::ZERO; src.len()];
     out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, s)| {
-        let bits: &mut [u16] = bytemuck_u16(o);
+        let bits: &mut [u16] = bits_mut(o);
         for (d, s) in bits.iter_mut().zip(s) {
             *d = narrow_bits(s.to_bits());
         }
@@ -48,7 +48,13 @@ pub(crate) fn narrow(src: &[f32]) -> Vec<bf16> {
 }
 
 /// bf16 is `repr(transparent)` over u16, so its slice is a u16 slice.
-fn bytemuck_u16(s: &mut [bf16]) -> &mut [u16] {
+pub(crate) fn bits(s: &[bf16]) -> &[u16] {
+    // SAFETY: as in `bits_mut`.
+    unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u16, s.len()) }
+}
+
+/// [`bits`], writable.
+pub(crate) fn bits_mut(s: &mut [bf16]) -> &mut [u16] {
     // SAFETY: half::bf16 is #[repr(transparent)] over u16 (same size and
     // alignment, every bit pattern valid both ways).
     unsafe { std::slice::from_raw_parts_mut(s.as_mut_ptr() as *mut u16, s.len()) }

@@ -23,6 +23,8 @@ use emu_core::backend::{AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, Una
 use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, QuantTensor, Result};
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod attention;
 mod conv;
 mod convert;
@@ -509,6 +511,10 @@ impl Backend for CpuBackend {
             }
         };
         let (a, b) = (prep(a)?, prep(b)?);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(y) = amx::matmul_tensor(&a, &b).map_err(err)? {
+            return Ok(y);
+        }
         if a.dtype() == CDType::BF16 {
             // candle widens bf16 operands element by element; the product is
             // f32 gemm either way, rounded once (as PyTorch's CPU bf16 gemm).
@@ -561,6 +567,11 @@ impl Backend for CpuBackend {
             };
             if x.dtype() == CDType::F32 {
                 return conv::conv2d_f32(&f32c(x)?, &f32c(w)?, bias, g).map_err(err);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if x.dtype() == CDType::BF16 && amx::available() {
+                let c = |t: &CTensor| t.contiguous().map_err(err);
+                return conv::conv2d_bf16(&c(x)?, &c(w)?, bias, g).map_err(err);
             }
             let y = conv::conv2d_f32(&f32c(x)?, &f32c(w)?, None, g)
                 .and_then(|y| y.to_dtype(x.dtype()))
@@ -640,6 +651,10 @@ impl Backend for CpuBackend {
                 }
             }
         } else if let Some(y) = matvec::linear(x, w, None).map_err(err)? {
+            return Ok(y);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(y) = amx::linear_tensor(x, w, b).map_err(err)? {
             return Ok(y);
         }
         // `w.t()` is a column-major view that gemm consumes without a copy.
