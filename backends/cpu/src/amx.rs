@@ -869,7 +869,7 @@ mod tests {
                         s + if mode == 0 { 0.0 } else { f(bias[c]) }
                     })
                     .collect();
-                let e = rel(&y, &want);
+                let e = rel(y, &want);
                 assert!(e < 1e-2, "{m}x{n}x{k} mode {mode}: rel {e}");
             }
         }
@@ -887,10 +887,10 @@ mod tests {
         let (x, w, bias) = (values(m * k, 4), values(n * k, 5), values(n, 6));
         let y = linear(&x, m, k, &w, n, k, Bias::Fused(&bias));
         let y = bits(&y);
-        for i in 0..m * n {
+        for (i, got) in y.iter().enumerate() {
             let (r, c) = (i / n, i % n);
             let s = (f(x[r * k]) * f(w[c * k]) + f(x[r * k + 1]) * f(w[c * k + 1])) as f32 + f(bias[c]) as f32;
-            assert_eq!(y[i], bf16::from_f32(s).to_bits(), "{r},{c}");
+            assert_eq!(*got, bf16::from_f32(s).to_bits(), "{r},{c}");
         }
     }
 
