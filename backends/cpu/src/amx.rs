@@ -37,7 +37,7 @@ const TR: usize = 16;
 const TILE: usize = TR * TK;
 /// Tile blocks of k per chunk (1024 k): a chunk's operands, 2 x 256 rows
 /// x 2 KiB, stay in the 2 MiB L2 with the spilled accumulators.
-const KC: usize = 32;
+const KC: usize = 16;
 /// Largest task in tiles per side (256 rows or columns).
 const CHUNK: usize = 16;
 
@@ -189,27 +189,9 @@ impl Packed {
             return p;
         }
         p.data.par_chunks_mut(kb * TILE).enumerate().for_each(|(cb, dst)| {
-            let c0 = cb * TR;
-            let nc = TR.min(cols - c0);
-            for (b, tile) in dst.chunks_exact_mut(TILE).enumerate() {
-                let k0 = b * TK;
-                let nk = TK.min(k - k0);
-                // Viewed as u32 pairs the tile is the 16 x 16 transpose of
-                // the source block.
-                // SAFETY: AVX-512 F/BW are part of `available`; every read
-                // is masked to the nk valid k of the nc valid rows.
-                unsafe {
-                    let mask: __mmask32 = if nk == TK { !0 } else { (1u32 << nk) - 1 };
-                    let mut rows = [_mm512_setzero_si512(); 16];
-                    for (c, r) in rows.iter_mut().enumerate().take(nc) {
-                        *r = _mm512_maskz_loadu_epi16(mask, src.as_ptr().add((c0 + c) * ld + k0) as *const i16);
-                    }
-                    let t = transpose16(rows);
-                    for (r, v) in t.iter().enumerate() {
-                        _mm512_storeu_si512(tile.as_mut_ptr().add(r * 32) as *mut _, *v);
-                    }
-                }
-            }
+            // SAFETY: AVX-512 F/BW/VL are part of `available` (callers check
+            // it); the assert above bounds every row read.
+            unsafe { pack_columns(src, k, cols, ld, cb, dst) }
         });
         p
     }
@@ -224,37 +206,63 @@ impl Packed {
             return p;
         }
         p.data.par_chunks_mut(kb * TILE).enumerate().for_each(|(cb, dst)| {
-            let c0 = cb * TR;
-            let nc = TR.min(cols - c0);
-            let mask: __mmask16 = if nc == TR { !0 } else { (1u16 << nc) - 1 };
-            for (b, tile) in dst.chunks_exact_mut(TILE).enumerate() {
-                let k0 = b * TK;
-                for r in 0..TR {
-                    let (ka, kb1) = (k0 + 2 * r, k0 + 2 * r + 1);
-                    // SAFETY: AVX-512 (see `available`); reads are masked
-                    // to the nc valid columns of rows that exist.
-                    unsafe {
-                        let row = |kk: usize| {
-                            if kk < k {
-                                _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                                    mask,
-                                    src.as_ptr().add(kk * ld + c0) as *const i16,
-                                ))
-                            } else {
-                                _mm512_setzero_si512()
-                            }
-                        };
-                        let v = _mm512_or_si512(row(ka), _mm512_slli_epi32::<16>(row(kb1)));
-                        _mm512_storeu_si512(tile.as_mut_ptr().add(r * 32) as *mut _, v);
-                    }
-                }
-            }
+            // SAFETY: as in `from_columns`.
+            unsafe { pack_rows(src, k, cols, ld, cb, dst) }
         });
         p
     }
 
     fn tile(&self, cb: usize, kb: usize) -> *const u16 {
         self.data[(cb * self.kblocks + kb) * TILE..].as_ptr()
+    }
+}
+
+/// Column block `cb` of [`Packed::from_columns`] into `dst`. Viewed as
+/// u32 pairs each tile is the 16 x 16 transpose of the source block.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_columns(src: &[u16], k: usize, cols: usize, ld: usize, cb: usize, dst: &mut [u16]) {
+    let c0 = cb * TR;
+    let nc = TR.min(cols - c0);
+    for (b, tile) in dst.chunks_exact_mut(TILE).enumerate() {
+        let k0 = b * TK;
+        let nk = TK.min(k - k0);
+        // Reads are masked to the nk valid k of the nc valid rows.
+        let mask: __mmask32 = if nk == TK { !0 } else { (1u32 << nk) - 1 };
+        let mut rows = [_mm512_setzero_si512(); 16];
+        for (c, r) in rows.iter_mut().enumerate().take(nc) {
+            *r = _mm512_maskz_loadu_epi16(mask, src.as_ptr().add((c0 + c) * ld + k0) as *const i16);
+        }
+        let t = transpose16(rows);
+        for (r, v) in t.iter().enumerate() {
+            _mm512_storeu_si512(tile.as_mut_ptr().add(r * 32) as *mut _, *v);
+        }
+    }
+}
+
+/// Column block `cb` of [`Packed::from_rows`] into `dst`: rows k and k+1
+/// interleaved.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_rows(src: &[u16], k: usize, cols: usize, ld: usize, cb: usize, dst: &mut [u16]) {
+    let c0 = cb * TR;
+    let nc = TR.min(cols - c0);
+    // Reads are masked to the nc valid columns of rows that exist.
+    let mask: __mmask16 = if nc == TR { !0 } else { (1u16 << nc) - 1 };
+    let row = |kk: usize| {
+        if kk < k {
+            _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                mask,
+                src.as_ptr().add(kk * ld + c0) as *const i16,
+            ))
+        } else {
+            _mm512_setzero_si512()
+        }
+    };
+    for (b, tile) in dst.chunks_exact_mut(TILE).enumerate() {
+        let k0 = b * TK;
+        for r in 0..TR {
+            let v = _mm512_or_si512(row(k0 + 2 * r), _mm512_slli_epi32::<16>(row(k0 + 2 * r + 1)));
+            _mm512_storeu_si512(tile.as_mut_ptr().add(r * 32) as *mut _, v);
+        }
     }
 }
 
@@ -269,7 +277,8 @@ pub(crate) struct Left<'a> {
 }
 
 /// 16 x 16 transpose of 32-bit lanes.
-#[inline(always)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
 unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     let mut a = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
@@ -421,6 +430,15 @@ impl<'a> LeftTiles<'a> {
         }
     }
 
+    /// The first k tile that may come from a padded copy.
+    fn split(&self) -> usize {
+        if self.left.k % TK == 0 {
+            self.kblocks
+        } else {
+            self.kfull
+        }
+    }
+
     /// Pointer and byte stride of tile `(rbk, kb)`.
     #[inline(always)]
     fn at(&self, rbk: usize, kb: usize) -> (*const u16, usize) {
@@ -469,7 +487,7 @@ unsafe fn task<F: FnMut(usize, usize, &Block)>(
                 let nc = (cols.end - c).min(2);
                 let slot = |i: usize, j: usize| {
                     let s = ((r - rows.start + i) * ncols + (c - cols.start + j)) * TR * TR;
-                    spill_at.add(s)
+                    spill_at.wrapping_add(s)
                 };
                 let acc: [*mut f32; 4] = if first {
                     [std::ptr::null_mut(); 4]
@@ -551,33 +569,55 @@ unsafe fn kernel<const NR: usize, const NC: usize>(
             }
         }
     }
-    for kb in ks {
-        let (a0, s0) = lt.at(r, kb);
-        tload!("4", a0, s0);
-        tload!("6", right.tile(c, kb), 64usize);
-        if NR == 2 {
-            let (a1, s1) = lt.at(r + 1, kb);
-            tload!("5", a1, s1);
+    // Whole k tiles step through memory at a fixed stride; a ragged last
+    // one comes from its padded copy.
+    let split = ks.end.min(lt.split()).max(ks.start);
+    for (k0, n) in [(ks.start, split - ks.start), (split, ks.end - split)] {
+        if n == 0 {
+            continue;
         }
-        if NC == 2 {
-            tload!("7", right.tile(c + 1, kb), 64usize);
-        }
+        let (a0, s0) = lt.at(r, k0);
+        let (a1, s1) = if NR == 2 { lt.at(r + 1, k0) } else { (a0, s0) };
+        let b0 = right.tile(c, k0);
+        let b1 = if NC == 2 { right.tile(c + 1, k0) } else { b0 };
+        steps::<NR, NC>([a0, a1], [s0, s1], [b0, b1], n);
+    }
+}
+
+/// `n` k tiles from the given tiles on: the left ones advance 32 k, the
+/// right ones one packed tile, per step.
+#[inline(always)]
+unsafe fn steps<const NR: usize, const NC: usize>(a: [*const u16; 2], sa: [usize; 2], b: [*const u16; 2], n: usize) {
+    let ([mut a0, mut a1], [mut b0, mut b1]) = (a, b);
+    // Loads interleaved with the products: tile registers are not
+    // renamed, so a load into a tile waits for the products reading it;
+    // in this order each load overlaps products on other tiles.
+    for _ in 0..n {
+        tload!("4", a0, sa[0]);
+        tload!("6", b0, 64usize);
         tdp!("0", "4", "6");
         if NC == 2 {
+            tload!("7", b1, 64usize);
             tdp!("1", "4", "7");
         }
         if NR == 2 {
+            tload!("5", a1, sa[1]);
             tdp!("2", "5", "6");
             if NC == 2 {
                 tdp!("3", "5", "7");
             }
         }
+        a0 = a0.wrapping_add(TK);
+        a1 = a1.wrapping_add(TK);
+        b0 = b0.wrapping_add(TILE);
+        b1 = b1.wrapping_add(TILE);
     }
 }
 
 /// Rounds 16 f32 to bf16 bits (nearest-even, NaN kept quiet), bit for bit
 /// `half::bf16::from_f32`.
-#[inline(always)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
 unsafe fn narrow16(v: __m512) -> __m256i {
     let x = _mm512_castps_si512(v);
     let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
@@ -590,7 +630,8 @@ unsafe fn narrow16(v: __m512) -> __m256i {
     _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet))
 }
 
-#[inline(always)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
 unsafe fn widen16(p: *const u16, mask: __mmask16) -> __m512 {
     _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
         _mm256_maskz_loadu_epi16(mask, p as *const i16),
@@ -623,6 +664,59 @@ pub(crate) enum Bias<'a> {
     Rounded(&'a [u16]),
 }
 
+/// Block `b` (left rows = output columns `n0..`, right columns = output
+/// rows `m0..`) transposed into the `m x n` output, masked to the valid
+/// rows and columns, with the bias.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn store_transposed(b: &Block, out: Out, n0: usize, m0: usize, n: usize, m: usize, bias: Bias<'_>) {
+    let (nn, nm) = (TR.min(n - n0), TR.min(m - m0));
+    let nmask: __mmask16 = if nn == TR { !0 } else { (1u16 << nn) - 1 };
+    let mut rows = [_mm512_setzero_si512(); 16];
+    for (r, v) in rows.iter_mut().enumerate() {
+        *v = _mm512_loadu_si512(b.as_ptr().add(r * TR) as *const _);
+    }
+    let t = transpose16(rows);
+    let bias_v = match bias {
+        Bias::Fused(bv) | Bias::Rounded(bv) => widen16(bv.as_ptr().add(n0), nmask),
+        Bias::None => _mm512_setzero_ps(),
+    };
+    for (j, v) in t.iter().enumerate().take(nm) {
+        let h = finish(_mm512_castsi512_ps(*v), bias, bias_v);
+        _mm256_mask_storeu_epi16(out.at((m0 + j) * n + n0), nmask, h);
+    }
+}
+
+/// Block `b` into rows `r0..` and columns `c0..` of `y` (row stride `ldy`),
+/// the bias per row.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn store_rows(b: &Block, out: Out, r0: usize, c0: usize, rows: usize, cols: usize, ldy: usize, bias: Bias<'_>) {
+    let (nr, nc) = (TR.min(rows - r0), TR.min(cols - c0));
+    let cmask: __mmask16 = if nc == TR { !0 } else { (1u16 << nc) - 1 };
+    for r in 0..nr {
+        let bias_v = match bias {
+            Bias::Fused(bv) | Bias::Rounded(bv) => _mm512_set1_ps(f32::from_bits((bv[r0 + r] as u32) << 16)),
+            Bias::None => _mm512_setzero_ps(),
+        };
+        let h = finish(_mm512_loadu_ps(b.as_ptr().add(r * TR)), bias, bias_v);
+        _mm256_mask_storeu_epi16(out.at((r0 + r) * ldy + c0), cmask, h);
+    }
+}
+
+/// 16 sums to bf16 with the bias (`bias_v`, widened) as `bias` says.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+#[inline]
+unsafe fn finish(v: __m512, bias: Bias<'_>, bias_v: __m512) -> __m256i {
+    match bias {
+        Bias::None => narrow16(v),
+        Bias::Fused(_) => narrow16(_mm512_add_ps(v, bias_v)),
+        Bias::Rounded(_) => {
+            let p = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(narrow16(v))));
+            narrow16(_mm512_add_ps(p, bias_v))
+        }
+    }
+}
+
 /// `y = x w^T (+ bias)` in bf16: `x` `[m, k]` (row stride `ldx`), `w`
 /// `[n, k]` contiguous, `bias` `[n]`; returns `[m, n]` row-major.
 pub(crate) fn linear(x: &[u16], m: usize, ldx: usize, w: &[u16], n: usize, k: usize, bias: Bias<'_>) -> Vec<bf16> {
@@ -638,34 +732,9 @@ pub(crate) fn linear(x: &[u16], m: usize, ldx: usize, w: &[u16], n: usize, k: us
         ld: k,
     };
     gemm(left, &right, |n0, m0, b| {
-        let (nn, nm) = (TR.min(n - n0), TR.min(m - m0));
-        let nmask: __mmask16 = if nn == TR { !0 } else { (1u16 << nn) - 1 };
         // SAFETY: AVX-512 (gemm checked `available`); rows m0.. and
-        // columns n0.. of the output are this block's alone, masked to
-        // the valid nn columns and nm rows.
-        unsafe {
-            let mut rows = [_mm512_setzero_si512(); 16];
-            for (r, v) in rows.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(b.as_ptr().add(r * TR) as *const _);
-            }
-            let t = transpose16(rows);
-            let bias_v = match bias {
-                Bias::Fused(bv) | Bias::Rounded(bv) => widen16(bv.as_ptr().add(n0), nmask),
-                Bias::None => _mm512_setzero_ps(),
-            };
-            for (j, v) in t.iter().enumerate().take(nm) {
-                let v = _mm512_castsi512_ps(*v);
-                let h = match bias {
-                    Bias::None => narrow16(v),
-                    Bias::Fused(_) => narrow16(_mm512_add_ps(v, bias_v)),
-                    Bias::Rounded(_) => {
-                        let p = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(narrow16(v))));
-                        narrow16(_mm512_add_ps(p, bias_v))
-                    }
-                };
-                _mm256_mask_storeu_epi16(out.at((m0 + j) * n + n0), nmask, h);
-            }
-        }
+        // columns n0.. of the output are this block's alone.
+        unsafe { store_transposed(b, out, n0, m0, n, m, bias) }
     });
     // SAFETY: the blocks cover every (row, column) of the m x n output once.
     unsafe { y.set_len(m * n) };
@@ -682,29 +751,10 @@ pub(crate) fn product_into(left: Left<'_>, right: &Packed, y: &mut [u16], ldy: u
     assert!(ldy >= cols && (rows - 1) * ldy + cols <= y.len());
     let out = Out(y.as_mut_ptr());
     gemm(left, right, |r0, c0, b| {
-        let (nr, nc) = (TR.min(rows - r0), TR.min(cols - c0));
-        let cmask: __mmask16 = if nc == TR { !0 } else { (1u16 << nc) - 1 };
-        for r in 0..nr {
-            // SAFETY: AVX-512 (gemm checked `available`); row r0 + r,
-            // columns c0..c0+nc of `y` belong to this block alone and lie
-            // inside it (asserted above).
-            unsafe {
-                let v = _mm512_loadu_ps(b.as_ptr().add(r * TR));
-                let h = match bias {
-                    Bias::None => narrow16(v),
-                    Bias::Fused(bv) => {
-                        let bb = f32::from_bits((bv[r0 + r] as u32) << 16);
-                        narrow16(_mm512_add_ps(v, _mm512_set1_ps(bb)))
-                    }
-                    Bias::Rounded(bv) => {
-                        let bb = f32::from_bits((bv[r0 + r] as u32) << 16);
-                        let p = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(narrow16(v))));
-                        narrow16(_mm512_add_ps(p, _mm512_set1_ps(bb)))
-                    }
-                };
-                _mm256_mask_storeu_epi16(out.at((r0 + r) * ldy + c0), cmask, h);
-            }
-        }
+        // SAFETY: AVX-512 (gemm checked `available`); rows r0.., columns
+        // c0.. of `y` belong to this block alone and lie inside it
+        // (asserted above).
+        unsafe { store_rows(b, out, r0, c0, rows, cols, ldy, bias) }
     });
 }
 

@@ -57,7 +57,10 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let pow2 = f32::from_bits(((fx as i32 + 127) as u32) << 23);
+    // 2^fx from the bits of fx + 2^23 + 127, whose low mantissa bits hold
+    // the biased exponent (fx is an integer in [-126, 128]): `fx as i32`
+    // is a saturating conversion that kept these loops from vectorising.
+    let pow2 = f32::from_bits((fx + 8_388_735.0).to_bits() << 23);
     if x < -87.0 {
         0.0
     } else if x > 88.72 {
@@ -156,6 +159,109 @@ unsafe fn gemm_into(
             false,
             gemm::Parallelism::None,
         )
+    }
+}
+
+/// Where half-precision attention rounds (to the dtype of q, k, v).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Round {
+    #[inline(always)]
+    fn apply(self, x: f32) -> f32 {
+        match self {
+            Round::F32 => x,
+            // Bit for bit `half::bf16::from_f32(x).to_f32()`, branch-free.
+            Round::Bf16 => f32::from_bits((crate::convert::narrow_bits(x.to_bits()) as u32) << 16),
+            Round::F16 => half::f16::from_f32(x).to_f32(),
+        }
+    }
+}
+
+/// Scores to probabilities for one block of query rows, in place: half
+/// precision rounds the product and the scaled score, then the bias, the
+/// causal limit and the softmax in f32, then (half) the probabilities are
+/// rounded as the composite casts them before the product with v.
+struct Probs<'a> {
+    kw: usize,
+    i0: usize,
+    causal_offset: Option<usize>,
+    bias: Option<&'a Bias<'a>>,
+    bi: usize,
+    hi: usize,
+    round: Round,
+    scale_h: f32,
+}
+
+impl Probs<'_> {
+    /// Compiled for the widest ISA the CPU has: as a closure handed to
+    /// `elementwise::wide` this body was too large to be inlined into the
+    /// AVX-512 copy and ran as scalar SSE code.
+    fn apply(&self, scores: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { self.avx512(scores) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { self.avx2(scores) };
+            }
+        }
+        self.run(scores)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn avx512(&self, scores: &mut [f32]) {
+        self.run(scores)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn avx2(&self, scores: &mut [f32]) {
+        self.run(scores)
+    }
+
+    #[inline(always)]
+    fn run(&self, scores: &mut [f32]) {
+        // One monomorphic loop per dtype, so each vectorises.
+        match self.round {
+            Round::F32 => self.rows(scores, Round::F32),
+            Round::Bf16 => self.rows(scores, Round::Bf16),
+            Round::F16 => self.rows(scores, Round::F16),
+        }
+    }
+
+    #[inline(always)]
+    fn rows(&self, scores: &mut [f32], round: Round) {
+        let kw = self.kw;
+        if round != Round::F32 {
+            let scale = self.scale_h;
+            scores
+                .iter_mut()
+                .for_each(|s| *s = round.apply(round.apply(*s) * scale));
+        }
+        for (r, row) in scores.chunks_exact_mut(kw).enumerate() {
+            let i = self.i0 + r;
+            let lim = self.causal_offset.map_or(kw, |off| kw.min(off + i + 1));
+            if let Some(bias) = self.bias {
+                let (at, st) = bias.row(self.bi, self.hi, i);
+                for (j, s) in row[..lim].iter_mut().enumerate() {
+                    *s += bias.data[at + j * st];
+                }
+            }
+            softmax(&mut row[..lim]);
+            row[lim..].fill(0.0);
+            if round != Round::F32 {
+                row[..lim].iter_mut().for_each(|p| *p = round.apply(*p));
+            }
+        }
     }
 }
 
@@ -282,13 +388,13 @@ fn attention_with(
     // scores rounded to the dtype after the product and again after the
     // scale, probabilities rounded before the product with v, the output
     // rounded once; everything else in f32.
-    let round: fn(f32) -> f32 = match dtype {
-        DType::BF16 => |x| half::bf16::from_f32(x).to_f32(),
-        DType::F16 => |x| half::f16::from_f32(x).to_f32(),
-        _ => |x| x,
+    let round = match dtype {
+        DType::BF16 => Round::Bf16,
+        DType::F16 => Round::F16,
+        _ => Round::F32,
     };
-    let is_half = matches!(dtype, DType::BF16 | DType::F16);
-    let scale_h = round(scale as f32);
+    let is_half = round != Round::F32;
+    let scale_h = round.apply(scale as f32);
     #[cfg(target_arch = "x86_64")]
     let tiled = if tiles && dtype == DType::BF16 && tq >= TILED_MIN_ROWS && crate::amx::available() {
         // Keys any query row may see (a causal cache is written up to here).
@@ -380,29 +486,17 @@ fn attention_with(
                         };
                     }
                 }
-                if is_half {
-                    scores.iter_mut().for_each(|s| *s = round(round(*s) * scale_h));
-                }
-                let masked_softmax = |scores: &mut [f32]| {
-                    for (r, row) in scores.chunks_exact_mut(kw).enumerate() {
-                        let i = i0 + r;
-                        let lim = causal_offset.map_or(kw, |off| kw.min(off + i + 1));
-                        if let Some(bias) = &bias {
-                            let (at, st) = bias.row(bi, hi, i);
-                            for (j, s) in row[..lim].iter_mut().enumerate() {
-                                *s += bias.data[at + j * st];
-                            }
-                        }
-                        softmax(&mut row[..lim]);
-                        row[lim..].fill(0.0);
-                        // The composite casts the probabilities to the
-                        // dtype before the product with v.
-                        if is_half {
-                            row[..lim].iter_mut().for_each(|p| *p = round(*p));
-                        }
-                    }
+                let probs_of = Probs {
+                    kw,
+                    i0,
+                    causal_offset,
+                    bias: bias.as_ref(),
+                    bi,
+                    hi,
+                    round,
+                    scale_h,
                 };
-                crate::elementwise::wide(scores, masked_softmax);
+                probs_of.apply(scores);
                 match &tiled {
                     Some(t) => t.weighted(scores, probs, rows, kvh, kw, o),
                     None => {

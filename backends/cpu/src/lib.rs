@@ -29,6 +29,7 @@ mod attention;
 mod conv;
 mod convert;
 mod elementwise;
+mod heap;
 mod matvec;
 #[cfg(target_arch = "x86_64")]
 mod matvec_x86;
@@ -51,6 +52,7 @@ impl Default for CpuBackend {
 
 impl CpuBackend {
     pub fn new() -> Self {
+        heap::keep_freed_memory();
         Self { device: Device::Cpu }
     }
 }
