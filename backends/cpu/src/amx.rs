@@ -432,7 +432,7 @@ impl<'a> LeftTiles<'a> {
 
     /// The first k tile that may come from a padded copy.
     fn split(&self) -> usize {
-        if self.left.k % TK == 0 {
+        if self.left.k.is_multiple_of(TK) {
             self.kblocks
         } else {
             self.kfull
