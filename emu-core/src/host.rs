@@ -152,6 +152,14 @@ impl HostTensor {
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                 .collect());
         }
+        if self.dtype == DType::BF16 {
+            // bf16 is the top half of an f32 (exact, no detour through f64).
+            return Ok(self
+                .data
+                .chunks_exact(2)
+                .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
+                .collect());
+        }
         Ok(self.to_f64_vec()?.into_iter().map(|x| x as f32).collect())
     }
 

@@ -106,16 +106,27 @@ pub(crate) fn softmax(row: &mut [f32]) {
 }
 
 /// Softmax over each `d`-long row of `x` in f32, rows split over rayon
-/// (candle's walks them on one thread with libm's `exp`).
+/// (candle's walks them on one thread with libm's `exp`); bf16 is widened
+/// row by row and rounded once.
 pub(crate) fn softmax_rows(x: &CTensor) -> candle_core::Result<CTensor> {
+    use crate::convert::with_slice;
+    use crate::norm::{map_rows, Softmax};
     let d = *x.dims().last().unwrap_or(&1);
-    let mut y = to_f32(x)?.flatten_all()?.to_vec1::<f32>()?;
-    if let Some(per) = 16_384usize.checked_div(d) {
-        let per = per.max(1) * d;
-        y.par_chunks_mut(per)
-            .for_each(|c| crate::elementwise::wide(c, |c| c.chunks_exact_mut(d).for_each(softmax)));
+    let x = x.contiguous()?;
+    match x.dtype() {
+        DType::F32 => {
+            let y = with_slice::<f32, _>(&x, |xs| map_rows(xs, d, &Softmax))?;
+            CTensor::from_vec(y, x.dims(), x.device())
+        }
+        DType::BF16 => {
+            let y = with_slice::<half::bf16, _>(&x, |xs| map_rows(xs, d, &Softmax))?;
+            CTensor::from_vec(y, x.dims(), x.device())
+        }
+        _ => {
+            let y = with_slice::<f32, _>(&to_f32(&x)?, |xs| map_rows(xs, d, &Softmax))?;
+            from_f32(&CTensor::from_vec(y, x.dims(), x.device())?, x.dtype())
+        }
     }
-    from_f32(&CTensor::from_vec(y, x.dims(), x.device())?, x.dtype())
 }
 
 /// `dst[m x n] = beta * lhs[m x k] rhs[k x n]` with arbitrary strides
@@ -243,9 +254,11 @@ impl Probs<'_> {
         let kw = self.kw;
         if round != Round::F32 {
             let scale = self.scale_h;
-            scores
-                .iter_mut()
-                .for_each(|s| *s = round.apply(round.apply(*s) * scale));
+            // Plain loops: `for_each` with a closure may stay an
+            // out-of-line call compiled without the wide ISA.
+            for s in scores.iter_mut() {
+                *s = round.apply(round.apply(*s) * scale);
+            }
         }
         for (r, row) in scores.chunks_exact_mut(kw).enumerate() {
             let i = self.i0 + r;
@@ -259,7 +272,9 @@ impl Probs<'_> {
             softmax(&mut row[..lim]);
             row[lim..].fill(0.0);
             if round != Round::F32 {
-                row[..lim].iter_mut().for_each(|p| *p = round.apply(*p));
+                for p in row[..lim].iter_mut() {
+                    *p = round.apply(*p);
+                }
             }
         }
     }

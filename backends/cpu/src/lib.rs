@@ -237,14 +237,28 @@ impl Backend for CpuBackend {
     fn download(&self, t: &CTensor) -> Result<HostTensor> {
         let flat = t.flatten_all().map_err(err)?;
         let dims = t.dims();
+        // On a little-endian host the storage already is the host layout:
+        // one copy of its bytes (the element-wise route took a copy, a
+        // byte-by-byte collect and a third of a large op's time).
         macro_rules! bytes {
-            ($ty:ty) => {
-                flat.to_vec1::<$ty>()
-                    .map_err(err)?
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect::<Vec<u8>>()
-            };
+            ($ty:ty) => {{
+                let contiguous = flat.is_contiguous().then_some(&flat);
+                match (cfg!(target_endian = "little"), contiguous) {
+                    (true, Some(c)) => convert::with_slice::<$ty, _>(c, |s| {
+                        // SAFETY: any initialised memory is valid as bytes;
+                        // the length is the slice's size in bytes.
+                        unsafe { std::slice::from_raw_parts(s.as_ptr() as *const u8, std::mem::size_of_val(s)) }
+                            .to_vec()
+                    })
+                    .map_err(err)?,
+                    _ => flat
+                        .to_vec1::<$ty>()
+                        .map_err(err)?
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect::<Vec<u8>>(),
+                }
+            }};
         }
         let data = match t.dtype() {
             CDType::F64 => bytes!(f64),

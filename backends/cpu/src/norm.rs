@@ -11,12 +11,14 @@
 //! group) block is read twice (mean, then centred variance) and written
 //! once with the affine part applied, in f32, blocks split over rayon.
 
-use crate::convert::{f32_values, from_f32, with_f32};
+use crate::convert::{f32_values, from_f32, with_f32, with_slice};
 use candle_core::{DType, Tensor as CTensor};
+use half::bf16;
 use rayon::prelude::*;
 
 /// Sum in f32 over short runs (so the compiler vectorises them) and in f64
 /// across runs, so million-element groups keep f32 accuracy.
+#[inline(always)]
 fn sum_by(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     const RUN: usize = 512;
     const LANES: usize = 16;
@@ -103,45 +105,174 @@ fn rows_per_task(rows: usize, d: usize) -> usize {
     (16_384 / d.max(1)).max(rows.div_ceil(threads * 8)).max(1)
 }
 
-/// LayerNorm of each `d`-long row of `x` (biased variance), affine part in
-/// f32: `(x - mean) * rstd * w + b`.
-pub(crate) fn layer_norm_f32(x: &[f32], d: usize, w: Option<&[f32]>, b: Option<&[f32]>, eps: f64) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+/// A computation on one row in f32 (`x` in, `y` out, both `d` long).
+/// `row` is `#[inline(always)]` in every implementation, so that
+/// [`map_rows`] compiles it into its AVX-512 / AVX2 copies.
+pub(crate) trait RowOp: Sync {
+    fn row(&self, x: &[f32], y: &mut [f32]);
+}
+
+/// Element types [`map_rows`] reads and writes: f32 in place, bf16 widened
+/// into a scratch row and rounded once from another.
+pub(crate) trait RowElem: Copy + Default + Send + Sync {
+    fn widen(src: &[Self], dst: &mut [f32]);
+    fn narrow(src: &[f32], dst: &mut [Self]);
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
+}
+
+impl RowElem for f32 {
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        dst.copy_from_slice(src);
+    }
+    #[inline(always)]
+    fn as_f32(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
+    #[inline(always)]
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]> {
+        Some(s)
+    }
+}
+
+impl RowElem for bf16 {
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = f32::from_bits((s.to_bits() as u32) << 16);
+        }
+    }
+    #[inline(always)]
+    fn narrow(src: &[f32], dst: &mut [Self]) {
+        for (d, s) in crate::convert::bits_mut(dst).iter_mut().zip(src) {
+            *d = crate::convert::narrow_bits(s.to_bits());
+        }
+    }
+    #[inline(always)]
+    fn as_f32(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    #[inline(always)]
+    fn as_f32_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
+}
+
+/// `op` on every `d`-long row of `x` into a new buffer, rows split over
+/// rayon, each task compiled for the widest ISA the CPU has. One pass over
+/// the input and one over the output, with no full-size f32 copy of a
+/// bf16 tensor.
+pub(crate) fn map_rows<T: RowElem, R: RowOp>(x: &[T], d: usize, op: &R) -> Vec<T> {
+    let mut out = vec![T::default(); x.len()];
     if d == 0 {
         return out;
     }
     let per = rows_per_task(x.len() / d, d) * d;
     out.par_chunks_mut(per).zip(x.par_chunks(per)).for_each(|(o, xs)| {
-        for (oy, xr) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-            let mean = sum_by(xr, |v| v) / d as f64;
-            let m32 = mean as f32;
-            let var = sum_by(xr, |v| (v - m32) * (v - m32)) / d as f64;
-            let rstd = (1.0 / (var + eps).sqrt()) as f32;
-            match (w, b) {
-                (Some(w), Some(b)) => {
-                    for (((y, &v), &w), &b) in oy.iter_mut().zip(xr).zip(w).zip(b) {
-                        *y = (v - m32) * rstd * w + b;
-                    }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                return unsafe { rows_avx512(xs, o, d, op) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                return unsafe { rows_avx2(xs, o, d, op) };
+            }
+        }
+        rows_in(xs, o, d, op)
+    });
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn rows_avx512<T: RowElem, R: RowOp>(xs: &[T], o: &mut [T], d: usize, op: &R) {
+    rows_in(xs, o, d, op)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn rows_avx2<T: RowElem, R: RowOp>(xs: &[T], o: &mut [T], d: usize, op: &R) {
+    rows_in(xs, o, d, op)
+}
+
+#[inline(always)]
+fn rows_in<T: RowElem, R: RowOp>(xs: &[T], o: &mut [T], d: usize, op: &R) {
+    if let (Some(x), Some(y)) = (T::as_f32(xs), T::as_f32_mut(o)) {
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            op.row(xr, yr);
+        }
+        return;
+    }
+    let (mut a, mut b) = (vec![0f32; d], vec![0f32; d]);
+    for (xr, yr) in xs.chunks_exact(d).zip(o.chunks_exact_mut(d)) {
+        T::widen(xr, &mut a);
+        op.row(&a, &mut b);
+        T::narrow(&b, yr);
+    }
+}
+
+/// LayerNorm of a row (biased variance), affine part in f32:
+/// `(x - mean) * rstd * w + b`.
+pub(crate) struct LayerNorm<'a> {
+    pub w: Option<&'a [f32]>,
+    pub b: Option<&'a [f32]>,
+    pub eps: f64,
+}
+
+impl RowOp for LayerNorm<'_> {
+    #[inline(always)]
+    fn row(&self, xr: &[f32], oy: &mut [f32]) {
+        let d = xr.len();
+        let mean = sum_by(xr, |v| v) / d as f64;
+        let m32 = mean as f32;
+        let var = sum_by(xr, |v| (v - m32) * (v - m32)) / d as f64;
+        let rstd = (1.0 / (var + self.eps).sqrt()) as f32;
+        match (self.w, self.b) {
+            (Some(w), Some(b)) => {
+                for (((y, &v), &w), &b) in oy.iter_mut().zip(xr).zip(w).zip(b) {
+                    *y = (v - m32) * rstd * w + b;
                 }
-                (Some(w), None) => {
-                    for ((y, &v), &w) in oy.iter_mut().zip(xr).zip(w) {
-                        *y = (v - m32) * rstd * w;
-                    }
+            }
+            (Some(w), None) => {
+                for ((y, &v), &w) in oy.iter_mut().zip(xr).zip(w) {
+                    *y = (v - m32) * rstd * w;
                 }
-                (None, Some(b)) => {
-                    for ((y, &v), &b) in oy.iter_mut().zip(xr).zip(b) {
-                        *y = (v - m32) * rstd + b;
-                    }
+            }
+            (None, Some(b)) => {
+                for ((y, &v), &b) in oy.iter_mut().zip(xr).zip(b) {
+                    *y = (v - m32) * rstd + b;
                 }
-                (None, None) => {
-                    for (y, &v) in oy.iter_mut().zip(xr) {
-                        *y = (v - m32) * rstd;
-                    }
+            }
+            (None, None) => {
+                for (y, &v) in oy.iter_mut().zip(xr) {
+                    *y = (v - m32) * rstd;
                 }
             }
         }
-    });
-    out
+    }
+}
+
+/// Softmax of a row in f32.
+pub(crate) struct Softmax;
+
+impl RowOp for Softmax {
+    #[inline(always)]
+    fn row(&self, x: &[f32], y: &mut [f32]) {
+        y.copy_from_slice(x);
+        crate::attention::softmax(y);
+    }
+}
+
+/// LayerNorm of each `d`-long row of `x` in f32 (see [`LayerNorm`]).
+pub(crate) fn layer_norm_f32(x: &[f32], d: usize, w: Option<&[f32]>, b: Option<&[f32]>, eps: f64) -> Vec<f32> {
+    map_rows(x, d, &LayerNorm { w, b, eps })
 }
 
 /// `x * rsqrt(mean(x^2) + eps)` of each `d`-long row, then `* w` where given
@@ -186,6 +317,15 @@ pub(crate) fn layer_norm(
     let d = *x.dims().last().unwrap_or(&1);
     let wv = w.map(f32_values).transpose()?;
     let bv = b.map(f32_values).transpose()?;
+    if x.dtype() == DType::BF16 {
+        let op = LayerNorm {
+            w: wv.as_deref(),
+            b: bv.as_deref(),
+            eps,
+        };
+        let y = with_slice::<bf16, _>(&x.contiguous()?, |xs| map_rows(xs, d, &op))?;
+        return CTensor::from_vec(y, x.dims(), x.device());
+    }
     let y = with_f32(x, |xs| layer_norm_f32(xs, d, wv.as_deref(), bv.as_deref(), eps))?;
     from_f32(&CTensor::from_vec(y, x.dims(), x.device())?, x.dtype())
 }

@@ -149,19 +149,21 @@ impl RealSpec {
     }
 }
 
-/// Runs `f` as [`Timing`] says; the times and the last output.
-fn timed(t: Timing, mut f: impl FnMut() -> Res<Vec<f32>>) -> Res<(Vec<f64>, Vec<f32>)> {
+/// Runs `f` as [`Timing`] says; the times and the last output. `f`
+/// returns its result on the host (the download is the asynchronous
+/// backends' sync point, so it is timed); its conversion to f32 is not.
+fn timed(t: Timing, mut f: impl FnMut() -> Res<HostTensor>) -> Res<(Vec<f64>, Vec<f32>)> {
     for _ in 0..t.warmup {
         f()?;
     }
     let mut ms = Vec::new();
-    let mut out = Vec::new();
+    let mut out = None;
     for _ in 0..t.iters {
         let t0 = Instant::now();
-        out = f()?;
+        out = Some(f()?);
         ms.push(t0.elapsed().as_secs_f64() * 1e3);
     }
-    Ok((ms, out))
+    Ok((ms, out.map(|o| o.to_f32_vec()).transpose()?.unwrap_or_default()))
 }
 
 fn call(
@@ -199,7 +201,7 @@ fn llm<B: Backend>(be: &B, s: &RealSpec, dir: &Path, o: &Options) -> Res<Vec<Cal
     let prefill = timed(t, || {
         let mut cache = model.new_cache(1, PREFILL)?;
         let out = model.forward_embeds(&prompt, &mut cache, Logits::Last)?;
-        Ok(out.logits.ok_or("no logits")?.to_f32_vec()?)
+        Ok(out.logits.ok_or("no logits")?.to_host()?)
     })?;
     let context = upload(be, &[1, DECODE_CONTEXT, l.hidden], 3, 1.0, o.dtype)?;
     if t.warmup + t.iters > l.new {
@@ -212,7 +214,7 @@ fn llm<B: Backend>(be: &B, s: &RealSpec, dir: &Path, o: &Options) -> Res<Vec<Cal
         step += 1;
         let x = model.embed(&[(step * 7919 + 13) % LAYER_VOCAB as u32], 1)?;
         let out = model.forward_embeds(&x, &mut cache, Logits::Last)?;
-        Ok(out.logits.ok_or("no logits")?.to_f32_vec()?)
+        Ok(out.logits.ok_or("no logits")?.to_host()?)
     })?;
     drop(model);
     let (h, v, i) = (l.hidden as f64, s.llm_vocab as f64, l.intermediate as f64);
@@ -221,7 +223,7 @@ fn llm<B: Backend>(be: &B, s: &RealSpec, dir: &Path, o: &Options) -> Res<Vec<Cal
     let head = {
         let x = upload(be, &[1, l.hidden], 4, 1.0, o.dtype)?.into_raw();
         let w = upload(be, &[s.llm_vocab, l.hidden], 5, 1.0 / (h as f32).sqrt(), o.dtype)?.into_raw();
-        timed(t, || Ok(be.download(&be.linear(&x, &w, None)?)?.to_f32_vec()?))?
+        timed(t, || Ok(be.download(&be.linear(&x, &w, None)?)?))?
     };
     Ok(vec![
         call(
@@ -263,7 +265,7 @@ fn eva<B: Backend>(be: &B, s: &RealSpec, dirs: [&Path; 2], o: &Options) -> Res<V
     for (dir, key, blocks) in [(dirs[0], "eva_block", 1), (dirs[1], "eva_rest", 0)] {
         let enc = VisionEncoder::from_dir(be, dir, o.dtype)?;
         let r = timed(o.timing, || {
-            Ok(enc.pool(&enc.encode(&pixels)?, e.n_query)?.to_f32_vec()?)
+            Ok(enc.pool(&enc.encode(&pixels)?, e.n_query)?.to_host()?)
         })?;
         calls.push(call(
             key,
@@ -410,7 +412,7 @@ fn unet<B: Backend>(be: &B, s: &RealSpec, dirs: [&Path; 2], o: &Options) -> Res<
         let block = UNetTransformerBlock::load(be, &ckpt.weights(), &cfg, level, 1, o.dtype)?;
         let x = upload(be, &[UNET_BATCH, c, side, side], 6, 1.0, o.dtype)?;
         let ctx = upload(be, &[UNET_BATCH, UNET_CONTEXT, shape.cross_dim], 7, 1.0, o.dtype)?;
-        let r = timed(o.timing, || Ok(block.forward(&x, &ctx)?.to_f32_vec()?))?;
+        let r = timed(o.timing, || Ok(block.forward(&x, &ctx)?.to_host()?))?;
         let n = side * side;
         let macs = shape.transformer_layer_macs(c, n) + shape.transformer_wrap_macs(c, n);
         calls.push(call(
@@ -430,7 +432,7 @@ fn unet<B: Backend>(be: &B, s: &RealSpec, dirs: [&Path; 2], o: &Options) -> Res<
         let temb = UNetResnetBlock::<B>::time_embed_dim(&cfg)?;
         let x = upload(be, &[UNET_BATCH, c0, side0, side0], 8, 1.0, o.dtype)?;
         let t = upload(be, &[UNET_BATCH, temb], 9, 1.0, o.dtype)?;
-        let r = timed(o.timing, || Ok(block.forward(&x, &t)?.to_f32_vec()?))?;
+        let r = timed(o.timing, || Ok(block.forward(&x, &t)?.to_host()?))?;
         calls.push(call(
             "unet_resnet",
             format!("UNet resnet {c0}ch {side0}x{side0} x{UNET_BATCH}"),
