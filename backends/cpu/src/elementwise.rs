@@ -100,14 +100,34 @@ pub(crate) fn wide<F: FnOnce(&mut [f32])>(data: &mut [f32], f: F) {
 
 /// One pass of `op` ([`has_unary`]) over `xs`, in place.
 pub(crate) fn unary(op: UnaryOp, xs: &mut [f32]) {
+    xs.par_chunks_mut(CHUNK).for_each(|c| unary_chunk(op, c));
+}
+
+/// `op` ([`has_unary`]) over bf16 `xs` into a new buffer: each task widens
+/// its chunk into an f32 scratch, applies the f32 kernel and rounds once,
+/// so no full-size f32 copy is made (PyTorch's rounding, one pass each way).
+pub(crate) fn unary_bf16(op: UnaryOp, xs: &[half::bf16]) -> Vec<half::bf16> {
+    use crate::norm::RowElem;
+    let mut out = vec![half::bf16::ZERO; xs.len()];
+    out.par_chunks_mut(CHUNK)
+        .zip(xs.par_chunks(CHUNK))
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, (o, x)| {
+            buf.resize(x.len(), 0.0);
+            wide(buf, |b| half::bf16::widen(x, b));
+            unary_chunk(op, buf);
+            wide(buf, |b| half::bf16::narrow(b, o));
+        });
+    out
+}
+
+/// [`unary`] on one task's chunk.
+fn unary_chunk(op: UnaryOp, c: &mut [f32]) {
     macro_rules! run {
         ($op:expr) => {
-            xs.par_chunks_mut(CHUNK).for_each(|c| {
-                wide(c, |c| {
-                    for v in c.iter_mut() {
-                        *v = apply($op, *v);
-                    }
-                })
+            wide(c, |c| {
+                for v in c.iter_mut() {
+                    *v = apply($op, *v);
+                }
             })
         };
     }
@@ -121,7 +141,7 @@ pub(crate) fn unary(op: UnaryOp, xs: &mut [f32]) {
         UnaryOp::Relu => run!(UnaryOp::Relu),
         UnaryOp::Neg => run!(UnaryOp::Neg),
         UnaryOp::Sqr => run!(UnaryOp::Sqr),
-        _ => xs.par_chunks_mut(CHUNK).for_each(|c| c.fill(f32::NAN)),
+        _ => c.fill(f32::NAN),
     }
 }
 
@@ -172,6 +192,23 @@ pub(crate) fn binary_repeat(op: BinaryOp, a: &mut [f32], b: &[f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// bf16 chunks widened, computed and rounded once: bit for bit the f32
+    /// kernel on the widened values, rounded.
+    #[test]
+    fn bf16_unary_is_the_f32_kernel_rounded_once() {
+        let mut rng = emu_core::testing::Rng::new(21);
+        let x: Vec<half::bf16> = (0..CHUNK * 2 + 77)
+            .map(|_| half::bf16::from_f32(rng.uniform(-8.0, 8.0) as f32))
+            .collect();
+        for op in [UnaryOp::Silu, UnaryOp::Gelu, UnaryOp::Exp, UnaryOp::Neg] {
+            let mut f: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+            unary(op, &mut f);
+            let want: Vec<u16> = f.iter().map(|v| half::bf16::from_f32(*v).to_bits()).collect();
+            let got: Vec<u16> = unary_bf16(op, &x).iter().map(|v| v.to_bits()).collect();
+            assert_eq!(got, want, "{op:?}");
+        }
+    }
 
     fn reference(op: UnaryOp, x: f64) -> f64 {
         match op {

@@ -428,7 +428,12 @@ impl Backend for CpuBackend {
                 from_candle(t.dtype())
             )));
         }
-        if elementwise::has_unary(op) && matches!(t.dtype(), CDType::F32 | CDType::F16 | CDType::BF16) {
+        if elementwise::has_unary(op) && t.dtype() == CDType::BF16 {
+            let t = t.contiguous().map_err(err)?;
+            let y = convert::with_slice::<half::bf16, _>(&t, |x| elementwise::unary_bf16(op, x)).map_err(err)?;
+            return CTensor::from_vec(y, t.dims(), &self.device).map_err(err);
+        }
+        if elementwise::has_unary(op) && matches!(t.dtype(), CDType::F32 | CDType::F16) {
             let mut v = f32_vec(t)?;
             elementwise::unary(op, &mut v);
             return CTensor::from_vec(v, t.dims(), &self.device)

@@ -49,32 +49,101 @@ pub(crate) fn group_norm_f32(
     b: Option<&[f32]>,
     eps: f64,
 ) -> Vec<f32> {
+    group_norm_t(x, (c, rest), groups, GroupNorm { w, b, eps })
+}
+
+/// The affine part and epsilon of a group norm.
+#[derive(Clone, Copy)]
+struct GroupNorm<'a> {
+    w: Option<&'a [f32]>,
+    b: Option<&'a [f32]>,
+    eps: f64,
+}
+
+/// [`group_norm_f32`] for f32 or bf16 data: one task per (sample, group)
+/// block, compiled per ISA; a bf16 block is widened into an f32 scratch
+/// once, normalised there and rounded once on the way out.
+fn group_norm_t<T: RowElem>(x: &[T], (c, rest): (usize, usize), groups: usize, gn: GroupNorm<'_>) -> Vec<T> {
     let cg = c / groups;
     let block = cg * rest;
-    let mut out = vec![0f32; x.len()];
+    let mut out = vec![T::default(); x.len()];
     if block == 0 {
         return out;
     }
     out.par_chunks_mut(block)
         .zip(x.par_chunks(block))
         .enumerate()
-        .for_each(|(i, (o, xs))| {
-            let len = xs.len() as f64;
-            let mean = sum_by(xs, |v| v) / len;
-            let m32 = mean as f32;
-            let var = sum_by(xs, |v| (v - m32) * (v - m32)) / len;
-            let rstd = (1.0 / (var + eps).sqrt()) as f32;
-            let g = i % groups;
-            for (cc, (oc, xc)) in o.chunks_exact_mut(rest).zip(xs.chunks_exact(rest)).enumerate() {
-                let ch = g * cg + cc;
-                let scale = rstd * w.map_or(1.0, |w| w[ch]);
-                let shift = b.map_or(0.0, |b| b[ch]);
+        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, (i, (o, xs))| {
+            let first = (i % groups) * cg;
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { gn_block_avx512(&gn, xs, o, rest, first, scratch) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { gn_block_avx2(&gn, xs, o, rest, first, scratch) };
+                }
+            }
+            gn_block(&gn, xs, o, rest, first, scratch)
+        });
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn gn_block_avx512<T: RowElem>(gn: &GroupNorm<'_>, xs: &[T], o: &mut [T], rest: usize, first: usize, s: &mut Vec<f32>) {
+    gn_block(gn, xs, o, rest, first, s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gn_block_avx2<T: RowElem>(gn: &GroupNorm<'_>, xs: &[T], o: &mut [T], rest: usize, first: usize, s: &mut Vec<f32>) {
+    gn_block(gn, xs, o, rest, first, s)
+}
+
+/// One (sample, group) block: channels `first..` of `rest` elements each.
+#[inline(always)]
+fn gn_block<T: RowElem>(gn: &GroupNorm<'_>, xs: &[T], o: &mut [T], rest: usize, first: usize, scratch: &mut Vec<f32>) {
+    let (xf, of): (&[f32], Option<&mut [f32]>) = match T::as_f32(xs) {
+        Some(xf) => (xf, T::as_f32_mut(o)),
+        None => {
+            scratch.resize(xs.len(), 0.0);
+            T::widen(xs, scratch);
+            (&scratch[..], None)
+        }
+    };
+    let len = xf.len() as f64;
+    let mean = sum_by(xf, |v| v) / len;
+    let m32 = mean as f32;
+    let var = sum_by(xf, |v| (v - m32) * (v - m32)) / len;
+    let rstd = (1.0 / (var + gn.eps).sqrt()) as f32;
+    let coef = |cc: usize| {
+        let ch = first + cc;
+        (rstd * gn.w.map_or(1.0, |w| w[ch]), gn.b.map_or(0.0, |b| b[ch]))
+    };
+    match of {
+        Some(of) => {
+            for (cc, (oc, xc)) in of.chunks_exact_mut(rest).zip(xf.chunks_exact(rest)).enumerate() {
+                let (scale, shift) = coef(cc);
                 for (y, &v) in oc.iter_mut().zip(xc) {
                     *y = (v - m32) * scale + shift;
                 }
             }
-        });
-    out
+        }
+        None => {
+            // Normalised in the scratch, then rounded into `o`.
+            let mut row = vec![0f32; rest];
+            for (cc, (oc, xc)) in o.chunks_exact_mut(rest).zip(xf.chunks_exact(rest)).enumerate() {
+                let (scale, shift) = coef(cc);
+                for (y, &v) in row.iter_mut().zip(xc) {
+                    *y = (v - m32) * scale + shift;
+                }
+                T::narrow(&row, oc);
+            }
+        }
+    }
 }
 
 /// [`group_norm_f32`] on candle tensors of any float dtype but f64 (which
@@ -92,6 +161,15 @@ pub(crate) fn group_norm(
     let (n, c) = (dims[0], dims[1]);
     let rest: usize = dims[2..].iter().product();
     let (wv, bv) = (w.map(f32_values).transpose()?, b.map(f32_values).transpose()?);
+    if x.dtype() == DType::BF16 {
+        let gn = GroupNorm {
+            w: wv.as_deref(),
+            b: bv.as_deref(),
+            eps,
+        };
+        let y = with_slice::<bf16, _>(&x.contiguous()?, |xs| group_norm_t(xs, (c, rest), groups, gn))?;
+        return CTensor::from_vec(y, dims, x.device());
+    }
     let y = with_f32(x, |xs| {
         debug_assert_eq!(xs.len(), n * c * rest);
         group_norm_f32(xs, (c, rest), groups, wv.as_deref(), bv.as_deref(), eps)
@@ -279,30 +357,42 @@ pub(crate) fn layer_norm_f32(x: &[f32], d: usize, w: Option<&[f32]>, b: Option<&
 /// (f32 `LlamaRMSNorm`; half precision scales after rounding, see
 /// [`rms_norm`]).
 pub(crate) fn rms_norm_f32(x: &[f32], d: usize, w: Option<&[f32]>, eps: f64) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    if d == 0 {
-        return out;
-    }
-    let per = rows_per_task(x.len() / d, d) * d;
-    out.par_chunks_mut(per).zip(x.par_chunks(per)).for_each(|(o, xs)| {
-        for (oy, xr) in o.chunks_exact_mut(d).zip(xs.chunks_exact(d)) {
-            let ms = sum_by(xr, |v| v * v) / d as f64;
-            let r = (1.0 / (ms + eps).sqrt()) as f32;
-            match w {
-                Some(w) => {
-                    for ((y, &v), &w) in oy.iter_mut().zip(xr).zip(w) {
-                        *y = v * r * w;
-                    }
+    map_rows(x, d, &RmsNorm { w, eps, bf16: false })
+}
+
+/// RMS norm of a row; with `bf16`, `LlamaRMSNorm`'s half-precision order:
+/// the normalised row rounded to bf16, then scaled and rounded again
+/// (`weight * hidden.to(input_dtype)`).
+struct RmsNorm<'a> {
+    w: Option<&'a [f32]>,
+    eps: f64,
+    bf16: bool,
+}
+
+impl RowOp for RmsNorm<'_> {
+    #[inline(always)]
+    fn row(&self, xr: &[f32], oy: &mut [f32]) {
+        let ms = sum_by(xr, |v| v * v) / xr.len() as f64;
+        let r = (1.0 / (ms + self.eps).sqrt()) as f32;
+        let round = |v: f32| f32::from_bits((crate::convert::narrow_bits(v.to_bits()) as u32) << 16);
+        match (self.w, self.bf16) {
+            (Some(w), true) => {
+                for ((y, &v), &w) in oy.iter_mut().zip(xr).zip(w) {
+                    *y = round(round(v * r) * w);
                 }
-                None => {
-                    for (y, &v) in oy.iter_mut().zip(xr) {
-                        *y = v * r;
-                    }
+            }
+            (Some(w), false) => {
+                for ((y, &v), &w) in oy.iter_mut().zip(xr).zip(w) {
+                    *y = v * r * w;
+                }
+            }
+            (None, _) => {
+                for (y, &v) in oy.iter_mut().zip(xr) {
+                    *y = v * r;
                 }
             }
         }
-    });
-    out
+    }
 }
 
 /// [`layer_norm_f32`] on candle tensors of f32/f16/bf16 (validated by the
@@ -341,6 +431,16 @@ pub(crate) fn rms_norm(x: &CTensor, w: &CTensor, eps: f64) -> candle_core::Resul
         let y = with_f32(x, |xs| rms_norm_f32(xs, d, Some(&wv), eps))?;
         return CTensor::from_vec(y, x.dims(), x.device());
     }
+    if x.dtype() == DType::BF16 {
+        let wv = f32_values(w)?;
+        let op = RmsNorm {
+            w: Some(&wv),
+            eps,
+            bf16: true,
+        };
+        let y = with_slice::<bf16, _>(&x.contiguous()?, |xs| map_rows(xs, d, &op))?;
+        return CTensor::from_vec(y, x.dims(), x.device());
+    }
     let n = with_f32(x, |xs| rms_norm_f32(xs, d, None, eps))?;
     from_f32(&CTensor::from_vec(n, x.dims(), x.device())?, x.dtype())?.broadcast_mul(w)
 }
@@ -352,6 +452,55 @@ mod tests {
     fn values(n: usize, seed: u64, offset: f32) -> Vec<f32> {
         let mut rng = emu_core::testing::Rng::new(seed);
         (0..n).map(|_| rng.uniform(-1.0, 1.0) as f32 + offset).collect()
+    }
+
+    /// bf16 in, bf16 out without a full-size f32 copy is still "widen,
+    /// compute in f32, round once": bit for bit the f32 kernels on the
+    /// widened values, rounded.
+    #[test]
+    fn bf16_rows_and_groups_are_the_f32_kernels_rounded_once() {
+        let (rows, d) = (37, 70);
+        let x: Vec<bf16> = values(rows * d, 11, 0.5).into_iter().map(bf16::from_f32).collect();
+        let xf: Vec<f32> = x.iter().map(|v| v.to_f32()).collect();
+        let (w, b) = (values(d, 12, 1.0), values(d, 13, 0.0));
+        let narrow = |v: Vec<f32>| -> Vec<u16> { v.into_iter().map(|f| bf16::from_f32(f).to_bits()).collect() };
+        let bits = |v: Vec<bf16>| -> Vec<u16> { v.into_iter().map(|f| f.to_bits()).collect() };
+        let ln = LayerNorm {
+            w: Some(&w),
+            b: Some(&b),
+            eps: 1e-5,
+        };
+        assert_eq!(bits(map_rows(&x, d, &ln)), narrow(map_rows(&xf, d, &ln)));
+        assert_eq!(bits(map_rows(&x, d, &Softmax)), narrow(map_rows(&xf, d, &Softmax)));
+        // RMS norm: the half-precision order, normalised row rounded then
+        // scaled by the (bf16) weight and rounded again.
+        let wb: Vec<f32> = w.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+        let rms = RmsNorm {
+            w: Some(&wb),
+            eps: 1e-6,
+            bf16: true,
+        };
+        let n = rms_norm_f32(&xf, d, None, 1e-6);
+        let want: Vec<u16> = n
+            .iter()
+            .enumerate()
+            .map(|(i, v)| bf16::from_f32(bf16::from_f32(*v).to_f32() * wb[i % d]).to_bits())
+            .collect();
+        assert_eq!(bits(map_rows(&x, d, &rms)), want);
+        // Group norm: 2 samples, 6 channels in 3 groups, 35 elements each.
+        let (c, rest, groups) = (6, 35, 3);
+        let g: Vec<bf16> = values(2 * c * rest, 14, -0.3).into_iter().map(bf16::from_f32).collect();
+        let gf: Vec<f32> = g.iter().map(|v| v.to_f32()).collect();
+        let (gw, gb) = (values(c, 15, 1.0), values(c, 16, 0.0));
+        let gn = GroupNorm {
+            w: Some(&gw),
+            b: Some(&gb),
+            eps: 1e-6,
+        };
+        assert_eq!(
+            bits(group_norm_t(&g, (c, rest), groups, gn)),
+            narrow(group_norm_t(&gf, (c, rest), groups, gn))
+        );
     }
 
     fn reference(
