@@ -199,17 +199,32 @@ impl Packed {
     /// From a row-major `[K, cols]` matrix: element `(k, c)` at
     /// `src[k * ld + c]` (the right operand of `x @ b`, an im2col buffer).
     pub(crate) fn from_rows(src: &[u16], k: usize, cols: usize, ld: usize) -> Self {
-        let mut p = Packed::new(k, cols);
-        assert!(cols == 0 || k == 0 || ((k - 1) * ld + cols <= src.len() && ld >= cols));
-        let kb = p.kblocks;
-        if kb == 0 {
-            return p;
-        }
-        p.data.par_chunks_mut(kb * TILE).enumerate().for_each(|(cb, dst)| {
-            // SAFETY: as in `from_columns`.
-            unsafe { pack_rows(src, k, cols, ld, cb, dst) }
-        });
+        let mut p = Packed::new(0, 0);
+        p.repack_rows(src, k, cols, ld);
         p
+    }
+
+    /// [`Self::from_rows`] into this buffer, reusing its memory (a
+    /// convolution packs one im2col tile after another). Every element of
+    /// the used part is written, so the buffer is never cleared.
+    pub(crate) fn repack_rows(&mut self, src: &[u16], k: usize, cols: usize, ld: usize) {
+        assert!(cols == 0 || k == 0 || ((k - 1) * ld + cols <= src.len() && ld >= cols));
+        let kb = k.div_ceil(TK);
+        let len = cols.div_ceil(TR) * kb * TILE;
+        if self.data.len() < len {
+            self.data.resize(len, 0);
+        }
+        (self.k, self.cols, self.kblocks) = (k, cols, kb);
+        if kb == 0 {
+            return;
+        }
+        self.data[..len]
+            .par_chunks_mut(kb * TILE)
+            .enumerate()
+            .for_each(|(cb, dst)| {
+                // SAFETY: as in `from_columns`.
+                unsafe { pack_rows(src, k, cols, ld, cb, dst) }
+            });
     }
 
     fn tile(&self, cb: usize, kb: usize) -> *const u16 {
