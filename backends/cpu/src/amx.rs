@@ -294,7 +294,7 @@ pub(crate) struct Left<'a> {
 /// 16 x 16 transpose of 32-bit lanes.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[inline]
-unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+pub(crate) unsafe fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
     let mut a = [_mm512_setzero_si512(); 16];
     for i in 0..8 {
         a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);

@@ -217,6 +217,39 @@ pub(crate) fn conv2d_f32(
     let (ws, _) = w.storage_and_layout();
     let ws = f32_slice(&ws, w)?;
     let mut out = vec![0f32; b * o * hw];
+    #[cfg(target_arch = "x86_64")]
+    if crate::sgemm::available() {
+        // Our own kernel (see `sgemm`): the weights are the left operand,
+        // each im2col tile (or the image, for 1x1) the packed right one; the
+        // bias is added to each finished sum.
+        use crate::sgemm::{product_into, Bias, Left, Packed};
+        let bv: Option<Vec<f32>> = bias.map(|t| t.to_vec1()).transpose()?;
+        let sb = bv.as_deref().map_or(Bias::None, Bias::Rows);
+        let left = Left {
+            data: ws,
+            rows: o,
+            k: kk,
+            ld: kk,
+        };
+        if d.pointwise(g) {
+            for (ob, xb) in out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
+                product_into(left, &Packed::from_rows(xb, c, hw, hw), ob, hw, sb);
+            }
+            return CTensor::from_vec(out, (b, o, oh, ow), x.device());
+        }
+        let rows = d.tile_rows();
+        let mut col = vec![0f32; kk * rows * ow];
+        for (ob, xb) in out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
+            for oy0 in (0..oh).step_by(rows) {
+                let nr = rows.min(oh - oy0);
+                let tp = nr * ow;
+                let col = &mut col[..kk * tp];
+                d.im2col(g, xb, col, oy0, nr);
+                product_into(left, &Packed::from_rows(col, kk, tp, tp), &mut ob[oy0 * ow..], hw, sb);
+            }
+        }
+        return CTensor::from_vec(out, (b, o, oh, ow), x.device());
+    }
     if let Some(bias) = bias {
         let bv: Vec<f32> = bias.to_vec1()?;
         for ob in out.chunks_exact_mut(o * hw) {

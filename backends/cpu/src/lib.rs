@@ -37,6 +37,8 @@ mod norm;
 mod quant;
 #[cfg(target_arch = "x86_64")]
 mod quant_x86;
+#[cfg(target_arch = "x86_64")]
+mod sgemm;
 
 /// The candle CPU backend. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -536,6 +538,10 @@ impl Backend for CpuBackend {
         if let Some(y) = amx::matmul_tensor(&a, &b).map_err(err)? {
             return Ok(y);
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(y) = sgemm::matmul_tensor(&a, &b).map_err(err)? {
+            return Ok(y);
+        }
         if a.dtype() == CDType::BF16 {
             // candle widens bf16 operands element by element; the product is
             // f32 gemm either way, rounded once (as PyTorch's CPU bf16 gemm).
@@ -677,6 +683,28 @@ impl Backend for CpuBackend {
         #[cfg(target_arch = "x86_64")]
         if let Some(y) = amx::linear_tensor(x, w, b).map_err(err)? {
             return Ok(y);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if x.dtype() == CDType::F32
+            && w.is_contiguous()
+            && b.is_none_or(|b| b.dtype() == CDType::F32)
+            && sgemm::available()
+        {
+            let rows: usize = xd[..xd.len() - 1].iter().product();
+            let (n, k) = (wd[0], wd[1]);
+            let x = x.contiguous().map_err(err)?;
+            let b = b.map(|b| b.contiguous()).transpose().map_err(err)?;
+            let y = convert::with_slice::<f32, _>(&x, |xs| {
+                convert::with_slice::<f32, _>(w, |ws| match &b {
+                    Some(b) => convert::with_slice::<f32, _>(b, |bs| sgemm::linear(xs, rows, ws, n, k, Some(bs))),
+                    None => Ok(sgemm::linear(xs, rows, ws, n, k, None)),
+                })
+            })
+            .and_then(|r| r.and_then(|r| r))
+            .map_err(err)?;
+            let mut od = xd[..xd.len() - 1].to_vec();
+            od.push(n);
+            return CTensor::from_vec(y, od, &self.device).map_err(err);
         }
         // `w.t()` is a column-major view that gemm consumes without a copy.
         let rows: usize = xd[..xd.len() - 1].iter().product();

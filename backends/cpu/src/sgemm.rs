@@ -1,0 +1,519 @@
+//! f32 matrix products with our own AVX-512 microkernel.
+//!
+//! The `gemm` crate sizes its blocks from the cache sizes CPUID reports; on
+//! the VM the benchmarks run on that is a 480 MiB L3, and its f32 products
+//! ran at a sixth of the FMA peak. This is the classic layout with blocks
+//! fixed to the per-core caches every AVX-512 CPU has (32+ KiB L1, 1+ MiB
+//! L2): the right operand packed once per call into panels of 32 columns
+//! (`k x 32`, contiguous), the left one read in place (rows with k
+//! contiguous, each element broadcast), a 12 x 32 tile of sums in 24
+//! registers, k in chunks of 256 so a panel chunk (32 KiB) stays in L1
+//! while the tiles of a task's rows pass over it.
+//!
+//! Each output is one running sum over k in order (partial sums are stored
+//! in the output between k chunks and picked up again), so a result does
+//! not depend on the blocking or the thread count; the bias is added to the
+//! finished sum, as `x @ w.T + b` computes it.
+
+use crate::amx::transpose16;
+use rayon::prelude::*;
+use std::arch::x86_64::*;
+
+/// Rows of a register tile.
+const MR: usize = 12;
+/// Columns of a panel (two vectors of 16).
+const NR: usize = 32;
+/// k per chunk.
+const KC: usize = 256;
+/// Largest task: rows and panels.
+const TASK_ROWS: usize = 8 * MR;
+const TASK_PANELS: usize = 8;
+
+/// Whether the kernels can run: AVX-512 F/BW/VL (the packing uses the
+/// 32-bit transpose of `amx`).
+pub(crate) fn available() -> bool {
+    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+}
+
+/// The right operand in panels of 32 columns: panel `p` holds, for each k,
+/// columns `32p .. 32p + 32` (zero past the matrix).
+pub(crate) struct Packed {
+    data: Vec<f32>,
+    k: usize,
+    cols: usize,
+}
+
+impl Packed {
+    fn panels(&self) -> usize {
+        self.cols.div_ceil(NR)
+    }
+
+    /// From a row-major `[k, cols]` matrix (element `(k, c)` at
+    /// `src[k * ld + c]`).
+    pub(crate) fn from_rows(src: &[f32], k: usize, cols: usize, ld: usize) -> Self {
+        assert!(cols == 0 || k == 0 || ((k - 1) * ld + cols <= src.len() && ld >= cols));
+        let mut data = vec![0f32; cols.div_ceil(NR) * k * NR];
+        if k > 0 {
+            data.par_chunks_mut(k * NR).enumerate().for_each(|(p, dst)| {
+                let (c0, nc) = (p * NR, NR.min(cols - p * NR));
+                for (kk, row) in dst.chunks_exact_mut(NR).enumerate() {
+                    row[..nc].copy_from_slice(&src[kk * ld + c0..][..nc]);
+                }
+            });
+        }
+        Packed { data, k, cols }
+    }
+
+    /// From a matrix whose column `c` has its k values contiguous (element
+    /// `(k, c)` at `src[c * ld + k]`: the weights `[n, k]` of a linear
+    /// layer), by 16 x 16 transposes.
+    pub(crate) fn from_columns(src: &[f32], k: usize, cols: usize, ld: usize) -> Self {
+        assert!(cols == 0 || k == 0 || ((cols - 1) * ld + k <= src.len() && ld >= k));
+        let mut data = vec![0f32; cols.div_ceil(NR) * k * NR];
+        if k > 0 {
+            data.par_chunks_mut(k * NR).enumerate().for_each(|(p, dst)| {
+                // SAFETY: `available` (the callers check it); reads are
+                // masked to the rows and k that exist.
+                unsafe { pack_columns(src, k, cols, ld, p, dst) }
+            });
+        }
+        Packed { data, k, cols }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn pack_columns(src: &[f32], k: usize, cols: usize, ld: usize, p: usize, dst: &mut [f32]) {
+    for half in 0..2 {
+        let c0 = p * NR + half * 16;
+        if c0 >= cols {
+            break;
+        }
+        let nc = 16.min(cols - c0);
+        for k0 in (0..k).step_by(16) {
+            let nk = 16.min(k - k0);
+            let mask: __mmask16 = if nk == 16 { !0 } else { (1u16 << nk) - 1 };
+            let mut rows = [_mm512_setzero_si512(); 16];
+            for (c, r) in rows.iter_mut().enumerate().take(nc) {
+                *r = _mm512_maskz_loadu_epi32(mask, src.as_ptr().add((c0 + c) * ld + k0) as *const i32);
+            }
+            let t = transpose16(rows);
+            for (kk, v) in t.iter().enumerate().take(nk) {
+                _mm512_storeu_si512(dst.as_mut_ptr().add((k0 + kk) * NR + half * 16) as *mut _, *v);
+            }
+        }
+    }
+}
+
+/// The left operand: `rows` rows of `k` f32, row `i` at `data[i * ld..]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Left<'a> {
+    pub data: &'a [f32],
+    pub rows: usize,
+    pub k: usize,
+    pub ld: usize,
+}
+
+/// What is added to each finished sum.
+#[derive(Clone, Copy)]
+pub(crate) enum Bias<'a> {
+    None,
+    /// One value per output column (`x @ w.T + b`).
+    Cols(&'a [f32]),
+    /// One value per output row (a convolution's channels).
+    Rows(&'a [f32]),
+}
+
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: the tasks write disjoint blocks of the output.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `y = left · right + bias` into `y` (`[rows, cols]`, row stride `ldy`),
+/// split over rayon.
+///
+/// # Panics
+/// If the operands disagree or `y` is too small. The caller checks
+/// [`available`].
+pub(crate) fn product_into(left: Left<'_>, right: &Packed, y: &mut [f32], ldy: usize, bias: Bias<'_>) {
+    let (m, n, k) = (left.rows, right.cols, left.k);
+    assert!(available() && k == right.k, "sgemm: operands disagree");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ldy >= n && (m - 1) * ldy + n <= y.len());
+    assert!(k == 0 || ((m - 1) * left.ld + k <= left.data.len() && left.ld >= k));
+    match bias {
+        Bias::Cols(b) => assert!(b.len() >= n),
+        Bias::Rows(b) => assert!(b.len() >= m),
+        Bias::None => {}
+    }
+    let out = Out(y.as_mut_ptr());
+    let panels = right.panels();
+    let want = 4 * rayon::current_num_threads().max(1);
+    let (mut tr, mut tp) = (TASK_ROWS, TASK_PANELS);
+    while m.div_ceil(tr) * panels.div_ceil(tp) < want && (tr > MR || tp > 1) {
+        if tr > MR && (tr * 4 >= tp * NR || tp == 1) {
+            tr = (tr / 2).next_multiple_of(MR).max(MR);
+        } else {
+            tp = (tp / 2).max(1);
+        }
+    }
+    let tasks: Vec<(usize, usize)> = (0..m.div_ceil(tr))
+        .flat_map(|i| (0..panels.div_ceil(tp)).map(move |j| (i, j)))
+        .collect();
+    tasks.into_par_iter().for_each(|(i, j)| {
+        let rows = i * tr..((i + 1) * tr).min(m);
+        let pans = j * tp..((j + 1) * tp).min(panels);
+        // SAFETY: AVX-512 checked above; the task writes rows `rows` and
+        // the columns of panels `pans` only, inside `y` (asserted).
+        unsafe { task(left, right, rows, pans, out, ldy, bias) };
+    });
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn task(
+    left: Left<'_>,
+    right: &Packed,
+    rows: std::ops::Range<usize>,
+    pans: std::ops::Range<usize>,
+    out: Out,
+    ldy: usize,
+    bias: Bias<'_>,
+) {
+    let k = left.k;
+    let n = right.cols;
+    let chunks = k.div_ceil(KC).max(1);
+    let tiles = rows.len().div_ceil(MR);
+    // The task's rows of one k chunk, tile by tile as [k][12] (zero rows
+    // past the matrix): one pointer walks a tile, so the kernel keeps its
+    // 24 sums and both panel vectors in registers.
+    let mut apack = vec![0f32; tiles * KC.min(k.max(1)) * MR];
+    for ch in 0..chunks {
+        let k0 = ch * KC;
+        let kn = KC.min(k - k0.min(k));
+        let (first, last) = (ch == 0, ch + 1 == chunks);
+        for t in 0..tiles {
+            let r0 = rows.start + t * MR;
+            let nr = MR.min(rows.end - r0);
+            let dst = &mut apack[t * kn * MR..(t + 1) * kn * MR];
+            for i in 0..nr {
+                let src = &left.data[(r0 + i) * left.ld + k0..][..kn];
+                for (kk, v) in src.iter().enumerate() {
+                    dst[kk * MR + i] = *v;
+                }
+            }
+            for i in nr..MR {
+                for kk in 0..kn {
+                    dst[kk * MR + i] = 0.0;
+                }
+            }
+        }
+        for p in pans.clone() {
+            let c0 = p * NR;
+            let nc = NR.min(n - c0);
+            let panel = right.data.as_ptr().add((p * k + k0) * NR);
+            for t in 0..tiles {
+                let r0 = rows.start + t * MR;
+                let tile = Tile {
+                    a: apack.as_ptr().add(t * kn * MR),
+                    b: panel,
+                    kn,
+                    c: out.at(r0 * ldy + c0),
+                    ldc: ldy,
+                    nr: MR.min(rows.end - r0),
+                    nc,
+                    first,
+                    last,
+                    bias,
+                    r0,
+                    c0,
+                };
+                tile.run();
+            }
+        }
+    }
+}
+
+/// One register tile's work for one k chunk.
+struct Tile<'a> {
+    /// The packed rows ([k][12]).
+    a: *const f32,
+    b: *const f32,
+    kn: usize,
+    c: *mut f32,
+    ldc: usize,
+    nr: usize,
+    nc: usize,
+    first: bool,
+    last: bool,
+    bias: Bias<'a>,
+    r0: usize,
+    c0: usize,
+}
+
+/// `$body` once for each row `$i` of a tile, `$i` a constant: the sums
+/// are only ever indexed by constants, so they live in registers (loops
+/// over the array, even of constant length, left them on the stack).
+macro_rules! each_row {
+    ($i:ident => $body:block) => {{
+        each_row!(@ $i $body; 0 1 2 3 4 5 6 7 8 9 10 11)
+    }};
+    (@ $i:ident $body:block; $($n:literal)*) => {{
+        $({
+            const $i: usize = $n;
+            $body
+        })*
+    }};
+}
+
+impl Tile<'_> {
+    /// Start from zero (first chunk) or the stored partial sums, run the
+    /// chunk's k, store the partial sums or (last chunk) the sums plus the
+    /// bias, masked to the tile's rows and the panel's columns.
+    #[inline(always)]
+    unsafe fn run(&self) {
+        const _: () = assert!(MR == 12, "each_row! unrolls 12 rows");
+        let m0: __mmask16 = if self.nc >= 16 { !0 } else { (1u16 << self.nc) - 1 };
+        let m1: __mmask16 = if self.nc >= 32 {
+            !0
+        } else if self.nc > 16 {
+            (1u16 << (self.nc - 16)) - 1
+        } else {
+            0
+        };
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        if !self.first {
+            each_row!(I => {
+                if I < self.nr {
+                    let c = self.c.add(I * self.ldc);
+                    acc[I][0] = _mm512_maskz_loadu_ps(m0, c);
+                    acc[I][1] = _mm512_maskz_loadu_ps(m1, c.add(16));
+                }
+            });
+        }
+        let (mut a, mut b) = (self.a, self.b);
+        for _ in 0..self.kn {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            each_row!(I => {
+                let x = _mm512_set1_ps(*a.add(I));
+                acc[I][0] = _mm512_fmadd_ps(x, b0, acc[I][0]);
+                acc[I][1] = _mm512_fmadd_ps(x, b1, acc[I][1]);
+            });
+            a = a.add(MR);
+            b = b.add(NR);
+        }
+        let (bias0, bias1) = match (self.last, self.bias) {
+            (true, Bias::Cols(bv)) => (
+                _mm512_maskz_loadu_ps(m0, bv.as_ptr().add(self.c0)),
+                _mm512_maskz_loadu_ps(m1, bv.as_ptr().add(self.c0 + 16)),
+            ),
+            _ => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
+        each_row!(I => {
+            if I < self.nr {
+                let (mut v0, mut v1) = (acc[I][0], acc[I][1]);
+                if self.last {
+                    match self.bias {
+                        Bias::Cols(_) => {
+                            v0 = _mm512_add_ps(v0, bias0);
+                            v1 = _mm512_add_ps(v1, bias1);
+                        }
+                        Bias::Rows(bv) => {
+                            let r = _mm512_set1_ps(bv[self.r0 + I]);
+                            v0 = _mm512_add_ps(v0, r);
+                            v1 = _mm512_add_ps(v1, r);
+                        }
+                        Bias::None => {}
+                    }
+                }
+                let c = self.c.add(I * self.ldc);
+                _mm512_mask_storeu_ps(c, m0, v0);
+                _mm512_mask_storeu_ps(c.add(16), m1, v1);
+            }
+        });
+    }
+}
+
+/// `y = x w^T (+ bias)`: `x` `[m, k]` contiguous, `w` `[n, k]` contiguous,
+/// `bias` `[n]`; returns `[m, n]`. Many rows: the weights are packed once
+/// and the rows stream past them. Few rows: the weights are the left
+/// operand (read once, in L2-sized pieces) and the rows the packed right
+/// one, the product transposed at the end.
+pub(crate) fn linear(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    if m >= 256 || m >= n {
+        let left = Left {
+            data: x,
+            rows: m,
+            k,
+            ld: k,
+        };
+        let b = bias.map_or(Bias::None, Bias::Cols);
+        product_into(left, &Packed::from_columns(w, k, n, k), &mut y, n, b);
+        return y;
+    }
+    let mut yt = vec![0f32; n * m];
+    let left = Left {
+        data: w,
+        rows: n,
+        k,
+        ld: k,
+    };
+    let b = bias.map_or(Bias::None, Bias::Rows);
+    product_into(left, &Packed::from_columns(x, k, m, k), &mut yt, m, b);
+    y.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = yt[j * m + i];
+        }
+    });
+    y
+}
+
+/// f32 `a @ b` (`a [.., m, k]`, `b [.., k, n]`, validated by the caller),
+/// or `None` where it does not apply: no AVX-512, another dtype, batch
+/// dimensions other than equal ones or a `b` without any.
+pub(crate) fn matmul_tensor(
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+) -> candle_core::Result<Option<candle_core::Tensor>> {
+    use crate::convert::slice_of;
+    use candle_core::{DType, Tensor};
+    if !available() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (ad, bd) = (a.dims(), b.dims());
+    let (ra, rb) = (ad.len(), bd.len());
+    let (m, k, n) = (ad[ra - 2], ad[ra - 1], bd[rb - 1]);
+    let (abatch, bbatch) = (&ad[..ra - 2], &bd[..rb - 2]);
+    let batch: usize = abatch.iter().product();
+    let shared = bbatch.iter().all(|&d| d == 1) && bbatch.len() <= abatch.len();
+    if !(abatch == bbatch || shared) || m == 0 || n == 0 || k == 0 || batch == 0 {
+        return Ok(None);
+    }
+    let a = a.contiguous()?;
+    let (b, rows) = if b.is_contiguous() {
+        (b.clone(), true)
+    } else if b.t()?.is_contiguous() {
+        (b.t()?, false)
+    } else {
+        (b.contiguous()?, true)
+    };
+    let (ag, al) = a.storage_and_layout();
+    let (bg, bl) = b.storage_and_layout();
+    let (asl, bsl) = (slice_of::<f32>(&ag, al)?, slice_of::<f32>(&bg, bl)?);
+    let mut y = vec![0f32; batch * m * n];
+    let mut packed = None;
+    for (i, yb) in y.chunks_exact_mut(m * n).enumerate() {
+        let bi = if shared { 0 } else { i };
+        // A shared right operand is packed once for the whole batch.
+        if !shared || packed.is_none() {
+            packed = Some(if rows {
+                Packed::from_rows(&bsl[bi * k * n..], k, n, n)
+            } else {
+                Packed::from_columns(&bsl[bi * k * n..], k, n, k)
+            });
+        }
+        let left = Left {
+            data: &asl[i * m * k..],
+            rows: m,
+            k,
+            ld: k,
+        };
+        if let Some(p) = &packed {
+            product_into(left, p, yb, n, Bias::None);
+        }
+    }
+    let mut od = abatch.to_vec();
+    od.extend([m, n]);
+    Ok(Some(Tensor::from_vec(y, od, a.device())?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = emu_core::testing::Rng::new(seed);
+        (0..n).map(|_| rng.uniform(-1.0, 1.0) as f32).collect()
+    }
+
+    /// Both orientations of `linear` (many rows: weights packed; few:
+    /// weights as the left operand, transposed at the end) against f64.
+    #[test]
+    fn linear_matches_f64_both_ways() {
+        if !available() {
+            eprintln!("no AVX-512 here: skipped");
+            return;
+        }
+        for &(m, n, k) in &[(20, 300, 70), (300, 40, 33), (17, 17, 600)] {
+            let (x, w, b) = (values(m * k, 5), values(n * k, 6), values(n, 7));
+            let y = linear(&x, m, &w, n, k, Some(&b));
+            for i in 0..m {
+                for j in 0..n {
+                    let s: f64 = (0..k)
+                        .map(|kk| x[i * k + kk] as f64 * w[j * k + kk] as f64)
+                        .sum::<f64>()
+                        + b[j] as f64;
+                    assert!(
+                        (y[i * n + j] as f64 - s).abs() < 1e-5 * (k as f64).sqrt(),
+                        "{m}x{n}x{k} at {i},{j}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_match_f64_on_ragged_shapes() {
+        if !available() {
+            eprintln!("no AVX-512 here: skipped");
+            return;
+        }
+        // Ragged rows (tiles of 1..12), columns (partial panels), k over
+        // one chunk; both packings; both biases.
+        for &(m, n, k) in &[(1, 1, 1), (13, 33, 7), (25, 70, 300), (100, 64, 520), (7, 129, 17)] {
+            let a = values(m * (k + 2), 1);
+            let b = values(k * n, 2);
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            let (bc, br) = (values(n, 3), values(m, 4));
+            let left = Left {
+                data: &a,
+                rows: m,
+                k,
+                ld: k + 2,
+            };
+            for (mode, bias) in [(0, Bias::None), (1, Bias::Cols(&bc)), (2, Bias::Rows(&br))] {
+                let mut y1 = vec![f32::NAN; m * (n + 1)];
+                let mut y2 = vec![f32::NAN; m * (n + 1)];
+                product_into(left, &Packed::from_rows(&b, k, n, n), &mut y1, n + 1, bias);
+                product_into(left, &Packed::from_columns(&bt, k, n, k), &mut y2, n + 1, bias);
+                for i in 0..m {
+                    for j in 0..n {
+                        let s: f64 = (0..k).map(|kk| a[i * (k + 2) + kk] as f64 * b[kk * n + j] as f64).sum();
+                        let want = s + match mode {
+                            1 => bc[j] as f64,
+                            2 => br[i] as f64,
+                            _ => 0.0,
+                        };
+                        let (g1, g2) = (y1[i * (n + 1) + j], y2[i * (n + 1) + j]);
+                        assert_eq!(g1.to_bits(), g2.to_bits(), "packings differ at {i},{j}");
+                        assert!(
+                            (g1 as f64 - want).abs() < 1e-5 * (k as f64).sqrt(),
+                            "{m}x{n}x{k} {mode}: {g1} vs {want}"
+                        );
+                    }
+                    // The padding column is never written.
+                    assert!(y1[i * (n + 1) + n].is_nan());
+                }
+            }
+        }
+    }
+}
