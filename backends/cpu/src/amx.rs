@@ -35,8 +35,9 @@ const TK: usize = 32;
 const TR: usize = 16;
 /// u16 elements in one operand tile.
 const TILE: usize = TR * TK;
-/// Tile blocks of k per chunk (1024 k): a chunk's operands, 2 x 256 rows
-/// x 2 KiB, stay in the 2 MiB L2 with the spilled accumulators.
+/// Tile blocks of k per chunk (512 k): a chunk's operands, 2 x 256 rows
+/// x 1 KiB, stay in L2 with the spilled accumulators (8, 16 and 32 timed
+/// within noise of each other on 1024^3).
 const KC: usize = 16;
 /// Largest task in tiles per side (256 rows or columns).
 const CHUNK: usize = 16;
