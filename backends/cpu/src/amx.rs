@@ -391,6 +391,19 @@ pub(crate) fn product_here<F: FnMut(usize, usize, &Block)>(left: Left<'_>, right
     unsafe { task(left, right, left.k.div_ceil(TK), 0..rb, 0..cb, &mut out) };
 }
 
+/// [`product_here`] into a row-major f32 `y` (`left.rows x cols`, row
+/// stride `ldy`), the sums as they are (no rounding).
+pub(crate) fn product_here_f32(left: Left<'_>, right: &Packed, cols: usize, y: &mut [f32], ldy: usize) {
+    let rows = left.rows;
+    assert!(rows == 0 || cols == 0 || (ldy >= cols && (rows - 1) * ldy + cols <= y.len()));
+    product_here(left, right, cols, |r0, c0, blk| {
+        let n = TR.min(cols - c0);
+        for r in 0..TR.min(rows - r0) {
+            y[(r0 + r) * ldy + c0..][..n].copy_from_slice(&blk[r * TR..r * TR + n]);
+        }
+    });
+}
+
 /// Where the left operand's tile `(row block, k block)` is: straight in
 /// the matrix where the tile is whole, else in a zero-padded copy.
 struct LeftTiles<'a> {
@@ -804,54 +817,42 @@ pub(crate) fn linear_tensor(x: &CTensor, w: &CTensor, b: Option<&CTensor>) -> ca
 }
 
 /// bf16 `a @ b` on tiles (`a [.., m, k]`, `b [.., k, n]`, validated by the
-/// caller), or `None` where it does not apply: no AMX, another dtype,
-/// batch dimensions other than equal ones or a `b` without any.
+/// caller), or `None` where it does not apply: no AMX, another dtype, or a
+/// batch layout [`Batched`](crate::batched::Batched) does not take.
 pub(crate) fn matmul_tensor(a: &CTensor, b: &CTensor) -> candle_core::Result<Option<CTensor>> {
     if !available() || a.dtype() != DType::BF16 || b.dtype() != DType::BF16 {
         return Ok(None);
     }
-    let (ad, bd) = (a.dims(), b.dims());
-    let (ra, rb) = (ad.len(), bd.len());
-    let (m, k, n) = (ad[ra - 2], ad[ra - 1], bd[rb - 1]);
-    let (abatch, bbatch) = (&ad[..ra - 2], &bd[..rb - 2]);
-    let batch: usize = abatch.iter().product();
-    let shared = bbatch.iter().all(|&d| d == 1) && bbatch.len() <= abatch.len();
-    if !(abatch == bbatch || shared) || m == 0 || n == 0 || k == 0 || batch == 0 {
+    let Some(p) = crate::batched::Batched::plan(a, b)? else {
         return Ok(None);
-    }
-    let a = a.contiguous()?;
-    // `b` row-major, or the transpose of a row-major `[.., n, k]` (the
-    // keys of `q k^T`), which packs without a copy.
-    let (b, rows) = if b.is_contiguous() {
-        (b.clone(), true)
-    } else if b.t()?.is_contiguous() {
-        (b.t()?, false)
-    } else {
-        (b.contiguous()?, true)
     };
-    let (ag, al) = a.storage_and_layout();
-    let (bg, bl) = b.storage_and_layout();
+    let (m, k, n) = (p.m, p.k, p.n);
+    let (ag, al) = p.a.storage_and_layout();
+    let (bg, bl) = p.b.storage_and_layout();
     let (asl, bsl) = (bits(slice_of::<bf16>(&ag, al)?), bits(slice_of::<bf16>(&bg, bl)?));
-    let mut y = vec![bf16::ZERO; batch * m * n];
-    let ys = bits_mut(&mut y);
-    for (i, yb) in ys.chunks_exact_mut(m * n).enumerate() {
-        let bi = if shared { 0 } else { i };
-        let right = if rows {
-            Packed::from_rows(&bsl[bi * k * n..], k, n, n)
-        } else {
-            Packed::from_columns(&bsl[bi * k * n..], k, n, k)
-        };
+    let mut y = vec![bf16::ZERO; p.out_dims().iter().product()];
+    let mut right = None;
+    for (i, yb) in bits_mut(&mut y).chunks_exact_mut(m * n).enumerate() {
+        // A shared right operand is packed once for the whole batch.
+        if i == 0 || !p.shared {
+            let src = &bsl[p.b_at(i)..];
+            right = Some(if p.b_rows {
+                Packed::from_rows(src, k, n, n)
+            } else {
+                Packed::from_columns(src, k, n, k)
+            });
+        }
         let left = Left {
             data: &asl[i * m * k..],
             rows: m,
             k,
             ld: k,
         };
-        product_into(left, &right, yb, n, Bias::None);
+        if let Some(r) = &right {
+            product_into(left, r, yb, n, Bias::None);
+        }
     }
-    let mut od = abatch.to_vec();
-    od.extend([m, n]);
-    Ok(Some(CTensor::from_vec(y, od, a.device())?))
+    Ok(Some(CTensor::from_vec(y, p.out_dims(), a.device())?))
 }
 
 #[cfg(test)]

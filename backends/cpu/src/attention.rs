@@ -326,12 +326,7 @@ impl Tiled {
             k: d,
             ld: d,
         };
-        crate::amx::product_here(left, &self.keys[kvh], kw, |r0, c0, blk| {
-            for r in 0..16.min(rows - r0) {
-                let n = 16.min(kw - c0);
-                scores[(r0 + r) * kw + c0..][..n].copy_from_slice(&blk[r * 16..r * 16 + n]);
-            }
-        });
+        crate::amx::product_here_f32(left, &self.keys[kvh], kw, scores, kw);
     }
 
     /// `o = p v` for probabilities `p` (`rows x kw`, already bf16 values;
@@ -346,12 +341,7 @@ impl Tiled {
             k: kw,
             ld: kw,
         };
-        crate::amx::product_here(left, &self.values[kvh], d, |r0, c0, blk| {
-            for r in 0..16.min(rows - r0) {
-                let n = 16.min(d - c0);
-                o[(r0 + r) * d + c0..][..n].copy_from_slice(&blk[r * 16..r * 16 + n]);
-            }
-        });
+        crate::amx::product_here_f32(left, &self.values[kvh], d, o, d);
     }
 }
 

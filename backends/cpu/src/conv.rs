@@ -167,11 +167,6 @@ impl Dims {
         self.kh == 1 && self.kw == 1 && g.stride == 1 && g.padding == (0, 0)
     }
 
-    /// Output rows per im2col tile.
-    fn tile_rows(&self) -> usize {
-        self.tile_rows_for(TILE_ELEMS)
-    }
-
     /// Output rows per im2col tile of at most `elems` elements (one row at
     /// least).
     fn tile_rows_for(&self, elems: usize) -> usize {
@@ -198,6 +193,43 @@ impl Dims {
             }
         });
     }
+
+    /// The convolution of every image of `xs` into `out` as products of the
+    /// weights (`[O, C*KH*KW]`) with a right operand: `product(right, tp,
+    /// y)` with `right` `[C*KH*KW, tp]` (row stride `tp`) and `y` the
+    /// output from the tile's first position on (row stride `OH*OW`). The
+    /// right operand is the image itself for a 1x1 convolution, else an
+    /// im2col tile of at most `tile_elems` elements.
+    fn products<T: Copy + Default + Send + Sync>(
+        &self,
+        g: Geometry,
+        xs: &[T],
+        out: &mut [T],
+        tile_elems: usize,
+        mut product: impl FnMut(&[T], usize, &mut [T]),
+    ) {
+        let (hw, kk) = (self.oh * self.ow, self.c * self.kh * self.kw);
+        let images = out
+            .chunks_exact_mut(self.o * hw)
+            .zip(xs.chunks_exact(self.c * self.h * self.wi));
+        if self.pointwise(g) {
+            for (ob, xb) in images {
+                product(xb, hw, ob);
+            }
+            return;
+        }
+        let rows = self.tile_rows_for(tile_elems);
+        let mut col = vec![T::default(); kk * rows * self.ow];
+        for (ob, xb) in images {
+            for oy0 in (0..self.oh).step_by(rows) {
+                let nr = rows.min(self.oh - oy0);
+                let tp = nr * self.ow;
+                let col = &mut col[..kk * tp];
+                self.im2col(g, xb, col, oy0, nr);
+                product(col, tp, &mut ob[oy0 * self.ow..]);
+            }
+        }
+    }
 }
 
 /// An f32 convolution with one group: `x` `[B, C, H, W]`, `w` `[O, C, KH,
@@ -210,8 +242,8 @@ pub(crate) fn conv2d_f32(
     g: Geometry,
 ) -> candle_core::Result<CTensor> {
     let d = Dims::new(x, w, g)?;
-    let (b, c, h, wi, o, oh, ow) = (d.b, d.c, d.h, d.wi, d.o, d.oh, d.ow);
-    let (hw, kk) = (oh * ow, c * d.kh * d.kw);
+    let (b, o, oh, ow) = (d.b, d.o, d.oh, d.ow);
+    let (hw, kk) = (oh * ow, d.c * d.kh * d.kw);
     let (xs, _) = x.storage_and_layout();
     let xs = f32_slice(&xs, x)?;
     let (ws, _) = w.storage_and_layout();
@@ -220,8 +252,7 @@ pub(crate) fn conv2d_f32(
     #[cfg(target_arch = "x86_64")]
     if crate::sgemm::available() {
         // Our own kernel (see `sgemm`): the weights are the left operand,
-        // each im2col tile (or the image, for 1x1) the packed right one; the
-        // bias is added to each finished sum.
+        // each right operand packed; the bias is added to each finished sum.
         use crate::sgemm::{product_into, Bias, Left, Packed};
         let bv: Option<Vec<f32>> = bias.map(|t| t.to_vec1()).transpose()?;
         let sb = bv.as_deref().map_or(Bias::None, Bias::Rows);
@@ -231,23 +262,9 @@ pub(crate) fn conv2d_f32(
             k: kk,
             ld: kk,
         };
-        if d.pointwise(g) {
-            for (ob, xb) in out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
-                product_into(left, &Packed::from_rows(xb, c, hw, hw), ob, hw, sb);
-            }
-            return CTensor::from_vec(out, (b, o, oh, ow), x.device());
-        }
-        let rows = d.tile_rows();
-        let mut col = vec![0f32; kk * rows * ow];
-        for (ob, xb) in out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
-            for oy0 in (0..oh).step_by(rows) {
-                let nr = rows.min(oh - oy0);
-                let tp = nr * ow;
-                let col = &mut col[..kk * tp];
-                d.im2col(g, xb, col, oy0, nr);
-                product_into(left, &Packed::from_rows(col, kk, tp, tp), &mut ob[oy0 * ow..], hw, sb);
-            }
-        }
+        d.products(g, xs, &mut out, TILE_ELEMS, |r, tp, y| {
+            product_into(left, &Packed::from_rows(r, kk, tp, tp), y, hw, sb)
+        });
         return CTensor::from_vec(out, (b, o, oh, ow), x.device());
     }
     if let Some(bias) = bias {
@@ -259,23 +276,9 @@ pub(crate) fn conv2d_f32(
         }
     }
     let acc = bias.is_some();
-    if d.pointwise(g) {
-        for (ob, xb) in out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
-            gemm_rows(ob, hw, ws, xb, hw, (o, hw, c), acc);
-        }
-        return CTensor::from_vec(out, (b, o, oh, ow), x.device());
-    }
-    let rows = d.tile_rows();
-    let mut col = vec![0f32; kk * rows * ow];
-    for (ob, xb) in out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
-        for oy0 in (0..oh).step_by(rows) {
-            let nr = rows.min(oh - oy0);
-            let tp = nr * ow;
-            let col = &mut col[..kk * tp];
-            d.im2col(g, xb, col, oy0, nr);
-            gemm_rows(&mut ob[oy0 * ow..], hw, ws, col, tp, (o, tp, kk), acc);
-        }
-    }
+    d.products(g, xs, &mut out, TILE_ELEMS, |r, tp, y| {
+        gemm_rows(y, hw, ws, r, tp, (o, tp, kk), acc)
+    });
     CTensor::from_vec(out, (b, o, oh, ow), x.device())
 }
 
@@ -294,8 +297,8 @@ pub(crate) fn conv2d_bf16(
     use crate::amx::{product_into, Bias, Left, Packed};
     use crate::convert::{bits, bits_mut, with_slice};
     let d = Dims::new(x, w, g)?;
-    let (b, c, h, wi, o, oh, ow) = (d.b, d.c, d.h, d.wi, d.o, d.oh, d.ow);
-    let (hw, kk) = (oh * ow, c * d.kh * d.kw);
+    let (b, o, oh, ow) = (d.b, d.o, d.oh, d.ow);
+    let (hw, kk) = (oh * ow, d.c * d.kh * d.kw);
     let bias_bits = match bias {
         Some(t) => Some(with_slice::<half::bf16, _>(&t.contiguous()?, |s| bits(s).to_vec())?),
         None => None,
@@ -306,34 +309,18 @@ pub(crate) fn conv2d_bf16(
     };
     let out = with_slice::<half::bf16, _>(x, |xs| {
         with_slice::<half::bf16, _>(w, |ws| {
-            let (xs, ws) = (bits(xs), bits(ws));
             let left = Left {
-                data: ws,
+                data: bits(ws),
                 rows: o,
                 k: kk,
                 ld: kk,
             };
             let mut out = vec![half::bf16::ZERO; b * o * hw];
-            let ys = bits_mut(&mut out);
-            if d.pointwise(g) {
-                for (ob, xb) in ys.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
-                    product_into(left, &Packed::from_rows(xb, c, hw, hw), ob, hw, bias);
-                }
-                return out;
-            }
-            let rows = d.tile_rows_for(BF16_TILE_ELEMS);
-            let mut col = vec![0u16; kk * rows * ow];
             let mut packed = Packed::from_rows(&[], 0, 0, 0);
-            for (ob, xb) in ys.chunks_exact_mut(o * hw).zip(xs.chunks_exact(c * h * wi)) {
-                for oy0 in (0..oh).step_by(rows) {
-                    let nr = rows.min(oh - oy0);
-                    let tp = nr * ow;
-                    let col = &mut col[..kk * tp];
-                    d.im2col(g, xb, col, oy0, nr);
-                    packed.repack_rows(col, kk, tp, tp);
-                    product_into(left, &packed, &mut ob[oy0 * ow..], hw, bias);
-                }
-            }
+            d.products(g, bits(xs), bits_mut(&mut out), BF16_TILE_ELEMS, |r, tp, y| {
+                packed.repack_rows(r, kk, tp, tp);
+                product_into(left, &packed, y, hw, bias)
+            });
             out
         })
     })??;

@@ -26,6 +26,8 @@ use emu_core::{DType, Error, HostTensor, QuantTensor, Result};
 #[cfg(target_arch = "x86_64")]
 mod amx;
 mod attention;
+#[cfg(target_arch = "x86_64")]
+mod batched;
 mod conv;
 mod convert;
 mod elementwise;
@@ -685,26 +687,8 @@ impl Backend for CpuBackend {
             return Ok(y);
         }
         #[cfg(target_arch = "x86_64")]
-        if x.dtype() == CDType::F32
-            && w.is_contiguous()
-            && b.is_none_or(|b| b.dtype() == CDType::F32)
-            && sgemm::available()
-        {
-            let rows: usize = xd[..xd.len() - 1].iter().product();
-            let (n, k) = (wd[0], wd[1]);
-            let x = x.contiguous().map_err(err)?;
-            let b = b.map(|b| b.contiguous()).transpose().map_err(err)?;
-            let y = convert::with_slice::<f32, _>(&x, |xs| {
-                convert::with_slice::<f32, _>(w, |ws| match &b {
-                    Some(b) => convert::with_slice::<f32, _>(b, |bs| sgemm::linear(xs, rows, ws, n, k, Some(bs))),
-                    None => Ok(sgemm::linear(xs, rows, ws, n, k, None)),
-                })
-            })
-            .and_then(|r| r.and_then(|r| r))
-            .map_err(err)?;
-            let mut od = xd[..xd.len() - 1].to_vec();
-            od.push(n);
-            return CTensor::from_vec(y, od, &self.device).map_err(err);
+        if let Some(y) = sgemm::linear_tensor(x, w, b).map_err(err)? {
+            return Ok(y);
         }
         // `w.t()` is a column-major view that gemm consumes without a copy.
         let rows: usize = xd[..xd.len() - 1].iter().product();

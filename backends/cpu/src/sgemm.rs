@@ -17,6 +17,8 @@
 //! finished sum, as `x @ w.T + b` computes it.
 
 use crate::amx::transpose16;
+use crate::convert::slice_of;
+use candle_core::{DType, Tensor as CTensor};
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
@@ -381,47 +383,29 @@ pub(crate) fn linear(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: O
 }
 
 /// f32 `a @ b` (`a [.., m, k]`, `b [.., k, n]`, validated by the caller),
-/// or `None` where it does not apply: no AVX-512, another dtype, batch
-/// dimensions other than equal ones or a `b` without any.
-pub(crate) fn matmul_tensor(
-    a: &candle_core::Tensor,
-    b: &candle_core::Tensor,
-) -> candle_core::Result<Option<candle_core::Tensor>> {
-    use crate::convert::slice_of;
-    use candle_core::{DType, Tensor};
+/// or `None` where it does not apply: no AVX-512, another dtype, or a batch
+/// layout [`Batched`](crate::batched::Batched) does not take.
+pub(crate) fn matmul_tensor(a: &CTensor, b: &CTensor) -> candle_core::Result<Option<CTensor>> {
     if !available() || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
         return Ok(None);
     }
-    let (ad, bd) = (a.dims(), b.dims());
-    let (ra, rb) = (ad.len(), bd.len());
-    let (m, k, n) = (ad[ra - 2], ad[ra - 1], bd[rb - 1]);
-    let (abatch, bbatch) = (&ad[..ra - 2], &bd[..rb - 2]);
-    let batch: usize = abatch.iter().product();
-    let shared = bbatch.iter().all(|&d| d == 1) && bbatch.len() <= abatch.len();
-    if !(abatch == bbatch || shared) || m == 0 || n == 0 || k == 0 || batch == 0 {
+    let Some(p) = crate::batched::Batched::plan(a, b)? else {
         return Ok(None);
-    }
-    let a = a.contiguous()?;
-    let (b, rows) = if b.is_contiguous() {
-        (b.clone(), true)
-    } else if b.t()?.is_contiguous() {
-        (b.t()?, false)
-    } else {
-        (b.contiguous()?, true)
     };
-    let (ag, al) = a.storage_and_layout();
-    let (bg, bl) = b.storage_and_layout();
+    let (m, k, n) = (p.m, p.k, p.n);
+    let (ag, al) = p.a.storage_and_layout();
+    let (bg, bl) = p.b.storage_and_layout();
     let (asl, bsl) = (slice_of::<f32>(&ag, al)?, slice_of::<f32>(&bg, bl)?);
-    let mut y = vec![0f32; batch * m * n];
-    let mut packed = None;
+    let mut y = vec![0f32; p.out_dims().iter().product()];
+    let mut right = None;
     for (i, yb) in y.chunks_exact_mut(m * n).enumerate() {
-        let bi = if shared { 0 } else { i };
         // A shared right operand is packed once for the whole batch.
-        if !shared || packed.is_none() {
-            packed = Some(if rows {
-                Packed::from_rows(&bsl[bi * k * n..], k, n, n)
+        if i == 0 || !p.shared {
+            let src = &bsl[p.b_at(i)..];
+            right = Some(if p.b_rows {
+                Packed::from_rows(src, k, n, n)
             } else {
-                Packed::from_columns(&bsl[bi * k * n..], k, n, k)
+                Packed::from_columns(src, k, n, k)
             });
         }
         let left = Left {
@@ -430,13 +414,37 @@ pub(crate) fn matmul_tensor(
             k,
             ld: k,
         };
-        if let Some(p) = &packed {
-            product_into(left, p, yb, n, Bias::None);
+        if let Some(r) = &right {
+            product_into(left, r, yb, n, Bias::None);
         }
     }
-    let mut od = abatch.to_vec();
-    od.extend([m, n]);
-    Ok(Some(Tensor::from_vec(y, od, a.device())?))
+    Ok(Some(CTensor::from_vec(y, p.out_dims(), a.device())?))
+}
+
+/// f32 `linear` (`x [.., k]`, `w [n, k]`, `b [n]`, shapes checked by the
+/// caller), or `None` where it does not apply: no AVX-512, another dtype,
+/// weights that are not one contiguous block.
+pub(crate) fn linear_tensor(x: &CTensor, w: &CTensor, b: Option<&CTensor>) -> candle_core::Result<Option<CTensor>> {
+    let f = |t: &CTensor| t.dtype() == DType::F32;
+    if !available() || !f(x) || !f(w) || !b.is_none_or(f) || !w.is_contiguous() {
+        return Ok(None);
+    }
+    let (n, k) = w.dims2()?;
+    let xd = x.dims();
+    let m: usize = xd[..xd.len() - 1].iter().product();
+    let x = x.contiguous()?;
+    let b = b.map(|b| b.contiguous()).transpose()?;
+    let (xg, xl) = x.storage_and_layout();
+    let (wg, wl) = w.storage_and_layout();
+    let bg = b.as_ref().map(|b| b.storage_and_layout());
+    let bias = match &bg {
+        Some((g, l)) => Some(slice_of::<f32>(g, l)?),
+        None => None,
+    };
+    let y = linear(slice_of(&xg, xl)?, m, slice_of(&wg, wl)?, n, k, bias);
+    let mut od = xd[..xd.len() - 1].to_vec();
+    od.push(n);
+    Ok(Some(CTensor::from_vec(y, od, w.device())?))
 }
 
 #[cfg(test)]

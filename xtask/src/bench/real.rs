@@ -45,11 +45,10 @@ use emu_llm::{Llama, LlamaConfig, Logits};
 use emu_vision::VisionEncoder;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use super::models::{self, LlmSpec, Params, VisionSpec};
-use super::run::Call;
-use super::{Component, Options, Report, Res, Row, Timing};
+use super::run::{timed, Call};
+use super::{Component, Options, Report, Res, Row};
 
 const PREFILL: usize = 128;
 pub const DECODE_CONTEXT: usize = 512;
@@ -147,23 +146,6 @@ impl RealSpec {
             unet_path,
         })
     }
-}
-
-/// Runs `f` as [`Timing`] says; the times and the last output. `f`
-/// returns its result on the host (the download is the asynchronous
-/// backends' sync point, so it is timed); its conversion to f32 is not.
-fn timed(t: Timing, mut f: impl FnMut() -> Res<HostTensor>) -> Res<(Vec<f64>, Vec<f32>)> {
-    for _ in 0..t.warmup {
-        f()?;
-    }
-    let mut ms = Vec::new();
-    let mut out = None;
-    for _ in 0..t.iters {
-        let t0 = Instant::now();
-        out = Some(f()?);
-        ms.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    Ok((ms, out.map(|o| o.to_f32_vec()).transpose()?.unwrap_or_default()))
 }
 
 fn call(

@@ -40,7 +40,7 @@ pub struct Call {
 /// asynchronous backends' sync point, so it stays inside the clock); the
 /// conversion to f32 for the comparison is outside it (the PyTorch scripts
 /// time the op alone).
-fn timed(t: Timing, mut f: impl FnMut() -> Res<HostTensor>) -> Res<(Vec<f64>, Vec<f32>)> {
+pub(super) fn timed(t: Timing, mut f: impl FnMut() -> Res<HostTensor>) -> Res<(Vec<f64>, Vec<f32>)> {
     for _ in 0..t.warmup {
         f()?;
     }
