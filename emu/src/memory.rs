@@ -27,7 +27,7 @@
 //! is available then, so resident weights are already accounted for.
 //! `emu --no-memory-check` or `EMU_NO_MEMORY_CHECK=1` turns every check off.
 
-use crate::pipeline::{PipelineError, Result};
+use crate::pipeline::{PipelineError, Residency, Result};
 use emu_core::checkpoint::Checkpoint;
 use emu_core::quant::QuantType;
 use emu_core::{Backend, DType};
@@ -207,6 +207,106 @@ pub fn check(what: &str, needs: &[Need], advice: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// What one component needs while it is loaded: its weights (on its
+/// backend, and quantized linears on the host) and, while it loads, the
+/// largest tensor read in f32 (see [`loading_need`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    /// The component (`vision`, `llm`, `unet`, `vae`).
+    pub name: &'static str,
+    pub needs: Vec<Need>,
+    /// The largest tensor of its checkpoint in f32.
+    pub largest_f32: u64,
+}
+
+impl Stage {
+    /// The resident bytes of the stage's weights, every pool together.
+    pub fn bytes(&self) -> u64 {
+        self.needs.iter().fold(0u64, |a, n| a.saturating_add(n.bytes))
+    }
+
+    /// The needs of loading this stage alone.
+    fn alone(&self) -> Vec<Need> {
+        let mut needs = self.needs.clone();
+        needs.push(loading_need("loading", self.largest_f32, Pool::Host));
+        needs
+    }
+}
+
+/// Peak weight memory of components of `bytes` each: their sum when all are
+/// resident, the largest when they are loaded one stage at a time.
+pub fn peak(bytes: &[u64], residency: Residency) -> u64 {
+    match residency {
+        Residency::All => bytes.iter().fold(0u64, |a, &b| a.saturating_add(b)),
+        Residency::Sequential => bytes.iter().copied().max().unwrap_or(0),
+    }
+}
+
+/// What loading `stages` needs at its peak, every pool together: all of
+/// them with the largest tensor's loading transient, or the largest of
+/// each stage alone with its own; the amounts [`check_stages`] compares.
+pub fn load_peak(stages: &[Stage], residency: Residency) -> u64 {
+    let sum = |needs: &[Need]| needs.iter().fold(0u64, |a, n| a.saturating_add(n.bytes));
+    match residency {
+        Residency::All => sum(&all_at_once(stages)),
+        Residency::Sequential => stages.iter().map(|s| sum(&s.alone())).max().unwrap_or(0),
+    }
+}
+
+/// Every stage resident at once: their needs (weights of one component in
+/// one pool and dtype, e.g. the UNet's and the VAE's, merged into one line)
+/// plus the largest tensor's loading transient.
+fn all_at_once(stages: &[Stage]) -> Vec<Need> {
+    let mut needs: Vec<Need> = Vec::new();
+    for n in stages.iter().flat_map(|s| &s.needs) {
+        let same = |m: &&mut Need| {
+            m.component == n.component && m.pool.same(&n.pool) && m.dtype.is_some() && m.dtype == n.dtype
+        };
+        match needs.iter_mut().find(|m| same(m)) {
+            Some(m) => {
+                m.bytes = m.bytes.saturating_add(n.bytes);
+                m.what = format!("{} + {}", m.what, n.what);
+            }
+            None => needs.push(n.clone()),
+        }
+    }
+    let largest = stages.iter().map(|s| s.largest_f32).max().unwrap_or(0);
+    needs.push(loading_need("loading", largest, Pool::Host));
+    needs
+}
+
+/// The load-time check of a pipeline made of `stages`: with
+/// [`Residency::All`] their sum against each pool; with
+/// [`Residency::Sequential`] each stage alone (the peak is the largest
+/// stage). When the sum does not fit but every stage alone would, the
+/// refusal suggests `--offload sequential`.
+pub fn check_stages(what: &str, stages: &[Stage], residency: Residency, advice: &str) -> Result<()> {
+    match residency {
+        Residency::All => match check(what, &all_at_once(stages), advice) {
+            Err(PipelineError::Memory(_))
+                if stages.len() > 1 && stages.iter().all(|s| check(what, &s.alone(), "").is_ok()) =>
+            {
+                let largest = stages.iter().max_by_key(|s| s.bytes()).map_or("", |s| s.name);
+                let advice = format!(
+                    "{advice}, or --offload sequential (one component in memory at a time; the largest, {largest}, fits)"
+                );
+                check(what, &all_at_once(stages), &advice)
+            }
+            other => other,
+        },
+        Residency::Sequential => {
+            for s in stages {
+                check(
+                    &format!("{what}, {} stage (--offload sequential)", s.name),
+                    &s.alone(),
+                    advice,
+                )?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Bytes of `n` elements of a tensor stored as `stored` and loaded as
@@ -510,6 +610,98 @@ mod tests {
         assert_eq!(size(3 << 20), "3.0 MiB");
         assert_eq!(size(1536), "1.5 KiB");
         assert_eq!(size(5 << 40), "5120.0 GiB");
+    }
+
+    /// A stage of `mib` MiB (no dtype, so the generic check runs whatever
+    /// the features) on a device with a known amount free, and a largest
+    /// tensor of `largest` KiB.
+    fn stage(name: &'static str, mib: u64, largest_kib: u64, pool: &Pool) -> Stage {
+        Stage {
+            name,
+            needs: vec![Need {
+                component: name,
+                what: "weights".into(),
+                bytes: mib << 20,
+                dtype: None,
+                pool: pool.clone(),
+            }],
+            largest_f32: largest_kib << 10,
+        }
+    }
+
+    #[test]
+    fn sequential_peaks_at_the_largest_stage_all_at_the_sum() {
+        assert_eq!(peak(&[3, 9, 4], Residency::All), 16);
+        assert_eq!(peak(&[3, 9, 4], Residency::Sequential), 9);
+        assert_eq!(peak(&[], Residency::Sequential), 0);
+        assert_eq!(peak(&[u64::MAX, 1], Residency::All), u64::MAX);
+        let host = Pool::Host;
+        let stages = [
+            stage("vision", 3, 64, &host),
+            stage("llm", 9, 512, &host),
+            stage("unet", 4, 1024, &host),
+        ];
+        // All: the sum plus the largest tensor of any (1 MiB, twice);
+        // sequential: the largest stage with its own largest tensor.
+        assert_eq!(load_peak(&stages, Residency::All), (16 << 20) + (2 << 20));
+        assert_eq!(load_peak(&stages, Residency::Sequential), (9 << 20) + (1 << 20));
+        assert_eq!(stages[1].bytes(), 9 << 20);
+    }
+
+    #[test]
+    fn the_sequential_check_takes_each_stage_alone_and_all_suggests_it() {
+        let dev = |free_mib: u64| Pool::Cuda {
+            name: "device 0".into(),
+            mem: Some((free_mib << 20, 64 << 30)),
+        };
+        let stages = |pool: &Pool| {
+            [
+                stage("vision", 3, 0, pool),
+                stage("llm", 9, 0, pool),
+                stage("unet", 4, 0, pool),
+            ]
+        };
+        // 12 MiB: the largest stage fits, the sum (16 MiB) does not.
+        let pool = dev(12);
+        check_stages("loading the model", &stages(&pool), Residency::Sequential, "").unwrap();
+        let e = check_stages("loading the model", &stages(&pool), Residency::All, "try --dtype bf16")
+            .unwrap_err()
+            .to_string();
+        for part in [
+            "not enough memory on device 0 for loading the model: need about 16.0 MiB",
+            "have 12.0 MiB; try --dtype bf16, or --offload sequential (one component in memory at a time; the largest, llm, fits)",
+        ] {
+            assert!(e.contains(part), "`{part}` not in: {e}");
+        }
+        // 8 MiB: not even the LLM alone fits; sequential names its stage and
+        // all-resident does not suggest sequential.
+        let pool = dev(8);
+        let e = check_stages("loading the model", &stages(&pool), Residency::Sequential, "")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("loading the model, llm stage (--offload sequential): need about 9.0 MiB"),
+            "{e}"
+        );
+        let e = check_stages("loading the model", &stages(&pool), Residency::All, "")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("--offload"), "{e}");
+        // 16 MiB: everything fits both ways.
+        let pool = dev(16);
+        check_stages("loading the model", &stages(&pool), Residency::All, "").unwrap();
+    }
+
+    #[test]
+    fn offload_values() {
+        assert_eq!(Residency::parse_offload("none").unwrap(), Residency::All);
+        assert_eq!(Residency::parse_offload("sequential").unwrap(), Residency::Sequential);
+        let e = Residency::parse_offload("foo").unwrap_err().to_string();
+        assert!(
+            e.contains("--offload `foo`") && e.contains("none (") && e.contains("sequential ("),
+            "{e}"
+        );
+        assert_eq!(Residency::default().offload_name(), "none");
     }
 
     /// Weights bound for a CUDA device go through the CUDA backend's own

@@ -111,3 +111,54 @@ fn generation_pipeline_library() {
     };
     assert!(pipe.generate(&prompt, &bad, None).is_err());
 }
+
+/// `Residency::Sequential` loads each component for its stage only; batched
+/// answers (the server's path: beam requests alone, the others together)
+/// are the ones of a resident pipeline, and nothing stays loaded.
+#[test]
+fn sequential_residency_answers_batches_as_resident() {
+    use emu::pipeline::{BatchItem, Residency};
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 24, 24);
+    let model = ModelDir::resolve("tiny", ModelFamily::Emu2Chat).unwrap();
+    let cpu = Component::new(CpuBackend::new(), DType::F32);
+    let all = ChatPipeline::load(&model, &cpu, &cpu).unwrap();
+    let seq = ChatPipeline::load_with_residency(&model, &cpu, &cpu, Residency::Sequential).unwrap();
+    assert_eq!(seq.model().residency(), Residency::Sequential);
+    assert!(seq.model().vision().is_none() && seq.model().llm().is_none());
+    assert!(all.model().vision().is_some() && all.model().llm().is_some());
+    let with_image = Prompt::new(vec![
+        Item::Image(img.to_str().unwrap().into()),
+        Item::Text("what is this?".into()),
+    ]);
+    let text_only = Prompt::new(vec![Item::Text("hello".into())]);
+    let mut greedy = ChatOptions::default();
+    greedy.generation.max_new_tokens = 5;
+    greedy.generation.num_beams = 1;
+    let mut beams = greedy.clone();
+    beams.generation.num_beams = 2;
+    let never = || false;
+    let items = || {
+        vec![(&with_image, &greedy), (&text_only, &greedy), (&with_image, &beams)]
+            .into_iter()
+            .map(|(prompt, opts)| BatchItem {
+                prompt,
+                opts,
+                on_text: None,
+                cancel: &never,
+            })
+            .collect::<Vec<_>>()
+    };
+    let a: Vec<_> = all.answer_batch(items()).into_iter().map(|r| r.unwrap()).collect();
+    let b: Vec<_> = seq.answer_batch(items()).into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!((&x.ids, &x.text), (&y.ids, &y.text));
+    }
+    // Each run shows its loads; the resident pipeline's show none.
+    let stages = |t: &Timings| t.stages().iter().map(|(n, _)| *n).collect::<Vec<_>>();
+    assert!(stages(&b[0].timings).contains(&"load vision"), "{:?}", b[0].timings);
+    assert!(stages(&b[2].timings).contains(&"load llm"), "{:?}", b[2].timings);
+    assert!(!stages(&a[0].timings).iter().any(|s| s.starts_with("load")));
+    assert!(seq.model().vision().is_none() && seq.model().llm().is_none());
+}

@@ -60,3 +60,19 @@ pub enum PipelineError {
     #[error("tiny model: {0}")]
     Tiny(String),
 }
+
+impl PipelineError {
+    /// The same error for another request that it also ends (a failed
+    /// stage shared by a batch): the variants that carry a message keep
+    /// their kind, any other becomes [`PipelineError::Model`] with its text.
+    pub fn duplicate(&self) -> Self {
+        match self {
+            PipelineError::Model(m) => PipelineError::Model(m.clone()),
+            PipelineError::DType(m) => PipelineError::DType(m.clone()),
+            PipelineError::Input(m) => PipelineError::Input(m.clone()),
+            PipelineError::Memory(m) => PipelineError::Memory(m.clone()),
+            PipelineError::Cancelled => PipelineError::Cancelled,
+            other => PipelineError::Model(other.to_string()),
+        }
+    }
+}

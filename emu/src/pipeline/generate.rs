@@ -1,10 +1,11 @@
 //! Emu2-Gen: text (and images, and boxes) to image (SPEC §4).
 
 use super::dump::{put, Dump};
-use super::emu2::{check_dtype, Emu2Model};
+use super::emu2::{check_dtype, Emu2Model, Pictures, Visuals};
 use super::error::{PipelineError, Result};
 use super::model::{ModelDir, ModelFamily};
-use super::{Component, Timings};
+use super::{hold, Component, Held, Residency, Timings};
+use crate::memory::Stage;
 use emu_core::checkpoint::Checkpoint;
 use emu_core::{Backend, HostTensor, Tensor};
 use emu_decoder::{
@@ -13,6 +14,7 @@ use emu_decoder::{
 };
 use emu_llm::regress_visual;
 use emu_prompt::{render, Item, ModelKind, Prompt, RenderOptions, Variant};
+use emu_vision::RgbImage;
 use std::path::Path;
 use std::time::Instant;
 
@@ -95,17 +97,28 @@ pub fn gaussian_noise(seed: u64, n: usize) -> Vec<f32> {
 /// prompt; the UNet denoises latents attending to them; the VAE decodes.
 /// The vision encoder runs on `V`, the language model on `L`, the UNet and
 /// the VAE on `D`; tensors cross between them through the host.
+///
+/// Under [`Residency::Sequential`] each [`Self::generate`] runs four stages,
+/// each loading its component and dropping it afterwards: the vision
+/// encoder (the prompt's pictures, for the conditioning and the negative),
+/// the language model (both regressions), the UNet (every denoising step),
+/// the VAE (decoding).
 pub struct GenerationPipeline<V: Backend, L: Backend, D: Backend> {
     encoder: Emu2Model<V, L>,
-    unet: UNet2DConditionModel<D>,
-    vae: AutoencoderKL<D>,
+    unet: Option<UNet2DConditionModel<D>>,
+    vae: Option<AutoencoderKL<D>>,
+    /// Sequential: the open checkpoints the UNet and VAE stages load from.
+    unet_ckpt: Option<Checkpoint>,
+    vae_ckpt: Option<Checkpoint>,
+    unet_cfg: UNet2DConditionConfig,
+    vae_cfg: AutoencoderKLConfig,
     scheduler: EulerDiscreteScheduler,
     decoder_at: Component<D>,
     load_timings: Timings,
     dump: Option<Dump>,
 }
 
-fn open_component(root: &Path, name: &str) -> Result<Checkpoint> {
+pub(crate) fn open_component(root: &Path, name: &str) -> Result<Checkpoint> {
     let dir = root.join(name);
     if !dir.is_dir() {
         return Err(PipelineError::Model(format!(
@@ -116,16 +129,72 @@ fn open_component(root: &Path, name: &str) -> Result<Checkpoint> {
     Ok(Checkpoint::open(&dir)?)
 }
 
+/// What the UNet or the VAE (`name`) of `ckpt` holds once loaded.
+pub(crate) fn decoder_stage<D: Backend>(ckpt: &Checkpoint, name: &'static str, at: &Component<D>) -> Result<Stage> {
+    decoder_stage_at(ckpt, name, at.dtype, crate::memory::pool_of(&at.backend))
+}
+
+/// [`decoder_stage`] in `dtype`, resident in `pool`.
+pub(crate) fn decoder_stage_at(
+    ckpt: &Checkpoint,
+    name: &'static str,
+    dtype: emu_core::DType,
+    pool: crate::memory::Pool,
+) -> Result<Stage> {
+    let what = if name == "unet" { "UNet" } else { "VAE" };
+    let (bytes, _) = crate::memory::checkpoint_bytes(ckpt, dtype, &|_| true)?;
+    let (_, largest_f32) = crate::memory::checkpoint_bytes(ckpt, emu_core::DType::F32, &|_| true)?;
+    Ok(Stage {
+        name,
+        needs: vec![crate::memory::Need {
+            component: "decoder",
+            what: format!("{what} weights in {dtype}"),
+            bytes,
+            dtype: Some(dtype),
+            pool,
+        }],
+        largest_f32,
+    })
+}
+
 /// Moves a tensor to another backend through the host.
 fn transfer<A: Backend, B: Backend>(t: &Tensor<A>, to: &B) -> Result<Tensor<B>> {
     Ok(Tensor::from_host(to, &t.to_host()?)?)
 }
 
+/// What one conditioning needs, worked out before any component runs.
+enum CondJob {
+    /// Pooled EVA features of the autoencoding mode's image, or of an
+    /// all-zero image (`None`: its negative).
+    Pool(Option<Vec<RgbImage>>),
+    /// Visual embeddings regressed from a prompt.
+    Regress { ids: Vec<u32>, pics: Pictures },
+}
+
+/// A conditioning between the vision and the language model's stages.
+enum CondPart<D: Backend> {
+    Done(Tensor<D>),
+    Regress { ids: Vec<u32>, visuals: Visuals },
+}
+
 impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
     /// Loads an Emu2-Gen pipeline folder: `vision` runs the EVA encoder,
     /// `llm` the language model (and the visual regression), `decoder` the
-    /// UNet and the VAE.
+    /// UNet and the VAE. Every component stays resident.
     pub fn load(dir: &ModelDir, vision: &Component<V>, llm: &Component<L>, decoder: &Component<D>) -> Result<Self> {
+        Self::load_with_residency(dir, vision, llm, decoder, Residency::All)
+    }
+
+    /// [`Self::load`] with a [`Residency`]: under [`Residency::Sequential`]
+    /// the configurations, the tokenizer and the scheduler are loaded here
+    /// and each component's weights in its stage of every run.
+    pub fn load_with_residency(
+        dir: &ModelDir,
+        vision: &Component<V>,
+        llm: &Component<L>,
+        decoder: &Component<D>,
+        residency: Residency,
+    ) -> Result<Self> {
         if dir.family() != ModelFamily::Emu2Gen {
             return Err(PipelineError::Model(format!(
                 "{} is not an Emu2-Gen pipeline folder; image generation needs BAAI/Emu2-Gen",
@@ -139,41 +208,99 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         // encoder's in one memory check before anything is loaded.
         let unet_ckpt = open_component(root, "unet")?;
         let vae_ckpt = open_component(root, "vae")?;
-        let mut decoder_bytes = 0u64;
-        let mut largest = 0u64;
-        for ckpt in [&unet_ckpt, &vae_ckpt] {
-            decoder_bytes =
-                decoder_bytes.saturating_add(crate::memory::checkpoint_bytes(ckpt, decoder.dtype, &|_| true)?.0);
-            largest = largest.max(crate::memory::checkpoint_bytes(ckpt, emu_core::DType::F32, &|_| true)?.1);
-        }
-        let more = vec![crate::memory::Need {
-            component: "decoder",
-            what: format!("UNet and VAE weights in {}", decoder.dtype),
-            bytes: decoder_bytes,
-            dtype: Some(decoder.dtype),
-            pool: crate::memory::pool_of(&decoder.backend),
-        }];
-        let enc = Emu2Model::load_with(dir, Variant::Base, vision, llm, &mut load_timings, more, largest)?;
+        let more = vec![
+            decoder_stage(&unet_ckpt, "unet", decoder)?,
+            decoder_stage(&vae_ckpt, "vae", decoder)?,
+        ];
+        let enc = Emu2Model::load_with(dir, Variant::Base, vision, llm, &mut load_timings, more, residency)?;
         let t0 = Instant::now();
         let unet_cfg = UNet2DConditionConfig::from_file(root.join("unet").join("config.json"))?;
-        let unet_model = UNet2DConditionModel::load(&decoder.backend, &unet_ckpt.weights(), &unet_cfg, decoder.dtype)?;
         let vae_cfg = AutoencoderKLConfig::from_file(root.join("vae").join("config.json"))?;
-        let vae_model = AutoencoderKL::load(&decoder.backend, &vae_ckpt.weights(), &vae_cfg, decoder.dtype)?;
         let scheduler = EulerDiscreteScheduler::from_config_file(root.join("scheduler").join("scheduler_config.json"))?;
-        load_timings.add("load", t0.elapsed());
-        Ok(Self {
+        let mut pipe = Self {
             encoder: enc,
-            unet: unet_model,
-            vae: vae_model,
+            unet: None,
+            vae: None,
+            unet_ckpt: None,
+            vae_ckpt: None,
+            unet_cfg,
+            vae_cfg,
             scheduler,
             decoder_at: decoder.clone(),
-            load_timings,
+            load_timings: Timings::default(),
             dump: None,
+        };
+        match residency {
+            Residency::All => {
+                pipe.unet = Some(pipe.load_unet(&unet_ckpt)?);
+                pipe.vae = Some(pipe.load_vae(&vae_ckpt)?);
+            }
+            Residency::Sequential => {
+                pipe.unet_ckpt = Some(unet_ckpt);
+                pipe.vae_ckpt = Some(vae_ckpt);
+            }
+        }
+        load_timings.add("load", t0.elapsed());
+        pipe.load_timings = load_timings;
+        Ok(pipe)
+    }
+
+    fn load_unet(&self, ckpt: &Checkpoint) -> Result<UNet2DConditionModel<D>> {
+        let at = &self.decoder_at;
+        Ok(UNet2DConditionModel::load(
+            &at.backend,
+            &ckpt.weights(),
+            &self.unet_cfg,
+            at.dtype,
+        )?)
+    }
+
+    fn load_vae(&self, ckpt: &Checkpoint) -> Result<AutoencoderKL<D>> {
+        let at = &self.decoder_at;
+        Ok(AutoencoderKL::load(
+            &at.backend,
+            &ckpt.weights(),
+            &self.vae_cfg,
+            at.dtype,
+        )?)
+    }
+
+    /// A decoder checkpoint of a sequential pipeline, after checking that
+    /// its stage fits.
+    fn decoder_checkpoint<'a>(&self, ckpt: &'a Option<Checkpoint>, name: &'static str) -> Result<&'a Checkpoint> {
+        let ckpt = ckpt
+            .as_ref()
+            .ok_or_else(|| PipelineError::Model(format!("the {name} checkpoint is not open")))?;
+        let stage = decoder_stage(ckpt, name, &self.decoder_at)?;
+        crate::memory::check_stages(
+            &format!("loading the {name}"),
+            &[stage],
+            self.encoder.residency(),
+            "try --dtype bf16 or another --decoder-backend",
+        )?;
+        Ok(ckpt)
+    }
+
+    /// The UNet for the denoising stage (see [`super::Held`]).
+    fn hold_unet(&self, timings: &mut Timings) -> Result<Held<'_, UNet2DConditionModel<D>>> {
+        hold(&self.unet, "load unet", timings, || {
+            self.load_unet(self.decoder_checkpoint(&self.unet_ckpt, "unet")?)
+        })
+    }
+
+    /// The VAE for the decoding stage.
+    fn hold_vae(&self, timings: &mut Timings) -> Result<Held<'_, AutoencoderKL<D>>> {
+        hold(&self.vae, "load vae", timings, || {
+            self.load_vae(self.decoder_checkpoint(&self.vae_ckpt, "vae")?)
         })
     }
 
     pub fn load_timings(&self) -> &Timings {
         &self.load_timings
+    }
+
+    pub fn residency(&self) -> Residency {
+        self.encoder.residency()
     }
 
     /// Writes every stage's tensors of the following calls into a folder (see [`Dump`]).
@@ -187,8 +314,7 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
 
     /// The default output size `(height, width)`: the VAE's `sample_size`.
     pub fn default_size(&self) -> usize {
-        self.vae
-            .config()
+        self.vae_cfg
             .sample_size
             .as_ref()
             .and_then(|v| v.as_u64().or_else(|| v.get(0).and_then(|x| x.as_u64())))
@@ -199,8 +325,8 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
     /// Pixels per latent cell times the UNet's total downsampling: output
     /// sizes must be multiples of this.
     pub fn size_multiple(&self) -> usize {
-        let levels = self.unet.config().block_out_channels.len();
-        self.vae.config().downscale_factor() << levels.saturating_sub(1)
+        let levels = self.unet_cfg.block_out_channels.len();
+        self.vae_cfg.downscale_factor() << levels.saturating_sub(1)
     }
 
     /// Whether `prompt` is the autoencoding mode: one image and nothing else.
@@ -215,53 +341,127 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         Ok(all_images)
     }
 
-    /// The visual conditioning `[1, n_query, d_model]` of a prompt, on the
-    /// UNet's backend.
-    pub fn condition(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<D>> {
-        self.condition_dumped(prompt, self.dump.as_ref(), timings)
-    }
-
-    fn condition_dumped(&self, prompt: &Prompt, dump: Option<&Dump>, timings: &mut Timings) -> Result<Tensor<D>> {
-        let to = &self.decoder_at.backend;
+    /// What the conditioning of `prompt` needs: its image (autoencoding
+    /// mode), or its tokens and pictures.
+    fn plan(&self, prompt: &Prompt, dump: Option<&Dump>) -> Result<CondJob> {
         let enc = &self.encoder;
-        let n = enc.n_query();
         if Self::is_autoencoding(prompt)? {
             let Some(Item::Image(path)) = prompt.items().next() else {
                 return Err(PipelineError::Input("the autoencoding mode needs an image".into()));
             };
             let pics = enc.load_pictures(&[emu_prompt::VisualInput::Image(path.clone())])?;
-            return transfer(&enc.pooled_features(Some(&pics), n, dump, timings)?, to);
+            return Ok(CondJob::Pool(Some(pics)));
         }
         let mut ropts = RenderOptions::new(ModelKind::Emu2Gen);
-        ropts.n_query = n;
+        ropts.n_query = enc.n_query();
         ropts.v_query = enc.v_query();
         let rendered = render(prompt, &ropts)?;
-        let (ids, embeds) = enc.prompt_embeds(&rendered, dump, timings)?;
-        enc.check_llm_memory(
-            ids.len(),
-            1,
-            n,
-            &format!("regressing {n} visual embeddings after a {}-token prompt", ids.len()),
-        )?;
-        let t0 = Instant::now();
-        let (up, down) = enc.projections()?;
-        let out = regress_visual(&enc.llm, &embeds, &[], up, down, n)?;
-        timings.add("regress", t0.elapsed());
-        transfer(&out, to)
+        let ids = enc.tokenize(&rendered, dump)?;
+        let pics = enc.prompt_pictures(&rendered)?;
+        Ok(CondJob::Regress { ids, pics })
+    }
+
+    /// Upstream's negative for `prompt`: an all-zero image in the
+    /// autoencoding mode, else the empty prompt.
+    fn plan_default_negative(&self, prompt: &Prompt, dump: Option<&Dump>) -> Result<CondJob> {
+        if Self::is_autoencoding(prompt)? {
+            return Ok(CondJob::Pool(None));
+        }
+        self.plan(&Prompt::new(vec![Item::Text(String::new())]), dump)
+    }
+
+    /// The conditionings `[1, n_query, d_model]` of `jobs` on the UNet's
+    /// backend: first every picture through the vision encoder, then every
+    /// regression through the language model (each component held for its
+    /// stage only).
+    fn conditions(&self, jobs: Vec<(CondJob, Option<Dump>)>, timings: &mut Timings) -> Result<Vec<Tensor<D>>> {
+        let to = &self.decoder_at.backend;
+        let enc = &self.encoder;
+        let n = enc.n_query();
+        let needs_vision = jobs.iter().any(|(j, _)| match j {
+            CondJob::Pool(_) => true,
+            CondJob::Regress { pics, .. } => !pics.is_empty(),
+        });
+        let mut parts = Vec::with_capacity(jobs.len());
+        {
+            let vision = if needs_vision {
+                Some(enc.hold_vision(timings)?)
+            } else {
+                None
+            };
+            for (job, dump) in &jobs {
+                let part = match job {
+                    CondJob::Pool(pics) => {
+                        let v = vision
+                            .as_deref()
+                            .ok_or_else(|| PipelineError::Model("the vision encoder is not loaded".into()))?;
+                        CondPart::Done(transfer(
+                            &enc.pooled_with(v, pics.as_deref(), n, dump.as_ref(), timings)?,
+                            to,
+                        )?)
+                    }
+                    CondJob::Regress { ids, pics } => CondPart::Regress {
+                        ids: ids.clone(),
+                        visuals: enc.encode_visuals(vision.as_deref(), pics, dump.as_ref(), timings)?,
+                    },
+                };
+                parts.push(part);
+            }
+        }
+        let needs_llm = parts.iter().any(|p| matches!(p, CondPart::Regress { .. }));
+        let side = if needs_llm { Some(enc.hold_llm(timings)?) } else { None };
+        let mut out = Vec::with_capacity(parts.len());
+        for (part, (_, dump)) in parts.into_iter().zip(&jobs) {
+            let t = match (part, &side) {
+                (CondPart::Done(t), _) => t,
+                (CondPart::Regress { ids, visuals }, Some(side)) => {
+                    let embeds = enc.embed_prompt(side, &ids, &visuals, dump.as_ref(), timings)?;
+                    enc.check_llm_memory(
+                        ids.len(),
+                        1,
+                        n,
+                        &format!("regressing {n} visual embeddings after a {}-token prompt", ids.len()),
+                    )?;
+                    let t0 = Instant::now();
+                    let (up, down) = side.projections()?;
+                    let regressed = regress_visual(&side.llm, &embeds, &[], up, down, n)?;
+                    timings.add("regress", t0.elapsed());
+                    transfer(&regressed, to)?
+                }
+                (CondPart::Regress { .. }, None) => {
+                    return Err(PipelineError::Model("the language model is not loaded".into()))
+                }
+            };
+            out.push(t);
+        }
+        Ok(out)
+    }
+
+    /// The one conditioning of `job`.
+    fn condition_of(&self, job: CondJob, dump: Option<Dump>, timings: &mut Timings) -> Result<Tensor<D>> {
+        self.conditions(vec![(job, dump)], timings)?
+            .pop()
+            .ok_or_else(|| PipelineError::Model("no conditioning was computed".into()))
+    }
+
+    /// The visual conditioning `[1, n_query, d_model]` of a prompt, on the
+    /// UNet's backend.
+    pub fn condition(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<D>> {
+        let job = self.plan(prompt, self.dump.as_ref())?;
+        self.condition_of(job, self.dump.clone(), timings)
+    }
+
+    fn negative_dump(&self) -> Option<Dump> {
+        self.dump.as_ref().map(|d| d.with_prefix("negative_"))
     }
 
     /// Upstream's negative conditioning for `prompt`: the encoding of an
     /// all-zero image in the autoencoding mode, else the embeddings
     /// regressed from the empty prompt.
     pub fn default_negative(&self, prompt: &Prompt, timings: &mut Timings) -> Result<Tensor<D>> {
-        let dump = self.dump.as_ref().map(|d| d.with_prefix("negative_"));
-        if Self::is_autoencoding(prompt)? {
-            let pooled = self
-                .encoder
-                .pooled_features(None, self.encoder.n_query(), dump.as_ref(), timings)?;
-            return transfer(&pooled, &self.decoder_at.backend);
-        }
-        self.condition_dumped(&Prompt::new(vec![Item::Text(String::new())]), dump.as_ref(), timings)
+        let dump = self.negative_dump();
+        let job = self.plan_default_negative(prompt, dump.as_ref())?;
+        self.condition_of(job, dump, timings)
     }
 
     /// Generates an image for `prompt` (text, images, grounded objects; see
@@ -312,13 +512,12 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         // Refused before any work: at upstream's 1024 px a small model's
         // full-resolution attention would need hundreds of GB and abort.
         {
-            let (f, guided) = (self.vae.config().downscale_factor(), opts.guidance > 1.0);
+            let (f, guided) = (self.vae_cfg.downscale_factor(), opts.guidance > 1.0);
             let (lh, lw) = (height / f, width / f);
             let need = self
-                .unet
-                .config()
+                .unet_cfg
                 .attention_bytes(if guided { 2 } else { 1 }, lh, lw)?
-                .max(self.vae.config().attention_bytes(lh, lw));
+                .max(self.vae_cfg.attention_bytes(lh, lw));
             let need = crate::memory::Need {
                 component: "decoder",
                 what: "attention matrices".into(),
@@ -333,30 +532,38 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
             )?;
         }
         let unet_backend = &self.decoder_at.backend;
-        let cond = self.condition(prompt, &mut timings)?;
-        put(self.dump.as_ref(), "condition", || Ok(cond.to_host()?))?;
         let guided = opts.guidance > 1.0;
-        let hidden = if guided {
-            let neg = match &opts.negative {
-                Some(p) => {
-                    let dump = self.dump.as_ref().map(|d| d.with_prefix("negative_"));
-                    self.condition_dumped(p, dump.as_ref(), &mut timings)?
-                }
-                None => self.default_negative(prompt, &mut timings)?,
+        // Every conditioning first: the vision stage, then the language model's.
+        let mut jobs = vec![(self.plan(prompt, self.dump.as_ref())?, self.dump.clone())];
+        if guided {
+            let dump = self.negative_dump();
+            let job = match &opts.negative {
+                Some(p) => self.plan(p, dump.as_ref())?,
+                None => self.plan_default_negative(prompt, dump.as_ref())?,
             };
-            put(self.dump.as_ref(), "negative_condition", || Ok(neg.to_host()?))?;
-            if neg.dims() != cond.dims() {
-                return Err(PipelineError::Input(format!(
-                    "the negative conditioning is {:?} but the prompt's is {:?}",
-                    neg.dims(),
-                    cond.dims()
-                )));
+            jobs.push((job, dump));
+        }
+        let mut conds = self.conditions(jobs, &mut timings)?.into_iter();
+        let cond = conds
+            .next()
+            .ok_or_else(|| PipelineError::Model("no conditioning was computed".into()))?;
+        put(self.dump.as_ref(), "condition", || Ok(cond.to_host()?))?;
+        let hidden = match conds.next() {
+            Some(neg) => {
+                put(self.dump.as_ref(), "negative_condition", || Ok(neg.to_host()?))?;
+                if neg.dims() != cond.dims() {
+                    return Err(PipelineError::Input(format!(
+                        "the negative conditioning is {:?} but the prompt's is {:?}",
+                        neg.dims(),
+                        cond.dims()
+                    )));
+                }
+                // Row order [cond; uncond], as upstream.
+                Tensor::concat(&[&cond, &neg], 0)?
             }
-            // Row order [cond; uncond], as upstream.
-            Tensor::concat(&[&cond, &neg], 0)?
-        } else {
-            cond.clone()
+            None => cond.clone(),
         };
+        let unet = self.hold_unet(&mut timings)?;
         let t0 = Instant::now();
         let batch = hidden.dim(0)?;
         let text_embeds = hidden.mean(1, false)?;
@@ -367,8 +574,8 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
         let (oh, ow) = UPSTREAM_ORIGINAL_SIZE;
         let time_ids = vec![[oh, ow, 0.0, 0.0, height as f32, width as f32]; batch];
         let added = TextTimeCond { text_embeds, time_ids };
-        let factor = self.vae.config().downscale_factor();
-        let channels = self.unet.config().in_channels;
+        let factor = self.vae_cfg.downscale_factor();
+        let channels = self.unet_cfg.in_channels;
         let dims = [1, channels, height / factor, width / factor];
         let mut scheduler = self.scheduler.clone();
         scheduler.set_timesteps(opts.steps)?;
@@ -399,7 +606,7 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
             let t = scheduler.timesteps()[step];
             let x = scheduler.scale_model_input(&latents, step)?.to_dtype(udtype)?;
             let x = if guided { Tensor::concat(&[&x, &x], 0)? } else { x };
-            let eps = self.unet.forward(&x, t, &hidden, Some(&added))?;
+            let eps = unet.forward(&x, t, &hidden, Some(&added))?;
             let eps = if guided {
                 let c = eps.narrow(0, 0, 1)?;
                 let u = eps.narrow(0, 1, 1)?;
@@ -413,12 +620,16 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
             }
         }
         timings.add("diffusion", t0.elapsed());
+        // The denoising stage ends here (sequential: the UNet is dropped).
+        drop(unet);
         put(self.dump.as_ref(), "final_latents", || Ok(latents.to_host()?))?;
+        let vae = self.hold_vae(&mut timings)?;
         let t0 = Instant::now();
         let z = latents
-            .affine(1.0 / self.vae.config().scaling_factor, 0.0)?
+            .affine(1.0 / self.vae_cfg.scaling_factor, 0.0)?
             .to_dtype(self.decoder_at.dtype)?;
-        let img = self.vae.decode(&z)?;
+        let img = vae.decode(&z)?;
+        drop(vae);
         let values = img.to_f32_vec()?;
         let (h, w) = (height, width);
         if values.len() != 3 * h * w {

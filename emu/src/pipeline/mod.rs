@@ -9,6 +9,9 @@
 //! Each pipeline composes the component crates (emu-vision, emu-llm,
 //! emu-prompt) over any [`emu_core::Backend`]; the vision encoder and the
 //! language model each get their own [`Component`] (backend and dtype).
+//! [`Residency`] says whether every component stays loaded between and
+//! during runs (the default) or each is loaded only for its stage
+//! (`--offload sequential`).
 //! Models are found by [`ModelDir::resolve`]: `tiny` (the built-in random
 //! model, see [`crate::tiny`]), a directory in the Hugging Face layout, or a
 //! repo id in the local Hugging Face cache.
@@ -36,7 +39,7 @@ mod model;
 mod text;
 
 pub use dump::{check_dir as check_dump_dir, Dump};
-pub use emu2::{check_dtype, Emu2Model};
+pub use emu2::{check_dtype, Emu2Llm, Emu2Model};
 pub use encode::{EncodePipeline, EncodedImages};
 pub use error::{PipelineError, Result};
 pub use generate::{gaussian_noise, parse_image_size, GeneratedImage, GenerationOptions, GenerationPipeline};
@@ -65,6 +68,135 @@ impl<B: Backend> Component<B> {
             quant: None,
         }
     }
+}
+
+/// Which components a pipeline keeps in memory.
+///
+/// * [`Residency::All`] (the default, `--offload none`): every component is
+///   loaded by `load` and stays resident; peak memory is the sum of their
+///   weights.
+/// * [`Residency::Sequential`] (`--offload sequential`, as diffusers'
+///   sequential model offload): `load` opens the checkpoints (headers; data
+///   is mapped lazily) and each run loads a component only for its stage and
+///   drops it when the stage is over: the vision encoder encodes the
+///   pictures, then the language model answers or regresses, then the UNet
+///   denoises, then the VAE decodes. Peak memory is the largest stage, at
+///   the price of reading (and, with `--quantize`, re-quantizing) every
+///   component's weights on every run; the run's [`Timings`] show each load
+///   (`load vision`, `load llm`, `load unet`, `load vae`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Residency {
+    #[default]
+    All,
+    Sequential,
+}
+
+impl Residency {
+    /// The values of `--offload`, each with what it does.
+    pub const CHOICES: [(&'static str, &'static str); 2] = [
+        ("none", "every component stays in memory"),
+        ("sequential", "one component in memory at a time"),
+    ];
+
+    /// Parses an `--offload` value: `none` or `sequential`.
+    pub fn parse_offload(s: &str) -> Result<Self> {
+        match s {
+            "none" => Ok(Residency::All),
+            "sequential" => Ok(Residency::Sequential),
+            _ => Err(PipelineError::Input(format!(
+                "--offload `{s}` is not a choice; use {}",
+                Self::choices()
+            ))),
+        }
+    }
+
+    /// `none (…) or sequential (…)`, for messages.
+    pub fn choices() -> String {
+        Self::CHOICES
+            .iter()
+            .map(|(n, what)| format!("{n} ({what})"))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    }
+
+    /// The `--offload` value that selects this.
+    pub fn offload_name(self) -> &'static str {
+        match self {
+            Residency::All => "none",
+            Residency::Sequential => "sequential",
+        }
+    }
+}
+
+/// A component for the length of one stage: the resident one
+/// ([`Residency::All`]) or one loaded for this stage alone, dropped with
+/// this value ([`Residency::Sequential`]).
+pub(crate) enum Held<'a, T> {
+    Resident(&'a T),
+    Loaded(T),
+}
+
+impl<T> std::ops::Deref for Held<'_, T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match self {
+            Held::Resident(t) => t,
+            Held::Loaded(t) => t,
+        }
+    }
+}
+
+/// `slot`'s component when resident, else `load()`'s, timed as `stage` in `timings`.
+pub(crate) fn hold<'a, T>(
+    slot: &'a Option<T>,
+    stage: &'static str,
+    timings: &mut Timings,
+    load: impl FnOnce() -> Result<T>,
+) -> Result<Held<'a, T>> {
+    if let Some(t) = slot {
+        return Ok(Held::Resident(t));
+    }
+    let t0 = std::time::Instant::now();
+    let t = load()?;
+    timings.add(stage, t0.elapsed());
+    Ok(Held::Loaded(t))
+}
+
+/// The stages of `dir`'s pipeline (vision encoder, language model and,
+/// for Emu2-Gen, UNet and VAE), in each of `formats`: a compute dtype for
+/// every component, and the language model's linears quantized as asked.
+/// Everything is counted in host memory. The outer error is a model that
+/// cannot be read; a format that does not apply (block sizes that do not
+/// divide) is an inner error.
+pub(crate) fn model_stages(
+    dir: &ModelDir,
+    formats: &[(DType, Option<emu_llm::LlmQuant>)],
+) -> Result<Vec<Result<Vec<crate::memory::Stage>>>> {
+    use crate::memory::Pool;
+    let (config, origin) = dir.emu_config()?;
+    let (_, llm_cfg) = emu2::parse_config(&config, &origin)?;
+    let ckpt = dir.open_encoder_weights()?;
+    let decoders = if dir.family() == ModelFamily::Emu2Gen {
+        vec![
+            ("unet", generate::open_component(dir.root(), "unet")?),
+            ("vae", generate::open_component(dir.root(), "vae")?),
+        ]
+    } else {
+        Vec::new()
+    };
+    Ok(formats
+        .iter()
+        .map(|(dtype, quant)| {
+            let mut stages = vec![
+                emu2::vision_stage_at(&ckpt, *dtype, Pool::Host)?,
+                emu2::llm_stage_at(&ckpt, &llm_cfg, *dtype, quant.as_ref(), Pool::Host)?,
+            ];
+            for (name, c) in &decoders {
+                stages.push(generate::decoder_stage_at(c, name, *dtype, Pool::Host)?);
+            }
+            Ok(stages)
+        })
+        .collect())
 }
 
 /// Wall-clock time per stage, in the order stages first ran.

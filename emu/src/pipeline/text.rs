@@ -5,7 +5,7 @@ use super::dump::Dump;
 use super::emu2::Emu2Model;
 use super::error::{PipelineError, Result};
 use super::model::{ModelDir, ModelFamily};
-use super::{Component, Timings};
+use super::{Component, Residency, Timings};
 use emu_core::Backend;
 use emu_llm::{generate_batch, generate_with, BatchRow, GenerationConfig, Hooks};
 use emu_prompt::{
@@ -88,6 +88,22 @@ fn until_eos(ids: &[u32], eos: &[u32]) -> Vec<u32> {
     ids.iter().copied().take_while(|id| !eos.contains(id)).collect()
 }
 
+/// Refuses a prompt of `prompt_tokens` whose answer cannot fit the context.
+fn check_context<V: Backend, L: Backend>(
+    model: &Emu2Model<V, L>,
+    prompt_tokens: usize,
+    generation: &GenerationConfig,
+) -> Result<()> {
+    let max = model.llm_config().max_position_embeddings;
+    if prompt_tokens + generation.max_new_tokens > max {
+        return Err(PipelineError::Input(format!(
+            "the prompt is {prompt_tokens} tokens and {} new tokens were asked for, more than the model's context of {max}; lower --max-new-tokens or use fewer images",
+            generation.max_new_tokens
+        )));
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_text<V: Backend, L: Backend>(
     model: &Emu2Model<V, L>,
@@ -101,16 +117,14 @@ fn run_text<V: Backend, L: Backend>(
 ) -> Result<(Vec<u32>, String, usize, Timings)> {
     let mut timings = Timings::default();
     let rendered = render(prompt, render_opts)?;
-    let (ids, embeds) = model.prompt_embeds(&rendered, dump, &mut timings)?;
-    model.dump_prefill(&embeds, dump)?;
-    let max = model.llm.config().max_position_embeddings;
-    if ids.len() + generation.max_new_tokens > max {
-        return Err(PipelineError::Input(format!(
-            "the prompt is {} tokens and {} new tokens were asked for, more than the model's context of {max}; lower --max-new-tokens or use fewer images",
-            ids.len(),
-            generation.max_new_tokens
-        )));
-    }
+    let ids = model.tokenize(&rendered, dump)?;
+    check_context(model, ids.len(), generation)?;
+    let pics = model.prompt_pictures(&rendered)?;
+    // The vision stage ends here (sequential: the encoder is dropped).
+    let visuals = model.visuals(&pics, dump, &mut timings)?;
+    let side = model.hold_llm(&mut timings)?;
+    let embeds = model.embed_prompt(&side, &ids, &visuals, dump, &mut timings)?;
+    side.dump_prefill(&embeds, dump)?;
     model.check_llm_memory(
         ids.len(),
         generation.num_beams,
@@ -151,7 +165,7 @@ fn run_text<V: Backend, L: Backend>(
                     decode: Some(&decode),
                     stop: Some(&mut stop),
                 };
-                generate_with(&model.llm, &embeds, &[], generation, hooks)?
+                generate_with(&side.llm, &embeds, &[], generation, hooks)?
             };
             stream.flush(true);
             out
@@ -162,7 +176,7 @@ fn run_text<V: Backend, L: Backend>(
                 decode: Some(&decode),
                 stop: Some(&mut stop),
             };
-            let out = generate_with(&model.llm, &embeds, &[], generation, hooks)?;
+            let out = generate_with(&side.llm, &embeds, &[], generation, hooks)?;
             let ids = until_eos(out.first().map(Vec::as_slice).unwrap_or_default(), &eos);
             sink(&model.tokenizer.decode(&ids, skip_special)?);
             out
@@ -173,7 +187,7 @@ fn run_text<V: Backend, L: Backend>(
                 decode: Some(&decode),
                 stop: Some(&mut stop),
             };
-            generate_with(&model.llm, &embeds, &[], generation, hooks)?
+            generate_with(&side.llm, &embeds, &[], generation, hooks)?
         }
     };
     if cancel() {
@@ -231,8 +245,15 @@ type StopRule<'a> = Box<dyn FnMut(&[u32]) -> bool + 'a>;
 /// gives alone. Beam-search requests run alone, one after another.
 fn run_text_batch<V: Backend, L: Backend>(model: &Emu2Model<V, L>, jobs: Vec<TextJob<'_>>) -> Vec<Result<TextOut>> {
     let mut results: Vec<Option<Result<TextOut>>> = (0..jobs.len()).map(|_| None).collect();
-    let mut prepared = Vec::new();
-    let mut sinks = Vec::new();
+    let collect = |results: Vec<Option<Result<TextOut>>>| -> Vec<Result<TextOut>> {
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(no_result())))
+            .collect()
+    };
+    // Beam-search requests run alone, first (each one holds its own stages);
+    // the others are tokenized and their pictures decoded.
+    let mut pending = Vec::new();
     for (index, job) in jobs.into_iter().enumerate() {
         if job.generation.num_beams != 1 {
             results[index] = Some(run_text(
@@ -247,26 +268,54 @@ fn run_text_batch<V: Backend, L: Backend>(model: &Emu2Model<V, L>, jobs: Vec<Tex
             ));
             continue;
         }
-        let mut timings = Timings::default();
-        let embedded = render(job.prompt, &job.render_opts)
+        let tokenized = render(job.prompt, &job.render_opts)
             .map_err(PipelineError::from)
-            .and_then(|r| model.prompt_embeds(&r, None, &mut timings))
-            .and_then(|(ids, embeds)| {
-                let max = model.llm.config().max_position_embeddings;
-                if ids.len() + job.generation.max_new_tokens > max {
-                    return Err(PipelineError::Input(format!(
-                        "the prompt is {} tokens and {} new tokens were asked for, more than the model's context of {max}; lower --max-new-tokens or use fewer images",
-                        ids.len(),
-                        job.generation.max_new_tokens
-                    )));
-                }
-                Ok((ids.len(), embeds))
+            .and_then(|r| {
+                let ids = model.tokenize(&r, None)?;
+                check_context(model, ids.len(), job.generation)?;
+                Ok((ids, model.prompt_pictures(&r)?))
             });
-        match embedded {
-            Ok((prompt_tokens, embeds)) => {
+        match tokenized {
+            Ok((ids, pics)) => pending.push((index, job, ids, pics, Timings::default())),
+            Err(e) => results[index] = Some(Err(e)),
+        }
+    }
+    // The vision stage of every request, then (sequential) the encoder is dropped.
+    let mut encoded = Vec::new();
+    {
+        let mut enc = None;
+        for (index, job, ids, pics, mut timings) in pending {
+            let visuals = match (&enc, pics.is_empty()) {
+                (None, false) => model.hold_vision(&mut timings).map(|held| enc = Some(held)),
+                _ => Ok(()),
+            }
+            .and_then(|()| model.encode_visuals(enc.as_deref(), &pics, None, &mut timings));
+            match visuals {
+                Ok(v) => encoded.push((index, job, ids, v, timings)),
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+    }
+    let Some(first) = encoded.first_mut() else {
+        return collect(results);
+    };
+    let side = match model.hold_llm(&mut first.4) {
+        Ok(side) => side,
+        Err(e) => {
+            for (index, ..) in &encoded {
+                results[*index] = Some(Err(e.duplicate()));
+            }
+            return collect(results);
+        }
+    };
+    let mut prepared = Vec::new();
+    let mut sinks = Vec::new();
+    for (index, job, ids, visuals, mut timings) in encoded {
+        match model.embed_prompt(&side, &ids, &visuals, None, &mut timings) {
+            Ok(embeds) => {
                 prepared.push(Prepared {
                     index,
-                    prompt_tokens,
+                    prompt_tokens: ids.len(),
                     embeds,
                     timings,
                     generation: job.generation,
@@ -279,10 +328,7 @@ fn run_text_batch<V: Backend, L: Backend>(model: &Emu2Model<V, L>, jobs: Vec<Tex
         }
     }
     if prepared.is_empty() {
-        return results
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(no_result())))
-            .collect();
+        return collect(results);
     }
     let t0 = Instant::now();
     let mut streams: Vec<Option<TextStream<'_, '_>>> = sinks
@@ -340,7 +386,7 @@ fn run_text_batch<V: Backend, L: Backend>(model: &Emu2Model<V, L>, jobs: Vec<Tex
                 }
             })
             .collect();
-        generate_batch(&model.llm, rows)
+        generate_batch(&side.llm, rows)
     };
     for s in streams.iter_mut().flatten() {
         s.flush(true);
@@ -359,10 +405,7 @@ fn run_text_batch<V: Backend, L: Backend>(model: &Emu2Model<V, L>, jobs: Vec<Tex
         });
         results[p.index] = Some(r);
     }
-    results
-        .into_iter()
-        .map(|r| r.unwrap_or_else(|| Err(no_result())))
-        .collect()
+    collect(results)
 }
 
 fn no_result() -> PipelineError {
@@ -408,12 +451,13 @@ impl<V: Backend, L: Backend> TextModel<V, L> {
         needs: &str,
         vision: &Component<V>,
         llm: &Component<L>,
+        residency: Residency,
     ) -> Result<Self> {
         if dir.family() != family {
             return Err(PipelineError::Model(format!("{} is not {needs}", dir.root().display())));
         }
         let mut load_timings = Timings::default();
-        let model = Emu2Model::load(dir, variant, vision, llm, &mut load_timings)?;
+        let model = Emu2Model::load_with_residency(dir, variant, vision, llm, residency, &mut load_timings)?;
         Ok(Self {
             model,
             load_timings,
@@ -428,11 +472,23 @@ pub struct ChatPipeline<V: Backend, L: Backend> {
 }
 
 impl<V: Backend, L: Backend> ChatPipeline<V, L> {
-    /// Loads an Emu2-Chat model directory.
+    /// Loads an Emu2-Chat model directory, every component resident.
     pub fn load(dir: &ModelDir, vision: &Component<V>, llm: &Component<L>) -> Result<Self> {
+        Self::load_with_residency(dir, vision, llm, Residency::All)
+    }
+
+    /// [`Self::load`]; under [`Residency::Sequential`] each answer loads the
+    /// vision encoder (when there are pictures), drops it, then loads the
+    /// language model and drops it after answering.
+    pub fn load_with_residency(
+        dir: &ModelDir,
+        vision: &Component<V>,
+        llm: &Component<L>,
+        residency: Residency,
+    ) -> Result<Self> {
         let needs = "an Emu2-Chat model; the chat pipeline needs BAAI/Emu2-Chat";
         Ok(Self {
-            inner: TextModel::load(dir, ModelFamily::Emu2Chat, Variant::Chat, needs, vision, llm)?,
+            inner: TextModel::load(dir, ModelFamily::Emu2Chat, Variant::Chat, needs, vision, llm, residency)?,
         })
     }
 
@@ -579,11 +635,21 @@ pub struct CompletionPipeline<V: Backend, L: Backend> {
 }
 
 impl<V: Backend, L: Backend> CompletionPipeline<V, L> {
-    /// Loads an Emu2 (base) model directory.
+    /// Loads an Emu2 (base) model directory, every component resident.
     pub fn load(dir: &ModelDir, vision: &Component<V>, llm: &Component<L>) -> Result<Self> {
+        Self::load_with_residency(dir, vision, llm, Residency::All)
+    }
+
+    /// [`Self::load`] with a [`Residency`] (see [`ChatPipeline::load_with_residency`]).
+    pub fn load_with_residency(
+        dir: &ModelDir,
+        vision: &Component<V>,
+        llm: &Component<L>,
+        residency: Residency,
+    ) -> Result<Self> {
         let needs = "an Emu2 base model; the completion pipeline needs BAAI/Emu2";
         Ok(Self {
-            inner: TextModel::load(dir, ModelFamily::Emu2, Variant::Base, needs, vision, llm)?,
+            inner: TextModel::load(dir, ModelFamily::Emu2, Variant::Base, needs, vision, llm, residency)?,
         })
     }
 
