@@ -45,6 +45,10 @@ pub enum CliError {
     #[error("{reason}; `emu convert` handles f64/f32/f16/bf16/i64/i32/u32/u8/bool tensors: drop this tensor from the source first")]
     Unconvertible { reason: String },
 
+    /// An error of the pipelines' model code (the memory plan of `inspect`).
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+
     /// A command-line value that does not parse.
     #[error("{0}")]
     InvalidValue(String),

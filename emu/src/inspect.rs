@@ -26,6 +26,127 @@ pub struct Inspection {
     /// Non-weight files at the top level (configs, tokenizer files, code).
     pub other_files: Vec<FileInfo>,
     pub totals: Totals,
+    /// What running the model needs, per component and format, all
+    /// resident or staged (`None`: not an Emu2 model the pipelines load).
+    pub memory_plan: Option<MemoryPlan>,
+}
+
+/// Weight memory of each component of an Emu2 model as the pipelines load
+/// it (from its config and tensor shapes, the preflight's own arithmetic,
+/// [`crate::memory`]), in several formats.
+#[derive(Debug, Serialize)]
+pub struct MemoryPlan {
+    /// The host memory available to a run ([`crate::memory::host_available`]).
+    pub host_available: Option<u64>,
+    pub formats: Vec<PlanFormat>,
+    /// Formats that do not apply to this model, with why.
+    pub unavailable: Vec<FileInfoNote>,
+}
+
+/// One format's numbers.
+#[derive(Debug, Serialize)]
+pub struct PlanFormat {
+    /// `f32`, `bf16` (every component in it), `q8_0`, `q4_k` (the language
+    /// model's attention and MLP linears quantized as `--quantize` does,
+    /// everything else bf16).
+    pub format: String,
+    /// Resident weight bytes per component (`vision`, `llm`, `unet`, `vae`).
+    pub components: Vec<PlanComponent>,
+    /// The sum of the components (`--offload none`).
+    pub all_resident: u64,
+    /// The largest component (`--offload sequential`).
+    pub staged: u64,
+    /// What the load-time preflight compares with the available memory:
+    /// the weights plus twice the largest tensor in f32 while it loads.
+    pub load_peak_all_resident: u64,
+    pub load_peak_staged: u64,
+    /// Whether that fits the available host memory (`None`: unknown).
+    pub fits_all_resident: Option<bool>,
+    pub fits_staged: Option<bool>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlanComponent {
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// A name and why it is left out.
+#[derive(Debug, Serialize)]
+pub struct FileInfoNote {
+    pub name: String,
+    pub reason: String,
+}
+
+/// The formats of [`MemoryPlan`]: `(name, float dtype, LLM quantization)`.
+fn plan_formats() -> Vec<(&'static str, DType, Option<emu_llm::LlmQuant>)> {
+    use emu_core::quant::QuantType;
+    vec![
+        ("f32", DType::F32, None),
+        ("bf16", DType::BF16, None),
+        ("q8_0", DType::BF16, Some(emu_llm::LlmQuant::new(QuantType::Q8_0))),
+        ("q4_k", DType::BF16, Some(emu_llm::LlmQuant::new(QuantType::Q4K))),
+    ]
+}
+
+/// The memory plan of the model at `path`, when it is an Emu2 model
+/// (Emu2, Emu2-Chat, Emu2-Gen, a native single file).
+pub fn memory_plan(path: &Path) -> Result<Option<MemoryPlan>> {
+    use crate::memory::{load_peak, peak};
+    use crate::pipeline::{ModelDir, ModelFamily, Residency};
+    let Some(spec) = path.to_str() else {
+        return Ok(None);
+    };
+    let Ok(dir) = ModelDir::resolve_any(spec, ModelFamily::Emu2Chat) else {
+        return Ok(None);
+    };
+    let formats = plan_formats();
+    let wanted: Vec<(DType, Option<emu_llm::LlmQuant>)> = formats.iter().map(|(_, d, q)| (*d, *q)).collect();
+    let host_available = crate::memory::host_available()?;
+    let mut plan = MemoryPlan {
+        host_available,
+        formats: Vec::new(),
+        unavailable: Vec::new(),
+    };
+    let stages = match crate::pipeline::model_stages(&dir, &wanted) {
+        Ok(s) => s,
+        // A model that resolves but cannot be read: every format says why.
+        Err(e) => formats.iter().map(|_| Err(e.duplicate())).collect(),
+    };
+    for ((name, ..), stages) in formats.iter().zip(stages) {
+        let stages = match stages {
+            Ok(s) => s,
+            Err(e) => {
+                plan.unavailable.push(FileInfoNote {
+                    name: name.to_string(),
+                    reason: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let bytes: Vec<u64> = stages.iter().map(|s| s.bytes()).collect();
+        let (peak_all, peak_staged) = (
+            load_peak(&stages, Residency::All),
+            load_peak(&stages, Residency::Sequential),
+        );
+        plan.formats.push(PlanFormat {
+            format: name.to_string(),
+            components: stages
+                .iter()
+                .map(|s| PlanComponent {
+                    name: s.name.to_string(),
+                    bytes: s.bytes(),
+                })
+                .collect(),
+            all_resident: peak(&bytes, Residency::All),
+            staged: peak(&bytes, Residency::Sequential),
+            load_peak_all_resident: peak_all,
+            load_peak_staged: peak_staged,
+            fits_all_resident: host_available.map(|h| peak_all <= h),
+            fits_staged: host_available.map(|h| peak_staged <= h),
+        });
+    }
+    Ok(Some(plan))
 }
 
 #[derive(Debug, Serialize)]
@@ -477,6 +598,7 @@ pub fn inspect(path: &Path, variant: Option<&str>) -> Result<Inspection> {
         components,
         other_files: top_files,
         totals,
+        memory_plan: memory_plan(path)?,
     })
 }
 
@@ -616,7 +738,55 @@ pub fn render(ins: &Inspection) -> String {
         );
         let _ = writeln!(out, "  memory: {}", memory_line(&t.memory));
     }
+    if let Some(p) = &ins.memory_plan {
+        render_plan(&mut out, p);
+    }
     out
+}
+
+/// The memory plan as a table: components down, formats across.
+fn render_plan(out: &mut String, p: &MemoryPlan) {
+    let _ = writeln!(out, "\nmemory to run (weights as loaded; q8_0/q4_k: --quantize on the LLM's attention and MLP linears, the rest bf16)");
+    if let Some(first) = p.formats.first() {
+        let mut header = vec!["component"];
+        header.extend(p.formats.iter().map(|f| f.format.as_str()));
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        for (i, c) in first.components.iter().enumerate() {
+            let mut row = vec![c.name.clone()];
+            row.extend(
+                p.formats
+                    .iter()
+                    .map(|f| f.components.get(i).map_or("-".into(), |c| human_bytes(c.bytes))),
+            );
+            rows.push(row);
+        }
+        let mut row = |label: &str, cell: &dyn Fn(&PlanFormat) -> String| {
+            let mut r = vec![label.to_string()];
+            r.extend(p.formats.iter().map(cell));
+            rows.push(r);
+        };
+        row("all resident (sum)", &|f| human_bytes(f.all_resident));
+        row("staged (largest, --offload sequential)", &|f| human_bytes(f.staged));
+        let fits = |b: Option<bool>| match b {
+            Some(true) => "yes".to_string(),
+            Some(false) => "no".to_string(),
+            None => "?".to_string(),
+        };
+        row("fits all resident", &|f| fits(f.fits_all_resident));
+        row("fits staged", &|f| fits(f.fits_staged));
+        table(out, "  ", &header, &rows);
+    }
+    for u in &p.unavailable {
+        let _ = writeln!(out, "  {}: not available ({})", u.name, u.reason);
+    }
+    let have = match p.host_available {
+        Some(h) => format!("{} of host memory available", human_bytes(h)),
+        None => "host memory available: unknown".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "  fits: {have}, for the weights plus twice the largest tensor in f32 while it loads (as the preflight counts); the KV cache and activations come on top"
+    );
 }
 
 #[cfg(test)]
