@@ -72,7 +72,8 @@ enum Command {
 #[derive(Args)]
 struct InspectArgs {
     /// A checkpoint directory (HF model, diffusers pipeline or component) or
-    /// file (safetensors, torch.save archive, *.index.json).
+    /// file (safetensors, torch.save archive, *.index.json); `tiny` is the
+    /// built-in tiny Emu2-Gen.
     path: PathBuf,
     /// Print JSON instead of tables.
     #[arg(long)]
@@ -143,7 +144,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(a) => emu_serve::run(a)?,
         Command::Inspect(a) => {
-            let ins = inspect(&a.path, a.variant.as_deref())?;
+            // `tiny` (when no such file exists): the built-in tiny Emu2-Gen,
+            // which has every component.
+            let tiny = if a.path.as_os_str() == "tiny" && std::fs::symlink_metadata(&a.path).is_err() {
+                eprintln!("{}", emu::tiny::TINY_NOTICE);
+                Some(emu::pipeline::ModelDir::tiny(emu::pipeline::ModelFamily::Emu2Gen)?)
+            } else {
+                None
+            };
+            let path = tiny.as_ref().map_or(a.path.clone(), |t| t.root().to_path_buf());
+            let ins = inspect(&path, a.variant.as_deref())?;
             if a.json {
                 emu_cli::outln!("{}", serde_json::to_string_pretty(&ins)?)?;
             } else {

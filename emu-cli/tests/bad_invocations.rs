@@ -151,6 +151,14 @@ fn bad_invocations_are_clear_errors() {
             Expect::Error(&["--num-beams 0"]),
         ),
         (
+            args(&["chat", "--model", "tiny", "--offload", "foo", "hi"]),
+            Expect::Error(&["--offload", "foo", "none", "sequential"]),
+        ),
+        (
+            args(&["generate", "--model", "tiny", "x", "-o", &out_png, "--offload", ""]),
+            Expect::Error(&["--offload", "none", "sequential"]),
+        ),
+        (
             args(&[
                 "complete",
                 "--model",

@@ -1,6 +1,6 @@
 //! `emu chat`: ask Emu2-Chat about images and videos.
 
-use super::{report_timings, Backends, DecodeArgs, ModelArgs};
+use super::{report_timings, Backends, DecodeArgs, ModelArgs, OffloadArgs};
 use clap::Args;
 use emu::pipeline::{ChatOptions, ChatPipeline, ModelFamily, PipelineError, Result};
 use emu::with_backend;
@@ -35,6 +35,8 @@ pub struct ChatArgs {
     pub system: Option<String>,
     #[command(flatten)]
     pub decode: DecodeArgs,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
 }
 
 /// Runs `emu chat`.
@@ -75,7 +77,7 @@ fn path_str(p: &std::path::Path) -> Result<String> {
 fn run_on<V: Backend, L: Backend>(vision: V, llm: L, args: &ChatArgs, dir: &emu::pipeline::ModelDir) -> Result<()> {
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
     let loading = super::progress::loading(dir.root());
-    let mut chat = ChatPipeline::load(dir, &vision, &llm)?;
+    let mut chat = ChatPipeline::load_with_residency(dir, &vision, &llm, args.offload.offload)?;
     drop(loading);
     chat.set_dump(args.model.dump()?);
     let opts = ChatOptions {

@@ -1,6 +1,6 @@
 //! `emu complete`: let Emu2 (base) continue an interleaved image/text prompt.
 
-use super::{report_timings, Backends, DecodeArgs, ModelArgs};
+use super::{report_timings, Backends, DecodeArgs, ModelArgs, OffloadArgs};
 use clap::Args;
 use emu::pipeline::{CompletionOptions, CompletionPipeline, ModelFamily, Result};
 use emu::with_backend;
@@ -17,6 +17,8 @@ pub struct CompleteArgs {
     pub prompt: String,
     #[command(flatten)]
     pub decode: DecodeArgs,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
 }
 
 /// Runs `emu complete`.
@@ -37,7 +39,7 @@ fn run_on<V: Backend, L: Backend>(
 ) -> Result<()> {
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
     let loading = super::progress::loading(dir.root());
-    let mut pipe = CompletionPipeline::load(dir, &vision, &llm)?;
+    let mut pipe = CompletionPipeline::load_with_residency(dir, &vision, &llm, args.offload.offload)?;
     drop(loading);
     pipe.set_dump(args.model.dump()?);
     let opts = CompletionOptions {

@@ -1,6 +1,6 @@
 //! `emu generate`: Emu2-Gen, a prompt to a PNG image.
 
-use super::{report_timings, BackendKind, Backends, ModelArgs};
+use super::{report_timings, BackendKind, Backends, ModelArgs, OffloadArgs};
 use clap::Args;
 use emu::pipeline::{GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError, Result};
 use emu::with_backend;
@@ -40,6 +40,8 @@ pub struct GenerateArgs {
     /// Where to run the UNet and the VAE (overrides --backend).
     #[arg(long, value_name = "NAME")]
     pub decoder_backend: Option<String>,
+    #[command(flatten)]
+    pub offload: OffloadArgs,
 }
 
 /// Image sizes are parsed by the library, so the server reads `size` the same way.
@@ -120,7 +122,7 @@ fn run_on<V: Backend, L: Backend, D: Backend>(
     // --vision-dtype applies to the EVA encoder, --dtype to the LLM, the UNet and the VAE.
     let decoder = super::component(&decoder, llm.dtype, "UNet and VAE")?;
     let loading = super::progress::loading(dir.root());
-    let mut pipe = GenerationPipeline::load(dir, &vision, &llm, &decoder)?;
+    let mut pipe = GenerationPipeline::load_with_residency(dir, &vision, &llm, &decoder, args.offload.offload)?;
     drop(loading);
     pipe.set_dump(args.model.dump()?);
     let mut on_step = super::progress::steps("denoising");

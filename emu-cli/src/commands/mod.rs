@@ -10,7 +10,7 @@ pub mod output;
 pub mod progress;
 
 use clap::Args;
-use emu::pipeline::{check_dtype, Component, ModelDir, ModelFamily, PipelineError, Result, Timings};
+use emu::pipeline::{check_dtype, Component, ModelDir, ModelFamily, PipelineError, Residency, Result, Timings};
 use emu::tiny::TINY_NOTICE;
 use emu_core::{Backend, DType};
 
@@ -164,6 +164,21 @@ impl ModelArgs {
     pub fn open(&self, placement: Placement, backends: &mut Backends) -> Result<(AnyBackend, AnyBackend)> {
         Ok((backends.open(placement.vision)?, backends.open(placement.llm)?))
     }
+}
+
+/// `--offload`, on the subcommands that run more than one component.
+#[derive(Args, Debug, Clone)]
+pub struct OffloadArgs {
+    /// Which components stay in memory: none (all of them, loaded once) or
+    /// sequential (each loaded for its stage of a run and dropped after it:
+    /// the peak is the largest component instead of the sum, at the cost of
+    /// reading, and with --quantize re-quantizing, the weights on every run).
+    #[arg(long, default_value = "none", value_name = "MODE", value_parser = parse_offload)]
+    pub offload: Residency,
+}
+
+fn parse_offload(s: &str) -> std::result::Result<Residency, String> {
+    Residency::parse_offload(s).map_err(|_| format!("expected {}", Residency::choices()))
 }
 
 /// Decoding options of the text subcommands (defaults as upstream, SPEC §3.7).
