@@ -8,7 +8,7 @@
 use crate::deps::{
     check_dtype, BackendKind, Backends, BatchItem, ChatAnswer, ChatOptions, ChatPipeline, CompletionOptions,
     CompletionPipeline, Component, GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError,
-    TINY_NOTICE,
+    Residency, TINY_NOTICE,
 };
 use crate::error::{ApiError, ServeError};
 use crate::images::RequestFiles;
@@ -41,6 +41,8 @@ pub struct LoadSpec {
     pub backend: BackendKind,
     pub dtype: Option<DType>,
     pub vision_dtype: Option<DType>,
+    /// `--offload`: every component resident, or each loaded per stage.
+    pub residency: Residency,
 }
 
 /// One request's work.
@@ -211,10 +213,19 @@ fn load<B: Backend>(b: &B, spec: &LoadSpec) -> Result<(Loaded<B>, Vec<ModelInfo>
         check_dtype(b, dtype, "language model")?;
         let mut default_size = None;
         match dir.family() {
-            ModelFamily::Emu2Chat => loaded.chat = Some(ChatPipeline::load(&dir, &vision, &llm)?),
-            ModelFamily::Emu2 => loaded.complete = Some(CompletionPipeline::load(&dir, &vision, &llm)?),
+            ModelFamily::Emu2Chat => {
+                loaded.chat = Some(ChatPipeline::load_with_residency(&dir, &vision, &llm, spec.residency)?)
+            }
+            ModelFamily::Emu2 => {
+                loaded.complete = Some(CompletionPipeline::load_with_residency(
+                    &dir,
+                    &vision,
+                    &llm,
+                    spec.residency,
+                )?)
+            }
             ModelFamily::Emu2Gen => {
-                let p = GenerationPipeline::load(&dir, &vision, &llm, &llm)?;
+                let p = GenerationPipeline::load_with_residency(&dir, &vision, &llm, &llm, spec.residency)?;
                 default_size = Some(p.default_size());
                 loaded.generate = Some(p);
             }

@@ -34,6 +34,7 @@ mod routes;
 pub use error::{ApiError, ServeError};
 
 use clap::{Args, Parser};
+use deps::Residency;
 use emu_core::DType;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -68,6 +69,12 @@ pub struct ServeArgs {
     /// Compute dtype of the vision encoder only (overrides --dtype).
     #[arg(long, value_name = "DTYPE")]
     pub vision_dtype: Option<String>,
+    /// Which components stay in memory: none (all, loaded once) or
+    /// sequential (each loaded for its stage of every request and dropped
+    /// after it: the peak is the largest component, but every request
+    /// reads the weights again).
+    #[arg(long, default_value = "none", value_name = "MODE", value_parser = parse_offload)]
+    pub offload: Residency,
     /// Requests that may wait behind the running ones; more are refused with
     /// 429. With batching, up to `--max-batch - 1` more that a batch passed
     /// over (other kinds of request) also wait.
@@ -104,6 +111,10 @@ pub struct ServeArgs {
     /// Most images per generation request.
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub max_n: usize,
+}
+
+fn parse_offload(s: &str) -> Result<Residency, String> {
+    Residency::parse_offload(s).map_err(|_| format!("expected {}", Residency::choices()))
 }
 
 #[derive(Parser)]
@@ -215,6 +226,7 @@ pub fn spawn(args: &ServeArgs, listener: TcpListener) -> Result<RunningServer, S
         backend,
         dtype,
         vision_dtype,
+        residency: args.offload,
     };
     let (queue, models) = engine::start(spec, args.queue_depth, args.max_batch, metrics.clone())?;
     let state = Arc::new(routes::AppState::new(
