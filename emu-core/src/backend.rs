@@ -162,6 +162,17 @@ pub trait Backend: Clone + Send + Sync + Debug + 'static {
     /// Element type of a tensor (metadata; never reads device memory).
     fn dtype(&self, t: &Self::Tensor) -> DType;
 
+    /// Runs `f`, a model call made of many ops, where this backend's ops
+    /// start fastest. Models wrap each whole forward pass in it. The CPU
+    /// backend runs `f` on one of its compute threads: an op called from
+    /// any other thread hands its parallel work to the pool and sleeps
+    /// until it is done, and at decode sizes that wake-up round trip per op
+    /// is a tenth of the step. Backends that queue work elsewhere run `f`
+    /// where it is called, as this default does.
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     // ---- transfers -------------------------------------------------------
 
     /// Copies a host tensor to the device, keeping its dtype.

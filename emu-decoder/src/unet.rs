@@ -830,6 +830,17 @@ impl<B: Backend> UNet2DConditionModel<B> {
         encoder_hidden_states: &Tensor<B>,
         added: Option<&TextTimeCond<B>>,
     ) -> Result<Tensor<B>> {
+        self.backend
+            .run(|| self.forward_here(sample, timestep, encoder_hidden_states, added))
+    }
+
+    fn forward_here(
+        &self,
+        sample: &Tensor<B>,
+        timestep: f32,
+        encoder_hidden_states: &Tensor<B>,
+        added: Option<&TextTimeCond<B>>,
+    ) -> Result<Tensor<B>> {
         let batch = sample.dim(0)?;
         if encoder_hidden_states.dims().first() != Some(&batch) {
             return Err(Error::invalid(format!(

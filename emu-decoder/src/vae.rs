@@ -397,15 +397,21 @@ impl<B: Backend> AutoencoderKL<B> {
     /// divided by `scaling_factor`) to images `[B, out_channels, 8h, 8w]` in
     /// about `[-1, 1]`.
     pub fn decode(&self, z: &Tensor<B>) -> Result<Tensor<B>> {
-        let z = match &self.post_quant_conv {
-            Some(c) => c.forward(z)?,
-            None => z.clone(),
-        };
-        self.decoder.forward(&z)
+        z.backend().run(|| {
+            let z = match &self.post_quant_conv {
+                Some(c) => c.forward(z)?,
+                None => z.clone(),
+            };
+            self.decoder.forward(&z)
+        })
     }
 
     /// `vae.encode(x).latent_dist`: images in `[-1, 1]` to the posterior.
     pub fn encode(&self, x: &Tensor<B>) -> Result<DiagonalGaussian<B>> {
+        x.backend().run(|| self.encode_here(x))
+    }
+
+    fn encode_here(&self, x: &Tensor<B>) -> Result<DiagonalGaussian<B>> {
         let h = self.encoder.forward(x)?;
         let m = match &self.quant_conv {
             Some(c) => c.forward(&h)?,

@@ -570,6 +570,10 @@ impl<B: Backend> Llama<B> {
     /// Runs `embeds` (`[B, T, H]`, the next `T` positions of every sequence)
     /// through the decoder, appending their keys/values to `cache`.
     pub fn forward_embeds(&self, embeds: &Tensor<B>, cache: &mut KvCache<B>, logits: Logits) -> Result<LlamaOutput<B>> {
+        self.backend.run(|| self.forward_here(embeds, cache, logits))
+    }
+
+    fn forward_here(&self, embeds: &Tensor<B>, cache: &mut KvCache<B>, logits: Logits) -> Result<LlamaOutput<B>> {
         let (b, t) = self.embeds_shape(embeds)?;
         if b != cache.batch() {
             return Err(Error::Input(format!(

@@ -180,6 +180,10 @@ impl<B: Backend> EvaVisionTransformer<B> {
     /// `pixels` `[B, 3, S, S]` (normalised, `S = image_size`) -> the raw
     /// last-block output `[B, 1 + grid², width]`, CLS token first.
     pub fn forward(&self, pixels: &Tensor<B>) -> Result<Tensor<B>> {
+        pixels.backend().run(|| self.forward_here(pixels))
+    }
+
+    fn forward_here(&self, pixels: &Tensor<B>) -> Result<Tensor<B>> {
         let s = self.cfg.image_size;
         let dims = pixels.dims();
         if dims.len() != 4 || dims[1] != 3 || dims[2] != s || dims[3] != s {

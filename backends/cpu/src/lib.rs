@@ -217,6 +217,13 @@ fn same_dtype(op: &str, a: &CTensor, b: &CTensor) -> Result<()> {
 impl Backend for CpuBackend {
     type Tensor = CTensor;
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        // `join` called from outside the pool queues both halves on it and
+        // runs the first on a compute thread; called from inside, it runs
+        // `f` right here.
+        rayon::join(f, || ()).0
+    }
+
     fn name(&self) -> &str {
         NAME
     }
