@@ -97,6 +97,8 @@ pub fn memory_plan(path: &Path) -> Result<Option<MemoryPlan>> {
     let Some(spec) = path.to_str() else {
         return Ok(None);
     };
+    // A file or folder named `tiny` is that, not the built-in model.
+    let spec = if spec == "tiny" { "./tiny" } else { spec };
     let Ok(dir) = ModelDir::resolve_any(spec, ModelFamily::Emu2Chat) else {
         return Ok(None);
     };

@@ -19,6 +19,11 @@
 //! * the vision encoder's activations per batch of pictures, and the
 //!   decoder's attention matrices (`emu_decoder` estimates them).
 //!
+//! Weights are counted per component ([`Stage`]): all of them at once when
+//! every component stays resident, each alone under `--offload sequential`
+//! ([`crate::pipeline::Residency`]), where the peak is the largest stage
+//! ([`check_stages`], [`peak`], [`load_peak`]).
+//!
 //! Each amount is compared with the memory of where it will live: the
 //! host's available memory ([`host_available`]: `MemAvailable` and the
 //! cgroup limit, or `EMU_MEMORY_AVAILABLE`), a CUDA device's free memory
