@@ -42,12 +42,24 @@ const KC: usize = 16;
 /// Largest task in tiles per side (256 rows or columns).
 const CHUNK: usize = 16;
 
+/// Whether bf16 products can run here: on AMX tiles ([`tiles`]) or, where
+/// there are none, on AVX512-BF16 dot products ([`crate::dpbf16`]), unless
+/// `EMU_CPU_AMX` is `0`.
+pub(crate) fn available() -> bool {
+    tiles() || (enabled() && crate::dpbf16::available())
+}
+
+fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("EMU_CPU_AMX").map_or(true, |v| v.trim() != "0"))
+}
+
 /// Whether the CPU has AMX-BF16, the OS enables tile state and this
 /// process may use it (Linux asks each process to request it), and
 /// `EMU_CPU_AMX` is not `0`. Decided once per process.
-pub(crate) fn available() -> bool {
+pub(crate) fn tiles() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
-    *OK.get_or_init(|| std::env::var("EMU_CPU_AMX").map_or(true, |v| v.trim() != "0") && detect())
+    *OK.get_or_init(|| enabled() && detect())
 }
 
 fn detect() -> bool {
@@ -231,6 +243,12 @@ impl Packed {
     fn tile(&self, cb: usize, kb: usize) -> *const u16 {
         self.data[(cb * self.kblocks + kb) * TILE..].as_ptr()
     }
+
+    /// Column block `cb`: its k pairs one after another, 16 columns x 2
+    /// bf16 each, through the whole (zero-padded) k.
+    pub(crate) fn column_block(&self, cb: usize) -> *const u16 {
+        self.tile(cb, 0)
+    }
 }
 
 /// Column block `cb` of [`Packed::from_columns`] into `dst`. Viewed as
@@ -361,9 +379,9 @@ pub(crate) fn gemm<F: Fn(usize, usize, &Block) + Sync>(left: Left<'_>, right: &P
         let rows = i * rc..((i + 1) * rc).min(rb);
         let cols = j * cc..((j + 1) * cc).min(cb);
         let mut out = |r: usize, c: usize, b: &Block| out(r, c, b);
-        // SAFETY: `available` was checked above; the task holds the tile
-        // state until it returns and makes no rayon calls meanwhile.
-        unsafe { task(left, right, right.kblocks, rows, cols, &mut out) };
+        // SAFETY: `available` was checked above; an AMX task holds the
+        // tile state until it returns and makes no rayon calls meanwhile.
+        unsafe { any_task(left, right, right.kblocks, rows, cols, &mut out) };
     });
 }
 
@@ -388,7 +406,7 @@ pub(crate) fn product_here<F: FnMut(usize, usize, &Block)>(left: Left<'_>, right
         return;
     }
     // SAFETY: checked above; no rayon calls while the tiles are held.
-    unsafe { task(left, right, left.k.div_ceil(TK), 0..rb, 0..cb, &mut out) };
+    unsafe { any_task(left, right, left.k.div_ceil(TK), 0..rb, 0..cb, &mut out) };
 }
 
 /// [`product_here`] into a row-major f32 `y` (`left.rows x cols`, row
@@ -479,6 +497,27 @@ impl<'a> LeftTiles<'a> {
                 self.left.ld * 2,
             ),
         }
+    }
+}
+
+/// [`task`] on AMX, else on [`crate::dpbf16`] (over `left.k`: past it the
+/// left operand is zero, as a padded tile would be).
+///
+/// # Safety
+/// [`available`] must hold and the operands fit (`gemm` and
+/// `product_here` check).
+unsafe fn any_task<F: FnMut(usize, usize, &Block)>(
+    left: Left<'_>,
+    right: &Packed,
+    kblocks: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    out: &mut F,
+) {
+    if tiles() {
+        task(left, right, kblocks, rows, cols, out)
+    } else {
+        crate::dpbf16::task(left, right, rows, cols, out)
     }
 }
 
