@@ -2,6 +2,12 @@
 //! per core × f32 lanes of the widest vector ISA present × 2 flops × the
 //! clock × the bench's thread count.
 //!
+//! The FMA units are measured too: how many full-width FMAs a core retires
+//! per cycle (independent chains, timed against the same clock). It is not
+//! a property of the ISA: Intel's server cores issue two 512-bit FMAs per
+//! cycle, AMD's Zen 4 one (two 256-bit pipes, a 512-bit op takes both), so
+//! assuming two would halve every "% of peak" on Zen 4.
+//!
 //! The clock is measured, not read from `/proc/cpuinfo`: that field is the
 //! nominal or last-sampled frequency (on a VM often the host's base clock),
 //! while a chain of dependent register-to-register integer adds retires one
@@ -21,9 +27,7 @@ pub struct FmaPeak {
     /// The vector ISA the lane count comes from.
     pub isa: &'static str,
     pub lanes: usize,
-    /// FMA issue ports per core (two on every AVX2/AVX-512 core the project
-    /// targets; Skylake-SP/Cascade Lake parts with one AVX-512 FMA unit would
-    /// halve the true peak).
+    /// Full-width FMAs a core retires per cycle, measured (1 or 2).
     pub fma_units: usize,
     pub ghz: f64,
     /// How `ghz` was obtained.
@@ -38,7 +42,7 @@ impl FmaPeak {
 
     pub fn line(&self) -> String {
         format!(
-            "f32 FMA peak: {} {} FMA units x {} f32 lanes x 2 flops x {:.2} GHz ({}) x {} threads = {:.1} GFLOP/s",
+            "f32 FMA peak: {} {} FMA/cycle (measured) x {} f32 lanes x 2 flops x {:.2} GHz ({}) x {} threads = {:.1} GFLOP/s",
             self.isa,
             self.fma_units,
             self.lanes,
@@ -133,22 +137,79 @@ fn dependent_adds_per_s(iters: u64) -> f64 {
     8.0 * iters.max(1) as f64 / s
 }
 
-/// The all-core clock in GHz: `threads` threads run the dependent-add chain
-/// at once (best of ten runs of `iters` iterations each, after one warm-up
-/// run that lets the clock ramp up); the mean over threads.
+/// Full-width f32 FMAs per second on this thread: twelve independent
+/// chains (more than the FMA latency times the issue width), `iters`
+/// rounds, timed on the CPU clock like the adds.
 #[cfg(target_arch = "x86_64")]
-fn measured_ghz(threads: usize, iters: u64) -> f64 {
+fn fmas_per_s(iters: u64) -> f64 {
+    use std::arch::x86_64::*;
+    macro_rules! chains {
+        ($n:expr, $zero:expr, $splat:expr, $fma:expr) => {{
+            let mut acc = [$zero; 12];
+            let (a, b) = ($splat(std::hint::black_box(0.999)), $splat(std::hint::black_box(1e-3)));
+            for _ in 0..$n {
+                for v in acc.iter_mut() {
+                    *v = $fma(*v, a, b);
+                }
+            }
+            std::hint::black_box(acc);
+        }};
+    }
+    #[target_feature(enable = "avx512f")]
+    unsafe fn wide512(iters: u64) {
+        chains!(iters.max(1), _mm512_setzero_ps(), _mm512_set1_ps, _mm512_fmadd_ps);
+    }
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn wide256(iters: u64) {
+        chains!(iters.max(1), _mm256_setzero_ps(), _mm256_set1_ps, _mm256_fmadd_ps);
+    }
+    let t = Instant::now();
+    let cpu0 = on_cpu_ns();
+    // SAFETY: each kernel runs only where its features were detected.
+    unsafe {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            wide512(iters);
+        } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            wide256(iters);
+        } else {
+            return 0.0;
+        }
+    }
+    let wall = t.elapsed().as_secs_f64();
+    let s = match (cpu0, on_cpu_ns()) {
+        (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e9,
+        _ => wall,
+    };
+    12.0 * iters.max(1) as f64 / s
+}
+
+/// The best of ten runs of `rate` on `threads` threads at once (after one
+/// warm-up run that lets the clock ramp up), the mean over threads.
+#[cfg(target_arch = "x86_64")]
+fn all_threads(threads: usize, iters: u64, rate: fn(u64) -> f64) -> f64 {
     let run = || {
         std::thread::scope(|s| {
-            let hs: Vec<_> = (0..threads.max(1))
-                .map(|_| s.spawn(move || dependent_adds_per_s(iters)))
-                .collect();
+            let hs: Vec<_> = (0..threads.max(1)).map(|_| s.spawn(move || rate(iters))).collect();
             let v: Vec<f64> = hs.into_iter().filter_map(|h| h.join().ok()).collect();
             v.iter().sum::<f64>() / v.len().max(1) as f64
         })
     };
     run();
-    (0..10).map(|_| run()).fold(0.0, f64::max) / 1e9
+    (0..10).map(|_| run()).fold(0.0, f64::max)
+}
+
+/// The all-core clock in GHz: `threads` threads run the dependent-add chain
+/// at once.
+#[cfg(target_arch = "x86_64")]
+fn measured_ghz(threads: usize, iters: u64) -> f64 {
+    all_threads(threads, iters, dependent_adds_per_s) / 1e9
+}
+
+/// FMAs per cycle per core, rounded to a whole number of units (1 or 2).
+#[cfg(target_arch = "x86_64")]
+fn measured_fma_units(threads: usize, iters: u64, ghz: f64) -> usize {
+    let per_cycle = all_threads(threads, iters, fmas_per_s) / (ghz * 1e9);
+    (per_cycle.round() as usize).clamp(1, 2)
 }
 
 /// Measures the peak for `threads` threads; `iters` sets the length of the
@@ -164,18 +225,21 @@ pub fn fma_peak(threads: usize, iters: u64) -> FmaPeak {
         measured_ghz(threads, iters),
         format!("measured: dependent adds on {threads} threads at once, per second on the CPU; {cpuinfo}"),
     );
+    #[cfg(target_arch = "x86_64")]
+    let fma_units = measured_fma_units(threads, iters / 4, ghz);
     #[cfg(not(target_arch = "x86_64"))]
-    let (ghz, clock_source) = {
+    let (ghz, clock_source, fma_units) = {
         let _ = iters;
         (
             cpuinfo_mhz().unwrap_or(0.0) / 1e3,
             format!("not measured on this arch; {cpuinfo}"),
+            2,
         )
     };
     FmaPeak {
         isa,
         lanes,
-        fma_units: 2,
+        fma_units,
         ghz,
         clock_source,
         threads,
@@ -199,5 +263,6 @@ mod tests {
         assert_eq!(p.gflops(), 2.0 * 16.0 * 2.0 * 2.5 * 2.0);
         let m = fma_peak(1, 100_000);
         assert!(m.ghz.is_finite() && m.ghz > 0.0 && m.lanes >= 4, "{m:?}");
+        assert!((1..=2).contains(&m.fma_units), "{m:?}");
     }
 }
