@@ -194,6 +194,72 @@ impl Dims {
         });
     }
 
+    /// Columns `j0 .. j0 + dst.len() / k` of the im2col matrix of output
+    /// rows `oy0 ..` of image `xb` (`tp` columns in all), written straight
+    /// into `dst` as `[k][width]` (row stride `width`), zero past `tp`: one
+    /// panel of a packed right operand, built without the im2col buffer.
+    #[allow(clippy::too_many_arguments)]
+    fn im2col_panel<T: Copy + Default>(
+        &self,
+        g: Geometry,
+        xb: &[T],
+        oy0: usize,
+        tp: usize,
+        j0: usize,
+        width: usize,
+        dst: &mut [T],
+    ) {
+        let d = *self;
+        let nj = width.min(tp.saturating_sub(j0));
+        // The panel's columns as segments of output rows: (first column,
+        // output row in the tile, first ox, length), the same for every k.
+        let mut segs = [(0usize, 0usize, 0usize, 0usize); 8];
+        let mut ns = 0;
+        let mut j = 0;
+        while j < nj && ns < segs.len() {
+            let (t, ox) = ((j0 + j) / d.ow, (j0 + j) % d.ow);
+            let n = (d.ow - ox).min(nj - j);
+            segs[ns] = (j, t, ox, n);
+            ns += 1;
+            j += n;
+        }
+        // More than eight output rows in one panel (a very narrow output):
+        // the rest column by column through the general path below.
+        let rest = j;
+        let (mut ci, mut ky, mut kx) = (0, 0, 0);
+        for row in dst.chunks_exact_mut(width) {
+            let plane = &xb[ci * d.h * d.wi..(ci + 1) * d.h * d.wi];
+            let off = (kx * g.dilation) as isize - g.padding.1 as isize;
+            row[nj..].fill(T::default());
+            let segments = segs[..ns]
+                .iter()
+                .copied()
+                .chain((rest..nj).map(|j| (j, (j0 + j) / d.ow, (j0 + j) % d.ow, 1)));
+            for (j, t, ox, n) in segments {
+                let seg = &mut row[j..j + n];
+                let iy = ((oy0 + t) * g.stride + ky * g.dilation) as isize - g.padding.0 as isize;
+                if iy < 0 || iy >= d.h as isize {
+                    seg.fill(T::default());
+                    continue;
+                }
+                let src = &plane[iy as usize * d.wi..(iy as usize + 1) * d.wi];
+                let first = off + (ox * g.stride) as isize;
+                if g.stride == 1 && first >= 0 && first as usize + n <= d.wi {
+                    seg.copy_from_slice(&src[first as usize..first as usize + n]);
+                } else {
+                    gather_row(seg, src, first, g.stride);
+                }
+            }
+            kx += 1;
+            if kx == d.kw {
+                (kx, ky) = (0, ky + 1);
+                if ky == d.kh {
+                    (ky, ci) = (0, ci + 1);
+                }
+            }
+        }
+    }
+
     /// The convolution of every image of `xs` into `out` as products of the
     /// weights (`[O, C*KH*KW]`) with a right operand: `product(right, tp,
     /// y)` with `right` `[C*KH*KW, tp]` (row stride `tp`) and `y` the
@@ -253,7 +319,7 @@ pub(crate) fn conv2d_f32(
     if crate::sgemm::available() {
         // Our own kernel (see `sgemm`): the weights are the left operand,
         // each right operand packed; the bias is added to each finished sum.
-        use crate::sgemm::{product_into, Bias, Left, Packed};
+        use crate::sgemm::{self, product_into, Bias, Left, Packed};
         let bv: Option<Vec<f32>> = bias.map(|t| t.to_vec1()).transpose()?;
         let sb = bv.as_deref().map_or(Bias::None, Bias::Rows);
         let left = Left {
@@ -262,9 +328,27 @@ pub(crate) fn conv2d_f32(
             k: kk,
             ld: kk,
         };
-        d.products(g, xs, &mut out, TILE_ELEMS, |r, tp, y| {
-            product_into(left, &Packed::from_rows(r, kk, tp, tp), y, hw, sb)
-        });
+        let images = out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(d.c * d.h * d.wi));
+        if d.pointwise(g) {
+            for (ob, xb) in images {
+                product_into(left, &Packed::from_rows(xb, kk, hw, hw), ob, hw, sb);
+            }
+        } else {
+            // Each tile's im2col columns go straight into the packed
+            // panels (one buffer, reused): building the im2col matrix and
+            // then packing it was a third of the VAE's time in copies.
+            let rows = d.tile_rows_for(TILE_ELEMS);
+            let mut packed = Packed::empty();
+            for (ob, xb) in images {
+                for oy0 in (0..oh).step_by(rows) {
+                    let tp = rows.min(oh - oy0) * ow;
+                    packed.refill(kk, tp, |p, dst| {
+                        d.im2col_panel(g, xb, oy0, tp, p * sgemm::NR, sgemm::NR, dst)
+                    });
+                    product_into(left, &packed, &mut ob[oy0 * ow..], hw, sb);
+                }
+            }
+        }
         return CTensor::from_vec(out, (b, o, oh, ow), x.device());
     }
     if let Some(bias) = bias {

@@ -25,7 +25,7 @@ use std::arch::x86_64::*;
 /// Rows of a register tile.
 const MR: usize = 12;
 /// Columns of a panel (two vectors of 16).
-const NR: usize = 32;
+pub(crate) const NR: usize = 32;
 /// k per chunk.
 const KC: usize = 256;
 /// Largest task: rows and panels.
@@ -65,6 +65,32 @@ impl Packed {
             });
         }
         Packed { data, k, cols }
+    }
+
+    /// An empty operand, to [`Self::refill`].
+    pub(crate) fn empty() -> Self {
+        Packed {
+            data: Vec::new(),
+            k: 0,
+            cols: 0,
+        }
+    }
+
+    /// Rebuilds this operand as `k x cols`, reusing its memory: `fill(p,
+    /// dst)` writes panel `p` (`dst` is `k x 32`, row-major, and must be
+    /// written whole, zeros past `cols` included), in parallel.
+    pub(crate) fn refill(&mut self, k: usize, cols: usize, fill: impl Fn(usize, &mut [f32]) + Sync) {
+        let len = cols.div_ceil(NR) * k * NR;
+        if self.data.len() < len {
+            self.data.resize(len, 0.0);
+        }
+        (self.k, self.cols) = (k, cols);
+        if k > 0 {
+            self.data[..len]
+                .par_chunks_mut(k * NR)
+                .enumerate()
+                .for_each(|(p, dst)| fill(p, dst));
+        }
     }
 
     /// From a matrix whose column `c` has its k values contiguous (element
