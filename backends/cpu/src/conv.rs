@@ -498,6 +498,29 @@ mod tests {
                 .zip(&want)
                 .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
             assert!(worst / scale <= 1e-5, "{xd:?} {wd:?} {g:?}: {:e}", worst / scale);
+            // The bf16 route (AMX or AVX512-BF16)
+            // on the same inputs rounded to bf16, against f64 on those.
+            #[cfg(target_arch = "x86_64")]
+            if crate::amx::available() {
+                use candle_core::DType;
+                let r = |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect() };
+                let (xr, wr, br) = (r(&xv), r(&wv), r(&bv));
+                let h = |t: &CTensor| t.to_dtype(DType::BF16).unwrap();
+                let y = conv2d_bf16(&h(&x), &h(&w), with_bias.then(|| h(&b)).as_ref(), g).unwrap();
+                let want = reference(&xr, &wr, with_bias.then_some(&br[..]), xd, wd, g, oh, ow);
+                let got: Vec<f32> = y
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let worst = got
+                    .iter()
+                    .zip(&want)
+                    .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+                assert!(worst / scale <= 1e-2, "bf16 {xd:?} {wd:?} {g:?}: {:e}", worst / scale);
+            }
         }
     }
 
