@@ -173,6 +173,30 @@ fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>,
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("f16c");
+    // bf16 weights meet bf16 inputs (`x` is their exact widening) in
+    // `vdpbf16ps` where the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    if wide && T::ELEM == crate::matvec_x86::Elem::Bf16 && crate::dpbf16::available() {
+        let xb: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
+            for (j, o) in out.chunks_exact_mut(m).enumerate() {
+                let r = bi * block + j;
+                let wr = w[r * k..(r + 1) * k].as_ptr() as *const u16;
+                for (g, og) in o.chunks_mut(4).enumerate() {
+                    // SAFETY: AVX512-BF16 was detected; `wr` is a row of k
+                    // bf16 and `xb` holds og.len() rows from g * 4.
+                    unsafe { crate::matvec_x86::dot_rows_bf16(wr, &xb[g * 4 * k..], k, og.len(), og) };
+                }
+                let b = bias.map_or(0.0, |b| b[r].widen_one());
+                o.iter_mut().for_each(|v| *v += b);
+            }
+        });
+        let mut y = Vec::with_capacity(m * n);
+        for i in 0..m {
+            y.extend((0..n).map(|r| T::round(yt[r * m + i])));
+        }
+        return y;
+    }
     #[cfg(target_arch = "x86_64")]
     if wide {
         yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
