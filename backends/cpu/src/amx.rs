@@ -18,8 +18,11 @@
 //! operands of one chunk stay in L2), and hands each finished 16 x 16 f32
 //! tile to the caller's epilogue, which rounds and stores it.
 //!
-//! `EMU_CPU_AMX=0` turns the path off (everything then takes the f32
-//! route, as on CPUs without AMX).
+//! Where there are no tiles but AVX512-BF16 is there, the same operands and
+//! block epilogue run on `vdpbf16ps` ([`crate::dpbf16`]): [`available`]
+//! says whether either can, and every entry point here takes whichever it
+//! is. `EMU_CPU_AMX=0` turns both off (everything then takes the f32 route,
+//! as on CPUs with neither).
 
 use crate::convert::{bits, bits_mut, slice_of};
 use candle_core::{DType, Tensor as CTensor};
@@ -46,10 +49,11 @@ const CHUNK: usize = 16;
 /// there are none, on AVX512-BF16 dot products ([`crate::dpbf16`]), unless
 /// `EMU_CPU_AMX` is `0`.
 pub(crate) fn available() -> bool {
-    tiles() || (enabled() && crate::dpbf16::available())
+    tiles() || crate::dpbf16::available()
 }
 
-fn enabled() -> bool {
+/// `EMU_CPU_AMX` is not `0`: it turns off both bf16 product paths.
+pub(crate) fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| std::env::var("EMU_CPU_AMX").map_or(true, |v| v.trim() != "0"))
 }

@@ -25,11 +25,13 @@ use std::sync::OnceLock;
 /// Rows and columns of a block.
 const TR: usize = 16;
 
-/// Whether the CPU has AVX512-BF16 (with F, BW and VL for the packing).
+/// Whether the CPU has AVX512-BF16 (with F, BW and VL for the packing)
+/// and `EMU_CPU_AMX` is not `0`.
 pub(crate) fn available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
-        is_x86_feature_detected!("avx512f")
+        crate::amx::enabled()
+            && is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512bf16")
