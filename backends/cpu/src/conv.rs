@@ -167,6 +167,17 @@ impl Dims {
         self.kh == 1 && self.kw == 1 && g.stride == 1 && g.padding == (0, 0)
     }
 
+    /// Whether a stride-1 convolution runs on the padded image in place
+    /// (see `conv2d_f32`): where the dropped columns and the last panel's
+    /// padding are a small part of the work, 16 pixels wide and up (an
+    /// 8-wide image computes half as much again, and ran slower than
+    /// im2col).
+    #[cfg(target_arch = "x86_64")]
+    fn shifted_fits(&self, g: Geometry) -> bool {
+        let cols = self.oh * (self.wi + 2 * g.padding.1);
+        g.stride == 1 && self.c > 0 && self.oh * self.ow * 20 >= cols.next_multiple_of(crate::sgemm::NR) * 17
+    }
+
     /// Output rows per im2col tile of at most `elems` elements (one row at
     /// least).
     fn tile_rows_for(&self, elems: usize) -> usize {
@@ -319,7 +330,7 @@ pub(crate) fn conv2d_f32(
     if crate::sgemm::available() {
         // Our own kernel (see `sgemm`): the weights are the left operand,
         // each right operand packed; the bias is added to each finished sum.
-        use crate::sgemm::{self, product_into, Bias, Left, Packed};
+        use crate::sgemm::{self, product_into, Bias, Left, Packed, Shifted};
         let bv: Option<Vec<f32>> = bias.map(|t| t.to_vec1()).transpose()?;
         let sb = bv.as_deref().map_or(Bias::None, Bias::Rows);
         let left = Left {
@@ -332,6 +343,44 @@ pub(crate) fn conv2d_f32(
         if d.pointwise(g) {
             for (ob, xb) in images {
                 product_into(left, &Packed::from_rows(xb, kk, hw, hw), ob, hw, sb);
+            }
+        } else if d.shifted_fits(g) {
+            // Stride 1: the zero-padded image is the right operand where it
+            // lies (`sgemm::Shifted`): with output positions counted over
+            // the padded width, im2col row (c, ky, kx) is the padded image
+            // from `c*plane + ky*dil*wp + kx*dil` on. The kernel reads one
+            // padded copy of the input instead of building nine; the few
+            // columns past each output row are computed and dropped.
+            let (ph, pw) = g.padding;
+            let (hp, wp) = (d.h + 2 * ph, d.wi + 2 * pw);
+            let plane = hp * wp;
+            let offs: Vec<usize> = (0..d.c)
+                .flat_map(|ci| {
+                    (0..d.kh).flat_map(move |ky| (0..d.kw).map(move |kx| ci * plane + (ky * wp + kx) * g.dilation))
+                })
+                .collect();
+            let cols = oh * wp;
+            // The last row reads up to one panel (and the kernel's reach)
+            // past the last plane.
+            let mut padded = vec![0f32; d.c * plane + sgemm::NR + g.dilation * (d.kw - 1)];
+            let mut wide = vec![0f32; o * cols];
+            for (ob, xb) in images {
+                // Only the interior is written: the border stays zero
+                // from one image to the next.
+                padded[..d.c * plane]
+                    .par_chunks_mut(plane)
+                    .zip(xb.par_chunks(d.h * d.wi))
+                    .for_each(|(dst, src)| {
+                        for (y, row) in src.chunks_exact(d.wi).enumerate() {
+                            dst[(y + ph) * wp + pw..][..d.wi].copy_from_slice(row);
+                        }
+                    });
+                product_into(left, &Shifted::new(&padded, &offs, cols), &mut wide, cols, sb);
+                ob.par_chunks_mut(hw).zip(wide.par_chunks(cols)).for_each(|(dst, src)| {
+                    for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                        row.copy_from_slice(&src[oy * wp..][..ow]);
+                    }
+                });
             }
         } else {
             // Each tile's im2col columns go straight into the packed
@@ -473,7 +522,33 @@ mod tests {
             ([1, 3, 6, 6], [2, 3, 1, 1], (1, 0), 2, 1, false),
             ([1, 1, 3, 3], [1, 1, 3, 3], (0, 0), 1, 1, false),
             ([1, 3, 5, 4], [2, 3, 5, 4], (1, 1), 3, 1, true),
+            // Wide enough for the padded image in place (`shifted_fits`):
+            // two images (the border must stay zero), dilation, a 3x2
+            // kernel, uneven padding, a 5x5 kernel, ragged panels.
+            ([2, 3, 20, 40], [5, 3, 3, 3], (1, 1), 1, 1, true),
+            ([1, 2, 12, 64], [4, 2, 3, 2], (2, 1), 1, 2, true),
+            ([1, 4, 6, 70], [13, 4, 5, 5], (2, 2), 1, 1, false),
+            ([3, 5, 9, 33], [7, 5, 3, 3], (0, 1), 1, 1, true),
         ];
+        #[cfg(target_arch = "x86_64")]
+        {
+            let shifted = cases
+                .iter()
+                .filter(|&&(xd, wd, padding, stride, dilation, _)| {
+                    let g = Geometry {
+                        padding,
+                        stride,
+                        dilation,
+                    };
+                    let dev = Device::Cpu;
+                    let x = CTensor::zeros(&xd, candle_core::DType::F32, &dev).unwrap();
+                    let w = CTensor::zeros(&wd, candle_core::DType::F32, &dev).unwrap();
+                    let d = Dims::new(&x, &w, g).unwrap();
+                    !d.pointwise(g) && d.shifted_fits(g)
+                })
+                .count();
+            assert_eq!(shifted, 4, "the in-place cases no longer take that route");
+        }
         let dev = Device::Cpu;
         for &(xd, wd, padding, stride, dilation, with_bias) in cases {
             let g = Geometry {

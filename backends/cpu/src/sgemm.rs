@@ -47,10 +47,6 @@ pub(crate) struct Packed {
 }
 
 impl Packed {
-    fn panels(&self) -> usize {
-        self.cols.div_ceil(NR)
-    }
-
     /// From a row-major `[k, cols]` matrix (element `(k, c)` at
     /// `src[k * ld + c]`).
     pub(crate) fn from_rows(src: &[f32], k: usize, cols: usize, ld: usize) -> Self {
@@ -134,6 +130,75 @@ unsafe fn pack_columns(src: &[f32], k: usize, cols: usize, ld: usize, p: usize, 
 }
 
 /// The left operand: `rows` rows of `k` f32, row `i` at `data[i * ld..]`.
+/// A right operand as the kernel walks it: panel `p` from row `k0` on.
+pub(crate) trait Right: Sync {
+    /// Rows at per-row offsets (see [`Shifted`]) rather than one after
+    /// another `NR` apart.
+    const SHIFTED: bool;
+    fn k(&self) -> usize;
+    fn cols(&self) -> usize;
+    /// The first row's address (packed) or the panel's base and the row
+    /// offsets from `k0` on (shifted).
+    fn panel(&self, p: usize, k0: usize) -> (*const f32, *const usize);
+}
+
+impl Right for Packed {
+    const SHIFTED: bool = false;
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn panel(&self, p: usize, k0: usize) -> (*const f32, *const usize) {
+        (
+            self.data.as_ptr().wrapping_add((p * self.k + k0) * NR),
+            std::ptr::null(),
+        )
+    }
+}
+
+/// A right operand read where it lies, unpacked: element `(k, c)` is
+/// `data[offs[k] + c]`. A stride-1 convolution over a padded image is one
+/// (see `conv`): each (channel, ky, kx) row of its im2col matrix is the
+/// padded image shifted, so the kernel reads the image itself instead of a
+/// nine-fold copy of it.
+pub(crate) struct Shifted<'a> {
+    data: &'a [f32],
+    offs: &'a [usize],
+    cols: usize,
+}
+
+impl<'a> Shifted<'a> {
+    /// # Panics
+    /// If a row, read to the end of its last panel, runs past `data`.
+    pub(crate) fn new(data: &'a [f32], offs: &'a [usize], cols: usize) -> Self {
+        let reach = cols.next_multiple_of(NR);
+        assert!(
+            offs.iter()
+                .all(|&o| o.checked_add(reach).is_some_and(|e| e <= data.len())),
+            "sgemm: a shifted row runs past its data"
+        );
+        Shifted { data, offs, cols }
+    }
+}
+
+impl Right for Shifted<'_> {
+    const SHIFTED: bool = true;
+    fn k(&self) -> usize {
+        self.offs.len()
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn panel(&self, p: usize, k0: usize) -> (*const f32, *const usize) {
+        (
+            self.data.as_ptr().wrapping_add(p * NR),
+            self.offs.as_ptr().wrapping_add(k0),
+        )
+    }
+}
+
 #[derive(Clone, Copy)]
 pub(crate) struct Left<'a> {
     pub data: &'a [f32],
@@ -170,9 +235,9 @@ impl Out {
 /// # Panics
 /// If the operands disagree or `y` is too small. The caller checks
 /// [`available`].
-pub(crate) fn product_into(left: Left<'_>, right: &Packed, y: &mut [f32], ldy: usize, bias: Bias<'_>) {
-    let (m, n, k) = (left.rows, right.cols, left.k);
-    assert!(available() && k == right.k, "sgemm: operands disagree");
+pub(crate) fn product_into<R: Right>(left: Left<'_>, right: &R, y: &mut [f32], ldy: usize, bias: Bias<'_>) {
+    let (m, n, k) = (left.rows, right.cols(), left.k);
+    assert!(available() && k == right.k(), "sgemm: operands disagree");
     if m == 0 || n == 0 {
         return;
     }
@@ -184,7 +249,7 @@ pub(crate) fn product_into(left: Left<'_>, right: &Packed, y: &mut [f32], ldy: u
         Bias::None => {}
     }
     let out = Out(y.as_mut_ptr());
-    let panels = right.panels();
+    let panels = n.div_ceil(NR);
     let want = 4 * rayon::current_num_threads().max(1);
     let (mut tr, mut tp) = (TASK_ROWS, TASK_PANELS);
     while m.div_ceil(tr) * panels.div_ceil(tp) < want && (tr > MR || tp > 1) {
@@ -194,6 +259,22 @@ pub(crate) fn product_into(left: Left<'_>, right: &Packed, y: &mut [f32], ldy: u
             tp = (tp / 2).max(1);
         }
     }
+    // The left operand tile by tile as [k][12] (zero rows past the
+    // matrix): one pointer walks a tile, so the kernel keeps its 24 sums
+    // and both panel vectors in registers. Packed once for all tasks where
+    // several groups of panels would each pack the same rows again (a
+    // convolution's few weight rows against a wide image); else each task
+    // packs its own, while they are in cache.
+    let shared = (panels.div_ceil(tp) > 1).then(|| {
+        let mut apack = vec![0f32; m.div_ceil(MR) * k * MR];
+        if k > 0 {
+            apack.par_chunks_mut(k * MR).enumerate().for_each(|(t, dst)| {
+                pack_tile(left, t * MR, 0, k, dst);
+            });
+        }
+        apack
+    });
+    let shared = shared.as_deref();
     let tasks: Vec<(usize, usize)> = (0..m.div_ceil(tr))
         .flat_map(|i| (0..panels.div_ceil(tp)).map(move |j| (i, j)))
         .collect();
@@ -202,14 +283,16 @@ pub(crate) fn product_into(left: Left<'_>, right: &Packed, y: &mut [f32], ldy: u
         let pans = j * tp..((j + 1) * tp).min(panels);
         // SAFETY: AVX-512 checked above; the task writes rows `rows` and
         // the columns of panels `pans` only, inside `y` (asserted).
-        unsafe { task(left, right, rows, pans, out, ldy, bias) };
+        unsafe { task(left, shared, right, rows, pans, out, ldy, bias) };
     });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
-unsafe fn task(
+#[allow(clippy::too_many_arguments)]
+unsafe fn task<R: Right>(
     left: Left<'_>,
-    right: &Packed,
+    shared: Option<&[f32]>,
+    right: &R,
     rows: std::ops::Range<usize>,
     pans: std::ops::Range<usize>,
     out: Out,
@@ -217,42 +300,42 @@ unsafe fn task(
     bias: Bias<'_>,
 ) {
     let k = left.k;
-    let n = right.cols;
+    let n = right.cols();
     let chunks = k.div_ceil(KC).max(1);
     let tiles = rows.len().div_ceil(MR);
-    // The task's rows of one k chunk, tile by tile as [k][12] (zero rows
-    // past the matrix): one pointer walks a tile, so the kernel keeps its
-    // 24 sums and both panel vectors in registers.
-    let mut apack = vec![0f32; tiles * KC.min(k.max(1)) * MR];
+    let mut own = if shared.is_none() {
+        vec![0f32; tiles * KC.min(k.max(1)) * MR]
+    } else {
+        Vec::new()
+    };
     for ch in 0..chunks {
         let k0 = ch * KC;
         let kn = KC.min(k - k0.min(k));
         let (first, last) = (ch == 0, ch + 1 == chunks);
-        for t in 0..tiles {
-            let r0 = rows.start + t * MR;
-            let nr = MR.min(rows.end - r0);
-            let dst = &mut apack[t * kn * MR..(t + 1) * kn * MR];
-            for i in 0..nr {
-                let src = &left.data[(r0 + i) * left.ld + k0..][..kn];
-                for (kk, v) in src.iter().enumerate() {
-                    dst[kk * MR + i] = *v;
-                }
-            }
-            for i in nr..MR {
-                for kk in 0..kn {
-                    dst[kk * MR + i] = 0.0;
-                }
+        if shared.is_none() {
+            for t in 0..tiles {
+                pack_tile(
+                    left,
+                    rows.start + t * MR,
+                    k0,
+                    kn,
+                    &mut own[t * kn * MR..(t + 1) * kn * MR],
+                );
             }
         }
         for p in pans.clone() {
             let c0 = p * NR;
             let nc = NR.min(n - c0);
-            let panel = right.data.as_ptr().add((p * k + k0) * NR);
+            let (panel, offs) = right.panel(p, k0);
             for t in 0..tiles {
                 let r0 = rows.start + t * MR;
                 let tile = Tile {
-                    a: apack.as_ptr().add(t * kn * MR),
+                    a: match shared {
+                        Some(a) => a.as_ptr().add((r0 / MR * k + k0) * MR),
+                        None => own.as_ptr().add(t * kn * MR),
+                    },
                     b: panel,
+                    offs,
                     kn,
                     c: out.at(r0 * ldy + c0),
                     ldc: ldy,
@@ -264,8 +347,29 @@ unsafe fn task(
                     r0,
                     c0,
                 };
-                tile.run();
+                if R::SHIFTED {
+                    tile.run::<true>();
+                } else {
+                    tile.run::<false>();
+                }
             }
+        }
+    }
+}
+
+/// Rows `r0 .. r0 + 12` of `left`, columns `k0 .. k0 + kn`, into `dst`
+/// as `[kn][12]`, zero for rows past the matrix.
+fn pack_tile(left: Left<'_>, r0: usize, k0: usize, kn: usize, dst: &mut [f32]) {
+    let nr = MR.min(left.rows - r0);
+    for i in 0..nr {
+        let src = &left.data[(r0 + i) * left.ld + k0..][..kn];
+        for (kk, v) in src.iter().enumerate() {
+            dst[kk * MR + i] = *v;
+        }
+    }
+    for i in nr..MR {
+        for kk in 0..kn {
+            dst[kk * MR + i] = 0.0;
         }
     }
 }
@@ -274,7 +378,10 @@ unsafe fn task(
 struct Tile<'a> {
     /// The packed rows ([k][12]).
     a: *const f32,
+    /// The panel's first row (packed) or its base (shifted: row `kk` at
+    /// `b + offs[kk]`).
     b: *const f32,
+    offs: *const usize,
     kn: usize,
     c: *mut f32,
     ldc: usize,
@@ -307,7 +414,7 @@ impl Tile<'_> {
     /// chunk's k, store the partial sums or (last chunk) the sums plus the
     /// bias, masked to the tile's rows and the panel's columns.
     #[inline(always)]
-    unsafe fn run(&self) {
+    unsafe fn run<const SHIFTED: bool>(&self) {
         const _: () = assert!(MR == 12, "each_row! unrolls 12 rows");
         let m0: __mmask16 = if self.nc >= 16 { !0 } else { (1u16 << self.nc) - 1 };
         let m1: __mmask16 = if self.nc >= 32 {
@@ -327,10 +434,17 @@ impl Tile<'_> {
                 }
             });
         }
-        let (mut a, mut b) = (self.a, self.b);
+        let (mut a, mut b, mut offs) = (self.a, self.b, self.offs);
         for _ in 0..self.kn {
-            let b0 = _mm512_loadu_ps(b);
-            let b1 = _mm512_loadu_ps(b.add(16));
+            let row = if SHIFTED {
+                let r = self.b.add(*offs);
+                offs = offs.add(1);
+                r
+            } else {
+                b
+            };
+            let b0 = _mm512_loadu_ps(row);
+            let b1 = _mm512_loadu_ps(row.add(16));
             // Each row's element is broadcast by the FMA itself (`{1to16}`,
             // once per panel vector): a separate broadcast takes an FP pipe
             // slot, and on Zen 4, which issues one 512-bit FMA per cycle,
@@ -340,7 +454,9 @@ impl Tile<'_> {
                 fma_bcast::<I>(&mut acc[I][1], b1, a);
             });
             a = a.add(MR);
-            b = b.add(NR);
+            if !SHIFTED {
+                b = b.add(NR);
+            }
         }
         let (bias0, bias1) = match (self.last, self.bias) {
             (true, Bias::Cols(bv)) => (
@@ -532,7 +648,9 @@ mod tests {
             return;
         }
         // Ragged rows (tiles of 1..12), columns (partial panels), k over
-        // one chunk; both packings; both biases.
+        // one chunk; both packings and the operand read in place (its rows
+        // in reverse order, a row's data padded to the end of its last
+        // panel); both biases.
         for &(m, n, k) in &[(1, 1, 1), (13, 33, 7), (25, 70, 300), (100, 64, 520), (7, 129, 17)] {
             let a = values(m * (k + 2), 1);
             let b = values(k * n, 2);
@@ -549,6 +667,15 @@ mod tests {
                 let mut y2 = vec![f32::NAN; m * (n + 1)];
                 product_into(left, &Packed::from_rows(&b, k, n, n), &mut y1, n + 1, bias);
                 product_into(left, &Packed::from_columns(&bt, k, n, k), &mut y2, n + 1, bias);
+                let mut in_place = vec![f32::NAN; k * n + n.next_multiple_of(NR)];
+                let offs: Vec<usize> = (0..k).map(|kk| (k - 1 - kk) * n).collect();
+                for kk in 0..k {
+                    in_place[offs[kk]..][..n].copy_from_slice(&b[kk * n..][..n]);
+                }
+                // What lies past column n is read but never reaches a
+                // written output: NaN there must not show.
+                let mut y3 = vec![f32::NAN; m * (n + 1)];
+                product_into(left, &Shifted::new(&in_place, &offs, n), &mut y3, n + 1, bias);
                 for i in 0..m {
                     for j in 0..n {
                         let s: f64 = (0..k).map(|kk| a[i * (k + 2) + kk] as f64 * b[kk * n + j] as f64).sum();
@@ -559,13 +686,18 @@ mod tests {
                         };
                         let (g1, g2) = (y1[i * (n + 1) + j], y2[i * (n + 1) + j]);
                         assert_eq!(g1.to_bits(), g2.to_bits(), "packings differ at {i},{j}");
+                        assert_eq!(
+                            g1.to_bits(),
+                            y3[i * (n + 1) + j].to_bits(),
+                            "in place differs at {i},{j}"
+                        );
                         assert!(
                             (g1 as f64 - want).abs() < 1e-5 * (k as f64).sqrt(),
                             "{m}x{n}x{k} {mode}: {g1} vs {want}"
                         );
                     }
                     // The padding column is never written.
-                    assert!(y1[i * (n + 1) + n].is_nan());
+                    assert!(y1[i * (n + 1) + n].is_nan() && y3[i * (n + 1) + n].is_nan());
                 }
             }
         }
