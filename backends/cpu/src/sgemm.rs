@@ -129,7 +129,6 @@ unsafe fn pack_columns(src: &[f32], k: usize, cols: usize, ld: usize, p: usize, 
     }
 }
 
-/// The left operand: `rows` rows of `k` f32, row `i` at `data[i * ld..]`.
 /// A right operand as the kernel walks it: panel `p` from row `k0` on.
 pub(crate) trait Right: Sync {
     /// Rows at per-row offsets (see [`Shifted`]) rather than one after
@@ -199,6 +198,7 @@ impl Right for Shifted<'_> {
     }
 }
 
+/// The left operand: `rows` rows of `k` f32, row `i` at `data[i * ld..]`.
 #[derive(Clone, Copy)]
 pub(crate) struct Left<'a> {
     pub data: &'a [f32],
@@ -505,15 +505,17 @@ unsafe fn fma_bcast<const I: usize>(acc: &mut __m512, b: __m512, a: *const f32) 
 }
 
 /// `y = x w^T (+ bias)`: `x` `[m, k]` contiguous, `w` `[n, k]` contiguous,
-/// `bias` `[n]`; returns `[m, n]`. At least as many rows as outputs: the
-/// weights are packed once and the rows stream past them. Fewer: the
-/// weights are the left operand (read once, in L2-sized pieces) and the
-/// rows the packed right one, the product transposed at the end, which
-/// costs less than packing the larger weights (256 x 2048 -> 2048: 11.0-11.6
+/// `bias` `[n]`; returns `[m, n]`. Either the weights are packed once and
+/// the rows stream past them, or the weights are the left operand (read
+/// once, in L2-sized pieces) and the rows the packed right one, the product
+/// transposed at the end: whichever copies less (256 x 2048 -> 2048: 11.0-11.6
 /// ms against 13.0-14.8 with the weights packed).
 pub(crate) fn linear(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: Option<&[f32]>) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
-    if m >= n {
+    // Packing the weights copies `n * k`; the other way round packs the
+    // rows (`m * k`) and transposes the product (`m * n`, twice the work
+    // of a copy).
+    if n * k <= m * k + 2 * m * n {
         let left = Left {
             data: x,
             rows: m,
@@ -533,12 +535,36 @@ pub(crate) fn linear(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: O
     };
     let b = bias.map_or(Bias::None, Bias::Rows);
     product_into(left, &Packed::from_columns(x, k, m, k), &mut yt, m, b);
-    y.par_chunks_mut(n).enumerate().for_each(|(i, row)| {
-        for (j, v) in row.iter_mut().enumerate() {
-            *v = yt[j * m + i];
-        }
+    // In 16 x 16 blocks: element by element, the strided reads cost as
+    // much as a small product (512 x 1024 out of k = 128: a third).
+    y.par_chunks_mut(16 * n).enumerate().for_each(|(ib, dst)| {
+        // SAFETY: `available` (checked by `product_into` above); the
+        // block reads rows `j < n`, columns `i < m` of `yt` and writes
+        // rows `i < m` of `y` only (masked to both).
+        unsafe { transpose_rows(&yt, m, n, ib * 16, dst) }
     });
     y
+}
+
+/// Rows `i0 .. i0 + dst.len() / n` of the transpose of `src` (`[n, m]`)
+/// into `dst` (`[.., n]`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn transpose_rows(src: &[f32], m: usize, n: usize, i0: usize, dst: &mut [f32]) {
+    let ni = dst.len() / n;
+    assert!(ni <= 16 && i0 + ni <= m && src.len() >= n * m);
+    let mask: __mmask16 = if ni == 16 { !0 } else { (1u16 << ni) - 1 };
+    for j0 in (0..n).step_by(16) {
+        let nj = 16.min(n - j0);
+        let mut rows = [_mm512_setzero_si512(); 16];
+        for (j, r) in rows.iter_mut().enumerate().take(nj) {
+            *r = _mm512_maskz_loadu_epi32(mask, src.as_ptr().add((j0 + j) * m + i0) as *const i32);
+        }
+        let t = transpose16(rows);
+        let jm: __mmask16 = if nj == 16 { !0 } else { (1u16 << nj) - 1 };
+        for (i, v) in t.iter().enumerate().take(ni) {
+            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(i * n + j0) as *mut i32, jm, *v);
+        }
+    }
 }
 
 /// f32 `a @ b` (`a [.., m, k]`, `b [.., k, n]`, validated by the caller),
@@ -623,7 +649,7 @@ mod tests {
             eprintln!("no AVX-512 here: skipped");
             return;
         }
-        for &(m, n, k) in &[(20, 300, 70), (300, 40, 33), (17, 17, 600)] {
+        for &(m, n, k) in &[(20, 300, 70), (300, 40, 33), (17, 17, 600), (33, 500, 100)] {
             let (x, w, b) = (values(m * k, 5), values(n * k, 6), values(n, 7));
             let y = linear(&x, m, &w, n, k, Some(&b));
             for i in 0..m {
