@@ -830,6 +830,32 @@ pub(crate) fn product_into(left: Left<'_>, right: &Packed, y: &mut [u16], ldy: u
     });
 }
 
+/// [`product_into`] with the right operand read in place (AVX512-BF16
+/// only, see [`crate::dpbf16::Shifted`]).
+pub(crate) fn shifted_into(
+    left: Left<'_>,
+    right: &crate::dpbf16::Shifted<'_>,
+    y: &mut [u16],
+    ldy: usize,
+    bias: Bias<'_>,
+) {
+    let (rows, cols) = (left.rows, right.cols());
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(ldy >= cols && (rows - 1) * ldy + cols <= y.len());
+    if let Bias::Fused(b) | Bias::Rounded(b) = bias {
+        assert!(b.len() >= rows);
+    }
+    let out = Out(y.as_mut_ptr());
+    crate::dpbf16::shifted_gemm(left, right, |r0, c0, b| {
+        // SAFETY: AVX-512 (`shifted_gemm` checked AVX512-BF16, which comes
+        // with it); rows r0.., columns c0.. of `y` belong to this block
+        // alone and lie inside it (asserted above).
+        unsafe { store_rows(b, out, r0, c0, rows, cols, ldy, bias) }
+    });
+}
+
 /// bf16 `linear` on tiles (`x [.., k]`, `w [n, k]`, `b [n]`, shapes
 /// checked by the caller), or `None` where it does not apply: no AMX,
 /// another dtype, weights that are not one contiguous block.

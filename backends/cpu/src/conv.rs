@@ -449,6 +449,49 @@ pub(crate) fn conv2d_bf16(
                 ld: kk,
             };
             let mut out = vec![half::bf16::ZERO; b * o * hw];
+            if !crate::amx::tiles() && crate::dpbf16::available() && !d.pointwise(g) && d.shifted_fits(g) {
+                // As `conv2d_f32` does: the padded image in place, each k
+                // pair interleaved in registers from its two rows.
+                let (ph, pw) = g.padding;
+                let (hp, wp) = (d.h + 2 * ph, d.wi + 2 * pw);
+                let plane = hp * wp;
+                let cols = oh * wp;
+                let reach = cols.next_multiple_of(16);
+                // A zero row past the planes (and the last row's reach)
+                // stands in for the missing row of an odd k.
+                let zero_row = d.c * plane + g.dilation * (d.kw - 1) + 16;
+                let mut offs: Vec<usize> = (0..d.c)
+                    .flat_map(|ci| {
+                        (0..d.kh).flat_map(move |ky| (0..d.kw).map(move |kx| ci * plane + (ky * wp + kx) * g.dilation))
+                    })
+                    .collect();
+                if offs.len() % 2 == 1 {
+                    offs.push(zero_row);
+                }
+                let mut padded = vec![0u16; zero_row + reach];
+                let mut wide = vec![0u16; o * cols];
+                let images = bits_mut(&mut out)
+                    .chunks_exact_mut(o * hw)
+                    .zip(bits(xs).chunks_exact(d.c * d.h * d.wi));
+                for (ob, xb) in images {
+                    padded[..d.c * plane]
+                        .par_chunks_mut(plane)
+                        .zip(xb.par_chunks(d.h * d.wi))
+                        .for_each(|(dst, src)| {
+                            for (y, row) in src.chunks_exact(d.wi).enumerate() {
+                                dst[(y + ph) * wp + pw..][..d.wi].copy_from_slice(row);
+                            }
+                        });
+                    let right = crate::dpbf16::Shifted::new(&padded, &offs, cols);
+                    crate::amx::shifted_into(left, &right, &mut wide, cols, bias);
+                    ob.par_chunks_mut(hw).zip(wide.par_chunks(cols)).for_each(|(dst, src)| {
+                        for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
+                            row.copy_from_slice(&src[oy * wp..][..ow]);
+                        }
+                    });
+                }
+                return out;
+            }
             let mut packed = Packed::from_rows(&[], 0, 0, 0);
             d.products(g, bits(xs), bits_mut(&mut out), BF16_TILE_ELEMS, |r, tp, y| {
                 packed.repack_rows(r, kk, tp, tp);

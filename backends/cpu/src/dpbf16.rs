@@ -75,6 +75,141 @@ pub(crate) unsafe fn task<F: FnMut(usize, usize, &Block)>(
     }
 }
 
+/// A right operand read where it lies, unpacked (see `sgemm::Shifted`):
+/// element `(k, c)` is `data[offs[k] + c]`. `offs` has an even length (an
+/// odd k takes one more row, which should be zeros: its weights are zero).
+pub(crate) struct Shifted<'a> {
+    data: &'a [u16],
+    offs: &'a [usize],
+    cols: usize,
+}
+
+impl<'a> Shifted<'a> {
+    /// # Panics
+    /// If `offs` is odd or a row, read to the end of its last block, runs
+    /// past `data`.
+    pub(crate) fn new(data: &'a [u16], offs: &'a [usize], cols: usize) -> Self {
+        let reach = cols.next_multiple_of(TR);
+        assert!(
+            offs.len().is_multiple_of(2)
+                && offs
+                    .iter()
+                    .all(|&o| o.checked_add(reach).is_some_and(|e| e <= data.len())),
+            "dpbf16: a shifted row runs past its data"
+        );
+        Shifted { data, offs, cols }
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
+/// Calls `out(r0, c0, &block)` once for every 16 x 16 block of `left ·
+/// right`, from rayon's threads; the pairs of `right` are interleaved in
+/// registers, so a block's sums are those of the packed route exactly.
+///
+/// # Panics
+/// If [`available`] does not hold, `left.k` exceeds the rows of `right`
+/// or `left` is too short.
+pub(crate) fn shifted_gemm<F: Fn(usize, usize, &Block) + Sync>(left: Left<'_>, right: &Shifted<'_>, out: F) {
+    use rayon::prelude::*;
+    assert!(available(), "dpbf16 without AVX512-BF16");
+    assert!(left.k.div_ceil(2) * 2 <= right.offs.len(), "dpbf16: operands disagree");
+    assert!(
+        left.rows == 0 || left.k == 0 || ((left.rows - 1) * left.ld + left.k <= left.data.len() && left.ld >= left.k)
+    );
+    let (rb, cb) = (left.rows.div_ceil(TR), right.cols.div_ceil(TR));
+    if rb == 0 || cb == 0 {
+        return;
+    }
+    // Each task packs its row blocks once and passes them over up to 16
+    // column blocks; smaller until there are a few tasks per thread.
+    let want = 4 * rayon::current_num_threads().max(1);
+    let (mut rc, mut cc) = (rb.min(4), cb.min(16));
+    while rb.div_ceil(rc) * cb.div_ceil(cc) < want && (rc > 1 || cc > 1) {
+        if cc > 2 || rc == 1 {
+            cc = (cc / 2).max(1);
+        } else {
+            rc = (rc / 2).max(1);
+        }
+    }
+    let tasks: Vec<(usize, usize)> = (0..rb.div_ceil(rc))
+        .flat_map(|i| (0..cb.div_ceil(cc)).map(move |j| (i, j)))
+        .collect();
+    tasks.into_par_iter().for_each(|(i, j)| {
+        let rows = i * rc..((i + 1) * rc).min(rb);
+        let cols = j * cc..((j + 1) * cc).min(cb);
+        let mut out = |r: usize, c: usize, b: &Block| out(r, c, b);
+        // SAFETY: `available` was checked; `Shifted::new` keeps every row
+        // read, to the end of its last block, inside `data`.
+        unsafe { shifted_task(left, right, rows, cols, &mut out) };
+    });
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn shifted_task<F: FnMut(usize, usize, &Block)>(
+    left: Left<'_>,
+    right: &Shifted<'_>,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+    out: &mut F,
+) {
+    let pairs = left.k.div_ceil(2);
+    let mut apack = vec![0u32; pairs * TR];
+    let mut block = [0f32; TR * TR];
+    for rb in rows {
+        let r0 = rb * TR;
+        pack_rows(left, r0, TR.min(left.rows - r0), &mut apack);
+        for cb in cols.clone() {
+            let base = right.data.as_ptr().add(cb * TR);
+            let acc = sums_shifted(apack.as_ptr(), base, right.offs.as_ptr(), pairs);
+            for (i, v) in acc.iter().enumerate() {
+                _mm512_storeu_ps(block.as_mut_ptr().add(i * TR), *v);
+            }
+            out(r0, cb * TR, &block);
+        }
+    }
+}
+
+/// [`sums`] with the column block's k pairs interleaved from two rows read
+/// in place: row `k` at `b + offs[k]`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[inline]
+unsafe fn sums_shifted(a: *const u32, b: *const u16, offs: *const usize, pairs: usize) -> [__m512; TR] {
+    // Word 2j from the first row's j, word 2j + 1 from the second's.
+    let idx = _mm512_set_epi16(
+        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+        32, 0,
+    );
+    let mut acc = [_mm512_setzero_ps(); TR];
+    macro_rules! rows {
+        ($($i:literal)*) => {{
+            for p in 0..pairs {
+                let lo = _mm256_loadu_si256(b.add(*offs.add(2 * p)) as *const __m256i);
+                let hi = _mm256_loadu_si256(b.add(*offs.add(2 * p + 1)) as *const __m256i);
+                let bv = _mm512_castsi512_ps(_mm512_permutex2var_epi16(
+                    _mm512_castsi256_si512(lo),
+                    idx,
+                    _mm512_castsi256_si512(hi),
+                ));
+                let ap = a.add(p * TR);
+                $(
+                    asm!(
+                        concat!("vdpbf16ps {acc}, {b}, dword ptr [{a} + ", stringify!($i), " * 4]{{1to16}}"),
+                        acc = inout(zmm_reg) acc[$i],
+                        b = in(zmm_reg) bv,
+                        a = in(reg) ap,
+                        options(nostack, readonly, pure),
+                    );
+                )*
+            }
+        }};
+    }
+    rows!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
+    acc
+}
+
 /// Rows `r0 .. r0 + nr` of `left` into `apack` as [pair][16 rows] words
 /// (16 x 16 word transposes), zero past the rows and past k.
 #[inline(always)]
