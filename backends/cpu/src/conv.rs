@@ -363,7 +363,6 @@ pub(crate) fn conv2d_f32(
             // The last row reads up to one panel (and the kernel's reach)
             // past the last plane.
             let mut padded = vec![0f32; d.c * plane + sgemm::NR + g.dilation * (d.kw - 1)];
-            let mut wide = vec![0f32; o * cols];
             for (ob, xb) in images {
                 // Only the interior is written: the border stays zero
                 // from one image to the next.
@@ -375,7 +374,7 @@ pub(crate) fn conv2d_f32(
                             dst[(y + ph) * wp + pw..][..d.wi].copy_from_slice(row);
                         }
                     });
-                product_into(left, &Shifted::new(&padded, &offs, cols), &mut wide, cols, sb);
+                let wide = sgemm::product_new(left, &Shifted::new(&padded, &offs, cols), sb);
                 ob.par_chunks_mut(hw).zip(wide.par_chunks(cols)).for_each(|(dst, src)| {
                     for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
                         row.copy_from_slice(&src[oy * wp..][..ow]);
