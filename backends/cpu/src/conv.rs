@@ -340,7 +340,32 @@ pub(crate) fn conv2d_f32(
             ld: kk,
         };
         let images = out.chunks_exact_mut(o * hw).zip(xs.chunks_exact(d.c * d.h * d.wi));
-        if d.pointwise(g) {
+        let hwp = hw.next_multiple_of(sgemm::NR);
+        let group = TILE_ELEMS / (kk * hwp).max(1);
+        if b > 1 && group > 1 && !d.shifted_fits(g) {
+            // Small images (the UNet's 8x8 latents): several in one
+            // product, each from a panel boundary, so the weights are
+            // packed once for all of them rather than once per image (a
+            // tenth of the work at 64 columns an image).
+            let mut packed = Packed::empty();
+            let xs_img: Vec<&[f32]> = xs.chunks_exact(d.c * d.h * d.wi).collect();
+            for (gi, imgs) in xs_img.chunks(group).enumerate() {
+                packed.refill(kk, imgs.len() * hwp, |p, dst| {
+                    let (img, j0) = (p * sgemm::NR / hwp, p * sgemm::NR % hwp);
+                    d.im2col_panel(g, imgs[img], 0, hw, j0, sgemm::NR, dst)
+                });
+                let y = sgemm::product_new(left, &packed, sb);
+                let ld = imgs.len() * hwp;
+                let first = gi * group * o * hw;
+                out[first..first + imgs.len() * o * hw]
+                    .par_chunks_mut(hw)
+                    .enumerate()
+                    .for_each(|(r, dst)| {
+                        let (img, oc) = (r / o, r % o);
+                        dst.copy_from_slice(&y[oc * ld + img * hwp..][..hw]);
+                    });
+            }
+        } else if d.pointwise(g) {
             for (ob, xb) in images {
                 product_into(left, &Packed::from_rows(xb, kk, hw, hw), ob, hw, sb);
             }
