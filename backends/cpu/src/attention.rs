@@ -413,6 +413,20 @@ fn attention_with(
         let _ = tiles;
         None
     };
+    // Half precision on the gemm path widens k and v to f32: only the keys
+    // a row may see, not a whole preallocated cache (at decode that was
+    // every layer converting its cache's full capacity for each token).
+    let kmax = causal_offset.map_or(tk, |off| tk.min(off + tq));
+    let (k, v, bias, tk) = if is_half && tiled.is_none() && kmax < tk {
+        let bias = match bias {
+            Some(t) if t.rank() >= 1 && t.dim(t.rank() - 1)? == tk => Some(t.narrow(t.rank() - 1, 0, kmax)?),
+            other => other.cloned(),
+        };
+        (k.narrow(2, 0, kmax)?, v.narrow(2, 0, kmax)?, bias, kmax)
+    } else {
+        (k.clone(), v.clone(), bias.cloned(), tk)
+    };
+    let (k, v, bias) = (&k, &v, bias.as_ref());
     // The tiled path reads q, k, v as bf16; the gemm path in f32.
     let (q, k, v) = if tiled.is_some() {
         let empty = || CTensor::zeros(0, DType::F32, q.device());
@@ -586,6 +600,56 @@ mod tests {
 
     /// Blocks of query rows (Tq over QBLOCK), causal offsets into a larger
     /// cache, grouped-query heads and broadcast biases, against f64.
+    /// Half-precision decode over a preallocated cache widens only the
+    /// keys the rows see: the same bits as attention over the cache cut to
+    /// them, with a padding mask cut alike, and the unwritten rest (NaN
+    /// here) never read.
+    #[test]
+    fn half_decode_reads_only_the_written_cache() {
+        let dev = Device::Cpu;
+        let (b, h, hkv, tq, tk, d, off) = (2, 4, 2, 1, 48, 16, 20);
+        let kmax = off + tq;
+        let fill = |seed| {
+            let mut v = values(b * hkv * tk * d, seed);
+            for (i, x) in v.iter_mut().enumerate() {
+                if (i / d) % tk >= kmax {
+                    *x = f32::NAN;
+                }
+            }
+            CTensor::from_vec(v, (b, hkv, tk, d), &dev).unwrap()
+        };
+        let q = CTensor::from_vec(values(b * h * tq * d, 1), (b, h, tq, d), &dev).unwrap();
+        let (k, v) = (fill(2), fill(3));
+        let mask: Vec<f32> = (0..b * tk)
+            .map(|x| {
+                if x / tk == 1 && x % tk < 3 {
+                    MASK_VALUE as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = CTensor::from_vec(mask, (b, 1, 1, tk), &dev).unwrap();
+        for dt in [DType::BF16, DType::F16] {
+            let c = |t: &CTensor| t.to_dtype(dt).unwrap();
+            let full = attention_with(&c(&q), &c(&k), &c(&v), Some(&c(&mask)), Some(off), 0.25, false).unwrap();
+            let cut = |t: &CTensor| c(t).narrow(2, 0, kmax).unwrap().contiguous().unwrap();
+            let mask_cut = c(&mask).narrow(3, 0, kmax).unwrap();
+            let want = attention_with(&c(&q), &cut(&k), &cut(&v), Some(&mask_cut), Some(off), 0.25, false).unwrap();
+            let bits = |t: &CTensor| -> Vec<f32> {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let (g, w) = (bits(&full), bits(&want));
+            assert!(g.iter().all(|x| x.is_finite()), "{dt:?}: the unwritten cache was read");
+            assert!(g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()), "{dt:?}");
+        }
+    }
+
     #[test]
     fn matches_f64_across_blocks_masks_and_heads() {
         let dev = Device::Cpu;
