@@ -359,6 +359,33 @@ impl Tiled {
     }
 }
 
+/// The first `kmax` positions of each head of a contiguous bf16 cache `t`
+/// (`[B, H, Tk, D]`) widened to f32 (`[B, H, kmax, D]`), one block per
+/// head; `None` for other dtypes or layouts. A narrowed view through
+/// candle's strided copy cost more than the products it fed at decode.
+fn widen_prefix(t: &CTensor, kmax: usize) -> candle_core::Result<Option<CTensor>> {
+    if t.dtype() != DType::BF16 || !t.is_contiguous() {
+        return Ok(None);
+    }
+    let (b, h, tk, d) = t.dims4()?;
+    if kmax > tk {
+        return Ok(None);
+    }
+    let out = crate::convert::with_slice::<half::bf16, _>(t, |s| {
+        // Sequential: a few thousand values a head; no zeroing pass.
+        let mut out = Vec::with_capacity(b * h * kmax * d);
+        for head in s.chunks_exact(tk * d) {
+            out.extend(
+                head[..kmax * d]
+                    .iter()
+                    .map(|x| f32::from_bits((x.to_bits() as u32) << 16)),
+            );
+        }
+        out
+    })?;
+    Ok(Some(CTensor::from_vec(out, (b, h, kmax, d), t.device())?))
+}
+
 /// Attention of `q [B, H, Tq, D]`, `k`/`v [B, Hkv, Tk, D]`
 /// (shapes validated by the caller, `Tk > 0`, `H` a multiple of `Hkv`), with
 /// an optional bias broadcastable to `[B, H, Tq, Tk]` and causal offset.
@@ -422,7 +449,11 @@ fn attention_with(
             Some(t) if t.rank() >= 1 && t.dim(t.rank() - 1)? == tk => Some(t.narrow(t.rank() - 1, 0, kmax)?),
             other => other.cloned(),
         };
-        (k.narrow(2, 0, kmax)?, v.narrow(2, 0, kmax)?, bias, kmax)
+        let cut = |t: &CTensor| match widen_prefix(t, kmax)? {
+            Some(w) => Ok::<_, candle_core::Error>(w),
+            None => t.narrow(2, 0, kmax),
+        };
+        (cut(k)?, cut(v)?, bias, kmax)
     } else {
         (k.clone(), v.clone(), bias.cloned(), tk)
     };
