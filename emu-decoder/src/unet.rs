@@ -268,7 +268,7 @@ impl UNet2DConditionConfig {
                 .saturating_mul(tokens)
                 .saturating_mul(2 * 4)
         };
-        let down = self.down_block_types.iter().enumerate().map(|(i, t)| (i, t));
+        let down = self.down_block_types.iter().enumerate();
         // Up block j runs at the resolution of down block n - 1 - j.
         let up = self.up_block_types.iter().enumerate().map(|(j, t)| (n - 1 - j, t));
         let blocks = down
