@@ -198,9 +198,15 @@ impl CpuBackend {
         } else {
             return Ok(None);
         };
-        let mut v = f32_vec(full)?;
         let s = f32_vec(small)?;
-        elementwise::binary_repeat(op, &mut v, &s);
+        let v = if full.dtype() == CDType::F32 && full.is_contiguous() {
+            // Straight from the input: no full-size copy first.
+            convert::with_slice::<f32, _>(full, |f| elementwise::binary_repeat_new(op, f, &s)).map_err(err)?
+        } else {
+            let mut v = f32_vec(full)?;
+            elementwise::binary_repeat(op, &mut v, &s);
+            v
+        };
         CTensor::from_vec(v, out, &self.device)
             .and_then(|y| convert::from_f32(&y, a.dtype()))
             .map(Some)
@@ -445,6 +451,10 @@ impl Backend for CpuBackend {
             let t = t.contiguous().map_err(err)?;
             let y = convert::with_slice::<half::bf16, _>(&t, |x| elementwise::unary_bf16(op, x)).map_err(err)?;
             return CTensor::from_vec(y, t.dims(), &self.device).map_err(err);
+        }
+        if elementwise::has_unary(op) && t.dtype() == CDType::F32 && t.is_contiguous() {
+            let v = convert::with_slice::<f32, _>(t, |x| elementwise::unary_new(op, x)).map_err(err)?;
+            return CTensor::from_vec(v, t.dims(), &self.device).map_err(err);
         }
         if elementwise::has_unary(op) && matches!(t.dtype(), CDType::F32 | CDType::F16) {
             let mut v = f32_vec(t)?;
