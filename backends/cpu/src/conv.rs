@@ -16,12 +16,28 @@ use rayon::prelude::*;
 /// each gemm has work for every thread, small enough to stay out of the way.
 const TILE_ELEMS: usize = 1 << 21;
 
+/// Elements of the padded input of one band of output rows on the in-place
+/// route (32 MiB of f32): the VAE at 256 px runs in one band, and a
+/// 1024 px image holds a band, not a padded copy of itself.
+#[cfg(target_arch = "x86_64")]
+const BAND_ELEMS: usize = 1 << 23;
+
 /// Elements of the bf16 im2col tile (8 MiB, and as much again packed):
 /// larger tiles than f32's, measured on the VAE (1<<18: 387 ms, 1<<21:
 /// 294, 1<<22: 271), as each tile re-reads the weights and splits into
 /// more tasks.
 #[cfg(target_arch = "x86_64")]
 const BF16_TILE_ELEMS: usize = 1 << 22;
+
+/// [`BAND_ELEMS`], or a test's smaller band.
+#[cfg(target_arch = "x86_64")]
+fn band_elems() -> usize {
+    #[cfg(test)]
+    if let Some(v) = tests::BAND.with(|b| b.get()) {
+        return v;
+    }
+    BAND_ELEMS
+}
 
 /// Convolution geometry, all in elements.
 #[derive(Debug, Clone, Copy)]
@@ -176,6 +192,57 @@ impl Dims {
     fn shifted_fits(&self, g: Geometry) -> bool {
         let cols = self.oh * (self.wi + 2 * g.padding.1);
         g.stride == 1 && self.c > 0 && self.oh * self.ow * 20 >= cols.next_multiple_of(crate::sgemm::NR) * 17
+    }
+
+    /// Bands `(first output row, rows)` of the in-place route, each with at
+    /// most about `limit` elements of padded input (one output row at
+    /// least), evenly split; and the most rows of any band.
+    #[cfg(target_arch = "x86_64")]
+    fn bands(&self, g: Geometry, limit: usize) -> (Vec<(usize, usize)>, usize) {
+        let wp = self.wi + 2 * g.padding.1;
+        let halo = g.dilation * (self.kh - 1);
+        let most = (limit / (self.c * wp).max(1))
+            .saturating_sub(halo)
+            .clamp(1, self.oh.max(1));
+        let n = self.oh.div_ceil(most).max(1);
+        let rows = self.oh.div_ceil(n).max(1);
+        let bands = (0..self.oh).step_by(rows).map(|r| (r, rows.min(self.oh - r))).collect();
+        (bands, rows)
+    }
+
+    /// Padded-image rows `p0 .. p0 + dst.len() / (C * wp)` of image `xb`,
+    /// channel by channel (`[C][rows][wp]`), zero outside the image.
+    #[cfg(target_arch = "x86_64")]
+    fn fill_band<T: Copy + Default + Send + Sync>(&self, g: Geometry, xb: &[T], p0: usize, dst: &mut [T]) {
+        let (ph, pw) = g.padding;
+        let wp = self.wi + 2 * pw;
+        let plane = dst.len() / self.c.max(1);
+        dst.par_chunks_mut(plane.max(1))
+            .zip(xb.par_chunks((self.h * self.wi).max(1)))
+            .for_each(|(dst, src)| {
+                for (r, row) in dst.chunks_exact_mut(wp).enumerate() {
+                    let iy = (p0 + r) as isize - ph as isize;
+                    if iy < 0 || iy >= self.h as isize {
+                        row.fill(T::default());
+                    } else {
+                        row[..pw].fill(T::default());
+                        row[pw + self.wi..].fill(T::default());
+                        row[pw..pw + self.wi].copy_from_slice(&src[iy as usize * self.wi..][..self.wi]);
+                    }
+                }
+            });
+    }
+
+    /// The row offsets of the in-place operand over planes of `plane`
+    /// elements: im2col row (c, ky, kx) at `c*plane + (ky*wp + kx)*dil`.
+    #[cfg(target_arch = "x86_64")]
+    fn shifted_offsets(&self, g: Geometry, plane: usize) -> Vec<usize> {
+        let wp = self.wi + 2 * g.padding.1;
+        (0..self.c)
+            .flat_map(|ci| {
+                (0..self.kh).flat_map(move |ky| (0..self.kw).map(move |kx| ci * plane + (ky * wp + kx) * g.dilation))
+            })
+            .collect()
     }
 
     /// Output rows per im2col tile of at most `elems` elements (one row at
@@ -375,36 +442,28 @@ pub(crate) fn conv2d_f32(
             // the padded width, im2col row (c, ky, kx) is the padded image
             // from `c*plane + ky*dil*wp + kx*dil` on. The kernel reads one
             // padded copy of the input instead of building nine; the few
-            // columns past each output row are computed and dropped.
-            let (ph, pw) = g.padding;
-            let (hp, wp) = (d.h + 2 * ph, d.wi + 2 * pw);
-            let plane = hp * wp;
-            let offs: Vec<usize> = (0..d.c)
-                .flat_map(|ci| {
-                    (0..d.kh).flat_map(move |ky| (0..d.kw).map(move |kx| ci * plane + (ky * wp + kx) * g.dilation))
-                })
-                .collect();
-            let cols = oh * wp;
+            // columns past each output row are computed and dropped. In
+            // bands of output rows, so the copies stay a bounded size.
+            let wp = d.wi + 2 * g.padding.1;
+            let halo = g.dilation * (d.kh - 1);
+            let (bands, most) = d.bands(g, band_elems());
             // The last row reads up to one panel (and the kernel's reach)
-            // past the last plane.
-            let mut padded = vec![0f32; d.c * plane + sgemm::NR + g.dilation * (d.kw - 1)];
+            // past the last plane: what lies there only reaches the
+            // dropped columns.
+            let mut padded = vec![0f32; d.c * (most + halo) * wp + sgemm::NR + g.dilation * (d.kw - 1)];
             for (ob, xb) in images {
-                // Only the interior is written: the border stays zero
-                // from one image to the next.
-                padded[..d.c * plane]
-                    .par_chunks_mut(plane)
-                    .zip(xb.par_chunks(d.h * d.wi))
-                    .for_each(|(dst, src)| {
-                        for (y, row) in src.chunks_exact(d.wi).enumerate() {
-                            dst[(y + ph) * wp + pw..][..d.wi].copy_from_slice(row);
+                for &(oy0, nr) in &bands {
+                    let plane = (nr + halo) * wp;
+                    d.fill_band(g, xb, oy0, &mut padded[..d.c * plane]);
+                    let offs = d.shifted_offsets(g, plane);
+                    let cols = nr * wp;
+                    let wide = sgemm::product_new(left, &Shifted::new(&padded, &offs, cols), sb);
+                    ob.par_chunks_mut(hw).zip(wide.par_chunks(cols)).for_each(|(dst, src)| {
+                        for t in 0..nr {
+                            dst[(oy0 + t) * ow..][..ow].copy_from_slice(&src[t * wp..][..ow]);
                         }
                     });
-                let wide = sgemm::product_new(left, &Shifted::new(&padded, &offs, cols), sb);
-                ob.par_chunks_mut(hw).zip(wide.par_chunks(cols)).for_each(|(dst, src)| {
-                    for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
-                        row.copy_from_slice(&src[oy * wp..][..ow]);
-                    }
-                });
+                }
             }
         } else {
             // Each tile's im2col columns go straight into the packed
@@ -474,45 +533,39 @@ pub(crate) fn conv2d_bf16(
             };
             let mut out = vec![half::bf16::ZERO; b * o * hw];
             if !crate::amx::tiles() && crate::dpbf16::available() && !d.pointwise(g) && d.shifted_fits(g) {
-                // As `conv2d_f32` does: the padded image in place, each k
-                // pair interleaved in registers from its two rows.
-                let (ph, pw) = g.padding;
-                let (hp, wp) = (d.h + 2 * ph, d.wi + 2 * pw);
-                let plane = hp * wp;
-                let cols = oh * wp;
-                let reach = cols.next_multiple_of(16);
-                // A zero row past the planes (and the last row's reach)
-                // stands in for the missing row of an odd k.
-                let zero_row = d.c * plane + g.dilation * (d.kw - 1) + 16;
-                let mut offs: Vec<usize> = (0..d.c)
-                    .flat_map(|ci| {
-                        (0..d.kh).flat_map(move |ky| (0..d.kw).map(move |kx| ci * plane + (ky * wp + kx) * g.dilation))
-                    })
-                    .collect();
-                if offs.len() % 2 == 1 {
-                    offs.push(zero_row);
-                }
+                // As `conv2d_f32` does: the padded image in place (in bands
+                // of output rows), each k pair interleaved in registers from
+                // its two rows.
+                let wp = d.wi + 2 * g.padding.1;
+                let halo = g.dilation * (d.kh - 1);
+                let (bands, most) = d.bands(g, band_elems());
+                let reach = (most * wp).next_multiple_of(16);
+                // A zero row past the largest band's planes (and its last
+                // row's reach) stands in for the missing row of an odd k;
+                // no band writes there.
+                let zero_row = d.c * (most + halo) * wp + g.dilation * (d.kw - 1) + 16;
                 let mut padded = vec![0u16; zero_row + reach];
-                let mut wide = vec![0u16; o * cols];
                 let images = bits_mut(&mut out)
                     .chunks_exact_mut(o * hw)
                     .zip(bits(xs).chunks_exact(d.c * d.h * d.wi));
                 for (ob, xb) in images {
-                    padded[..d.c * plane]
-                        .par_chunks_mut(plane)
-                        .zip(xb.par_chunks(d.h * d.wi))
-                        .for_each(|(dst, src)| {
-                            for (y, row) in src.chunks_exact(d.wi).enumerate() {
-                                dst[(y + ph) * wp + pw..][..d.wi].copy_from_slice(row);
+                    for &(oy0, nr) in &bands {
+                        let plane = (nr + halo) * wp;
+                        d.fill_band(g, xb, oy0, &mut padded[..d.c * plane]);
+                        let mut offs = d.shifted_offsets(g, plane);
+                        if offs.len() % 2 == 1 {
+                            offs.push(zero_row);
+                        }
+                        let cols = nr * wp;
+                        let mut wide = vec![0u16; o * cols];
+                        let right = crate::dpbf16::Shifted::new(&padded, &offs, cols);
+                        crate::amx::shifted_into(left, &right, &mut wide, cols, bias);
+                        ob.par_chunks_mut(hw).zip(wide.par_chunks(cols)).for_each(|(dst, src)| {
+                            for t in 0..nr {
+                                dst[(oy0 + t) * ow..][..ow].copy_from_slice(&src[t * wp..][..ow]);
                             }
                         });
-                    let right = crate::dpbf16::Shifted::new(&padded, &offs, cols);
-                    crate::amx::shifted_into(left, &right, &mut wide, cols, bias);
-                    ob.par_chunks_mut(hw).zip(wide.par_chunks(cols)).for_each(|(dst, src)| {
-                        for (oy, row) in dst.chunks_exact_mut(ow).enumerate() {
-                            row.copy_from_slice(&src[oy * wp..][..ow]);
-                        }
-                    });
+                    }
                 }
                 return out;
             }
@@ -531,6 +584,76 @@ pub(crate) fn conv2d_bf16(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    thread_local! {
+        /// A band size for this test thread's in-place convolutions.
+        pub(super) static BAND: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    }
+
+    /// The in-place route in several bands of output rows per image: the
+    /// same bits as in one band (f32, and bf16 where the CPU has
+    /// AVX512-BF16), and f32 against f64.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn in_place_bands_match_one_band() {
+        type Case = ([usize; 4], [usize; 4], (usize, usize), usize);
+        let cases: &[Case] = &[
+            ([2, 3, 20, 40], [5, 3, 3, 3], (1, 1), 1),
+            ([1, 2, 30, 64], [4, 2, 3, 2], (2, 1), 2),
+            ([1, 3, 17, 33], [6, 3, 5, 5], (2, 2), 1),
+        ];
+        let dev = Device::Cpu;
+        for &(xd, wd, padding, dilation) in cases {
+            let g = Geometry {
+                padding,
+                stride: 1,
+                dilation,
+            };
+            let xv = values(xd.iter().product(), 7);
+            let wv = values(wd.iter().product(), 8);
+            let bv = values(wd[0], 9);
+            let x = CTensor::from_vec(xv.clone(), &xd, &dev).unwrap();
+            let w = CTensor::from_vec(wv.clone(), &wd, &dev).unwrap();
+            let b = CTensor::from_vec(bv.clone(), wd[0], &dev).unwrap();
+            let d = Dims::new(&x, &w, g).unwrap();
+            assert!(d.shifted_fits(g));
+            let small = 1000;
+            assert!(d.bands(g, small).0.len() >= 3, "{xd:?}: not several bands");
+            let run = |band: Option<usize>, f: &dyn Fn() -> CTensor| {
+                BAND.with(|c| c.set(band));
+                let y = f();
+                BAND.with(|c| c.set(None));
+                y.to_dtype(candle_core::DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let f32_conv = || conv2d_f32(&x, &w, Some(&b), g).unwrap();
+            let (one, many) = (run(None, &f32_conv), run(Some(small), &f32_conv));
+            assert!(
+                one.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{xd:?} f32"
+            );
+            let want = reference(&xv, &wv, Some(&bv), xd, wd, g, d.oh, d.ow);
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let worst = many
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            assert!(worst / scale <= 1e-5, "{xd:?}: {:e}", worst / scale);
+            if crate::dpbf16::available() && !crate::amx::tiles() {
+                let h = |t: &CTensor| t.to_dtype(candle_core::DType::BF16).unwrap();
+                let bf16_conv = || conv2d_bf16(&h(&x), &h(&w), Some(&h(&b)), g).unwrap();
+                let (one, many) = (run(None, &bf16_conv), run(Some(small), &bf16_conv));
+                assert!(
+                    one.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{xd:?} bf16"
+                );
+            }
+        }
+    }
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = emu_core::testing::Rng::new(seed);
