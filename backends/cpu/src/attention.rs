@@ -427,10 +427,10 @@ fn attention_with(
     };
     let is_half = round != Round::F32;
     let scale_h = round.apply(scale as f32);
+    // Keys any query row may see (a causal cache is written up to here).
+    let kmax = causal_offset.map_or(tk, |off| tk.min(off + tq));
     #[cfg(target_arch = "x86_64")]
     let tiled = if tiles && dtype == DType::BF16 && tq >= TILED_MIN_ROWS && crate::amx::available() {
-        // Keys any query row may see (a causal cache is written up to here).
-        let kmax = causal_offset.map_or(tk, |off| tk.min(off + tq));
         Some(Tiled::new(q, k, v, kmax)?)
     } else {
         None
@@ -443,7 +443,6 @@ fn attention_with(
     // Half precision on the gemm path widens k and v to f32: only the keys
     // a row may see, not a whole preallocated cache (at decode that was
     // every layer converting its cache's full capacity for each token).
-    let kmax = causal_offset.map_or(tk, |off| tk.min(off + tq));
     let (k, v, bias, tk) = if is_half && tiled.is_none() && kmax < tk {
         let bias = match bias {
             Some(t) if t.rank() >= 1 && t.dim(t.rank() - 1)? == tk => Some(t.narrow(t.rank() - 1, 0, kmax)?),

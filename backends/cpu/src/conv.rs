@@ -245,6 +245,52 @@ impl Dims {
             .collect()
     }
 
+    /// The in-place route over every image of `xs` into `out`, band by
+    /// band: `product(padded, offs, cols)` is the `[O, cols]` product of
+    /// the weights with the band's padded input (row `k` at `offs[k]`,
+    /// `cols` padded-width positions), whose dropped columns are then cut.
+    /// `align` is the kernel's column block: rows are read to the end of
+    /// it, past the last plane. With `pairs`, an odd k gets one more row
+    /// pointing at zeros that no band writes (its weights are zero, and
+    /// zero times a stale Inf would not be).
+    #[cfg(target_arch = "x86_64")]
+    fn in_place<T: Copy + Default + Send + Sync>(
+        &self,
+        g: Geometry,
+        xs: &[T],
+        out: &mut [T],
+        (align, pairs): (usize, bool),
+        product: impl Fn(&[T], &[usize], usize) -> Vec<T>,
+    ) {
+        let (oh, ow) = (self.oh, self.ow);
+        let hw = oh * ow;
+        let wp = self.wi + 2 * g.padding.1;
+        let halo = g.dilation * (self.kh - 1);
+        let (bands, most) = self.bands(g, band_elems());
+        let zero_row = self.c * (most + halo) * wp + g.dilation * (self.kw - 1) + align;
+        let mut padded = vec![T::default(); zero_row + (most * wp).next_multiple_of(align)];
+        let images = out
+            .chunks_exact_mut(self.o * hw)
+            .zip(xs.chunks_exact(self.c * self.h * self.wi));
+        for (ob, xb) in images {
+            for &(oy0, nr) in &bands {
+                let plane = (nr + halo) * wp;
+                self.fill_band(g, xb, oy0, &mut padded[..self.c * plane]);
+                let mut offs = self.shifted_offsets(g, plane);
+                if pairs && offs.len() % 2 == 1 {
+                    offs.push(zero_row);
+                }
+                let cols = nr * wp;
+                let wide = product(&padded, &offs, cols);
+                ob.par_chunks_mut(hw).zip(wide.par_chunks(cols)).for_each(|(dst, src)| {
+                    for t in 0..nr {
+                        dst[(oy0 + t) * ow..][..ow].copy_from_slice(&src[t * wp..][..ow]);
+                    }
+                });
+            }
+        }
+    }
+
     /// Output rows per im2col tile of at most `elems` elements (one row at
     /// least).
     fn tile_rows_for(&self, elems: usize) -> usize {
@@ -444,27 +490,9 @@ pub(crate) fn conv2d_f32(
             // padded copy of the input instead of building nine; the few
             // columns past each output row are computed and dropped. In
             // bands of output rows, so the copies stay a bounded size.
-            let wp = d.wi + 2 * g.padding.1;
-            let halo = g.dilation * (d.kh - 1);
-            let (bands, most) = d.bands(g, band_elems());
-            // The last row reads up to one panel (and the kernel's reach)
-            // past the last plane: what lies there only reaches the
-            // dropped columns.
-            let mut padded = vec![0f32; d.c * (most + halo) * wp + sgemm::NR + g.dilation * (d.kw - 1)];
-            for (ob, xb) in images {
-                for &(oy0, nr) in &bands {
-                    let plane = (nr + halo) * wp;
-                    d.fill_band(g, xb, oy0, &mut padded[..d.c * plane]);
-                    let offs = d.shifted_offsets(g, plane);
-                    let cols = nr * wp;
-                    let wide = sgemm::product_new(left, &Shifted::new(&padded, &offs, cols), sb);
-                    ob.par_chunks_mut(hw).zip(wide.par_chunks(cols)).for_each(|(dst, src)| {
-                        for t in 0..nr {
-                            dst[(oy0 + t) * ow..][..ow].copy_from_slice(&src[t * wp..][..ow]);
-                        }
-                    });
-                }
-            }
+            d.in_place(g, xs, &mut out, (sgemm::NR, false), |padded, offs, cols| {
+                sgemm::product_new(left, &Shifted::new(padded, offs, cols), sb)
+            });
         } else {
             // Each tile's im2col columns go straight into the packed
             // panels (one buffer, reused): building the im2col matrix and
@@ -536,37 +564,12 @@ pub(crate) fn conv2d_bf16(
                 // As `conv2d_f32` does: the padded image in place (in bands
                 // of output rows), each k pair interleaved in registers from
                 // its two rows.
-                let wp = d.wi + 2 * g.padding.1;
-                let halo = g.dilation * (d.kh - 1);
-                let (bands, most) = d.bands(g, band_elems());
-                let reach = (most * wp).next_multiple_of(16);
-                // A zero row past the largest band's planes (and its last
-                // row's reach) stands in for the missing row of an odd k;
-                // no band writes there.
-                let zero_row = d.c * (most + halo) * wp + g.dilation * (d.kw - 1) + 16;
-                let mut padded = vec![0u16; zero_row + reach];
-                let images = bits_mut(&mut out)
-                    .chunks_exact_mut(o * hw)
-                    .zip(bits(xs).chunks_exact(d.c * d.h * d.wi));
-                for (ob, xb) in images {
-                    for &(oy0, nr) in &bands {
-                        let plane = (nr + halo) * wp;
-                        d.fill_band(g, xb, oy0, &mut padded[..d.c * plane]);
-                        let mut offs = d.shifted_offsets(g, plane);
-                        if offs.len() % 2 == 1 {
-                            offs.push(zero_row);
-                        }
-                        let cols = nr * wp;
-                        let mut wide = vec![0u16; o * cols];
-                        let right = crate::dpbf16::Shifted::new(&padded, &offs, cols);
-                        crate::amx::shifted_into(left, &right, &mut wide, cols, bias);
-                        ob.par_chunks_mut(hw).zip(wide.par_chunks(cols)).for_each(|(dst, src)| {
-                            for t in 0..nr {
-                                dst[(oy0 + t) * ow..][..ow].copy_from_slice(&src[t * wp..][..ow]);
-                            }
-                        });
-                    }
-                }
+                d.in_place(g, bits(xs), bits_mut(&mut out), (16, true), |padded, offs, cols| {
+                    let mut wide = vec![0u16; o * cols];
+                    let right = crate::dpbf16::Shifted::new(padded, offs, cols);
+                    crate::amx::shifted_into(left, &right, &mut wide, cols, bias);
+                    wide
+                });
                 return out;
             }
             let mut packed = Packed::from_rows(&[], 0, 0, 0);

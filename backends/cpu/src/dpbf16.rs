@@ -47,9 +47,9 @@ pub(crate) fn available() -> bool {
 /// (`(rows - 1) * ld + k` elements) and `right` at least `left.k` k and the
 /// columns of `cols`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(crate) unsafe fn task<F: FnMut(usize, usize, &Block)>(
+pub(crate) unsafe fn task<R: Pairs, F: FnMut(usize, usize, &Block)>(
     left: Left<'_>,
-    right: &Packed,
+    right: &R,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
     out: &mut F,
@@ -66,12 +66,41 @@ pub(crate) unsafe fn task<F: FnMut(usize, usize, &Block)>(
         let nr = TR.min(left.rows - r0);
         pack_rows(left, r0, nr, &mut apack);
         for cb in cols.clone() {
-            let acc = sums(apack.as_ptr(), right.column_block(cb), pairs);
+            let (b, offs) = right.block(cb);
+            let acc = if R::SHIFTED {
+                sums::<true>(apack.as_ptr(), b, offs, pairs)
+            } else {
+                sums::<false>(apack.as_ptr(), b, offs, pairs)
+            };
             for (i, v) in acc.iter().enumerate() {
                 _mm512_storeu_ps(block.as_mut_ptr().add(i * TR), *v);
             }
             out(r0, cb * TR, &block);
         }
+    }
+}
+
+/// A right operand as [`task`] reads it, one column block at a time.
+pub(crate) trait Pairs: Sync {
+    /// Rows read in place at per-row offsets ([`Shifted`]) rather than
+    /// packed pair rows ([`Packed`]).
+    const SHIFTED: bool;
+    /// Block `cb`'s first packed pair row, or its base and the row
+    /// offsets (null when packed).
+    fn block(&self, cb: usize) -> (*const u16, *const usize);
+}
+
+impl Pairs for Packed {
+    const SHIFTED: bool = false;
+    fn block(&self, cb: usize) -> (*const u16, *const usize) {
+        (self.column_block(cb), std::ptr::null())
+    }
+}
+
+impl Pairs for Shifted<'_> {
+    const SHIFTED: bool = true;
+    fn block(&self, cb: usize) -> (*const u16, *const usize) {
+        (self.data.as_ptr().wrapping_add(cb * TR), self.offs.as_ptr())
     }
 }
 
@@ -143,71 +172,8 @@ pub(crate) fn shifted_gemm<F: Fn(usize, usize, &Block) + Sync>(left: Left<'_>, r
         let mut out = |r: usize, c: usize, b: &Block| out(r, c, b);
         // SAFETY: `available` was checked; `Shifted::new` keeps every row
         // read, to the end of its last block, inside `data`.
-        unsafe { shifted_task(left, right, rows, cols, &mut out) };
+        unsafe { task(left, right, rows, cols, &mut out) };
     });
-}
-
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn shifted_task<F: FnMut(usize, usize, &Block)>(
-    left: Left<'_>,
-    right: &Shifted<'_>,
-    rows: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-    out: &mut F,
-) {
-    let pairs = left.k.div_ceil(2);
-    let mut apack = vec![0u32; pairs * TR];
-    let mut block = [0f32; TR * TR];
-    for rb in rows {
-        let r0 = rb * TR;
-        pack_rows(left, r0, TR.min(left.rows - r0), &mut apack);
-        for cb in cols.clone() {
-            let base = right.data.as_ptr().add(cb * TR);
-            let acc = sums_shifted(apack.as_ptr(), base, right.offs.as_ptr(), pairs);
-            for (i, v) in acc.iter().enumerate() {
-                _mm512_storeu_ps(block.as_mut_ptr().add(i * TR), *v);
-            }
-            out(r0, cb * TR, &block);
-        }
-    }
-}
-
-/// [`sums`] with the column block's k pairs interleaved from two rows read
-/// in place: row `k` at `b + offs[k]`.
-#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-#[inline]
-unsafe fn sums_shifted(a: *const u32, b: *const u16, offs: *const usize, pairs: usize) -> [__m512; TR] {
-    // Word 2j from the first row's j, word 2j + 1 from the second's.
-    let idx = _mm512_set_epi16(
-        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
-        32, 0,
-    );
-    let mut acc = [_mm512_setzero_ps(); TR];
-    macro_rules! rows {
-        ($($i:literal)*) => {{
-            for p in 0..pairs {
-                let lo = _mm256_loadu_si256(b.add(*offs.add(2 * p)) as *const __m256i);
-                let hi = _mm256_loadu_si256(b.add(*offs.add(2 * p + 1)) as *const __m256i);
-                let bv = _mm512_castsi512_ps(_mm512_permutex2var_epi16(
-                    _mm512_castsi256_si512(lo),
-                    idx,
-                    _mm512_castsi256_si512(hi),
-                ));
-                let ap = a.add(p * TR);
-                $(
-                    asm!(
-                        concat!("vdpbf16ps {acc}, {b}, dword ptr [{a} + ", stringify!($i), " * 4]{{1to16}}"),
-                        acc = inout(zmm_reg) acc[$i],
-                        b = in(zmm_reg) bv,
-                        a = in(reg) ap,
-                        options(nostack, readonly, pure),
-                    );
-                )*
-            }
-        }};
-    }
-    rows!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
-    acc
 }
 
 /// Rows `r0 .. r0 + nr` of `left` into `apack` as [pair][16 rows] words
@@ -232,18 +198,35 @@ unsafe fn pack_rows(left: Left<'_>, r0: usize, nr: usize, apack: &mut [u32]) {
     }
 }
 
-/// The 16 x 16 sums of the packed rows `a` (16 words per k pair) with the
-/// packed column block `b` (one vector of 16 column pairs per k pair) over
-/// `pairs` k pairs.
-#[target_feature(enable = "avx512f,avx512bf16")]
+/// The 16 x 16 sums of the packed rows `a` (16 words per k pair) with
+/// one column block over `pairs` k pairs: packed, `b` holds one vector of
+/// 16 column pairs per k pair; `SHIFTED`, row `k` is read in place at
+/// `b + offs[k]` and each pair of rows interleaved in registers (the same
+/// pairs, so the same sums).
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 #[inline]
-unsafe fn sums(a: *const u32, b: *const u16, pairs: usize) -> [__m512; TR] {
+unsafe fn sums<const SHIFTED: bool>(a: *const u32, b: *const u16, offs: *const usize, pairs: usize) -> [__m512; TR] {
+    // Word 2j from the first row's j, word 2j + 1 from the second's.
+    let idx = _mm512_set_epi16(
+        47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+        32, 0,
+    );
     let mut acc = [_mm512_setzero_ps(); TR];
     // Sums are indexed by constants only, so they stay in registers.
     macro_rules! rows {
         ($($i:literal)*) => {{
             for p in 0..pairs {
-                let bv = _mm512_loadu_ps(b.add(p * 2 * TR) as *const f32);
+                let bv = if SHIFTED {
+                    let lo = _mm256_loadu_si256(b.add(*offs.add(2 * p)) as *const __m256i);
+                    let hi = _mm256_loadu_si256(b.add(*offs.add(2 * p + 1)) as *const __m256i);
+                    _mm512_castsi512_ps(_mm512_permutex2var_epi16(
+                        _mm512_castsi256_si512(lo),
+                        idx,
+                        _mm512_castsi256_si512(hi),
+                    ))
+                } else {
+                    _mm512_loadu_ps(b.add(p * 2 * TR) as *const f32)
+                };
                 let ap = a.add(p * TR);
                 // The row's pair is broadcast by the instruction itself
                 // (`{1to16}`): written as a separate broadcast, as the
