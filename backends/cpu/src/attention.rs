@@ -386,6 +386,196 @@ fn widen_prefix(t: &CTensor, kmax: usize) -> candle_core::Result<Option<CTensor>
     Ok(Some(CTensor::from_vec(out, (b, h, kmax, d), t.device())?))
 }
 
+/// The bias of [`attention`] in f32, clamped, with the strides that
+/// broadcast it to `want` (`[B, H, Tq, Tk]`).
+fn prepare_bias(bias: Option<&CTensor>, want: [usize; 4]) -> candle_core::Result<Option<(CTensor, [usize; 4])>> {
+    let Some(t) = bias else { return Ok(None) };
+    let t = to_f32(t)?;
+    let bd = t.dims();
+    if bd.len() > 4 {
+        candle_core::bail!("attention: bias {bd:?} has more than 4 dimensions");
+    }
+    let mut full = [1usize; 4];
+    full[4 - bd.len()..].copy_from_slice(bd);
+    if full.iter().zip(want).any(|(&f, w)| f != 1 && f != w) {
+        candle_core::bail!("attention: bias {bd:?} does not broadcast to {want:?}");
+    }
+    // Clamped as the composite clamps it (an f16 mask holds -inf).
+    let t = t.maximum(MASK_VALUE)?.contiguous()?;
+    let mut strides = [0usize; 4];
+    let mut acc = 1;
+    for ax in (0..4).rev() {
+        strides[ax] = if full[ax] == 1 { 0 } else { acc };
+        acc *= full[ax];
+    }
+    Ok(Some((t, strides)))
+}
+
+/// Most query rows the decode path takes; more go through the gemm path.
+const DECODE_ROWS: usize = 4;
+
+/// A cache element the decode path reads in place.
+trait KvElem: candle_core::WithDType {
+    fn widen(self) -> f32;
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+/// Attention for a few query rows (decode) over a cache of `E`: scores and
+/// the weighted sum read the cache where it lies, only the keys each row
+/// may see, with no widened copy of the cache and no gemm call per head;
+/// heads run on the team. Same roundings as the gemm path.
+#[allow(clippy::too_many_arguments)]
+fn decode<E: KvElem>(
+    q: &CTensor,
+    k: &CTensor,
+    v: &CTensor,
+    bias: Option<&CTensor>,
+    causal_offset: Option<usize>,
+    kmax: usize,
+    round: Round,
+    scale: f64,
+    scale_h: f32,
+) -> candle_core::Result<CTensor> {
+    let (b, h, tq, d) = q.dims4()?;
+    let (_, hkv, tk, _) = k.dims4()?;
+    let rep = h / hkv;
+    let is_half = round != Round::F32;
+    let bias = prepare_bias(bias, [b, h, tq, tk])?;
+    let q32 = to_f32(q)?.contiguous()?;
+    let (qg, ql) = q32.storage_and_layout();
+    let (kg, kl) = k.storage_and_layout();
+    let (vg, vl) = v.storage_and_layout();
+    let (qs, ks, vs) = (
+        slice_of::<f32>(&qg, ql)?,
+        slice_of::<E>(&kg, kl)?,
+        slice_of::<E>(&vg, vl)?,
+    );
+    let bias_guard = bias.as_ref().map(|(t, strides)| (t.storage_and_layout(), *strides));
+    let bias = match &bias_guard {
+        Some(((bg, bl), strides)) => Some(Bias {
+            data: slice_of(bg, bl)?,
+            strides: *strides,
+        }),
+        None => None,
+    };
+    let mut out = vec![0f32; b * h * tq * d];
+    let pre_scale = if is_half { 1.0 } else { scale as f32 };
+    crate::team::chunks_mut(&mut out, tq * d, |bh, o| {
+        let (bi, hi) = (bh / h, bh % h);
+        let kvh = bi * hkv + hi / rep;
+        let kw = kmax;
+        let kc = &ks[kvh * tk * d..(kvh * tk + kw) * d];
+        let vc = &vs[kvh * tk * d..(kvh * tk + kw) * d];
+        let probs = Probs {
+            kw,
+            i0: 0,
+            causal_offset,
+            bias: bias.as_ref(),
+            bi,
+            hi,
+            round,
+            scale_h,
+        };
+        let qrows = &qs[bh * tq * d..(bh + 1) * tq * d];
+        let head = Head {
+            qrows,
+            kc,
+            vc,
+            d,
+            pre_scale,
+            probs,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { head.avx512(o) };
+        }
+        head.run(o);
+    });
+    drop((qg, kg, vg, bias_guard));
+    from_f32(&CTensor::from_vec(out, (b, h, tq, d), q.device())?, q.dtype())
+}
+
+/// One head of [`decode`]: its query rows, the cache rows it may see.
+struct Head<'a, E> {
+    qrows: &'a [f32],
+    kc: &'a [E],
+    vc: &'a [E],
+    d: usize,
+    pre_scale: f32,
+    probs: Probs<'a>,
+}
+
+impl<E: KvElem> Head<'_, E> {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    fn avx512(&self, o: &mut [f32]) {
+        self.run(o)
+    }
+
+    #[inline(always)]
+    fn run(&self, o: &mut [f32]) {
+        let (d, kw) = (self.d, self.probs.kw);
+        let mut scores = vec![0f32; self.qrows.len() / d * kw];
+        for (i, (srow, qr)) in scores.chunks_exact_mut(kw).zip(self.qrows.chunks_exact(d)).enumerate() {
+            // A causal row sees keys up to offset + i; `Probs` masks the
+            // rest, so they need no product.
+            let seen = self.probs.causal_offset.map_or(kw, |off| kw.min(off + i + 1));
+            for (s, kr) in srow[..seen].iter_mut().zip(self.kc.chunks_exact(d)) {
+                *s = dot(qr, kr) * self.pre_scale;
+            }
+        }
+        self.probs.apply(&mut scores);
+        for (p, orow) in scores.chunks_exact(kw).zip(o.chunks_exact_mut(d)) {
+            weighted(p, self.vc, orow);
+        }
+    }
+}
+
+/// `q · k` in f32, sixteen independent lanes (vectorised).
+#[inline(always)]
+fn dot<E: KvElem>(q: &[f32], k: &[E]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let mut qc = q.chunks_exact(L);
+    let mut kc = k.chunks_exact(L);
+    for (a, b) in (&mut qc).zip(&mut kc) {
+        for l in 0..L {
+            acc[l] += a[l] * b[l].widen();
+        }
+    }
+    let mut s = 0f32;
+    for (a, b) in qc.remainder().iter().zip(kc.remainder()) {
+        s += a * b.widen();
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// `o = sum_j p[j] v[j]` over the rows of `v` (each `o.len()` long).
+#[inline(always)]
+fn weighted<E: KvElem>(p: &[f32], v: &[E], o: &mut [f32]) {
+    let d = o.len();
+    o.fill(0.0);
+    for (pj, vr) in p.iter().zip(v.chunks_exact(d)) {
+        for (x, y) in o.iter_mut().zip(vr) {
+            *x += pj * y.widen();
+        }
+    }
+}
+
 /// Attention of `q [B, H, Tq, D]`, `k`/`v [B, Hkv, Tk, D]`
 /// (shapes validated by the caller, `Tk > 0`, `H` a multiple of `Hkv`), with
 /// an optional bias broadcastable to `[B, H, Tq, Tk]` and causal offset.
@@ -398,11 +588,12 @@ pub(crate) fn attention(
     causal_offset: Option<usize>,
     scale: f64,
 ) -> candle_core::Result<CTensor> {
-    attention_with(q, k, v, bias, causal_offset, scale, true)
+    attention_with(q, k, v, bias, causal_offset, scale, true, true)
 }
 
-/// [`attention`]; `tiles: false` keeps bf16 off the AMX path (the tests
-/// compare the two).
+/// [`attention`]; `tiles: false` keeps bf16 off the AMX path, `direct:
+/// false` keeps a few rows off the decode path (the tests compare them).
+#[allow(clippy::too_many_arguments)]
 fn attention_with(
     q: &CTensor,
     k: &CTensor,
@@ -411,6 +602,7 @@ fn attention_with(
     causal_offset: Option<usize>,
     scale: f64,
     tiles: bool,
+    direct: bool,
 ) -> candle_core::Result<CTensor> {
     let (b, h, tq, d) = q.dims4()?;
     let (_, hkv, tk, _) = k.dims4()?;
@@ -440,6 +632,16 @@ fn attention_with(
         let _ = tiles;
         None
     };
+    if direct && tiled.is_none() && tq <= DECODE_ROWS {
+        let same = k.dtype() == dtype && v.dtype() == dtype && k.is_contiguous() && v.is_contiguous();
+        match dtype {
+            DType::BF16 if same => {
+                return decode::<half::bf16>(q, k, v, bias, causal_offset, kmax, round, scale, scale_h);
+            }
+            DType::F32 if same => return decode::<f32>(q, k, v, bias, causal_offset, kmax, round, scale, scale_h),
+            _ => {}
+        }
+    }
     // Half precision on the gemm path widens k and v to f32: only the keys
     // a row may see, not a whole preallocated cache (at decode that was
     // every layer converting its cache's full capacity for each token).
@@ -468,31 +670,7 @@ fn attention_with(
             to_f32(v)?.contiguous()?,
         )
     };
-    let bias = match bias {
-        Some(t) => {
-            let t = to_f32(t)?;
-            let bd = t.dims();
-            if bd.len() > 4 {
-                candle_core::bail!("attention: bias {bd:?} has more than 4 dimensions");
-            }
-            let mut full = [1usize; 4];
-            full[4 - bd.len()..].copy_from_slice(bd);
-            let want = [b, h, tq, tk];
-            if full.iter().zip(want).any(|(&f, w)| f != 1 && f != w) {
-                candle_core::bail!("attention: bias {bd:?} does not broadcast to {want:?}");
-            }
-            // Clamped as the composite clamps it (an f16 mask holds -inf).
-            let t = t.maximum(MASK_VALUE)?.contiguous()?;
-            let mut strides = [0usize; 4];
-            let mut acc = 1;
-            for ax in (0..4).rev() {
-                strides[ax] = if full[ax] == 1 { 0 } else { acc };
-                acc *= full[ax];
-            }
-            Some((t, strides))
-        }
-        None => None,
-    };
+    let bias = prepare_bias(bias, [b, h, tq, tk])?;
     let mut out = vec![0f32; b * h * tq * d];
     let run = |qs: &[f32], ks: &[f32], vs: &[f32], bias: Option<Bias<'_>>, out: &mut [f32]| {
         let mut jobs = Vec::new();
@@ -661,22 +839,35 @@ mod tests {
             .collect();
         let mask = CTensor::from_vec(mask, (b, 1, 1, tk), &dev).unwrap();
         for dt in [DType::BF16, DType::F16] {
-            let c = |t: &CTensor| t.to_dtype(dt).unwrap();
-            let full = attention_with(&c(&q), &c(&k), &c(&v), Some(&c(&mask)), Some(off), 0.25, false).unwrap();
-            let cut = |t: &CTensor| c(t).narrow(2, 0, kmax).unwrap().contiguous().unwrap();
-            let mask_cut = c(&mask).narrow(3, 0, kmax).unwrap();
-            let want = attention_with(&c(&q), &cut(&k), &cut(&v), Some(&mask_cut), Some(off), 0.25, false).unwrap();
-            let bits = |t: &CTensor| -> Vec<f32> {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
-            let (g, w) = (bits(&full), bits(&want));
-            assert!(g.iter().all(|x| x.is_finite()), "{dt:?}: the unwritten cache was read");
-            assert!(g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()), "{dt:?}");
+            for direct in [true, false] {
+                let c = |t: &CTensor| t.to_dtype(dt).unwrap();
+                let full =
+                    attention_with(&c(&q), &c(&k), &c(&v), Some(&c(&mask)), Some(off), 0.25, false, direct).unwrap();
+                let cut = |t: &CTensor| c(t).narrow(2, 0, kmax).unwrap().contiguous().unwrap();
+                let mask_cut = c(&mask).narrow(3, 0, kmax).unwrap();
+                let want = attention_with(
+                    &c(&q),
+                    &cut(&k),
+                    &cut(&v),
+                    Some(&mask_cut),
+                    Some(off),
+                    0.25,
+                    false,
+                    direct,
+                )
+                .unwrap();
+                let bits = |t: &CTensor| -> Vec<f32> {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                let (g, w) = (bits(&full), bits(&want));
+                assert!(g.iter().all(|x| x.is_finite()), "{dt:?}: the unwritten cache was read");
+                assert!(g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()), "{dt:?}");
+            }
         }
     }
 
@@ -690,6 +881,8 @@ mod tests {
             (2, 3, 1, 1, 40, 32, Some(20), 1),
             (1, 2, 2, 100, 100, 4, None, 2),
             (2, 2, 2, 65, 80, 8, Some(10), 1),
+            (1, 4, 2, 3, 50, 20, Some(30), 2),
+            (2, 2, 1, 4, 33, 64, None, 1),
         ] {
             let qv = values(b * h * tq * d, 1);
             let kv = values(b * hkv * tk * d, 2);
@@ -746,6 +939,64 @@ mod tests {
         }
     }
 
+    /// The decode path (a few query rows, the cache read in place) against
+    /// the gemm path, in f32 and bf16, with grouped heads, causal offsets,
+    /// padding masks and ragged head widths: the same roundings, so they
+    /// differ by summation order only.
+    #[test]
+    fn decode_rows_match_the_gemm_path() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16] {
+            for &(b, h, hkv, tq, tk, d, causal, masked) in &[
+                (1, 4, 2, 1, 64, 64, Some(40), false),
+                (2, 3, 1, 2, 37, 20, Some(30), true),
+                (2, 2, 2, 4, 50, 16, None, true),
+                (1, 2, 1, 3, 9, 7, Some(0), false),
+            ] {
+                let t = |v: Vec<f32>, n: usize, t: usize| {
+                    CTensor::from_vec(v, (b, n, t, d), &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap()
+                };
+                let q = t(values(b * h * tq * d, 11), h, tq);
+                let k = t(values(b * hkv * tk * d, 12), hkv, tk);
+                let v = t(values(b * hkv * tk * d, 13), hkv, tk);
+                let mask: Vec<f32> = (0..b * tk)
+                    .map(|x| {
+                        if x / tk == b - 1 && x % tk < 2 {
+                            MASK_VALUE as f32
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let mask = CTensor::from_vec(mask, (b, 1, 1, tk), &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let bias = masked.then_some(&mask);
+                let scale = 1.0 / (d as f64).sqrt();
+                let run = |direct| -> Vec<f32> {
+                    attention_with(&q, &k, &v, bias, causal, scale, false, direct)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                let (direct, gemm) = (run(true), run(false));
+                let apart = direct.iter().zip(&gemm).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                // f32: summation order; bf16: that, moving a rounded score,
+                // probability or output by one bf16 step at most.
+                let tol = if dtype == DType::F32 { 1e-6 } else { 1.6e-2 };
+                assert!(apart <= tol, "{dtype:?} {b}x{h}/{hkv}x{tq}x{tk}x{d}: {apart:e}");
+            }
+        }
+    }
+
     /// bf16 with and without AMX tiles (where the CPU has them), both
     /// against the f64 result of the same bf16 inputs: they differ in
     /// summation order only, which moves an output by a bf16 rounding step
@@ -770,7 +1021,7 @@ mod tests {
             let scale = 1.0 / (d as f64).sqrt();
             let want = reference(&qv, &kv, &vv, (b, h, hkv, tq, tk, d), &|_, _, _, _| 0.0, causal, scale);
             let run = |tiles| -> Vec<f32> {
-                attention_with(&q, &k, &v, None, causal, scale, tiles)
+                attention_with(&q, &k, &v, None, causal, scale, tiles, true)
                     .unwrap()
                     .to_dtype(DType::F32)
                     .unwrap()

@@ -43,6 +43,7 @@ mod quant;
 mod quant_x86;
 #[cfg(target_arch = "x86_64")]
 mod sgemm;
+mod team;
 
 /// The candle CPU backend. Cheap to clone.
 #[derive(Debug, Clone)]

@@ -13,7 +13,6 @@
 
 use candle_core::{DType as CDType, Storage, Tensor as CTensor};
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 /// Inputs with at most this many rows take the kernel; more rows go to
 /// candle's gemm, which reuses each loaded weight across rows. Measured
@@ -165,7 +164,7 @@ fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>,
     // Output features are computed transposed (`n x m`) so each task owns a
     // contiguous block; a few hundred rows per task amortise rayon's cost.
     let threads = rayon::current_num_threads().max(1);
-    let block = n.div_ceil(threads * 4).clamp(16, 512);
+    let block = n.div_ceil(threads * 16).clamp(16, 512);
     let mut yt = vec![0f32; n * m];
     #[cfg(target_arch = "x86_64")]
     let wide = allow_wide
@@ -178,7 +177,7 @@ fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>,
     #[cfg(target_arch = "x86_64")]
     if wide && T::ELEM == crate::matvec_x86::Elem::Bf16 && crate::dpbf16::available() {
         let xb: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
-        yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
+        crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
             for (j, o) in out.chunks_exact_mut(m).enumerate() {
                 let r = bi * block + j;
                 let wr = w[r * k..(r + 1) * k].as_ptr() as *const u16;
@@ -199,7 +198,7 @@ fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>,
     }
     #[cfg(target_arch = "x86_64")]
     if wide {
-        yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
+        crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
             for (j, o) in out.chunks_exact_mut(m).enumerate() {
                 let r = bi * block + j;
                 let wr = w[r * k..(r + 1) * k].as_ptr() as *const u8;
@@ -218,7 +217,7 @@ fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>,
         }
         return y;
     }
-    yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
+    crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
         let mut row = vec![0f32; k];
         let rows = Rows { x, m, k, w, bias };
         #[cfg(target_arch = "x86_64")]

@@ -50,7 +50,7 @@ fn linear_rows_isa(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>, i
     let (n, k) = (w.dims()[0], w.dims()[1]);
     debug_assert_eq!(x.len(), m * k);
     let threads = rayon::current_num_threads().max(1);
-    let block = n.div_ceil(threads * 4).clamp(8, 256);
+    let block = n.div_ceil(threads * 16).clamp(8, 256);
     let mut yt = vec![0f32; n * m];
     #[cfg(target_arch = "x86_64")]
     if let Some(isa) = isa {
@@ -59,7 +59,7 @@ fn linear_rows_isa(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>, i
             QuantType::Q8_0 => Vec::new(),
         };
         let rb = w.row_bytes();
-        yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
+        crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
             for (j, o) in out.chunks_exact_mut(m).enumerate() {
                 let r = bi * block + j;
                 let row = &w.bytes()[r * rb..(r + 1) * rb];
@@ -80,7 +80,7 @@ fn linear_rows_isa(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>, i
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
-    yt.par_chunks_mut(block * m).enumerate().for_each(|(bi, out)| {
+    crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
         let mut row = vec![0f32; k];
         Task { x, m, k, w, bias }.run(bi * block, out, &mut row);
     });
