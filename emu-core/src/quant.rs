@@ -201,6 +201,13 @@ impl QuantTensor {
         &self.data
     }
 
+    /// The shared block bytes, so a backend can keep its own copy (a
+    /// device buffer) for as long as this tensor, or a clone of it, lives:
+    /// clones share one allocation, and a dead `Weak` marks the copy stale.
+    pub fn shared_bytes(&self) -> &Arc<Vec<u8>> {
+        &self.data
+    }
+
     /// Number of weights.
     pub fn numel(&self) -> usize {
         self.dims.iter().product()

@@ -851,3 +851,115 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         round_fn(out)
     )
 }
+
+/// Input rows one workgroup of [`linear_quant`] takes.
+pub const LQ_ROWS: u32 = 4;
+
+/// `y = x W^T (+ b)` with `W` in a GGUF block format, dequantized in the
+/// kernel: the weight stays in its 4.5- or 8.5-bit blocks on the device
+/// (`I1`, the block bytes as little-endian words), each value widened as
+/// `gguf.dequantize` computes it (`d * q` for Q8_0, `d * sc * q - dmin * m`
+/// for Q4_K, in f32) and multiplied into f32 sums.
+///
+/// One workgroup of 64 invocations per output feature and [`LQ_ROWS`]
+/// input rows; the invocations share out the 32-wide (sub-)blocks of the
+/// row and reduce in workgroup memory, so each weight byte is read once for
+/// four rows. Grid `(x, y, ceil(M / 4))` with `x * y >= N`.
+///
+/// `P`: 0 M, 1 N, 2 K, 3 x offset, 4 has bias, 5 bias offset, 6 bytes per
+/// weight row, 7 first input row of this launch (grids have at most 65535
+/// row groups). `I0` x `[M, K]` contiguous from its offset, `I2` the bias
+/// (any buffer when there is none).
+pub fn linear_quant(q: emu_core::QuantType, out: DType) -> String {
+    let unit = match q {
+        emu_core::QuantType::Q8_0 => {
+            "    // Q8_0: blocks of 34 bytes, an f16 scale and 32 int8.
+    let base = rowb + u * 34u;
+    let d = f16_at(base);
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        let w = d * f32(i32(byte_at(base + 2u + i) << 24u) >> 24u);
+        let xi = xb + u * 32u + i;
+        acc = acc + w * vec4<f32>(I0[xi], I0[xi + K * r1], I0[xi + K * r2], I0[xi + K * r3]);
+    }"
+        }
+        emu_core::QuantType::Q4K => {
+            "    // Q4_K: super-blocks of 144 bytes (f16 d, f16 dmin, 12 bytes of
+    // 6-bit scales and mins, 128 bytes of nibbles), 8 sub-blocks of 32.
+    let sb = u / 8u;
+    let j = u % 8u;
+    let base = rowb + sb * 144u;
+    let d = f16_at(base);
+    let dmin = f16_at(base + 2u);
+    let s = base + 4u;
+    var sc: u32;
+    var mn: u32;
+    if (j < 4u) {
+        sc = byte_at(s + j) & 63u;
+        mn = byte_at(s + j + 4u) & 63u;
+    } else {
+        sc = (byte_at(s + j + 4u) & 15u) | ((byte_at(s + j - 4u) >> 6u) << 4u);
+        mn = (byte_at(s + j + 4u) >> 4u) | ((byte_at(s + j) >> 6u) << 4u);
+    }
+    let dl = d * f32(sc);
+    let ml = dmin * f32(mn);
+    let qs = base + 16u + (j / 2u) * 32u;
+    let shift = (j % 2u) * 4u;
+    for (var i = 0u; i < 32u; i = i + 1u) {
+        let w = dl * f32((byte_at(qs + i) >> shift) & 15u) - ml;
+        let xi = xb + u * 32u + i;
+        acc = acc + w * vec4<f32>(I0[xi], I0[xi + K * r1], I0[xi + K * r2], I0[xi + K * r3]);
+    }"
+        }
+    };
+    format!(
+        "{}{}
+var<workgroup> red: array<vec4<f32>, 64>;
+
+fn byte_at(o: u32) -> u32 {{
+    return (I1[o >> 2u] >> ((o & 3u) * 8u)) & 0xffu;
+}}
+
+fn f16_at(o: u32) -> f32 {{
+    return unpack2x16float(byte_at(o) | (byte_at(o + 1u) << 8u)).x;
+}}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_id) lid: vec3<u32>) {{
+    let M = P[0];
+    let N = P[1];
+    let K = P[2];
+    let col = wid.x + wid.y * nwg.x;
+    if (col >= N) {{ return; }}
+    let row0 = P[7] + wid.z * 4u;
+    // Rows past M read the last one again and are not stored.
+    let r1 = min(1u, M - 1u - row0);
+    let r2 = min(2u, M - 1u - row0);
+    let r3 = min(3u, M - 1u - row0);
+    let xb = P[3] + row0 * K;
+    let rowb = col * P[6];
+    let t = lid.x;
+    var acc = vec4<f32>(0.0);
+    for (var u = t; u < K / 32u; u = u + 64u) {{
+{unit}
+    }}
+    red[t] = acc;
+    workgroupBarrier();
+    for (var h = 32u; h > 0u; h = h >> 1u) {{
+        if (t < h) {{ red[t] = red[t] + red[t + h]; }}
+        workgroupBarrier();
+    }}
+    if (t == 0u) {{
+        var r = red[0];
+        if (P[4] != 0u) {{ r = r + vec4<f32>(I2[P[5] + col]); }}
+        O[row0 * N + col] = rnd(r.x);
+        if (row0 + 1u < M) {{ O[(row0 + 1u) * N + col] = rnd(r.y); }}
+        if (row0 + 2u < M) {{ O[(row0 + 2u) * N + col] = rnd(r.z); }}
+        if (row0 + 3u < M) {{ O[(row0 + 3u) * N + col] = rnd(r.w); }}
+    }}
+}}
+",
+        header(&["f32", "u32", "f32"], "f32"),
+        round_fn(out)
+    )
+}

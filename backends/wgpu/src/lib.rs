@@ -42,7 +42,7 @@ use emu_core::backend::{
     default_attention, default_group_norm, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp,
 };
 use emu_core::shape::{self, broadcast_dims, contiguous_strides, View};
-use emu_core::{DType, Error, HostTensor, Result};
+use emu_core::{DType, Error, HostTensor, QuantTensor, Result};
 use half::{bf16, f16};
 use kernels::{Word, MAX_RANK, WG};
 
@@ -289,6 +289,10 @@ struct Context {
     layouts: Vec<wgpu::BindGroupLayout>,
     pipeline_layouts: Vec<wgpu::PipelineLayout>,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// Quantized weights on the device, by the address of their host bytes;
+    /// the `Weak` tells whether that tensor still lives (an address can be
+    /// reused once it is freed).
+    quant: Mutex<HashMap<usize, (std::sync::Weak<Vec<u8>>, Arc<Storage>)>>,
 }
 
 /// The wgpu backend. Cheap to clone (clones share the device, pipelines and
@@ -440,6 +444,7 @@ impl WgpuBackend {
                 layouts,
                 pipeline_layouts,
                 pipelines: Mutex::new(HashMap::new()),
+                quant: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -560,6 +565,32 @@ impl WgpuBackend {
             groups: groups_rows(rows),
         }])?;
         Ok(Some(out))
+    }
+
+    /// The device copy of `w`'s block bytes, uploaded on first use and kept
+    /// while `w` (or a clone) lives; copies of dropped tensors are freed here.
+    fn quant_buffer(&self, w: &QuantTensor) -> Result<Arc<Storage>> {
+        let shared = w.shared_bytes();
+        let key = Arc::as_ptr(shared) as usize;
+        let mut cache = self
+            .ctx
+            .quant
+            .lock()
+            .map_err(|_| backend_err("quantized weight cache lock poisoned"))?;
+        if let Some((weak, storage)) = cache.get(&key) {
+            if weak.upgrade().is_some_and(|a| Arc::ptr_eq(&a, shared)) {
+                return Ok(storage.clone());
+            }
+        }
+        cache.retain(|_, (weak, _)| weak.strong_count() > 0);
+        let bytes = w.bytes();
+        let padded = bytes.len().next_multiple_of(4).max(4);
+        let storage = Arc::new(self.ctx.pool.alloc(padded as u64)?);
+        let mut words = bytes.to_vec();
+        words.resize(padded, 0);
+        self.ctx.queue.write_buffer(storage.buffer(), 0, &words);
+        cache.insert(key, (Arc::downgrade(shared), storage.clone()));
+        Ok(storage)
     }
 
     fn pipeline(&self, key: &str, nin: usize, src: impl FnOnce() -> String) -> Result<Arc<wgpu::ComputePipeline>> {
@@ -1155,6 +1186,61 @@ impl Backend for WgpuBackend {
 
     fn argmax(&self, t: &WgpuTensor, dim: usize) -> Result<WgpuTensor> {
         self.along_dim("argmax", t, dim, false, DType::U32, "argmax", kernels::argmax)
+    }
+
+    fn linear_quant(&self, x: &WgpuTensor, w: &QuantTensor, b: Option<&WgpuTensor>) -> Result<WgpuTensor> {
+        let (n, k) = emu_core::backend::check_linear_quant(&x.dims, w)?;
+        self.float_only("linear_quant", x)?;
+        if let Some(b) = b {
+            self.same_dtype("linear_quant bias", x, b)?;
+            if b.dims != [n] {
+                return Err(Error::shape(format!(
+                    "linear_quant: bias {:?} for weight `{}` {:?}",
+                    b.dims,
+                    w.name(),
+                    w.dims()
+                )));
+            }
+        }
+        let m: usize = x.dims[..x.dims.len() - 1].iter().product();
+        if m == 0 || n == 0 || k == 0 {
+            return emu_core::backend::default_linear_quant(self, x, w, b);
+        }
+        let mut od = x.dims[..x.dims.len() - 1].to_vec();
+        od.push(n);
+        let out = self.alloc(&od, x.dtype)?;
+        let x = self.contiguous(x)?;
+        let b = b.map(|b| self.contiguous(b)).transpose()?;
+        let wbuf = self.quant_buffer(w)?;
+        let key = format!("linear_quant {} {}", w.qtype(), dt_key(x.dtype));
+        let pipeline = self.pipeline(&key, 3, || kernels::linear_quant(w.qtype(), x.dtype))?;
+        let [gx, gy, _] = groups_rows(n);
+        let rows_per = kernels::LQ_ROWS as usize;
+        // At most 65535 row groups per launch.
+        let chunk = 65535 * rows_per;
+        let mut launches = Vec::new();
+        for first in (0..m).step_by(chunk) {
+            let rows = chunk.min(m - first);
+            let p = vec![
+                u32_of("rows", m)?,
+                u32_of("output features", n)?,
+                u32_of("input features", k)?,
+                u32_of("offset", x.offset)?,
+                b.is_some() as u32,
+                b.as_ref().map_or(Ok(0), |b| u32_of("offset", b.offset))?,
+                u32_of("weight row bytes", w.row_bytes())?,
+                u32_of("row", first)?,
+            ];
+            launches.push(Launch {
+                pipeline: pipeline.clone(),
+                params: p,
+                inputs: vec![x.buffer(), wbuf.buffer(), b.as_ref().map_or(x.buffer(), |b| b.buffer())],
+                output: out.buffer(),
+                groups: [gx, gy, rows.div_ceil(rows_per) as u32],
+            });
+        }
+        self.submit(&launches)?;
+        Ok(out)
     }
 
     fn matmul(&self, a: &WgpuTensor, b: &WgpuTensor) -> Result<WgpuTensor> {
