@@ -40,11 +40,11 @@ pub use runtime::{run_model_file, ExecutionProvider};
 use emu_core::backend::{default_attention, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp, MASK_VALUE};
 use emu_core::host::checked_numel;
 use emu_core::shape::{self, broadcast_dims};
-use emu_core::{DType, Error, HostTensor, Result};
+use emu_core::{DType, Error, HostTensor, QuantTensor, QuantType, Result};
 use runtime::{backend_err, SessionCache, NAME};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// What produces a tensor.
 enum Kind {
@@ -644,11 +644,93 @@ pub struct ExportedFile {
     pub outputs: Vec<TensorInfo>,
 }
 
+/// A quantized weight as the operands of ONNX Runtime's `MatMulNBits`
+/// (`com.microsoft`): codes packed low-first along K, one f32 scale and one
+/// zero point per 32 weights, `w = (code - zero_point) * scale`.
+#[derive(Debug, Clone)]
+struct NBits {
+    codes: OnnxTensor,
+    scales: OnnxTensor,
+    zero_points: OnnxTensor,
+    bits: i64,
+}
+
+/// Maps `w`'s blocks onto [`NBits`], or `None` where that form cannot
+/// hold them. Q8_0 is exact: codes `q + 128`, zero point 128, scale `d`.
+/// Q4_K's sub-block `dl * q - ml` (`dl = d * sc`, `ml = dmin * m`) becomes
+/// scale `dl` and zero point `ml / dl`, which moves a weight by about an
+/// f32 rounding of `max(|dl q|, |ml|)`; a sub-block with `dl = 0` but
+/// `ml != 0` (all its weights `-ml`) has no such form, and then the whole
+/// weight is dequantized instead.
+fn nbits(w: &QuantTensor) -> Result<Option<NBits>> {
+    let (n, k) = (w.dims()[0], w.dims()[1]);
+    let blocks = k / 32;
+    let rb = w.row_bytes();
+    let bytes = w.bytes();
+    let f16_at = |b: &[u8], o: usize| half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32();
+    let mut scales = Vec::with_capacity(n * blocks);
+    let mut zps = Vec::with_capacity(n * blocks);
+    let (codes, bits) = match w.qtype() {
+        QuantType::Q8_0 => {
+            let mut codes = Vec::with_capacity(n * k);
+            for blk in bytes.chunks_exact(34) {
+                scales.push(f16_at(blk, 0));
+                zps.push(128f32);
+                codes.extend(blk[2..].iter().map(|&q| q ^ 0x80));
+            }
+            (codes, 8)
+        }
+        QuantType::Q4K => {
+            let mut codes = Vec::with_capacity(n * k / 2);
+            for row in bytes.chunks_exact(rb) {
+                for sb in row.chunks_exact(144) {
+                    let (d, dmin) = (f16_at(sb, 0), f16_at(sb, 2));
+                    let qs = &sb[16..];
+                    for j in 0..8 {
+                        let (sc, m) = emu_core::quant::scale_min_k4(j, &sb[4..16]);
+                        let (dl, ml) = (d * sc as f32, dmin * m as f32);
+                        if dl == 0.0 && ml != 0.0 {
+                            return Ok(None);
+                        }
+                        scales.push(dl);
+                        zps.push(if dl == 0.0 { 0.0 } else { ml / dl });
+                        let (g, shift) = (j / 2, 4 * (j % 2));
+                        let q = |i: usize| (qs[g * 32 + i] >> shift) & 15;
+                        codes.extend((0..16).map(|i| q(2 * i) | (q(2 * i + 1) << 4)));
+                    }
+                }
+            }
+            (codes, 4)
+        }
+    };
+    let blob = 32 * bits / 8;
+    let input = |h: HostTensor| new_node(h.dims().to_vec(), h.dtype(), Kind::Input(h));
+    // The CPU kernel takes f32 zero points for 4 bits only; 8-bit ones are
+    // bytes (one per block), here all 128.
+    let zero_points = if bits == 8 {
+        HostTensor::from_bytes(&[n * blocks], DType::U8, zps.iter().map(|&z| z as u8).collect())?
+    } else {
+        HostTensor::from_f32(&[n, blocks], zps)?
+    };
+    Ok(Some(NBits {
+        codes: input(HostTensor::from_bytes(&[n, blocks, blob], DType::U8, codes)?),
+        scales: input(HostTensor::from_f32(&[n, blocks], scales)?),
+        zero_points: input(zero_points),
+        bits: bits as i64,
+    }))
+}
+
 /// The ONNX Runtime backend. Cheap to clone; clones share the session cache.
 #[derive(Debug, Clone)]
 pub struct OnnxBackend {
     sessions: Arc<SessionCache>,
+    /// `MatMulNBits` operands of quantized weights, by the address of their
+    /// block bytes (see [`nbits`]); `None` for a weight that must be
+    /// dequantized instead.
+    quant: Arc<Mutex<QuantCache>>,
 }
+
+type QuantCache = HashMap<usize, (std::sync::Weak<Vec<u8>>, Option<NBits>)>;
 
 impl OnnxBackend {
     /// Loads ONNX Runtime from `ORT_DYLIB_PATH` (once per process) and uses its
@@ -676,6 +758,7 @@ impl OnnxBackend {
         ep.check_available()?;
         Ok(Self {
             sessions: Arc::new(SessionCache::new(threads, ep)),
+            quant: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -1270,6 +1353,69 @@ impl Backend for OnnxBackend {
             DType::I64,
         );
         Ok(cast_node(&am, DType::U32))
+    }
+
+    fn linear_quant(&self, x: &OnnxTensor, w: &QuantTensor, b: Option<&OnnxTensor>) -> Result<OnnxTensor> {
+        let (n, k) = emu_core::backend::check_linear_quant(x.dims(), w)?;
+        if let Some(b) = b {
+            same_dtype("linear_quant bias", x, b)?;
+            if b.dims() != [n] {
+                return Err(Error::shape(format!(
+                    "linear_quant: bias {:?} for weight `{}` {:?}",
+                    b.dims(),
+                    w.name(),
+                    w.dims()
+                )));
+            }
+        }
+        let xd = x.dims().to_vec();
+        let m: usize = xd[..xd.len() - 1].iter().product();
+        if !x.dtype().is_float() || m == 0 || n == 0 || k == 0 {
+            return emu_core::backend::default_linear_quant(self, x, w, b);
+        }
+        let operands = {
+            let shared = w.shared_bytes();
+            let key = Arc::as_ptr(shared) as usize;
+            let mut cache = self
+                .quant
+                .lock()
+                .map_err(|_| backend_err("quantized weight cache lock poisoned"))?;
+            match cache.get(&key) {
+                Some((weak, ops)) if weak.upgrade().is_some_and(|a| Arc::ptr_eq(&a, shared)) => ops.clone(),
+                _ => {
+                    cache.retain(|_, (weak, _)| weak.strong_count() > 0);
+                    let ops = nbits(w)?;
+                    cache.insert(key, (Arc::downgrade(shared), ops.clone()));
+                    ops
+                }
+            }
+        };
+        let Some(q) = operands else {
+            return emu_core::backend::default_linear_quant(self, x, w, b);
+        };
+        let mut od = xd[..xd.len() - 1].to_vec();
+        od.push(n);
+        let ins: Vec<&OnnxTensor> = std::iter::once(x).chain(b).collect();
+        in_f32(&ins, |xs| {
+            let x2 = self.reshape(&xs[0], &[m, k])?;
+            let y = op(
+                "MatMulNBits",
+                vec![x2, q.codes.clone(), q.scales.clone(), q.zero_points.clone()],
+                vec![
+                    ("K", Attr::Int(k as i64)),
+                    ("N", Attr::Int(n as i64)),
+                    ("bits", Attr::Int(q.bits)),
+                    ("block_size", Attr::Int(32)),
+                ],
+                vec![m, n],
+                DType::F32,
+            );
+            let y = match xs.get(1) {
+                Some(bias) => ew2("Add", &y, bias)?,
+                None => y,
+            };
+            self.reshape(&y, &od)
+        })
     }
 
     fn matmul(&self, a: &OnnxTensor, b: &OnnxTensor) -> Result<OnnxTensor> {

@@ -166,6 +166,9 @@ fn node(n: &NodeDef<'_>) -> Vec<u8> {
     b.str(2, &n.output);
     b.str(3, &n.output);
     b.str(4, n.op_type);
+    if let Some(d) = domain(n.op_type) {
+        b.str(7, d);
+    }
     for (name, a) in n.attrs {
         b.bytes(5, &attribute(name, a));
     }
@@ -193,7 +196,17 @@ fn value_info(v: &ValueInfo<'_>) -> Vec<u8> {
     b.0
 }
 
-/// Serialises a graph as an ONNX `ModelProto` (opset [`OPSET`], default domain only).
+/// Version of the `com.microsoft` domain (ONNX Runtime's contrib operators)
+/// imported by graphs that use one.
+pub const MS_OPSET: i64 = 1;
+
+/// The domain of an operator outside the default one.
+fn domain(op_type: &str) -> Option<&'static str> {
+    (op_type == "MatMulNBits").then_some("com.microsoft")
+}
+
+/// Serialises a graph as an ONNX `ModelProto` (opset [`OPSET`] of the
+/// default domain, and [`MS_OPSET`] of `com.microsoft` where a node needs it).
 pub fn model(g: &GraphDef<'_>) -> Vec<u8> {
     let mut graph = Buf::default();
     for n in &g.nodes {
@@ -222,6 +235,12 @@ pub fn model(g: &GraphDef<'_>) -> Vec<u8> {
     m.str(3, env!("CARGO_PKG_VERSION"));
     m.bytes(7, &graph.0);
     m.bytes(8, &opset.0);
+    if g.nodes.iter().any(|n| domain(n.op_type).is_some()) {
+        let mut ms = Buf::default();
+        ms.str(1, "com.microsoft");
+        ms.int(2, MS_OPSET);
+        m.bytes(8, &ms.0);
+    }
     m.0
 }
 

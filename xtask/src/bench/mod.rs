@@ -429,6 +429,26 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
+/// The LLM rows of `be` with its linears quantized to each `--quant` format.
+fn quant_rows<B: Backend>(be: &B, label: &str, o: &Options, work: &Workdir, report: &mut Report) {
+    if !o.components.contains(&Component::Llm) {
+        return;
+    }
+    for &q in &o.quant {
+        eprintln!("bench: {label} llm {q} ...");
+        match run::llm_quantized(be, work, o.dtype, o.timing, q) {
+            Ok(calls) => report.rows.extend(calls.into_iter().map(|call| Row {
+                component: Component::Llm,
+                backend: format!("{label}/{q}"),
+                dtype: o.dtype,
+                call,
+                rel_err: None,
+            })),
+            Err(e) => report.notes.push(format!("{label}/{q} llm: failed: {e}")),
+        }
+    }
+}
+
 /// Runs every component of `o` on one backend and appends its rows.
 fn bench_backend<B: Backend>(be: &B, label: &str, o: &Options, work: &Workdir, report: &mut Report) {
     if !be.supports(o.dtype) {
@@ -491,26 +511,12 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
         }
     }
     bench_backend(&CpuBackend::new(), "cpu", o, &work, &mut report);
-    if o.components.contains(&Component::Llm) {
-        for &q in &o.quant {
-            eprintln!("bench: cpu llm {q} ...");
-            match run::llm_quantized(&CpuBackend::new(), &work, o.dtype, o.timing, q) {
-                Ok(calls) => report.rows.extend(calls.into_iter().map(|call| Row {
-                    component: Component::Llm,
-                    backend: format!("cpu/{q}"),
-                    dtype: o.dtype,
-                    call,
-                    rel_err: None,
-                })),
-                Err(e) => report.notes.push(format!("cpu/{q} llm: failed: {e}")),
-            }
-        }
-        if !o.quant.is_empty() {
-            report.notes.push(
-                "cpu/<format> rows: linears quantized at load time; their rel err is the quantization error against f32"
-                    .into(),
-            );
-        }
+    quant_rows(&CpuBackend::new(), "cpu", o, &work, &mut report);
+    if o.components.contains(&Component::Llm) && !o.quant.is_empty() {
+        report.notes.push(
+            "<backend>/<format> rows: linears quantized at load time; their rel err is the quantization error against f32"
+                .into(),
+        );
     }
     for name in o.backends.iter().filter(|b| *b != "cpu") {
         match name.as_str() {
@@ -522,7 +528,10 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
                 Err(e) => report.notes.push(format!("wgpu: skipped: {e}")),
             },
             "onnx" => match OnnxBackend::with_threads(o.threads.unwrap_or(0)) {
-                Ok(be) => bench_backend(&be, "onnx", o, &work, &mut report),
+                Ok(be) => {
+                    bench_backend(&be, "onnx", o, &work, &mut report);
+                    quant_rows(&be, "onnx", o, &work, &mut report);
+                }
                 Err(e) => report.notes.push(format!("onnx: skipped: {e}")),
             },
             "cuda" => match CudaBackend::new() {
