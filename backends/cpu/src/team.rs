@@ -148,7 +148,7 @@ fn worker(t: &'static Team, index: usize) {
                 break e;
             }
             spins = spins.wrapping_add(1);
-            if spins % 64 != 0 {
+            if !spins.is_multiple_of(64) {
                 std::hint::spin_loop();
                 continue;
             }

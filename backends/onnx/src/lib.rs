@@ -52,6 +52,13 @@ enum Kind {
     Input(HostTensor),
     /// Small structural data (shapes, axes, indices, fill values): always an initializer.
     Const(HostTensor),
+    /// Constant weights an operator wants as an initializer (ONNX Runtime
+    /// prepacks `MatMulNBits`' operands only then). When running, an
+    /// initializer whose data lives outside the model under a name unique to
+    /// the node, handed to the session when it is created (so the model
+    /// bytes, the session cache key, stay small); when exported, like
+    /// `Input`.
+    Weight(HostTensor),
     /// A runtime integer (i64 `[1]`): an offset that can change while every
     /// shape stays the same (a middle slice's start, a KV-cache write
     /// position, a causal mask offset). Fed when running, so graphs that
@@ -88,6 +95,7 @@ impl std::fmt::Debug for OnnxTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let what = match &self.0.kind {
             Kind::Input(_) => "input",
+            Kind::Weight(_) => "weight",
             Kind::Const(_) => "const",
             Kind::Param(_) => "param",
             Kind::Op { op_type, .. } => op_type,
@@ -110,7 +118,7 @@ impl OnnxTensor {
     /// The value if it is known without running anything.
     fn known(&self) -> Option<&HostTensor> {
         match &self.0.kind {
-            Kind::Input(h) | Kind::Const(h) | Kind::Param(h) => Some(h),
+            Kind::Input(h) | Kind::Const(h) | Kind::Param(h) | Kind::Weight(h) => Some(h),
             Kind::Op { .. } => self.0.value.get(),
         }
     }
@@ -345,6 +353,8 @@ fn held_elsewhere(t: &OnnxTensor) -> Vec<OnnxTensor> {
 struct Serialized {
     model: Vec<u8>,
     feeds: Vec<(String, OnnxTensor)>,
+    /// Run mode: the initializers whose data the session is handed.
+    weights: Vec<(String, OnnxTensor)>,
     /// Graph inputs as declared (name, dtype, dims).
     inputs: Vec<(String, DType, Vec<usize>)>,
     /// Bytes written to the external data sink.
@@ -389,16 +399,19 @@ fn serialize(
     let mut declared = HashSet::new();
     let mut feeds = Vec::new();
     let mut extra_nodes = Vec::new();
+    // Run mode's weights: (initializer index, external name, bytes).
+    let mut held = Vec::new();
+    let mut weights = Vec::new();
     for (k, t) in order.iter().enumerate() {
         let bound = match (&mode, &t.0.kind) {
             (Mode::Export(x), Kind::Param(h)) => h.to_i64_vec()?.first().and_then(|v| x.params.get(v)).cloned(),
-            (Mode::Export(x), Kind::Input(_) | Kind::Op { .. }) => x.inputs.get(&t.0.id).cloned(),
+            (Mode::Export(x), Kind::Input(_) | Kind::Weight(_) | Kind::Op { .. }) => x.inputs.get(&t.0.id).cloned(),
             _ => None,
         };
         let name = bound.clone().unwrap_or_else(|| format!("v{k}"));
         names.insert(t.0.id, name.clone());
         let fed = match (&mode, &t.0.kind) {
-            (Mode::Run, _) if !matches!(t.0.kind, Kind::Const(_)) => t.known(),
+            (Mode::Run, _) if !matches!(t.0.kind, Kind::Const(_) | Kind::Weight(_)) => t.known(),
             _ => None,
         };
         if fed.is_some() {
@@ -413,13 +426,22 @@ fn serialize(
         }
         match &t.0.kind {
             Kind::Const(h) => initializers.push((name, h)),
+            Kind::Weight(h) if matches!(mode, Mode::Run) => {
+                held.push((
+                    initializers.len(),
+                    format!("emu-weight-{}", t.0.id),
+                    h.as_bytes().len() as u64,
+                ));
+                weights.push((name.clone(), t.clone()));
+                initializers.push((name, h));
+            }
             Kind::Op { .. } if bound.is_some() => inputs.push(proto::ValueInfo {
                 doc: doc(&name),
                 name,
                 dtype: t.dtype(),
                 dims: t.dims(),
             }),
-            Kind::Input(h) | Kind::Param(h) => {
+            Kind::Input(h) | Kind::Param(h) | Kind::Weight(h) => {
                 if bound.is_some() {
                     // Several param nodes bind to one input: declare it once.
                     if declared.insert(name.clone()) {
@@ -489,14 +511,15 @@ fn serialize(
     }
     // External data: when the initializers together exceed the threshold,
     // every large one is written to the sink and referenced by offset.
-    let mut placed = vec![None; initializers.len()];
+    let mut placed: Vec<Option<(String, u64, u64)>> = vec![None; initializers.len()];
     let mut external_bytes = 0u64;
-    let mut location = None;
+    for (i, loc, len) in held {
+        placed[i] = Some((loc, 0, len));
+    }
     if let (Mode::Export(x), Some(sink)) = (&mode, data_sink) {
         if let Some((threshold, loc)) = &x.external {
             let total: usize = initializers.iter().map(|(_, h)| h.as_bytes().len()).sum();
             if total > *threshold {
-                location = Some(loc.as_str());
                 let io = |e: std::io::Error| backend_err(format!("writing external data {loc}: {e}"));
                 for (slot, (_, h)) in placed.iter_mut().zip(&initializers) {
                     let b = h.as_bytes();
@@ -507,7 +530,7 @@ fn serialize(
                     sink.write_all(&vec![0u8; pad as usize]).map_err(io)?;
                     external_bytes += pad;
                     sink.write_all(b).map_err(io)?;
-                    *slot = Some((external_bytes, b.len() as u64));
+                    *slot = Some((loc.clone(), external_bytes, b.len() as u64));
                     external_bytes += b.len() as u64;
                 }
             }
@@ -521,13 +544,14 @@ fn serialize(
         name: graph_name,
         nodes,
         initializers,
-        external: location.map(|loc| proto::External { location: loc, placed }),
+        external: placed.iter().any(Option::is_some).then_some(proto::External { placed }),
         inputs,
         outputs: graph_outputs,
     });
     Ok(Serialized {
         model,
         feeds,
+        weights,
         inputs: declared_inputs,
         external_bytes,
     })
@@ -547,7 +571,7 @@ fn export_names(
         external,
     };
     for p in inputs {
-        if !matches!(p.tensor.0.kind, Kind::Input(_) | Kind::Op { .. }) {
+        if !matches!(p.tensor.0.kind, Kind::Input(_) | Kind::Weight(_) | Kind::Op { .. }) {
             return Err(Error::InvalidArgument(format!(
                 "export: input `{}` is a structural constant, not a value to feed",
                 p.name
@@ -644,80 +668,104 @@ pub struct ExportedFile {
     pub outputs: Vec<TensorInfo>,
 }
 
-/// A quantized weight as the operands of ONNX Runtime's `MatMulNBits`
-/// (`com.microsoft`): codes packed low-first along K, one f32 scale and one
-/// zero point per 32 weights, `w = (code - zero_point) * scale`.
+/// A quantized weight as operands of ONNX Runtime's `MatMulNBits`
+/// (`com.microsoft`), 4-bit: one or two products of codes packed low-first
+/// along K with one f32 scale and one 4-bit zero point per 32 weights (`w =
+/// (code - zero_point) * scale`), summed, and for Q4_K the minima, which
+/// that form has no room for, subtracted as a second product (see
+/// [`nbits`]).
 #[derive(Debug, Clone)]
 struct NBits {
+    parts: Vec<Part>,
+    /// Q4_K: `ml = dmin * m` of every sub-block, `[K / 32, N]`.
+    mins: Option<OnnxTensor>,
+}
+
+#[derive(Debug, Clone)]
+struct Part {
     codes: OnnxTensor,
     scales: OnnxTensor,
     zero_points: OnnxTensor,
-    bits: i64,
 }
 
-/// Maps `w`'s blocks onto [`NBits`], or `None` where that form cannot
-/// hold them. Q8_0 is exact: codes `q + 128`, zero point 128, scale `d`.
-/// Q4_K's sub-block `dl * q - ml` (`dl = d * sc`, `ml = dmin * m`) becomes
-/// scale `dl` and zero point `ml / dl`, which moves a weight by about an
-/// f32 rounding of `max(|dl q|, |ml|)`; a sub-block with `dl = 0` but
-/// `ml != 0` (all its weights `-ml`) has no such form, and then the whole
-/// weight is dequantized instead.
-fn nbits(w: &QuantTensor) -> Result<Option<NBits>> {
+/// Maps `w`'s blocks onto [`NBits`]; both formats fit exactly, on the 4-bit
+/// kernels (integer zero points keep ONNX Runtime on its packed 4-bit
+/// path; its 8-bit and float-zero-point paths dequantize the whole weight
+/// on every call).
+///
+/// Q8_0: `q = 16 hi + lo` with `lo = q & 15` and `hi = q >> 4` (in -8..=7),
+/// so `d q = (hi + 8 - 8) (16 d) + (lo - 0) d`: two 4-bit products whose
+/// every weight is exact in f32, 8 bits a weight as before.
+///
+/// Q4_K: a sub-block's weights are `dl q - ml` (`dl = d sc`, `ml = dmin m`),
+/// so `x · w = sum_j dl_j (q_j · x_j) - sum_j ml_j sum(x_j)`: codes `q`
+/// with zero point 0 and scale `dl` give the first sum, and the sums of `x`
+/// over each 32-wide sub-block times the minima the second (the same
+/// regrouping as the CPU kernels).
+fn nbits(w: &QuantTensor) -> Result<NBits> {
     let (n, k) = (w.dims()[0], w.dims()[1]);
     let blocks = k / 32;
     let rb = w.row_bytes();
     let bytes = w.bytes();
     let f16_at = |b: &[u8], o: usize| half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32();
-    let mut scales = Vec::with_capacity(n * blocks);
-    let mut zps = Vec::with_capacity(n * blocks);
-    let (codes, bits) = match w.qtype() {
+    let input = |h: HostTensor| new_node(h.dims().to_vec(), h.dtype(), Kind::Weight(h));
+    // 4-bit zero points: packed two to a byte, each row's padded to a byte.
+    let zp_bytes = n * blocks.div_ceil(2);
+    let part = |codes: Vec<u8>, scales: Vec<f32>, zp: u8| -> Result<Part> {
+        Ok(Part {
+            codes: input(HostTensor::from_bytes(&[n, blocks, 16], DType::U8, codes)?),
+            scales: input(HostTensor::from_f32(&[n, blocks], scales)?),
+            zero_points: input(HostTensor::from_bytes(
+                &[zp_bytes],
+                DType::U8,
+                vec![zp | (zp << 4); zp_bytes],
+            )?),
+        })
+    };
+    // 32 codes low-first, two to a byte.
+    fn pack(q: impl Fn(usize) -> u8) -> impl Iterator<Item = u8> {
+        (0..16).map(move |i| q(2 * i) | (q(2 * i + 1) << 4))
+    }
+    Ok(match w.qtype() {
         QuantType::Q8_0 => {
-            let mut codes = Vec::with_capacity(n * k);
+            let (mut lo, mut hi) = (Vec::with_capacity(n * k / 2), Vec::with_capacity(n * k / 2));
+            let (mut s_lo, mut s_hi) = (Vec::with_capacity(n * blocks), Vec::with_capacity(n * blocks));
             for blk in bytes.chunks_exact(34) {
-                scales.push(f16_at(blk, 0));
-                zps.push(128f32);
-                codes.extend(blk[2..].iter().map(|&q| q ^ 0x80));
+                let d = f16_at(blk, 0);
+                s_lo.push(d);
+                s_hi.push(16.0 * d);
+                let q = &blk[2..];
+                lo.extend(pack(|i| q[i] & 15));
+                hi.extend(pack(|i| (((q[i] as i8) >> 4) + 8) as u8));
             }
-            (codes, 8)
+            NBits {
+                parts: vec![part(hi, s_hi, 8)?, part(lo, s_lo, 0)?],
+                mins: None,
+            }
         }
         QuantType::Q4K => {
             let mut codes = Vec::with_capacity(n * k / 2);
-            for row in bytes.chunks_exact(rb) {
-                for sb in row.chunks_exact(144) {
+            let mut scales = Vec::with_capacity(n * blocks);
+            let mut mins = vec![0f32; blocks * n];
+            for (r, row) in bytes.chunks_exact(rb).enumerate() {
+                for (s, sb) in row.chunks_exact(144).enumerate() {
                     let (d, dmin) = (f16_at(sb, 0), f16_at(sb, 2));
                     let qs = &sb[16..];
                     for j in 0..8 {
                         let (sc, m) = emu_core::quant::scale_min_k4(j, &sb[4..16]);
-                        let (dl, ml) = (d * sc as f32, dmin * m as f32);
-                        if dl == 0.0 && ml != 0.0 {
-                            return Ok(None);
-                        }
-                        scales.push(dl);
-                        zps.push(if dl == 0.0 { 0.0 } else { ml / dl });
+                        scales.push(d * sc as f32);
+                        mins[(s * 8 + j) * n + r] = dmin * m as f32;
                         let (g, shift) = (j / 2, 4 * (j % 2));
-                        let q = |i: usize| (qs[g * 32 + i] >> shift) & 15;
-                        codes.extend((0..16).map(|i| q(2 * i) | (q(2 * i + 1) << 4)));
+                        codes.extend(pack(|i| (qs[g * 32 + i] >> shift) & 15));
                     }
                 }
             }
-            (codes, 4)
+            NBits {
+                parts: vec![part(codes, scales, 0)?],
+                mins: Some(input(HostTensor::from_f32(&[blocks, n], mins)?)),
+            }
         }
-    };
-    let blob = 32 * bits / 8;
-    let input = |h: HostTensor| new_node(h.dims().to_vec(), h.dtype(), Kind::Input(h));
-    // The CPU kernel takes f32 zero points for 4 bits only; 8-bit ones are
-    // bytes (one per block), here all 128.
-    let zero_points = if bits == 8 {
-        HostTensor::from_bytes(&[n * blocks], DType::U8, zps.iter().map(|&z| z as u8).collect())?
-    } else {
-        HostTensor::from_f32(&[n, blocks], zps)?
-    };
-    Ok(Some(NBits {
-        codes: input(HostTensor::from_bytes(&[n, blocks, blob], DType::U8, codes)?),
-        scales: input(HostTensor::from_f32(&[n, blocks], scales)?),
-        zero_points: input(zero_points),
-        bits: bits as i64,
-    }))
+    })
 }
 
 /// The ONNX Runtime backend. Cheap to clone; clones share the session cache.
@@ -725,12 +773,11 @@ fn nbits(w: &QuantTensor) -> Result<Option<NBits>> {
 pub struct OnnxBackend {
     sessions: Arc<SessionCache>,
     /// `MatMulNBits` operands of quantized weights, by the address of their
-    /// block bytes (see [`nbits`]); `None` for a weight that must be
-    /// dequantized instead.
+    /// block bytes (see [`nbits`]).
     quant: Arc<Mutex<QuantCache>>,
 }
 
-type QuantCache = HashMap<usize, (std::sync::Weak<Vec<u8>>, Option<NBits>)>;
+type QuantCache = HashMap<usize, (std::sync::Weak<Vec<u8>>, NBits)>;
 
 impl OnnxBackend {
     /// Loads ONNX Runtime from `ORT_DYLIB_PATH` (once per process) and uses its
@@ -976,7 +1023,11 @@ impl Backend for OnnxBackend {
             .iter()
             .filter_map(|(n, t)| Some((n.as_str(), t.0.fed.get()?)))
             .collect();
-        let outs = self.sessions.run(s.model, &feeds)?;
+        let mut weights = Vec::with_capacity(s.weights.len());
+        for (n, t) in &s.weights {
+            weights.push((n.as_str(), t.known().ok_or_else(|| backend_err("a weight is unknown"))?));
+        }
+        let outs = self.sessions.run(s.model, &feeds, &weights)?;
         if outs.len() != outputs.len() {
             return Err(backend_err(format!(
                 "the graph returned {} outputs instead of {}",
@@ -1390,26 +1441,37 @@ impl Backend for OnnxBackend {
                 }
             }
         };
-        let Some(q) = operands else {
-            return emu_core::backend::default_linear_quant(self, x, w, b);
-        };
+        let q = operands;
         let mut od = xd[..xd.len() - 1].to_vec();
         od.push(n);
         let ins: Vec<&OnnxTensor> = std::iter::once(x).chain(b).collect();
         in_f32(&ins, |xs| {
             let x2 = self.reshape(&xs[0], &[m, k])?;
-            let y = op(
-                "MatMulNBits",
-                vec![x2, q.codes.clone(), q.scales.clone(), q.zero_points.clone()],
-                vec![
-                    ("K", Attr::Int(k as i64)),
-                    ("N", Attr::Int(n as i64)),
-                    ("bits", Attr::Int(q.bits)),
-                    ("block_size", Attr::Int(32)),
-                ],
-                vec![m, n],
-                DType::F32,
-            );
+            let mut y: Option<OnnxTensor> = None;
+            for p in &q.parts {
+                let t = op(
+                    "MatMulNBits",
+                    vec![x2.clone(), p.codes.clone(), p.scales.clone(), p.zero_points.clone()],
+                    vec![
+                        ("K", Attr::Int(k as i64)),
+                        ("N", Attr::Int(n as i64)),
+                        ("bits", Attr::Int(4)),
+                        ("block_size", Attr::Int(32)),
+                    ],
+                    vec![m, n],
+                    DType::F32,
+                );
+                y = Some(match y {
+                    Some(acc) => ew2("Add", &acc, &t)?,
+                    None => t,
+                });
+            }
+            let mut y = y.ok_or_else(|| backend_err("linear_quant: no product"))?;
+            if let Some(mins) = &q.mins {
+                // sum(x) over each 32-wide sub-block, [m, K / 32], times the minima.
+                let sums = self.reduce(ReduceOp::Sum, &self.reshape(&x2, &[m, k / 32, 32])?, 2, false)?;
+                y = ew2("Sub", &y, &self.matmul(&sums, mins)?)?;
+            }
             let y = match xs.get(1) {
                 Some(bias) => ew2("Add", &y, bias)?,
                 None => y,

@@ -90,18 +90,18 @@ pub struct GraphDef<'a> {
     pub nodes: Vec<NodeDef<'a>>,
     pub initializers: Vec<(String, &'a HostTensor)>,
     /// Where initializers live outside the model file, if any do.
-    pub external: Option<External<'a>>,
+    pub external: Option<External>,
     pub inputs: Vec<ValueInfo<'a>>,
     pub outputs: Vec<ValueInfo<'a>>,
 }
 
-/// Initializers stored in a separate file (ONNX external data): the file
-/// name relative to the model, and per initializer (in
-/// [`GraphDef::initializers`] order) its `(offset, length)` there, or `None`
-/// for one kept inline.
-pub struct External<'a> {
-    pub location: &'a str,
-    pub placed: Vec<Option<(u64, u64)>>,
+/// Initializers stored outside the model (ONNX external data): per
+/// initializer (in [`GraphDef::initializers`] order) its `(location,
+/// offset, length)` — a file name relative to the model, or a name whose
+/// data the session is handed when it is created — or `None` for one kept
+/// inline.
+pub struct External {
+    pub placed: Vec<Option<(String, u64, u64)>>,
 }
 
 fn string_entry(key: &str, value: &str) -> Vec<u8> {
@@ -217,7 +217,9 @@ pub fn model(g: &GraphDef<'_>) -> Vec<u8> {
         let ext = g
             .external
             .as_ref()
-            .and_then(|e| e.placed.get(i).copied().flatten().map(|(o, l)| (e.location, o, l)));
+            .and_then(|e| e.placed.get(i))
+            .and_then(|p| p.as_ref())
+            .map(|(loc, o, l)| (loc.as_str(), *o, *l));
         graph.bytes(5, &tensor(name, t, ext));
     }
     for v in &g.inputs {

@@ -161,9 +161,21 @@ impl std::fmt::Debug for SessionCache {
     }
 }
 
-fn new_session(model: Source<'_>, threads: usize, ep: ExecutionProvider) -> Result<Session> {
+fn new_session(
+    model: Source<'_>,
+    threads: usize,
+    ep: ExecutionProvider,
+    weights: &[(&str, &HostTensor)],
+) -> Result<Session> {
     let env = environment()?;
     let mut builder = Session::builder(env).map_err(|e| backend_err(e.to_string()))?;
+    // Initializers whose data lives outside the model bytes: ONNX Runtime
+    // copies each into the graph before optimising it.
+    for (name, h) in weights {
+        builder = builder
+            .with_external_initializer(name, to_value(h)?)
+            .map_err(|e| backend_err(format!("initializer {name}: {e}")))?;
+    }
     if let ExecutionProvider::Cuda { device } = ep {
         // Fail rather than fall back to the CPU silently.
         let cuda = ort::ep::CUDA::default()
@@ -214,10 +226,16 @@ impl SessionCache {
         self.sessions.lock().map(|s| s.len()).unwrap_or(0)
     }
 
-    /// Runs `model` (compiling it once per distinct byte string) and returns
+    /// Runs `model` (compiling it once per distinct byte string, with the
+    /// data of its held-out `weights`) and returns
     /// its outputs, each on the host and as ONNX Runtime's value (which a
     /// later run can take as an input without another copy).
-    pub(crate) fn run(&self, model: Vec<u8>, feeds: &[(&str, &Value)]) -> Result<Vec<(HostTensor, Value)>> {
+    pub(crate) fn run(
+        &self,
+        model: Vec<u8>,
+        feeds: &[(&str, &Value)],
+        weights: &[(&str, &HostTensor)],
+    ) -> Result<Vec<(HostTensor, Value)>> {
         let session = {
             let mut map = self
                 .sessions
@@ -226,7 +244,12 @@ impl SessionCache {
             match map.get(&model) {
                 Some(s) => s.clone(),
                 None => {
-                    let s = Arc::new(Mutex::new(new_session(Source::Bytes(&model), self.threads, self.ep)?));
+                    let s = Arc::new(Mutex::new(new_session(
+                        Source::Bytes(&model),
+                        self.threads,
+                        self.ep,
+                        weights,
+                    )?));
                     if map.len() >= MAX_SESSIONS {
                         map.clear();
                     }
@@ -250,7 +273,7 @@ impl SessionCache {
 
 /// Loads an `.onnx` file with ONNX Runtime and runs it once on named inputs.
 pub fn run_model_file(path: &Path, feeds: &[(&str, &HostTensor)]) -> Result<Vec<HostTensor>> {
-    let mut session = new_session(Source::File(path), 0, ExecutionProvider::Cpu)?;
+    let mut session = new_session(Source::File(path), 0, ExecutionProvider::Cpu, &[])?;
     let feeds: Vec<(String, &HostTensor)> = feeds.iter().map(|(n, t)| (n.to_string(), *t)).collect();
     run_session(&mut session, &feeds)
 }

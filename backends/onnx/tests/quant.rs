@@ -1,7 +1,7 @@
 //! Quantized linear on ONNX Runtime's `MatMulNBits`: against
-//! dequantize-then-f32-linear on the CPU backend, the Q4_K sub-blocks that
-//! form cannot hold (dequantized instead), and an exported graph that loads
-//! back from a file with the contrib domain it needs.
+//! dequantize-then-f32-linear on the CPU backend, Q4_K sub-blocks whose
+//! scale is 0 but not their minimum, and an exported graph that loads back
+//! from a file with the contrib domain it needs.
 
 use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::{run_model_file, OnnxBackend};
@@ -46,8 +46,7 @@ fn matmul_nbits_matches_dequantize_then_linear() {
 }
 
 /// A Q4_K sub-block with scale 0 and a non-zero min (every weight `-dmin *
-/// m`) has no `(code - zero_point) * scale` form; such a weight is
-/// dequantized and still exact.
+/// m`): the minima's own product carries it.
 #[test]
 fn q4_k_sub_blocks_without_a_scale_are_exact() {
     let Some(be) = backend() else { return };

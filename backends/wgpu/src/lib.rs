@@ -292,8 +292,11 @@ struct Context {
     /// Quantized weights on the device, by the address of their host bytes;
     /// the `Weak` tells whether that tensor still lives (an address can be
     /// reused once it is freed).
-    quant: Mutex<HashMap<usize, (std::sync::Weak<Vec<u8>>, Arc<Storage>)>>,
+    quant: Mutex<QuantCache>,
 }
+
+/// Device copies of quantized weights (see `Context::quant`).
+type QuantCache = HashMap<usize, (std::sync::Weak<Vec<u8>>, Arc<Storage>)>;
 
 /// The wgpu backend. Cheap to clone (clones share the device, pipelines and
 /// buffer pool).
