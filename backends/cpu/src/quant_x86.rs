@@ -216,6 +216,35 @@ fn q4_k_block<const R: usize>(blk: &[u8], b: usize, xsum: &[f32], sbs: usize, mi
     dl
 }
 
+/// The eight `d * scale` and eight `dmin * min` of a Q4_K super-block at
+/// `blk`, in vector lanes: the 6-bit fields unpacked from three words at
+/// once (see [`scale_min_k4`] for the layout), the products rounded as the
+/// scalar `d * sc as f32` rounds them.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_scales_v(blk: *const u8) -> (__m256, __m256) {
+    // SAFETY: the caller points at a whole 144-byte super-block.
+    let (w0, w1, w2) = unsafe {
+        (
+            u32::from_le_bytes(*(blk.add(4) as *const [u8; 4])),
+            u32::from_le_bytes(*(blk.add(8) as *const [u8; 4])),
+            u32::from_le_bytes(*(blk.add(12) as *const [u8; 4])),
+        )
+    };
+    // Sub-blocks 0..4 keep the low six bits of bytes 0..4 (scales) and
+    // 4..8 (mins); 4..8 take their low nibble from bytes 8..12 and their
+    // top two bits from the tops of bytes 0..4 (scales) or 4..8 (mins).
+    let sc = (w0 & 0x3f3f_3f3f) as u64 | ((((w2 & 0x0f0f_0f0f) | (((w0 >> 6) & 0x0303_0303) << 4)) as u64) << 32);
+    let mn = (w1 & 0x3f3f_3f3f) as u64 | (((((w2 >> 4) & 0x0f0f_0f0f) | (((w1 >> 6) & 0x0303_0303) << 4)) as u64) << 32);
+    let widen = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
+    // SAFETY: d and dmin are the block's first four bytes.
+    let (d, dmin) = unsafe { (f16_at(blk), f16_at(blk.add(2))) };
+    (
+        _mm256_mul_ps(_mm256_set1_ps(d), widen(sc)),
+        _mm256_mul_ps(_mm256_set1_ps(dmin), widen(mn)),
+    )
+}
+
 /// Q4_K super-blocks are 144 bytes: f16 d, f16 dmin, 12 bytes of packed
 /// 6-bit scales and mins, then 128 bytes holding 256 nibbles; sub-blocks
 /// 2p and 2p+1 are the low and high nibbles of bytes 32p .. 32p + 32.
@@ -226,17 +255,27 @@ unsafe fn q4_k_avx512<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: us
     let sbs = k / 32;
     let xp = x.as_ptr();
     let mask = _mm256_set1_epi8(0x0F);
-    // Even and odd sub-blocks accumulate apart (latency, as in Q8_0).
+    // Even and odd sub-blocks accumulate apart (latency, as in Q8_0); the
+    // minima's `ml * sum(x)` gather in one vector a row, summed at the end.
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    let mut mins = [0f32; R];
+    let mut mins = [_mm256_setzero_ps(); R];
+    assert!(row.len() >= nb * TS && xsum.len() >= R * sbs && x.len() >= R * k);
     for b in 0..nb {
-        let blk = &row[b * TS..(b + 1) * TS];
-        let dl = q4_k_block(blk, b, xsum, sbs, &mut mins);
+        let blk = row.as_ptr().add(b * TS);
+        let (dlv, mlv) = q4_k_scales_v(blk);
+        for (i, m) in mins.iter_mut().enumerate() {
+            // SAFETY: row i's eight sub-block sums of block b are in `xsum`
+            // (asserted above).
+            *m = _mm256_fmadd_ps(mlv, unsafe { _mm256_loadu_ps(xsum.as_ptr().add(i * sbs + b * 8)) }, *m);
+        }
+        let mut dl = [0f32; 8];
+        // SAFETY: eight lanes into eight floats.
+        unsafe { _mm256_storeu_ps(dl.as_mut_ptr(), dlv) };
         for p in 0..4 {
             // SAFETY: bytes 16 + 32p .. 48 + 32p are inside the 144-byte
-            // block; the inputs are inside `x`.
+            // block; the inputs are inside `x` (asserted above).
             unsafe {
-                let v = _mm256_loadu_si256(blk.as_ptr().add(16 + 32 * p) as *const __m256i);
+                let v = _mm256_loadu_si256(blk.add(16 + 32 * p) as *const __m256i);
                 let lo = _mm256_and_si256(v, mask);
                 let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
                 for (h, nib) in [lo, hi].into_iter().enumerate() {
@@ -256,7 +295,7 @@ unsafe fn q4_k_avx512<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: us
     }
     for ((o, a), m) in out.iter_mut().zip(acc).zip(mins) {
         // SAFETY: same features as this function.
-        *o = unsafe { hsum512(_mm512_add_ps(a[0], a[1])) } - m;
+        *o = unsafe { hsum512(_mm512_add_ps(a[0], a[1])) - hsum256(m) };
     }
 }
 
@@ -353,6 +392,40 @@ pub(crate) unsafe fn dequantize_row_avx512(qt: QuantType, row: &[u8], out: &mut 
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The vector unpacking of Q4_K's scales and mins gives the scalar
+    /// products bit for bit, over random bytes (every 6-bit pattern).
+    #[test]
+    fn vector_scales_are_the_scalar_ones() {
+        if detect().is_none() {
+            return;
+        }
+        let mut rng = emu_core::testing::Rng::new(5);
+        for _ in 0..2000 {
+            let mut blk = [0u8; Q4K_BYTES];
+            for b in blk.iter_mut() {
+                *b = (rng.uniform(0.0, 256.0) as u32).min(255) as u8;
+            }
+            // Finite f16 d and dmin (exponent below all ones).
+            blk[1] &= 0x7b;
+            blk[3] &= 0x7b;
+            let (dl, ml) = q4_k_scales(&blk);
+            let mut got = ([0f32; 8], [0f32; 8]);
+            // SAFETY: AVX2, FMA and F16C were detected; blk is a whole block.
+            unsafe {
+                let (a, b) = q4_k_scales_v(blk.as_ptr());
+                _mm256_storeu_ps(got.0.as_mut_ptr(), a);
+                _mm256_storeu_ps(got.1.as_mut_ptr(), b);
+            }
+            assert_eq!(got.0.map(f32::to_bits), dl.map(f32::to_bits), "{blk:?}");
+            assert_eq!(got.1.map(f32::to_bits), ml.map(f32::to_bits), "{blk:?}");
         }
     }
 }
