@@ -139,6 +139,9 @@ unsafe fn q8_0_avx512<const R: usize>(row: &[u8], x: &[f32], _xsum: &[f32], k: u
         // inside `x` (R rows of k floats).
         unsafe {
             let blk = wp.add(b * TS);
+            // One line a block: blocks are 34 bytes, so every line ahead is
+            // asked for.
+            crate::matvec_x86::prefetch(blk, 64);
             let d = _mm512_set1_ps(f16_at(blk));
             let q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2) as *const __m128i));
             let q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(18) as *const __m128i));
@@ -262,6 +265,9 @@ unsafe fn q4_k_avx512<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: us
     assert!(row.len() >= nb * TS && xsum.len() >= R * sbs && x.len() >= R * k);
     for b in 0..nb {
         let blk = row.as_ptr().add(b * TS);
+        // Two lines a block: 128 of each 144 bytes ahead, and the rest
+        // comes with the next block's.
+        crate::matvec_x86::prefetch(blk, 128);
         let (dlv, mlv) = q4_k_scales_v(blk);
         for (i, m) in mins.iter_mut().enumerate() {
             // SAFETY: row i's eight sub-block sums of block b are in `xsum`
