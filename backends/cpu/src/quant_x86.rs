@@ -238,7 +238,8 @@ unsafe fn q4_k_scales_v(blk: *const u8) -> (__m256, __m256) {
     // 4..8 (mins); 4..8 take their low nibble from bytes 8..12 and their
     // top two bits from the tops of bytes 0..4 (scales) or 4..8 (mins).
     let sc = (w0 & 0x3f3f_3f3f) as u64 | ((((w2 & 0x0f0f_0f0f) | (((w0 >> 6) & 0x0303_0303) << 4)) as u64) << 32);
-    let mn = (w1 & 0x3f3f_3f3f) as u64 | (((((w2 >> 4) & 0x0f0f_0f0f) | (((w1 >> 6) & 0x0303_0303) << 4)) as u64) << 32);
+    let mn =
+        (w1 & 0x3f3f_3f3f) as u64 | (((((w2 >> 4) & 0x0f0f_0f0f) | (((w1 >> 6) & 0x0303_0303) << 4)) as u64) << 32);
     let widen = |v: u64| _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(v as i64)));
     // SAFETY: d and dmin are the block's first four bytes.
     let (d, dmin) = unsafe { (f16_at(blk), f16_at(blk.add(2))) };
