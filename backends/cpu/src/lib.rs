@@ -49,6 +49,7 @@ mod team;
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     device: Device,
+    int8_activations: bool,
 }
 
 impl Default for CpuBackend {
@@ -60,7 +61,32 @@ impl Default for CpuBackend {
 impl CpuBackend {
     pub fn new() -> Self {
         heap::keep_freed_memory();
-        Self { device: Device::Cpu }
+        Self {
+            device: Device::Cpu,
+            int8_activations: false,
+        }
+    }
+
+    /// With `on`, decode's Q4_K linears (up to 16 input rows) round their
+    /// input to 8 bits per 256 values and take integer dot products, as
+    /// llama.cpp's Q4_K x Q8_K kernel does, where the CPU has AVX512-VNNI
+    /// (elsewhere nothing changes). About twice the speed of the f32 kernel,
+    /// at the cost of that rounding: an input block's values move by at most
+    /// `max|x| / 254`, so an output by at most that times the sum of the
+    /// block's `|w|` (the tests hold the kernel to this bound). Off by
+    /// default: then the result is the dequantized weight's f32 product.
+    pub fn with_int8_activations(mut self, on: bool) -> Self {
+        self.int8_activations = on;
+        self
+    }
+
+    /// Whether [`CpuBackend::with_int8_activations`] changes anything on this
+    /// CPU (AVX512-VNNI).
+    pub fn int8_activations_available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return quant_x86::vnni();
+        #[cfg(not(target_arch = "x86_64"))]
+        return false;
     }
 }
 
@@ -759,7 +785,7 @@ impl Backend for CpuBackend {
             let bf = b.map(f32_vec).transpose()?;
             // The bias is added in f32 and the output rounded once, as the
             // half-precision `linear` kernel does.
-            let y = quant::linear_rows(&xf, m, w, bf.as_deref());
+            let y = quant::linear_rows(&xf, m, w, bf.as_deref(), self.int8_activations);
             return CTensor::from_vec(y, od, &self.device)
                 .and_then(|y| convert::from_f32(&y, dt))
                 .map_err(err);

@@ -32,7 +32,23 @@ pub(crate) const SLAB_ELEMS: usize = 1 << 22;
 
 /// `y[i, r] = sum_j x[i, j] * deq(w)[r, j] + bias[r]` in f32, `m` input rows
 /// of `k`, `n = w.dims()[0]` outputs; `y` is `m x n`, row-major.
-pub(crate) fn linear_rows(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>) -> Vec<f32> {
+///
+/// `int8_activations`: Q4_K weights meet the input rounded to 8 bits (see
+/// [`crate::quant_x86::Q8Rows`]) in integer dot products where the CPU has
+/// AVX512-VNNI, as llama.cpp computes them; otherwise the input stays f32.
+pub(crate) fn linear_rows(
+    x: &[f32],
+    m: usize,
+    w: &QuantTensor,
+    bias: Option<&[f32]>,
+    int8_activations: bool,
+) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if int8_activations && w.qtype() == QuantType::Q4K && crate::quant_x86::vnni() {
+        return linear_rows_q8(x, m, w, bias);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = int8_activations;
     #[cfg(target_arch = "x86_64")]
     return linear_rows_isa(x, m, w, bias, crate::quant_x86::detect());
     #[cfg(not(target_arch = "x86_64"))]
@@ -83,6 +99,28 @@ fn linear_rows_isa(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>, i
     crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
         let mut row = vec![0f32; k];
         Task { x, m, k, w, bias }.run(bi * block, out, &mut row);
+    });
+    transpose(&yt, m, n)
+}
+
+/// [`linear_rows`] of Q4_K weights on 8-bit inputs (the caller checked
+/// `quant_x86::vnni`).
+#[cfg(target_arch = "x86_64")]
+fn linear_rows_q8(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>) -> Vec<f32> {
+    let (n, k) = (w.dims()[0], w.dims()[1]);
+    let threads = rayon::current_num_threads().max(1);
+    let block = n.div_ceil(threads * 16).clamp(8, 256);
+    let q8 = crate::quant_x86::Q8Rows::new(x);
+    let rb = w.row_bytes();
+    let mut yt = vec![0f32; n * m];
+    crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
+        // SAFETY: the caller checked VNNI; the kernel asserts the shapes.
+        unsafe { crate::quant_x86::q4_k_q8_rows(w.bytes(), rb, bi * block, &q8, k, m, out) };
+        if let Some(b) = bias {
+            for (j, o) in out.chunks_exact_mut(m).enumerate() {
+                o.iter_mut().for_each(|v| *v += b[bi * block + j]);
+            }
+        }
     });
     transpose(&yt, m, n)
 }

@@ -403,6 +403,146 @@ pub(crate) unsafe fn dequantize_row_avx512(qt: QuantType, row: &[u8], out: &mut 
     }
 }
 
+/// Input rows rounded to 8 bits per 256 values, as llama.cpp's Q8_K
+/// rounds them for its integer dot products with Q4_K: per block `d =
+/// max|x| / 127` and `q = round_ties_even(x / d)` (all zero when the block
+/// is), plus `d * sum(q)` of every 32-wide sub-block (for the minima term).
+pub(crate) struct Q8Rows {
+    pub q: Vec<i8>,
+    pub d: Vec<f32>,
+    pub sums: Vec<f32>,
+}
+
+impl Q8Rows {
+    /// `x`: rows of `k` (a multiple of 256) f32 values.
+    pub(crate) fn new(x: &[f32]) -> Self {
+        let blocks = x.len() / QK_K;
+        let mut q = Vec::with_capacity(x.len());
+        let mut d = Vec::with_capacity(blocks);
+        let mut sums = Vec::with_capacity(x.len() / 32);
+        for blk in x.chunks_exact(QK_K) {
+            let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (scale, inv) = if amax > 0.0 { (amax / 127.0, 127.0 / amax) } else { (0.0, 0.0) };
+            d.push(scale);
+            for sub in blk.chunks_exact(32) {
+                let mut s = 0i32;
+                for v in sub {
+                    let r = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+                    s += r as i32;
+                    q.push(r);
+                }
+                sums.push(scale * s as f32);
+            }
+        }
+        Q8Rows { q, d, sums }
+    }
+}
+
+/// Whether [`q4_k_q8_rows`] can run: AVX-512 with VNNI (`vpdpbusd`).
+pub(crate) fn vnni() -> bool {
+    detect() == Some(Isa::Avx512) && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
+}
+
+/// `out[j * m + i] = w_row(first + j) · x_i` for the `out.len() / m` Q4_K
+/// weight rows from `first` (`rows`: the whole weight, `rb` bytes a row)
+/// and all `m` rows of `x`, on 8-bit integers: per sub-block `j` of
+/// super-block `b` the exact integer `S = sum(q_w q_x)` (`vpdpbusd`, four
+/// unsigned nibbles times four signed bytes a lane), then in f32 `sum_b
+/// sum_j (dl_j d_x) S - ml_j (d_x sum(q_x))`: llama.cpp's Q4_K x Q8_K rule,
+/// up to f32 summation order. One call a task: the per-row work is the
+/// products alone.
+///
+/// # Safety
+/// [`vnni`] must hold.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn q4_k_q8_rows(rows: &[u8], rb: usize, first: usize, x: &Q8Rows, k: usize, m: usize, out: &mut [f32]) {
+    let n = out.len() / m.max(1);
+    assert!(m > 0 && rows.len() >= (first + n) * rb && rb == k / QK_K * Q4K_BYTES);
+    let mut i = 0;
+    while i < m {
+        let r = (m - i).min(4);
+        // SAFETY (each arm): VNNI from the caller; shapes asserted here and
+        // in the kernel.
+        unsafe {
+            match r {
+                1 => q4_k_q8::<1>(rows, rb, first, x, i, k, m, out),
+                2 => q4_k_q8::<2>(rows, rb, first, x, i, k, m, out),
+                3 => q4_k_q8::<3>(rows, rb, first, x, i, k, m, out),
+                _ => q4_k_q8::<4>(rows, rb, first, x, i, k, m, out),
+            }
+        }
+        i += r;
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_k_q8<const R: usize>(
+    rows: &[u8],
+    rb: usize,
+    first: usize,
+    x: &Q8Rows,
+    x0: usize,
+    k: usize,
+    m: usize,
+    out: &mut [f32],
+) {
+    const TS: usize = Q4K_BYTES;
+    let nb = k / QK_K;
+    let sbs = k / 32;
+    let n = out.len() / m;
+    assert!(
+        x.q.len() >= (x0 + R) * k && x.d.len() >= (x0 + R) * nb && x.sums.len() >= (x0 + R) * sbs && x0 + R <= m
+    );
+    let mask = _mm256_set1_epi8(0x0F);
+    // Lanes 0..8 of a product are sub-block 2p, lanes 8..16 sub-block 2p + 1.
+    let pick = [
+        _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1),
+        _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3),
+        _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5),
+        _mm512_setr_epi32(6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7),
+    ];
+    for j in 0..n {
+        let row = rows.as_ptr().add((first + j) * rb);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut mins = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = row.add(b * TS);
+            crate::matvec_x86::prefetch(blk, 128);
+            let (dlv, mlv) = q4_k_scales_v(blk);
+            let mut scale = [_mm512_setzero_ps(); R];
+            for i in 0..R {
+                let xi = x0 + i;
+                // SAFETY: row xi's eight sub-block sums of block b (asserted).
+                let sums = unsafe { _mm256_loadu_ps(x.sums.as_ptr().add(xi * sbs + b * 8)) };
+                mins[i] = _mm256_fmadd_ps(mlv, sums, mins[i]);
+                scale[i] = _mm512_castps256_ps512(_mm256_mul_ps(dlv, _mm256_set1_ps(x.d[xi * nb + b])));
+            }
+            for (p, pick) in pick.iter().enumerate() {
+                // SAFETY: bytes 16 + 32p .. 48 + 32p are inside the block
+                // (rows asserted by the caller); the 64 inputs at b * 256 +
+                // 64p are inside each row (asserted).
+                unsafe {
+                    let v = _mm256_loadu_si256(blk.add(16 + 32 * p) as *const __m256i);
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                    for i in 0..R {
+                        let xq = x.q.as_ptr().add((x0 + i) * k + b * QK_K + 64 * p);
+                        let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xq as *const _));
+                        let sc = _mm512_permutexvar_ps(*pick, scale[i]);
+                        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[i]);
+                    }
+                }
+            }
+        }
+        for i in 0..R {
+            out[j * m + x0 + i] = hsum512(acc[i]) - hsum256(mins[i]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,6 +573,65 @@ mod tests {
             }
             assert_eq!(got.0.map(f32::to_bits), dl.map(f32::to_bits), "{blk:?}");
             assert_eq!(got.1.map(f32::to_bits), ml.map(f32::to_bits), "{blk:?}");
+        }
+    }
+
+    /// Q4_K on 8-bit inputs: against the rule it implements (exact integer
+    /// sums, the f32 scale products), computed in f64, to 1e-6 of the sum
+    /// of the terms' magnitudes; and against the dequantized weights' f64
+    /// product within the rounding bound `sum over blocks of d_x / 2 *
+    /// sum(|w|)` (plus f32 slack). Row counts 1..=6, a bias, rows with an
+    /// all-zero block.
+    #[test]
+    fn int8_rows_follow_their_rule_and_bound() {
+        if !vnni() {
+            return;
+        }
+        let mut rng = emu_core::testing::Rng::new(9);
+        let (n, k) = (37, 512);
+        let wsrc: Vec<f64> = (0..n * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let host = emu_core::HostTensor::from_f64(&[n, k], wsrc).unwrap();
+        let w = emu_core::QuantTensor::quantize("t.weight", &host, QuantType::Q4K).unwrap();
+        let wd = w.dequantize().unwrap().to_f64_vec().unwrap();
+        let bias: Vec<f32> = (0..n).map(|_| rng.uniform(-1.0, 1.0) as f32).collect();
+        for m in 1..=6 {
+            let mut x: Vec<f32> = (0..m * k).map(|_| rng.uniform(-2.0, 2.0) as f32).collect();
+            if m > 1 {
+                x[k..k + 256].iter_mut().for_each(|v| *v = 0.0);
+            }
+            let got = crate::quant::linear_rows(&x, m, &w, Some(&bias), true);
+            let q8 = Q8Rows::new(&x);
+            let rb = w.row_bytes();
+            for i in 0..m {
+                for r in 0..n {
+                    let row = &w.bytes()[r * rb..(r + 1) * rb];
+                    let (mut rule, mut mag, mut exact, mut bound) = (bias[r] as f64, 0f64, bias[r] as f64, 0f64);
+                    for b in 0..k / QK_K {
+                        let (dl, ml) = q4_k_scales(&row[b * Q4K_BYTES..(b + 1) * Q4K_BYTES]);
+                        let dx = q8.d[i * (k / QK_K) + b];
+                        let qs = &row[b * Q4K_BYTES + 16..(b + 1) * Q4K_BYTES];
+                        for j in 0..8 {
+                            let mut sum = 0i64;
+                            for e in 0..32 {
+                                let q = (qs[(j / 2) * 32 + e] >> (4 * (j % 2))) & 15;
+                                sum += q as i64 * q8.q[i * k + b * QK_K + 32 * j + e] as i64;
+                            }
+                            let t = (dl[j] * dx) as f64 * sum as f64;
+                            let u = ml[j] as f64 * q8.sums[i * (k / 32) + b * 8 + j] as f64;
+                            rule += t - u;
+                            mag += t.abs() + u.abs();
+                        }
+                        for e in 0..QK_K {
+                            let c = b * QK_K + e;
+                            exact += wd[r * k + c] * x[i * k + c] as f64;
+                            bound += wd[r * k + c].abs() * dx as f64 / 2.0;
+                        }
+                    }
+                    let g = got[i * n + r] as f64;
+                    assert!((g - rule).abs() <= 1e-6 * (mag + 1.0), "m {m} row {i} out {r}: {g} vs rule {rule}");
+                    assert!((g - exact).abs() <= bound * (1.0 + 1e-5) + 1e-5 * (mag + 1.0), "m {m} row {i} out {r}: {g} vs {exact}, bound {bound}");
+                }
+            }
         }
     }
 }

@@ -362,7 +362,8 @@ impl Report {
     fn floor_of(&self, r: &Row) -> Option<floor::DecodeFloor> {
         let format = match r.backend.split_once('/') {
             Some((_, "bf16")) => "f16".to_string(),
-            Some((_, f)) => f.to_string(),
+            // `cpu/q4_k/a8`: the format is the middle part.
+            Some((_, f)) => f.split('/').next().unwrap_or(f).to_string(),
             None if r.dtype == DType::F32 => "f32".to_string(),
             None => "f16".to_string(),
         };
@@ -517,6 +518,24 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
             "<backend>/<format> rows: linears quantized at load time; their rel err is the quantization error against f32"
                 .into(),
         );
+        if o.quant.contains(&emu_core::QuantType::Q4K) && CpuBackend::int8_activations_available() {
+            let be = CpuBackend::new().with_int8_activations(true);
+            eprintln!("bench: cpu llm q4_k, 8-bit activations ...");
+            match run::llm_quantized(&be, &work, o.dtype, o.timing, emu_core::QuantType::Q4K) {
+                Ok(calls) => report.rows.extend(calls.into_iter().map(|call| Row {
+                    component: Component::Llm,
+                    backend: "cpu/q4_k/a8".into(),
+                    dtype: o.dtype,
+                    call,
+                    rel_err: None,
+                })),
+                Err(e) => report.notes.push(format!("cpu/q4_k/a8 llm: failed: {e}")),
+            }
+            report.notes.push(
+                "cpu/q4_k/a8: decode's Q4_K linears on inputs rounded to 8 bits (CpuBackend::with_int8_activations, llama.cpp's Q4_K x Q8_K rule)"
+                    .into(),
+            );
+        }
     }
     for name in o.backends.iter().filter(|b| *b != "cpu") {
         match name.as_str() {
