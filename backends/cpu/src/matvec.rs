@@ -178,16 +178,16 @@ fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>,
     if wide && T::ELEM == crate::matvec_x86::Elem::Bf16 && crate::dpbf16::available() {
         let xb: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
         crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
-            for (j, o) in out.chunks_exact_mut(m).enumerate() {
-                let r = bi * block + j;
-                let wr = w[r * k..(r + 1) * k].as_ptr() as *const u16;
-                for (g, og) in o.chunks_mut(4).enumerate() {
-                    // SAFETY: AVX512-BF16 was detected; `wr` is a row of k
-                    // bf16 and `xb` holds og.len() rows from g * 4.
-                    unsafe { crate::matvec_x86::dot_rows_bf16(wr, &xb[g * 4 * k..], k, og.len(), og) };
+            let rows = out.len() / m;
+            let wr = w[bi * block * k..(bi * block + rows) * k].as_ptr() as *const u16;
+            // SAFETY: AVX512-BF16 was detected; `wr` holds the task's rows
+            // of k bf16 and `xb` the m input rows.
+            unsafe { crate::matvec_x86::dot_block_bf16(wr, &xb, k, m, out) };
+            if let Some(bias) = bias {
+                for (j, o) in out.chunks_exact_mut(m).enumerate() {
+                    let b = bias[bi * block + j].widen_one();
+                    o.iter_mut().for_each(|v| *v += b);
                 }
-                let b = bias.map_or(0.0, |b| b[r].widen_one());
-                o.iter_mut().for_each(|v| *v += b);
             }
         });
         let mut y = Vec::with_capacity(m * n);
@@ -199,16 +199,16 @@ fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>,
     #[cfg(target_arch = "x86_64")]
     if wide {
         crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
-            for (j, o) in out.chunks_exact_mut(m).enumerate() {
-                let r = bi * block + j;
-                let wr = w[r * k..(r + 1) * k].as_ptr() as *const u8;
-                for (g, og) in o.chunks_mut(4).enumerate() {
-                    // SAFETY: the features were detected above; `wr` is a
-                    // row of k weights and `x` holds og.len() rows from g*4.
-                    unsafe { crate::matvec_x86::dot_rows(T::ELEM, wr, &x[g * 4 * k..], k, og.len(), og) };
+            let rows = out.len() / m;
+            let wr = w[bi * block * k..(bi * block + rows) * k].as_ptr() as *const u8;
+            // SAFETY: the features were detected above; `wr` holds the
+            // task's rows of k weights and `x` the m input rows.
+            unsafe { crate::matvec_x86::dot_block(T::ELEM, wr, x, k, m, out) };
+            if let Some(bias) = bias {
+                for (j, o) in out.chunks_exact_mut(m).enumerate() {
+                    let b = bias[bi * block + j].widen_one();
+                    o.iter_mut().for_each(|v| *v += b);
                 }
-                let b = bias.map_or(0.0, |b| b[r].widen_one());
-                o.iter_mut().for_each(|v| *v += b);
             }
         });
         let mut y = Vec::with_capacity(m * n);

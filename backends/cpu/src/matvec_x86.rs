@@ -41,24 +41,40 @@ unsafe fn load16(e: Elem, p: *const u8, j: usize, mask: __mmask16) -> __m512 {
     }
 }
 
-/// `out[i] = sum_j w[j] * x[i * k + j]` for `i < r` (1..=4); `w` points at
-/// `k` elements of type `e`, `x` holds `r * k` floats.
+/// `out[j * m + i] = w_j · x_i` for the `out.len() / m` consecutive weight
+/// rows of type `e` from `w` and the `m` f32 input rows `x` (`m * k`), four
+/// input rows at a time. One call a task, so the per-row work is the
+/// products alone.
 ///
 /// # Safety
 /// The CPU must have AVX-512F and AVX-512BW ([`available`] checks F; BW
 /// ships with it on every AVX-512 CPU but Knights Landing, which is also
 /// checked by the caller through `is_x86_feature_detected`); `w` must hold
-/// `k` elements of `e`.
+/// `out.len() / m` rows of `k` elements of `e`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-pub(crate) unsafe fn dot_rows(e: Elem, w: *const u8, x: &[f32], k: usize, r: usize, out: &mut [f32]) {
-    debug_assert!(x.len() >= r * k && out.len() >= r);
-    // SAFETY (each arm): forwarded from the caller.
-    unsafe {
-        match r {
-            1 => rows::<1>(e, w, x, k, out),
-            2 => rows::<2>(e, w, x, k, out),
-            3 => rows::<3>(e, w, x, k, out),
-            _ => rows::<4>(e, w, x, k, out),
+pub(crate) unsafe fn dot_block(e: Elem, w: *const u8, x: &[f32], k: usize, m: usize, out: &mut [f32]) {
+    assert!(m > 0 && x.len() >= m * k);
+    let size = match e {
+        Elem::F32 => 4,
+        Elem::Bf16 | Elem::F16 => 2,
+    };
+    for (j, o) in out.chunks_exact_mut(m).enumerate() {
+        // SAFETY: row j of the caller's block.
+        let wr = unsafe { w.add(j * k * size) };
+        let mut i = 0;
+        while i < m {
+            let r = (m - i).min(4);
+            let (xs, os) = (&x[i * k..], &mut o[i..]);
+            // SAFETY (each arm): forwarded; xs holds r rows of k.
+            unsafe {
+                match r {
+                    1 => rows::<1>(e, wr, xs, k, os),
+                    2 => rows::<2>(e, wr, xs, k, os),
+                    3 => rows::<3>(e, wr, xs, k, os),
+                    _ => rows::<4>(e, wr, xs, k, os),
+                }
+            }
+            i += r;
         }
     }
 }
@@ -125,27 +141,39 @@ unsafe fn rows<const R: usize>(e: Elem, w: *const u8, x: &[f32], k: usize, out: 
     }
 }
 
-/// `out[i] = sum_j w[j] * x[i * k + j]` for `i < r` (1..=4) with bf16
-/// weights and bf16 inputs (`x` as bits, `r * k`), on `vdpbf16ps`: 32
-/// products per instruction, against a widen, a shift and an FMA per 16 in
-/// [`dot_rows`]. The products are exact and summed in f32 as there (in
-/// another order, and with bf16/f32 denormals flushed to zero, as the
-/// instruction does); decode with bf16 weights runs here where the CPU has
-/// AVX512-BF16.
+/// `out[j * m + i] = w_j · x_i` for the `out.len() / m` consecutive bf16
+/// weight rows from `w` and the `m` bf16 input rows `x` (as bits, `m * k`),
+/// on `vdpbf16ps`: 32 products per instruction, against a widen, a shift
+/// and an FMA per 16 in [`dot_block`]. The products are exact and summed in
+/// f32 as there (in another order, and with bf16/f32 denormals flushed to
+/// zero, as the instruction does); decode with bf16 weights runs here where
+/// the CPU has AVX512-BF16. One call a task, so the per-row work is the
+/// products alone (a call per row cost about a tenth of bf16 decode at mid
+/// size).
 ///
 /// # Safety
 /// The CPU must have AVX512-BF16 (`crate::dpbf16::available`); `w` must
-/// hold `k` bf16.
+/// hold `out.len() / m` rows of `k` bf16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(crate) unsafe fn dot_rows_bf16(w: *const u16, x: &[u16], k: usize, r: usize, out: &mut [f32]) {
-    debug_assert!(x.len() >= r * k && out.len() >= r);
-    // SAFETY (each arm): forwarded from the caller.
-    unsafe {
-        match r {
-            1 => rows_bf16::<1>(w, x, k, out),
-            2 => rows_bf16::<2>(w, x, k, out),
-            3 => rows_bf16::<3>(w, x, k, out),
-            _ => rows_bf16::<4>(w, x, k, out),
+pub(crate) unsafe fn dot_block_bf16(w: *const u16, x: &[u16], k: usize, m: usize, out: &mut [f32]) {
+    assert!(m > 0 && x.len() >= m * k);
+    for (j, o) in out.chunks_exact_mut(m).enumerate() {
+        // SAFETY: row j of the caller's block.
+        let wr = unsafe { w.add(j * k) };
+        let mut i = 0;
+        while i < m {
+            let r = (m - i).min(4);
+            let xs = &x[i * k..];
+            // SAFETY: forwarded; xs holds r rows of k.
+            unsafe {
+                match r {
+                    1 => rows_bf16::<1>(wr, xs, k, &mut o[i..]),
+                    2 => rows_bf16::<2>(wr, xs, k, &mut o[i..]),
+                    3 => rows_bf16::<3>(wr, xs, k, &mut o[i..]),
+                    _ => rows_bf16::<4>(wr, xs, k, &mut o[i..]),
+                }
+            }
+            i += r;
         }
     }
 }

@@ -76,19 +76,12 @@ fn linear_rows_isa(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>, i
         };
         let rb = w.row_bytes();
         crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
-            for (j, o) in out.chunks_exact_mut(m).enumerate() {
-                let r = bi * block + j;
-                let row = &w.bytes()[r * rb..(r + 1) * rb];
-                let sbs = k / 32;
-                for (g, og) in o.chunks_mut(4).enumerate() {
-                    let xg = &x[g * 4 * k..];
-                    let sg = xsum.get(g * 4 * sbs..).unwrap_or(&[]);
-                    // SAFETY: `detect` found the ISA; `row` holds the row's
-                    // k / block_size blocks and `xg` at least og.len() rows.
-                    unsafe { crate::quant_x86::dot_rows(isa, w.qtype(), row, xg, sg, k, og.len(), og) };
-                }
-                if let Some(b) = bias {
-                    o.iter_mut().for_each(|v| *v += b[r]);
+            let rows = &w.bytes()[bi * block * rb..];
+            // SAFETY: `detect` found the ISA; the kernel asserts the shapes.
+            unsafe { crate::quant_x86::dot_block(isa, w.qtype(), rows, rb, x, &xsum, k, m, out) };
+            if let Some(b) = bias {
+                for (j, o) in out.chunks_exact_mut(m).enumerate() {
+                    o.iter_mut().for_each(|v| *v += b[bi * block + j]);
                 }
             }
         });

@@ -62,47 +62,88 @@ pub(crate) fn sub_block_sums(x: &[f32]) -> Vec<f32> {
         .collect()
 }
 
-/// Dot products of one quantized weight row (`row`, whole blocks of `k`
-/// weights) with `r` (1..=4) input rows `x` (`r * k`, row-major), into
-/// `out[..r]`. `xsum` holds the rows' sub-block sums (Q4_K only).
+/// `out[j * m + i] = w_j · x_i` for the `out.len() / m` quantized weight
+/// rows in `rows` (`rb` bytes each, whole blocks of `k` weights) and the
+/// `m` input rows `x` (`m * k`, row-major), four input rows at a time.
+/// `xsum` holds the rows' sub-block sums (Q4_K only). One call a task, so
+/// the format and ISA are dispatched once and the per-row work is the
+/// kernel alone.
 ///
 /// # Safety
 /// The CPU must have what `isa` names (as [`detect`] found).
-#[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn dot_rows(
+pub(crate) unsafe fn dot_block(
     isa: Isa,
     qt: QuantType,
-    row: &[u8],
+    rows: &[u8],
+    rb: usize,
     x: &[f32],
     xsum: &[f32],
     k: usize,
-    r: usize,
+    m: usize,
     out: &mut [f32],
 ) {
-    debug_assert!(row.len() >= k / qt.block_size() * qt.type_size());
-    debug_assert!(x.len() >= r * k && out.len() >= r);
-    macro_rules! go {
-        ($f:ident) => {
-            match r {
-                1 => $f::<1>(row, x, xsum, k, out),
-                2 => $f::<2>(row, x, xsum, k, out),
-                3 => $f::<3>(row, x, xsum, k, out),
-                _ => $f::<4>(row, x, xsum, k, out),
-            }
-        };
-    }
-    // SAFETY (all arms): the caller guarantees the ISA; slices were checked
-    // by the caller's shapes (row holds k / block_size blocks).
+    let n = out.len() / m.max(1);
+    assert!(
+        m > 0
+            && rb == k / qt.block_size() * qt.type_size()
+            && rows.len() >= n * rb
+            && x.len() >= m * k
+            && (qt != QuantType::Q4K || xsum.len() >= m * (k / 32))
+    );
+    // SAFETY (all arms): the caller guarantees the ISA; shapes asserted.
     unsafe {
         match (isa, qt) {
-            (Isa::Avx512, QuantType::Q8_0) => go!(q8_0_avx512),
-            (Isa::Avx2, QuantType::Q8_0) => go!(q8_0_avx2),
-            (Isa::Avx512, QuantType::Q4K) => go!(q4_k_avx512),
-            (Isa::Avx2, QuantType::Q4K) => go!(q4_k_avx2),
+            (Isa::Avx512, QuantType::Q8_0) => block_avx512::<true>(rows, rb, x, xsum, k, m, out),
+            (Isa::Avx512, QuantType::Q4K) => block_avx512::<false>(rows, rb, x, xsum, k, m, out),
+            (Isa::Avx2, QuantType::Q8_0) => block_avx2::<true>(rows, rb, x, xsum, k, m, out),
+            (Isa::Avx2, QuantType::Q4K) => block_avx2::<false>(rows, rb, x, xsum, k, m, out),
         }
     }
 }
+
+macro_rules! block_fn {
+    ($name:ident, $features:literal, $q8:ident, $q4:ident) => {
+        #[target_feature(enable = $features)]
+        unsafe fn $name<const Q8_0: bool>(
+            rows: &[u8],
+            rb: usize,
+            x: &[f32],
+            xsum: &[f32],
+            k: usize,
+            m: usize,
+            out: &mut [f32],
+        ) {
+            let sbs = k / 32;
+            for (j, o) in out.chunks_exact_mut(m).enumerate() {
+                let row = &rows[j * rb..(j + 1) * rb];
+                let mut i = 0;
+                while i < m {
+                    let r = (m - i).min(4);
+                    let (xs, ss, os) = (&x[i * k..], xsum.get(i * sbs..).unwrap_or(&[]), &mut o[i..]);
+                    // SAFETY: the features are this function's; `dot_block`
+                    // asserted the shapes.
+                    unsafe {
+                        match (Q8_0, r) {
+                            (true, 1) => $q8::<1>(row, xs, ss, k, os),
+                            (true, 2) => $q8::<2>(row, xs, ss, k, os),
+                            (true, 3) => $q8::<3>(row, xs, ss, k, os),
+                            (true, _) => $q8::<4>(row, xs, ss, k, os),
+                            (false, 1) => $q4::<1>(row, xs, ss, k, os),
+                            (false, 2) => $q4::<2>(row, xs, ss, k, os),
+                            (false, 3) => $q4::<3>(row, xs, ss, k, os),
+                            (false, _) => $q4::<4>(row, xs, ss, k, os),
+                        }
+                    }
+                    i += r;
+                }
+            }
+        }
+    };
+}
+
+block_fn!(block_avx512, "avx512f,avx2,fma,f16c", q8_0_avx512, q4_k_avx512);
+block_fn!(block_avx2, "avx2,fma,f16c", q8_0_avx2, q4_k_avx2);
 
 #[inline]
 #[target_feature(enable = "f16c")]
@@ -422,7 +463,11 @@ impl Q8Rows {
         let mut sums = Vec::with_capacity(x.len() / 32);
         for blk in x.chunks_exact(QK_K) {
             let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let (scale, inv) = if amax > 0.0 { (amax / 127.0, 127.0 / amax) } else { (0.0, 0.0) };
+            let (scale, inv) = if amax > 0.0 {
+                (amax / 127.0, 127.0 / amax)
+            } else {
+                (0.0, 0.0)
+            };
             d.push(scale);
             for sub in blk.chunks_exact(32) {
                 let mut s = 0i32;
@@ -455,7 +500,15 @@ pub(crate) fn vnni() -> bool {
 /// # Safety
 /// [`vnni`] must hold.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-pub(crate) unsafe fn q4_k_q8_rows(rows: &[u8], rb: usize, first: usize, x: &Q8Rows, k: usize, m: usize, out: &mut [f32]) {
+pub(crate) unsafe fn q4_k_q8_rows(
+    rows: &[u8],
+    rb: usize,
+    first: usize,
+    x: &Q8Rows,
+    k: usize,
+    m: usize,
+    out: &mut [f32],
+) {
     let n = out.len() / m.max(1);
     assert!(m > 0 && rows.len() >= (first + n) * rb && rb == k / QK_K * Q4K_BYTES);
     let mut i = 0;
@@ -492,9 +545,7 @@ unsafe fn q4_k_q8<const R: usize>(
     let nb = k / QK_K;
     let sbs = k / 32;
     let n = out.len() / m;
-    assert!(
-        x.q.len() >= (x0 + R) * k && x.d.len() >= (x0 + R) * nb && x.sums.len() >= (x0 + R) * sbs && x0 + R <= m
-    );
+    assert!(x.q.len() >= (x0 + R) * k && x.d.len() >= (x0 + R) * nb && x.sums.len() >= (x0 + R) * sbs && x0 + R <= m);
     let mask = _mm256_set1_epi8(0x0F);
     // Lanes 0..8 of a product are sub-block 2p, lanes 8..16 sub-block 2p + 1.
     let pick = [
@@ -628,8 +679,14 @@ mod tests {
                         }
                     }
                     let g = got[i * n + r] as f64;
-                    assert!((g - rule).abs() <= 1e-6 * (mag + 1.0), "m {m} row {i} out {r}: {g} vs rule {rule}");
-                    assert!((g - exact).abs() <= bound * (1.0 + 1e-5) + 1e-5 * (mag + 1.0), "m {m} row {i} out {r}: {g} vs {exact}, bound {bound}");
+                    assert!(
+                        (g - rule).abs() <= 1e-6 * (mag + 1.0),
+                        "m {m} row {i} out {r}: {g} vs rule {rule}"
+                    );
+                    assert!(
+                        (g - exact).abs() <= bound * (1.0 + 1e-5) + 1e-5 * (mag + 1.0),
+                        "m {m} row {i} out {r}: {g} vs {exact}, bound {bound}"
+                    );
                 }
             }
         }
