@@ -360,7 +360,12 @@ pub fn default_linear<B: Backend>(be: &B, x: &B::Tensor, w: &B::Tensor, b: Optio
 }
 
 /// Checks that a quantized `[out, in]` weight fits `x` `[.., in]`; returns `(out, in)`.
-pub fn check_linear_quant(x_dims: &[usize], w: &QuantTensor) -> Result<(usize, usize)> {
+pub fn check_linear_quant(
+    x_dims: &[usize],
+    x_dtype: DType,
+    w: &QuantTensor,
+    bias: Option<(&[usize], DType)>,
+) -> Result<(usize, usize)> {
     let wd = w.dims();
     if wd.len() != 2 {
         return Err(Error::shape(format!(
@@ -374,6 +379,15 @@ pub fn check_linear_quant(x_dims: &[usize], w: &QuantTensor) -> Result<(usize, u
             w.name()
         )));
     }
+    if let Some((bd, bt)) = bias {
+        crate::shape::check_same_dtype("linear_quant bias", x_dtype, bt)?;
+        if bd != [wd[0]] {
+            return Err(Error::shape(format!(
+                "linear_quant: bias {bd:?} for weight `{}` {wd:?}",
+                w.name()
+            )));
+        }
+    }
     Ok((wd[0], wd[1]))
 }
 
@@ -385,7 +399,13 @@ pub fn default_linear_quant<B: Backend>(
     w: &QuantTensor,
     b: Option<&B::Tensor>,
 ) -> Result<B::Tensor> {
-    check_linear_quant(&be.dims(x), w)?;
+    let bias = b.map(|b| (be.dims(b), be.dtype(b)));
+    check_linear_quant(
+        &be.dims(x),
+        be.dtype(x),
+        w,
+        bias.as_ref().map(|(d, t)| (d.as_slice(), *t)),
+    )?;
     let dt = be.dtype(x);
     let wd = w.dequantize()?;
     let wd = if dt.is_float() { wd.to_dtype(dt)? } else { wd };

@@ -608,6 +608,25 @@ pub fn uniform_host(rng: &mut Rng, dims: &[usize], lo: f64, hi: f64) -> HostTens
         .expect("dims and values agree by construction")
 }
 
+/// `be.linear_quant(x, w, b)` on host data, read back as f32 (what the
+/// backends' quantized-kernel tests compare).
+pub fn run_linear_quant<B: Backend>(be: &B, x: &HostTensor, w: &QuantTensor, b: Option<&HostTensor>) -> HostTensor {
+    let up = |t: &HostTensor| be.upload(t).expect("upload");
+    let y = be.linear_quant(&up(x), w, b.map(up).as_ref()).expect("linear_quant");
+    be.download(&be.cast(&y, DType::F32).expect("cast")).expect("download")
+}
+
+/// Dequantize-then-linear in f64: the reference of a quantized kernel that
+/// keeps its inputs f32, as an f32 host tensor.
+pub fn linear_quant_reference(x: &HostTensor, w: &QuantTensor, b: Option<&HostTensor>) -> HostTensor {
+    let rt = |t: &HostTensor| RefTensor::new(t.dims(), t.to_f64_vec().expect("float tensor"));
+    let wd = rt(&w.dequantize().expect("dequantize"));
+    let y = reference::linear(&rt(x), &wd, b.map(rt).as_ref());
+    HostTensor::from_f64(&y.dims, y.data)
+        .and_then(|h| h.to_dtype(DType::F32))
+        .expect("dims and values agree by construction")
+}
+
 /// [`rel_err`] of two host tensors of the same shape; a shape mismatch or a
 /// dtype that cannot be read as f32 is infinitely wrong.
 pub fn host_rel_err(got: &HostTensor, want: &HostTensor) -> f64 {

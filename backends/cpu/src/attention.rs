@@ -766,6 +766,16 @@ mod tests {
 
     type BiasAt = dyn Fn(usize, usize, usize, usize) -> f64;
 
+    /// A tensor's values as f32, flattened.
+    fn f32s(t: &CTensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     /// softmax(q k^T scale + bias + causal) v in f64, bias given per
     /// (b, h, i, j) by a closure.
     #[allow(clippy::too_many_arguments)]
@@ -856,15 +866,7 @@ mod tests {
                     direct,
                 )
                 .unwrap();
-                let bits = |t: &CTensor| -> Vec<f32> {
-                    t.to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
-                let (g, w) = (bits(&full), bits(&want));
+                let (g, w) = (f32s(&full), f32s(&want));
                 assert!(g.iter().all(|x| x.is_finite()), "{dt:?}: the unwritten cache was read");
                 assert!(g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits()), "{dt:?}");
             }
@@ -977,16 +979,7 @@ mod tests {
                     .unwrap();
                 let bias = masked.then_some(&mask);
                 let scale = 1.0 / (d as f64).sqrt();
-                let run = |direct| -> Vec<f32> {
-                    attention_with(&q, &k, &v, bias, causal, scale, false, direct)
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .to_vec1()
-                        .unwrap()
-                };
+                let run = |direct| f32s(&attention_with(&q, &k, &v, bias, causal, scale, false, direct).unwrap());
                 let (direct, gemm) = (run(true), run(false));
                 let apart = direct.iter().zip(&gemm).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 // f32: summation order; bf16: that, moving a rounded score,
@@ -1020,16 +1013,7 @@ mod tests {
             let (q, k, v) = (t(&qv, h, tq), t(&kv, hkv, tk), t(&vv, hkv, tk));
             let scale = 1.0 / (d as f64).sqrt();
             let want = reference(&qv, &kv, &vv, (b, h, hkv, tq, tk, d), &|_, _, _, _| 0.0, causal, scale);
-            let run = |tiles| -> Vec<f32> {
-                attention_with(&q, &k, &v, None, causal, scale, tiles, true)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
+            let run = |tiles| f32s(&attention_with(&q, &k, &v, None, causal, scale, tiles, true).unwrap());
             let (tiled, plain) = (run(true), run(false));
             let err = |g: &[f32]| g.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
             assert!(

@@ -757,19 +757,9 @@ impl Backend for CpuBackend {
     }
 
     fn linear_quant(&self, x: &CTensor, w: &QuantTensor, b: Option<&CTensor>) -> Result<CTensor> {
-        let (n, k) = emu_core::backend::check_linear_quant(x.dims(), w)?;
         let dt = x.dtype();
-        if let Some(b) = b {
-            same_dtype("linear_quant bias", x, b)?;
-            if b.dims() != [n] {
-                return Err(Error::shape(format!(
-                    "linear_quant: bias {:?} for weight `{}` {:?}",
-                    b.dims(),
-                    w.name(),
-                    w.dims()
-                )));
-            }
-        }
+        let bias = b.map(|b| (b.dims(), from_candle(b.dtype())));
+        let (n, k) = emu_core::backend::check_linear_quant(x.dims(), from_candle(dt), w, bias)?;
         if !matches!(dt, CDType::F32 | CDType::F16 | CDType::BF16) {
             return emu_core::backend::default_linear_quant(self, x, w, b);
         }

@@ -65,8 +65,7 @@ use crate::quant_x86::Isa;
 fn linear_rows_isa(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>, isa: Option<Isa>) -> Vec<f32> {
     let (n, k) = (w.dims()[0], w.dims()[1]);
     debug_assert_eq!(x.len(), m * k);
-    let threads = rayon::current_num_threads().max(1);
-    let block = n.div_ceil(threads * 16).clamp(8, 256);
+    let block = task_rows(n);
     let mut yt = vec![0f32; n * m];
     #[cfg(target_arch = "x86_64")]
     if let Some(isa) = isa {
@@ -101,8 +100,7 @@ fn linear_rows_isa(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>, i
 #[cfg(target_arch = "x86_64")]
 fn linear_rows_q8(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>) -> Vec<f32> {
     let (n, k) = (w.dims()[0], w.dims()[1]);
-    let threads = rayon::current_num_threads().max(1);
-    let block = n.div_ceil(threads * 16).clamp(8, 256);
+    let block = task_rows(n);
     let q8 = crate::quant_x86::Q8Rows::new(x);
     let rb = w.row_bytes();
     let mut yt = vec![0f32; n * m];
@@ -116,6 +114,12 @@ fn linear_rows_q8(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>) ->
         }
     });
     transpose(&yt, m, n)
+}
+
+/// Weight rows per task of the row kernels: 16 tasks a thread, so the
+/// team's threads finish together.
+fn task_rows(n: usize) -> usize {
+    n.div_ceil(rayon::current_num_threads().max(1) * 16).clamp(8, 256)
 }
 
 /// `n x m` (output feature major, as the tasks write) to `m x n`.

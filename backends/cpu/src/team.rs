@@ -256,7 +256,6 @@ impl<T> SendPtr<T> {
 }
 // SAFETY: used only to hand disjoint chunks to the team's threads.
 unsafe impl<T: Send> Sync for SendPtr<T> {}
-unsafe impl<T: Send> Send for SendPtr<T> {}
 
 #[cfg(test)]
 mod tests {

@@ -1407,18 +1407,8 @@ impl Backend for OnnxBackend {
     }
 
     fn linear_quant(&self, x: &OnnxTensor, w: &QuantTensor, b: Option<&OnnxTensor>) -> Result<OnnxTensor> {
-        let (n, k) = emu_core::backend::check_linear_quant(x.dims(), w)?;
-        if let Some(b) = b {
-            same_dtype("linear_quant bias", x, b)?;
-            if b.dims() != [n] {
-                return Err(Error::shape(format!(
-                    "linear_quant: bias {:?} for weight `{}` {:?}",
-                    b.dims(),
-                    w.name(),
-                    w.dims()
-                )));
-            }
-        }
+        let bias = b.map(|b| (b.dims(), b.dtype()));
+        let (n, k) = emu_core::backend::check_linear_quant(x.dims(), x.dtype(), w, bias)?;
         let xd = x.dims().to_vec();
         let m: usize = xd[..xd.len() - 1].iter().product();
         if !x.dtype().is_float() || m == 0 || n == 0 || k == 0 {

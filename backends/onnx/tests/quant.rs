@@ -1,31 +1,14 @@
 //! Quantized linear on ONNX Runtime's `MatMulNBits`: against
-//! dequantize-then-f32-linear on the CPU backend, Q4_K sub-blocks whose
+//! dequantize-then-linear in f64, Q4_K sub-blocks whose
 //! scale is 0 but not their minimum, and an exported graph that loads back
 //! from a file with the contrib domain it needs.
 
-use emu_backend_cpu::CpuBackend;
 use emu_backend_onnx::{run_model_file, OnnxBackend};
-use emu_core::testing::{host_rel_err, uniform_host, Rng};
-use emu_core::{Backend, DType, HostTensor, QuantTensor, QuantType};
+use emu_core::testing::{host_rel_err, linear_quant_reference, run_linear_quant, uniform_host, Rng};
+use emu_core::{Backend, QuantTensor, QuantType};
 
 fn backend() -> Option<OnnxBackend> {
     emu_core::testing::available(OnnxBackend::new())
-}
-
-fn reference(x: &HostTensor, w: &QuantTensor, b: Option<&HostTensor>) -> HostTensor {
-    let cpu = CpuBackend::new();
-    let wd = cpu.upload(&w.dequantize().unwrap()).unwrap();
-    let y = cpu
-        .linear(&cpu.upload(x).unwrap(), &wd, b.map(|b| cpu.upload(b).unwrap()).as_ref())
-        .unwrap();
-    cpu.download(&y).unwrap()
-}
-
-fn run(be: &OnnxBackend, x: &HostTensor, w: &QuantTensor, b: Option<&HostTensor>) -> HostTensor {
-    let y = be
-        .linear_quant(&be.upload(x).unwrap(), w, b.map(|b| be.upload(b).unwrap()).as_ref())
-        .unwrap();
-    be.download(&be.cast(&y, DType::F32).unwrap()).unwrap()
 }
 
 #[test]
@@ -37,7 +20,10 @@ fn matmul_nbits_matches_dequantize_then_linear() {
             let w = QuantTensor::quantize("t.weight", &uniform_host(&mut rng, &[n, k], -1.0, 1.0), q).unwrap();
             let x = uniform_host(&mut rng, &[m, k], -1.0, 1.0);
             let b = bias.then(|| uniform_host(&mut rng, &[n], -1.0, 1.0));
-            let (got, want) = (run(&be, &x, &w, b.as_ref()), reference(&x, &w, b.as_ref()));
+            let (got, want) = (
+                run_linear_quant(&be, &x, &w, b.as_ref()),
+                linear_quant_reference(&x, &w, b.as_ref()),
+            );
             assert_eq!(got.dims(), [m, n]);
             let e = host_rel_err(&got, &want);
             assert!(e <= 1e-5, "{q} {m}x{k} -> {n}: rel err {e:e}");
@@ -64,7 +50,10 @@ fn q4_k_sub_blocks_without_a_scale_are_exact() {
     assert!(bytes[8] & 63 != 0 && bytes[2..4] != [0, 0], "the sub-block keeps a min");
     let w = QuantTensor::from_bytes("t.weight", QuantType::Q4K, &[4, 256], bytes).unwrap();
     let x = uniform_host(&mut rng, &[2, 256], -1.0, 1.0);
-    let e = host_rel_err(&run(&be, &x, &w, None), &reference(&x, &w, None));
+    let e = host_rel_err(
+        &run_linear_quant(&be, &x, &w, None),
+        &linear_quant_reference(&x, &w, None),
+    );
     assert!(e <= 1e-6, "rel err {e:e}");
 }
 
@@ -88,7 +77,7 @@ fn exported_quantized_graphs_load_from_a_file() {
     std::fs::write(&path, &model).unwrap();
     let outs = run_model_file(&path, &[("x", &x)]).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
-    let e = host_rel_err(&outs[0], &reference(&x, &w, None));
+    let e = host_rel_err(&outs[0], &linear_quant_reference(&x, &w, None));
     assert!(e <= 1e-5, "rel err {e:e}");
     let text = String::from_utf8_lossy(&model);
     assert!(text.contains("MatMulNBits") && text.contains("com.microsoft"));

@@ -431,6 +431,16 @@ fn store_row(o_base: u32, r: u32, c0: u32, M: u32, N: u32, v: vec4<f32>) {{
     )
 }
 
+/// Sums the 64 invocations' `acc` (vec4) into `red[0]` in workgroup memory
+/// (`red: array<vec4<f32>, 64>`, invocation index `t`).
+const REDUCE_64: &str = "    red[t] = acc;
+    workgroupBarrier();
+    for (var h = 32u; h > 0u; h = h >> 1u) {
+        if (t < h) { red[t] = red[t] + red[t + h]; }
+        workgroupBarrier();
+    }
+";
+
 /// Output columns per workgroup of the [`matvec`] kernel.
 pub const MV_COLS: u32 = 4;
 
@@ -470,13 +480,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let kb = k * b_rs;
         acc = acc + a * vec4<f32>(I1[b0 + kb], I1[b1 + kb], I1[b2 + kb], I1[b3 + kb]);
     }}
-    red[t] = acc;
-    workgroupBarrier();
-    for (var h = 32u; h > 0u; h = h >> 1u) {{
-        if (t < h) {{ red[t] = red[t] + red[t + h]; }}
-        workgroupBarrier();
-    }}
-    if (t == 0u) {{
+{REDUCE_64}    if (t == 0u) {{
         let r = red[0];
         let o = wid.z * N + col;
         O[o] = rnd(r.x);
@@ -943,13 +947,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var u = t; u < K / 32u; u = u + 64u) {{
 {unit}
     }}
-    red[t] = acc;
-    workgroupBarrier();
-    for (var h = 32u; h > 0u; h = h >> 1u) {{
-        if (t < h) {{ red[t] = red[t] + red[t + h]; }}
-        workgroupBarrier();
-    }}
-    if (t == 0u) {{
+{REDUCE_64}    if (t == 0u) {{
         var r = red[0];
         if (P[4] != 0u) {{ r = r + vec4<f32>(I2[P[5] + col]); }}
         O[row0 * N + col] = rnd(r.x);

@@ -589,9 +589,17 @@ impl WgpuBackend {
         let bytes = w.bytes();
         let padded = bytes.len().next_multiple_of(4).max(4);
         let storage = Arc::new(self.ctx.pool.alloc(padded as u64)?);
-        let mut words = bytes.to_vec();
-        words.resize(padded, 0);
-        self.ctx.queue.write_buffer(storage.buffer(), 0, &words);
+        // Copies go in whole words: the bytes as they are, then the last
+        // partial word zero-padded (no padded copy of the whole weight).
+        let whole = bytes.len() / 4 * 4;
+        if whole > 0 {
+            self.ctx.queue.write_buffer(storage.buffer(), 0, &bytes[..whole]);
+        }
+        if whole < padded {
+            let mut tail = [0u8; 4];
+            tail[..bytes.len() - whole].copy_from_slice(&bytes[whole..]);
+            self.ctx.queue.write_buffer(storage.buffer(), whole as u64, &tail);
+        }
         cache.insert(key, (Arc::downgrade(shared), storage.clone()));
         Ok(storage)
     }
@@ -1192,19 +1200,9 @@ impl Backend for WgpuBackend {
     }
 
     fn linear_quant(&self, x: &WgpuTensor, w: &QuantTensor, b: Option<&WgpuTensor>) -> Result<WgpuTensor> {
-        let (n, k) = emu_core::backend::check_linear_quant(&x.dims, w)?;
+        let bias = b.map(|b| (b.dims.as_slice(), b.dtype));
+        let (n, k) = emu_core::backend::check_linear_quant(&x.dims, x.dtype, w, bias)?;
         self.float_only("linear_quant", x)?;
-        if let Some(b) = b {
-            self.same_dtype("linear_quant bias", x, b)?;
-            if b.dims != [n] {
-                return Err(Error::shape(format!(
-                    "linear_quant: bias {:?} for weight `{}` {:?}",
-                    b.dims,
-                    w.name(),
-                    w.dims()
-                )));
-            }
-        }
         let m: usize = x.dims[..x.dims.len() - 1].iter().product();
         if m == 0 || n == 0 || k == 0 {
             return emu_core::backend::default_linear_quant(self, x, w, b);

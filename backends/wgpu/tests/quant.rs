@@ -6,28 +6,11 @@
 mod common;
 
 use common::{backend, rel_err, uniform};
-use emu_backend_cpu::CpuBackend;
-use emu_core::testing::Rng;
-use emu_core::{Backend, DType, HostTensor, QuantTensor, QuantType};
+use emu_core::testing::{linear_quant_reference, run_linear_quant, Rng};
+use emu_core::{QuantTensor, QuantType};
 
 fn quantized(rng: &mut Rng, n: usize, k: usize, q: QuantType) -> QuantTensor {
     QuantTensor::quantize("test.weight", &uniform(rng, &[n, k], -1.0, 1.0), q).unwrap()
-}
-
-fn reference(x: &HostTensor, w: &QuantTensor, b: Option<&HostTensor>) -> HostTensor {
-    let cpu = CpuBackend::new();
-    let wd = cpu.upload(&w.dequantize().unwrap()).unwrap();
-    let y = cpu
-        .linear(&cpu.upload(x).unwrap(), &wd, b.map(|b| cpu.upload(b).unwrap()).as_ref())
-        .unwrap();
-    cpu.download(&y).unwrap()
-}
-
-fn run<B: Backend>(be: &B, x: &HostTensor, w: &QuantTensor, b: Option<&HostTensor>) -> HostTensor {
-    let y = be
-        .linear_quant(&be.upload(x).unwrap(), w, b.map(|b| be.upload(b).unwrap()).as_ref())
-        .unwrap();
-    be.download(&be.cast(&y, DType::F32).unwrap()).unwrap()
 }
 
 #[test]
@@ -44,8 +27,8 @@ fn quantized_linear_matches_dequantize_then_linear() {
             let w = quantized(&mut rng, n, k, q);
             let x = uniform(&mut rng, &[m, k], -1.0, 1.0);
             let b = bias.then(|| uniform(&mut rng, &[n], -1.0, 1.0));
-            let got = run(&be, &x, &w, b.as_ref());
-            let want = reference(&x, &w, b.as_ref());
+            let got = run_linear_quant(&be, &x, &w, b.as_ref());
+            let want = linear_quant_reference(&x, &w, b.as_ref());
             assert_eq!(got.dims(), [m, n]);
             let e = rel_err(&got, &want);
             assert!(e <= 1e-5, "{q} {m}x{k} -> {n}: rel err {e:e}");
@@ -62,9 +45,9 @@ fn device_copies_follow_their_tensors() {
         // A new tensor each round, possibly at a freed one's address: its
         // own bytes must be used, not a stale device copy.
         let w = quantized(&mut rng, 24, 256, QuantType::Q4K);
-        let want = reference(&x, &w, None);
-        let first = run(&be, &x, &w, None);
-        let again = run(&be, &x, &w.clone(), None);
+        let want = linear_quant_reference(&x, &w, None);
+        let first = run_linear_quant(&be, &x, &w, None);
+        let again = run_linear_quant(&be, &x, &w.clone(), None);
         assert!(rel_err(&first, &want) <= 1e-5, "round {round}");
         assert_eq!(first.to_f64_vec().unwrap(), again.to_f64_vec().unwrap());
         drop(w);

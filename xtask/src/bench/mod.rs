@@ -430,22 +430,32 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     }
 }
 
-/// The LLM rows of `be` with its linears quantized to each `--quant` format.
-fn quant_rows<B: Backend>(be: &B, label: &str, o: &Options, work: &Workdir, report: &mut Report) {
+/// The LLM rows of `be` with its linears quantized to each of `formats`,
+/// labelled `<label>/<format><suffix>`.
+fn quant_rows<B: Backend>(
+    be: &B,
+    label: &str,
+    formats: &[emu_core::QuantType],
+    suffix: &str,
+    o: &Options,
+    work: &Workdir,
+    report: &mut Report,
+) {
     if !o.components.contains(&Component::Llm) {
         return;
     }
-    for &q in &o.quant {
-        eprintln!("bench: {label} llm {q} ...");
+    for &q in formats {
+        let name = format!("{label}/{q}{suffix}");
+        eprintln!("bench: {name} llm ...");
         match run::llm_quantized(be, work, o.dtype, o.timing, q) {
             Ok(calls) => report.rows.extend(calls.into_iter().map(|call| Row {
                 component: Component::Llm,
-                backend: format!("{label}/{q}"),
+                backend: name.clone(),
                 dtype: o.dtype,
                 call,
                 rel_err: None,
             })),
-            Err(e) => report.notes.push(format!("{label}/{q} llm: failed: {e}")),
+            Err(e) => report.notes.push(format!("{name} llm: failed: {e}")),
         }
     }
 }
@@ -512,7 +522,7 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
         }
     }
     bench_backend(&CpuBackend::new(), "cpu", o, &work, &mut report);
-    quant_rows(&CpuBackend::new(), "cpu", o, &work, &mut report);
+    quant_rows(&CpuBackend::new(), "cpu", &o.quant, "", o, &work, &mut report);
     if o.components.contains(&Component::Llm) && !o.quant.is_empty() {
         report.notes.push(
             "<backend>/<format> rows: linears quantized at load time; their rel err is the quantization error against f32"
@@ -520,17 +530,7 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
         );
         if o.quant.contains(&emu_core::QuantType::Q4K) && CpuBackend::int8_activations_available() {
             let be = CpuBackend::new().with_int8_activations(true);
-            eprintln!("bench: cpu llm q4_k, 8-bit activations ...");
-            match run::llm_quantized(&be, &work, o.dtype, o.timing, emu_core::QuantType::Q4K) {
-                Ok(calls) => report.rows.extend(calls.into_iter().map(|call| Row {
-                    component: Component::Llm,
-                    backend: "cpu/q4_k/a8".into(),
-                    dtype: o.dtype,
-                    call,
-                    rel_err: None,
-                })),
-                Err(e) => report.notes.push(format!("cpu/q4_k/a8 llm: failed: {e}")),
-            }
+            quant_rows(&be, "cpu", &[emu_core::QuantType::Q4K], "/a8", o, &work, &mut report);
             report.notes.push(
                 "cpu/q4_k/a8: decode's Q4_K linears on inputs rounded to 8 bits (CpuBackend::with_int8_activations, llama.cpp's Q4_K x Q8_K rule)"
                     .into(),
@@ -549,7 +549,7 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
             "onnx" => match OnnxBackend::with_threads(o.threads.unwrap_or(0)) {
                 Ok(be) => {
                     bench_backend(&be, "onnx", o, &work, &mut report);
-                    quant_rows(&be, "onnx", o, &work, &mut report);
+                    quant_rows(&be, "onnx", &o.quant, "", o, &work, &mut report);
                 }
                 Err(e) => report.notes.push(format!("onnx: skipped: {e}")),
             },
