@@ -75,7 +75,8 @@ step "cuda rounding + KV writes"   20 "$T/emu-backend-cuda-ops" --test-threads 1
 step "cuda fused attention"        30 "$T/emu-backend-cuda-attention" --test-threads 1
 step "cuda GEMM layouts + conv"    30 "$T/emu-backend-cuda-matmul" --test-threads 1
 step "cuda components vs fixtures" 45 "$T/emu-backend-cuda-components" --test-threads 1 --nocapture
-step "cuda bench (mid size, bf16)" 120 "$X" bench --backends cpu,cuda --dtype bf16 --threads "$(nproc)"
+step "cuda quantized linear"       20 "$T/emu-backend-cuda-quant" --test-threads 1
+step "cuda bench (mid size, bf16)" 120 "$X" bench --backends cpu,cuda --dtype bf16 --quant q8_0,q4_k --threads "$(nproc)"
 
 # wgpu on the same GPU through the NVIDIA Vulkan driver.
 export WGPU_BACKEND=vulkan

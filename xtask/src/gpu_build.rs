@@ -26,6 +26,7 @@ pub const TESTS: &[(&str, &str)] = &[
     ("emu-backend-cuda", "matmul"),
     ("emu-backend-cuda", "startup"),
     ("emu-backend-cuda", "components"),
+    ("emu-backend-cuda", "quant"),
     ("emu-backend-wgpu", "components"),
 ];
 

@@ -18,10 +18,17 @@ pub enum Module {
     Reduce,
     Spatial,
     Attention,
+    Quant,
 }
 
 impl Module {
-    pub const ALL: [Module; 4] = [Module::Elementwise, Module::Reduce, Module::Spatial, Module::Attention];
+    pub const ALL: [Module; 5] = [
+        Module::Elementwise,
+        Module::Reduce,
+        Module::Spatial,
+        Module::Attention,
+        Module::Quant,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -29,6 +36,7 @@ impl Module {
             Module::Reduce => "reduce.cu",
             Module::Spatial => "spatial.cu",
             Module::Attention => "attention.cu",
+            Module::Quant => "quant.cu",
         }
     }
 
@@ -38,6 +46,7 @@ impl Module {
             Module::Reduce => include_str!("kernels/reduce.cu"),
             Module::Spatial => include_str!("kernels/spatial.cu"),
             Module::Attention => include_str!("kernels/attention.cu"),
+            Module::Quant => include_str!("kernels/quant.cu"),
         }
     }
 
@@ -283,6 +292,10 @@ pub fn launched_kernels() -> Vec<(Module, String)> {
             (Module::Attention, "attn_combine"),
         ] {
             v.push((m, format!("{k}_{s}")));
+        }
+        for q in ["q8_0", "q4_k"] {
+            v.push((Module::Quant, format!("lq_{q}_{s}")));
+            v.push((Module::Quant, format!("dequant_{q}_{s}")));
         }
         for bias in [dt, DType::F32] {
             v.push((Module::Attention, format!("attn_partial_{s}_{}", dt_suffix(bias))));

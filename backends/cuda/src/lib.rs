@@ -42,15 +42,16 @@ pub mod kernels;
 pub mod loader;
 pub mod preflight;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use device::{backend_err, unsupported, Args, Device, Storage};
 use emu_core::backend::{
     default_attention, default_group_norm, default_rope, AttnMask, Backend, BinaryOp, Conv2dParams, ReduceOp, UnaryOp,
 };
 use emu_core::shape::{self, broadcast_dims, contiguous_strides, View};
-use emu_core::{DType, Error, HostTensor, Result};
+use emu_core::{DType, Error, HostTensor, QuantTensor, QuantType, Result};
 use kernels::{dt_suffix, size_suffix, Module};
 
 pub use preflight::{Component, MemoryInfo};
@@ -84,6 +85,11 @@ const ATT_THREADS: usize = 128;
 pub const ATT_MAX_D: usize = 256;
 /// Bytes of im2col buffer per conv2d chunk.
 const IM2COL_BYTES: usize = 256 << 20;
+/// Most input rows the quantized matvec kernels take (`LQ_ROWS` in
+/// `quant.cu`); more rows dequantize the weight and use cuBLAS.
+const LQ_ROWS: usize = 8;
+/// Output features per block of the quantized matvec (`LQ_WARPS`).
+const LQ_WARPS: usize = 4;
 
 fn grid_for(n: usize, per_block: usize) -> u32 {
     n.div_ceil(per_block).clamp(1, MAX_GRID) as u32
@@ -298,7 +304,15 @@ impl CudaOptions {
 #[derive(Clone)]
 pub struct CudaBackend {
     dev: Arc<Device>,
+    /// Device copies of quantized weights' block bytes, keyed by the address
+    /// of the host bytes they were uploaded from; the `Weak` tells a live
+    /// tensor from a freed one whose address was reused. Kept here, not in
+    /// `Device`: a `Storage` holds the device, so the device holding storages
+    /// would never be dropped.
+    quant: Arc<Mutex<QuantCache>>,
 }
+
+type QuantCache = HashMap<usize, (Weak<Vec<u8>>, Arc<Storage>)>;
 
 impl fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -409,7 +423,10 @@ impl CudaBackend {
                     dev.name, dev.arch.0, dev.arch.1
                 )));
             }
-            Ok(Self { dev })
+            Ok(Self {
+                dev,
+                quant: Arc::default(),
+            })
         })
     }
 
@@ -431,6 +448,7 @@ impl CudaBackend {
     /// [`preflight::check_fits`] against this device's free memory (the
     /// caching pool's idle blocks are returned to the driver first).
     pub fn preflight(&self, components: &[Component]) -> Result<()> {
+        self.prune_quant_cache()?;
         self.dev.trim(0)?;
         let mem = self.memory_info()?;
         let what = format!("CUDA device {} ({})", self.dev.ordinal, self.device_name());
@@ -448,8 +466,17 @@ impl CudaBackend {
         let bytes = n
             .checked_mul(elem_size(dtype))
             .ok_or_else(|| Error::shape(format!("shape {dims:?} overflows")))?;
+        let storage = match self.dev.alloc(bytes) {
+            Ok(s) => s,
+            // Device copies of freed quantized weights are only dropped when
+            // the cache is next pruned; an allocation that fails prunes it.
+            Err(e) => match self.prune_quant_cache() {
+                Ok(true) => self.dev.alloc(bytes)?,
+                _ => return Err(e),
+            },
+        };
         Ok(CudaTensor {
-            storage: Arc::new(self.dev.alloc(bytes)?),
+            storage: Arc::new(storage),
             dims: dims.to_vec(),
             strides: contiguous_strides(dims),
             offset: 0,
@@ -715,6 +742,98 @@ impl CudaBackend {
         let name = format!("attn_combine_{}", dt_suffix(q.dtype));
         self.launch(Module::Attention, &name, grid_for(rows, 1), ATT_THREADS as u32, &mut a)?;
         Ok(Some(out))
+    }
+
+    /// Drops the device copies of quantized weights whose tensors are gone;
+    /// whether any was dropped.
+    fn prune_quant_cache(&self) -> Result<bool> {
+        let mut cache = self
+            .quant
+            .lock()
+            .map_err(|_| backend_err("quantized weight cache lock poisoned"))?;
+        let before = cache.len();
+        cache.retain(|_, (weak, _)| weak.strong_count() > 0);
+        Ok(cache.len() < before)
+    }
+
+    /// The device copy of `w`'s block bytes, uploaded on first use and kept
+    /// while the tensor lives.
+    fn quant_buffer(&self, w: &QuantTensor) -> Result<Arc<Storage>> {
+        let shared = w.shared_bytes();
+        let key = Arc::as_ptr(shared) as usize;
+        {
+            let cache = self
+                .quant
+                .lock()
+                .map_err(|_| backend_err("quantized weight cache lock poisoned"))?;
+            if let Some((weak, storage)) = cache.get(&key) {
+                if weak.upgrade().is_some_and(|a| Arc::ptr_eq(&a, shared)) {
+                    return Ok(storage.clone());
+                }
+            }
+        }
+        self.prune_quant_cache()?;
+        let bytes = w.bytes();
+        let storage = Arc::new(self.dev.alloc(bytes.len().max(1))?);
+        self.dev.upload(storage.ptr, bytes)?;
+        let mut cache = self
+            .quant
+            .lock()
+            .map_err(|_| backend_err("quantized weight cache lock poisoned"))?;
+        cache.insert(key, (Arc::downgrade(shared), storage.clone()));
+        Ok(storage)
+    }
+
+    /// Number of device copies of quantized weights held (for tests).
+    pub fn quantized_weights_resident(&self) -> usize {
+        self.quant.lock().map_or(0, |c| c.values().filter(|(w, _)| w.strong_count() > 0).count())
+    }
+
+    /// [`Backend::linear_quant`] on the device: the matvec kernels read the
+    /// blocks in place for up to [`LQ_ROWS`] rows; more rows dequantize the
+    /// weight into a dense matrix of `x`'s dtype (as the trait's default
+    /// does, without the host round trip) and run [`Backend::linear`].
+    fn linear_quant_device(&self, x: &CudaTensor, w: &QuantTensor, b: Option<&CudaTensor>) -> Result<CudaTensor> {
+        let bias = b.map(|b| (b.dims.as_slice(), b.dtype));
+        let (n, k) = emu_core::backend::check_linear_quant(&x.dims, x.dtype, w, bias)?;
+        self.float_only("linear_quant", x)?;
+        let m: usize = x.dims[..x.dims.len() - 1].iter().product();
+        if m == 0 || n == 0 || k == 0 {
+            return emu_core::backend::default_linear_quant(self, x, w, b);
+        }
+        let q = match w.qtype() {
+            QuantType::Q8_0 => "q8_0",
+            QuantType::Q4K => "q4_k",
+        };
+        let s = dt_suffix(x.dtype);
+        let wbuf = self.quant_buffer(w)?;
+        if m > LQ_ROWS {
+            let dense = self.alloc(&[n, k], x.dtype)?;
+            let count = n * k;
+            let mut a = Args::default();
+            a.push(i64_of("weight size", count)?).push(wbuf.ptr).push(dense.base());
+            let name = format!("dequant_{q}_{s}");
+            self.launch(Module::Quant, &name, grid_for(count, BLOCK as usize), BLOCK, &mut a)?;
+            return self.linear(x, &dense, b);
+        }
+        let x = self.contiguous(x)?;
+        let b = b.map(|b| self.contiguous(b)).transpose()?;
+        let mut od = x.dims[..x.dims.len() - 1].to_vec();
+        od.push(n);
+        let out = self.alloc(&od, x.dtype)?;
+        let mut a = Args::default();
+        a.push(m as i64)
+            .push(i64_of("output features", n)?)
+            .push(i64_of("input features", k)?)
+            .push(x.ptr())
+            .push(wbuf.ptr)
+            .push(b.as_ref().map_or(x.ptr(), |b| b.ptr()))
+            .push(b.is_some() as i32)
+            .push(out.base());
+        let name = format!("lq_{q}_{s}");
+        let threads = (LQ_WARPS * 32) as u32;
+        self.launch(Module::Quant, &name, grid_for(n, LQ_WARPS), threads, &mut a)?;
+        Ok(out)
     }
 
     /// `out[m, n] = x[m, k] y[k, n]` for each matrix of a batch, where the
@@ -1019,6 +1138,10 @@ impl Backend for CudaBackend {
     fn argmax(&self, t: &CudaTensor, dim: usize) -> Result<CudaTensor> {
         let name = format!("argmax_{}", dt_suffix(t.dtype));
         self.along_dim("argmax", t, dim, false, DType::U32, &name, None)
+    }
+
+    fn linear_quant(&self, x: &CudaTensor, w: &QuantTensor, b: Option<&CudaTensor>) -> Result<CudaTensor> {
+        self.linear_quant_device(x, w, b)
     }
 
     fn matmul(&self, a: &CudaTensor, b: &CudaTensor) -> Result<CudaTensor> {

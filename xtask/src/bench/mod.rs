@@ -398,6 +398,8 @@ impl Report {
             .rows
             .iter()
             .filter(|r| r.component == Component::Llm && r.call.key == "decode")
+            // The floor is the host's read bandwidth; GPU rows read device memory.
+            .filter(|r| !r.backend.starts_with("cuda") && !r.backend.starts_with("wgpu"))
         {
             let Some(fl) = self.floor_of(r) else { continue };
             let ms = r.median_ms() / r.call.work;
@@ -557,6 +559,7 @@ pub fn run(o: &Options, root: &Path) -> Res<Report> {
                 Ok(be) => {
                     report.notes.push(format!("cuda device: {}", be.device_name()));
                     bench_backend(&be, "cuda", o, &work, &mut report);
+                    quant_rows(&be, "cuda", &o.quant, "", o, &work, &mut report);
                 }
                 Err(e) => report.notes.push(format!("cuda: skipped: {e}")),
             },
