@@ -775,7 +775,7 @@ impl Backend for CpuBackend {
             let bf = b.map(f32_vec).transpose()?;
             // The bias is added in f32 and the output rounded once, as the
             // half-precision `linear` kernel does.
-            let y = quant::linear_rows(&xf, m, w, bf.as_deref(), self.int8_activations);
+            let y = quant::linear_rows(&xf, m, w, bf.as_deref(), self.int8_activations, dt == CDType::BF16);
             return CTensor::from_vec(y, od, &self.device)
                 .and_then(|y| convert::from_f32(&y, dt))
                 .map_err(err);

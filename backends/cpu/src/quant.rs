@@ -36,12 +36,16 @@ pub(crate) const SLAB_ELEMS: usize = 1 << 22;
 /// `int8_activations`: Q4_K weights meet the input rounded to 8 bits (see
 /// [`crate::quant_x86::Q8Rows`]) in integer dot products where the CPU has
 /// AVX512-VNNI, as llama.cpp computes them; otherwise the input stays f32.
+/// `bf16_input`: every value of `x` is a bf16 value widened (a bf16
+/// tensor's), so Q4_K may take exact bf16 dot products where the CPU has
+/// them (`quant_x86::dot_block_q4k_bf16`).
 pub(crate) fn linear_rows(
     x: &[f32],
     m: usize,
     w: &QuantTensor,
     bias: Option<&[f32]>,
     int8_activations: bool,
+    bf16_input: bool,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
     if int8_activations && w.qtype() == QuantType::Q4K && crate::quant_x86::vnni() {
@@ -50,9 +54,9 @@ pub(crate) fn linear_rows(
     #[cfg(not(target_arch = "x86_64"))]
     let _ = int8_activations;
     #[cfg(target_arch = "x86_64")]
-    return linear_rows_isa(x, m, w, bias, crate::quant_x86::detect());
+    return linear_rows_isa(x, m, w, bias, crate::quant_x86::detect(), bf16_input);
     #[cfg(not(target_arch = "x86_64"))]
-    return linear_rows_isa(x, m, w, bias, None);
+    return linear_rows_isa(x, m, w, bias, None, bf16_input);
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -62,7 +66,14 @@ use crate::quant_x86::Isa;
 
 /// [`linear_rows`] on the fused kernels of `isa`, or on the portable path
 /// where it is `None` (the tests run every path the CPU has).
-fn linear_rows_isa(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>, isa: Option<Isa>) -> Vec<f32> {
+fn linear_rows_isa(
+    x: &[f32],
+    m: usize,
+    w: &QuantTensor,
+    bias: Option<&[f32]>,
+    isa: Option<Isa>,
+    bf16_input: bool,
+) -> Vec<f32> {
     let (n, k) = (w.dims()[0], w.dims()[1]);
     debug_assert_eq!(x.len(), m * k);
     let block = task_rows(n);
@@ -74,10 +85,24 @@ fn linear_rows_isa(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>, i
             QuantType::Q8_0 => Vec::new(),
         };
         let rb = w.row_bytes();
+        let bf16 = bf16_input && w.qtype() == QuantType::Q4K && crate::quant_x86::bf16_dots();
+        // Truncation is exact: the values are widened bf16.
+        let xb: Vec<u16> = if bf16 {
+            x.iter().map(|v| (v.to_bits() >> 16) as u16).collect()
+        } else {
+            Vec::new()
+        };
         crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
             let rows = &w.bytes()[bi * block * rb..];
-            // SAFETY: `detect` found the ISA; the kernel asserts the shapes.
-            unsafe { crate::quant_x86::dot_block(isa, w.qtype(), rows, rb, x, &xsum, k, m, out) };
+            // SAFETY: `detect` (and `bf16_dots`) found the ISA; the kernels
+            // assert the shapes.
+            unsafe {
+                if bf16 {
+                    crate::quant_x86::dot_block_q4k_bf16(rows, rb, &xb, &xsum, k, m, out)
+                } else {
+                    crate::quant_x86::dot_block(isa, w.qtype(), rows, rb, x, &xsum, k, m, out)
+                }
+            };
             if let Some(b) = bias {
                 for (j, o) in out.chunks_exact_mut(m).enumerate() {
                     o.iter_mut().for_each(|v| *v += b[bi * block + j]);
@@ -223,22 +248,29 @@ mod tests {
                     (5, 768, 9, false),
                     (7, 256, 300, true),
                 ] {
-                    let x = values(m * k, 1);
-                    let w = QuantTensor::quantize("t.w", &HostTensor::from_f32(&[n, k], values(n * k, 2)).unwrap(), qt)
-                        .unwrap();
-                    let b = values(n, 3);
-                    let y = linear_rows_isa(&x, m, &w, bias.then_some(&b[..]), isa);
-                    let wd = w.dequantize().unwrap().to_f32_vec().unwrap();
-                    for i in 0..m {
-                        for r in 0..n {
-                            let terms = (0..k).map(|j| x[i * k + j] as f64 * wd[r * k + j] as f64);
-                            let want = terms.clone().sum::<f64>() + if bias { b[r] as f64 } else { 0.0 };
-                            let mag = terms.map(f64::abs).sum::<f64>() + 1.0;
-                            let got = y[i * n + r] as f64;
-                            assert!(
-                                (got - want).abs() <= 1e-5 * mag,
-                                "{isa:?} {qt} {m}x{k}x{n} [{i},{r}]: {got} vs {want}"
-                            );
+                    // bf16-exact inputs take the bf16 kernel where it exists.
+                    for bf16 in [false, true] {
+                        let mut x = values(m * k, 1);
+                        if bf16 {
+                            x.iter_mut().for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+                        }
+                        let w =
+                            QuantTensor::quantize("t.w", &HostTensor::from_f32(&[n, k], values(n * k, 2)).unwrap(), qt)
+                                .unwrap();
+                        let b = values(n, 3);
+                        let y = linear_rows_isa(&x, m, &w, bias.then_some(&b[..]), isa, bf16);
+                        let wd = w.dequantize().unwrap().to_f32_vec().unwrap();
+                        for i in 0..m {
+                            for r in 0..n {
+                                let terms = (0..k).map(|j| x[i * k + j] as f64 * wd[r * k + j] as f64);
+                                let want = terms.clone().sum::<f64>() + if bias { b[r] as f64 } else { 0.0 };
+                                let mag = terms.map(f64::abs).sum::<f64>() + 1.0;
+                                let got = y[i * n + r] as f64;
+                                assert!(
+                                    (got - want).abs() <= 1e-5 * mag,
+                                    "{isa:?} {qt} bf16 {bf16} {m}x{k}x{n} [{i},{r}]: {got} vs {want}"
+                                );
+                            }
                         }
                     }
                 }

@@ -786,7 +786,9 @@ impl CudaBackend {
 
     /// Number of device copies of quantized weights held (for tests).
     pub fn quantized_weights_resident(&self) -> usize {
-        self.quant.lock().map_or(0, |c| c.values().filter(|(w, _)| w.strong_count() > 0).count())
+        self.quant
+            .lock()
+            .map_or(0, |c| c.values().filter(|(w, _)| w.strong_count() > 0).count())
     }
 
     /// [`Backend::linear_quant`] on the device: the matvec kernels read the

@@ -100,7 +100,10 @@ fn quantized_kernels_match_the_reference_when_emulated_on_the_host() {
             let dense = &got[m * n..];
             let want = w.dequantize().unwrap().to_f32_vec().unwrap();
             let same = dense.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{q} {n}x{k}: the dequantize kernel differs from QuantTensor::dequantize");
+            assert!(
+                same,
+                "{q} {n}x{k}: the dequantize kernel differs from QuantTensor::dequantize"
+            );
         }
     }
 }
