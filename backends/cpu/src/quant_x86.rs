@@ -245,17 +245,21 @@ unsafe fn q8_0_avx2<const R: usize>(row: &[u8], x: &[f32], _xsum: &[f32], k: usi
         unsafe {
             let blk = wp.add(b * TS);
             let d = _mm256_set1_ps(f16_at(blk));
-            let mut w = [_mm256_setzero_ps(); 4];
-            for (c, wc) in w.iter_mut().enumerate() {
-                let q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(blk.add(2 + 8 * c) as *const __m128i));
-                *wc = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+            // The block's integers, exact in f32; the scale multiplies the
+            // block's partial sum (as in `q8_0_avx512`).
+            let mut q = [_mm256_setzero_ps(); 4];
+            for (c, qc) in q.iter_mut().enumerate() {
+                *qc = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                    blk.add(2 + 8 * c) as *const __m128i
+                )));
             }
             for (i, a) in acc.iter_mut().enumerate() {
                 let xi = xp.add(i * k + b * QK8_0);
-                a[0] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xi), a[0]);
-                a[1] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xi.add(8)), a[1]);
-                a[0] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xi.add(16)), a[0]);
-                a[1] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xi.add(24)), a[1]);
+                let t = _mm256_mul_ps(q[0], _mm256_loadu_ps(xi));
+                let t = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xi.add(8)), t);
+                let t = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xi.add(16)), t);
+                let t = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xi.add(24)), t);
+                a[b & 1] = _mm256_fmadd_ps(t, d, a[b & 1]);
             }
         }
     }
