@@ -363,3 +363,24 @@ fn a_reader_that_goes_away_stops_streaming_generation() {
         "generation ran to its end although nobody was reading"
     );
 }
+
+#[test]
+fn int8_activations_run_with_q4_k_on_the_cpu_and_are_refused_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 20, 20);
+    let img = img.to_str().unwrap();
+    let base = ["chat", "--model", "tiny", "--image", img, "hi", "--max-new-tokens", "3"];
+    let with = |extra: &[&str]| emu(&[&base[..], extra].concat());
+    let o = with(&["--quantize", "q4_k", "--int8-activations"]);
+    if emu_backend_cpu::CpuBackend::int8_activations_available() {
+        assert!(o.status.success(), "{}", stderr(&o));
+    } else {
+        assert_one_line_error(&o, "AVX512-VNNI");
+    }
+    assert_one_line_error(&with(&["--int8-activations"]), "--quantize q4_k");
+    assert_one_line_error(&with(&["--quantize", "q8_0", "--int8-activations"]), "--quantize q4_k");
+    assert_one_line_error(
+        &with(&["--quantize", "q4_k", "--int8-activations", "--backend", "wgpu"]),
+        "cpu backend",
+    );
+}

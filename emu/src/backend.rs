@@ -198,16 +198,34 @@ pub struct Backends {
     onnx: Option<OnnxBackend>,
     #[cfg(feature = "cuda")]
     cuda: Option<CudaBackend>,
+    /// [`Backends::cpu_int8_activations`].
+    cpu_int8_activations: bool,
 }
 
 impl Backends {
+    /// Opens the CPU backend with 8-bit activations for its Q4_K linears
+    /// ([`CpuBackend::with_int8_activations`]: llama.cpp's rule, faster,
+    /// not the dequantized weight's f32 product). Set before the first
+    /// [`Backends::open`] of the CPU.
+    pub fn cpu_int8_activations(mut self, on: bool) -> Self {
+        self.cpu_int8_activations = on;
+        self
+    }
+
     /// The backend of `kind`, opened on first use. A backend that cannot
     /// start here (no GPU adapter, no ONNX Runtime library) or is not
     /// compiled in is an error that says why.
     pub fn open(&mut self, kind: BackendKind) -> Result<AnyBackend> {
         match kind {
             #[cfg(feature = "cpu")]
-            BackendKind::Cpu => Ok(AnyBackend::Cpu(self.cpu.get_or_insert_with(CpuBackend::new).clone())),
+            BackendKind::Cpu => {
+                let int8 = self.cpu_int8_activations;
+                Ok(AnyBackend::Cpu(
+                    self.cpu
+                        .get_or_insert_with(|| CpuBackend::new().with_int8_activations(int8))
+                        .clone(),
+                ))
+            }
             #[cfg(feature = "wgpu")]
             BackendKind::Wgpu => Ok(AnyBackend::Wgpu(match &self.wgpu {
                 Some(b) => b.clone(),
@@ -341,6 +359,18 @@ macro_rules! __emu_if_cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    #[cfg(feature = "cpu")]
+    fn the_cpu_opens_with_the_activations_asked_for() {
+        for on in [false, true] {
+            let mut backends = Backends::default().cpu_int8_activations(on);
+            match backends.open(BackendKind::Cpu).unwrap() {
+                AnyBackend::Cpu(be) => assert_eq!(be.int8_activations(), on),
+                _ => panic!("not the cpu backend"),
+            }
+        }
+    }
 
     #[test]
     fn names_parse_in_any_case_and_unknown_ones_list_what_is_compiled() {

@@ -80,6 +80,12 @@ impl CpuBackend {
         self
     }
 
+    /// Whether this backend was asked for 8-bit activations
+    /// ([`CpuBackend::with_int8_activations`]).
+    pub fn int8_activations(&self) -> bool {
+        self.int8_activations
+    }
+
     /// Whether [`CpuBackend::with_int8_activations`] changes anything on this
     /// CPU (AVX512-VNNI).
     pub fn int8_activations_available() -> bool {

@@ -1,6 +1,6 @@
 //! `emu chat`: ask Emu2-Chat about images and videos.
 
-use super::{report_timings, Backends, DecodeArgs, ModelArgs, OffloadArgs};
+use super::{report_timings, DecodeArgs, ModelArgs, OffloadArgs};
 use clap::Args;
 use emu::pipeline::{ChatOptions, ChatPipeline, ModelFamily, PipelineError, Result};
 use emu::with_backend;
@@ -64,7 +64,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
         super::generate::check_png_output(out)?;
     }
     let (kind, dir) = args.model.resolve(ModelFamily::Emu2Chat)?;
-    let (v, l) = args.model.open(kind, &mut Backends::default())?;
+    let (v, l) = args.model.open(kind, &mut args.model.backends())?;
     with_backend!(v, |vb| with_backend!(l, |lb| run_on(vb, lb, args, &dir)))
 }
 

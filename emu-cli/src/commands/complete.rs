@@ -1,6 +1,6 @@
 //! `emu complete`: let Emu2 (base) continue an interleaved image/text prompt.
 
-use super::{report_timings, Backends, DecodeArgs, ModelArgs, OffloadArgs};
+use super::{report_timings, DecodeArgs, ModelArgs, OffloadArgs};
 use clap::Args;
 use emu::pipeline::{CompletionOptions, CompletionPipeline, ModelFamily, Result};
 use emu::with_backend;
@@ -26,7 +26,7 @@ pub fn run(args: &CompleteArgs) -> Result<()> {
     args.decode.check()?;
     let prompt = emu_prompt::parse_markup(&args.prompt)?;
     let (kind, dir) = args.model.resolve(ModelFamily::Emu2)?;
-    let (v, l) = args.model.open(kind, &mut Backends::default())?;
+    let (v, l) = args.model.open(kind, &mut args.model.backends())?;
     with_backend!(v, |vb| with_backend!(l, |lb| run_on(vb, lb, args, &prompt, &dir)))
 }
 

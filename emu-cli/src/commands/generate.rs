@@ -1,6 +1,6 @@
 //! `emu generate`: Emu2-Gen, a prompt to a PNG image.
 
-use super::{report_timings, BackendKind, Backends, ModelArgs, OffloadArgs};
+use super::{report_timings, BackendKind, ModelArgs, OffloadArgs};
 use clap::Args;
 use emu::pipeline::{GenerationOptions, GenerationPipeline, ModelDir, ModelFamily, PipelineError, Result};
 use emu::with_backend;
@@ -101,7 +101,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         negative,
         latents: None,
     };
-    let mut backends = Backends::default();
+    let mut backends = args.model.backends();
     let (v, l) = args.model.open(kind, &mut backends)?;
     let d = backends.open(decoder_kind)?;
     with_backend!(v, |vb| with_backend!(l, |lb| with_backend!(d, |db| run_on(

@@ -55,6 +55,12 @@ pub struct ModelArgs {
     /// lm_head, or all.
     #[arg(long, value_name = "LIST", default_value = "attn,mlp")]
     pub quantize_linears: String,
+    /// With --quantize q4_k on the cpu backend: round decode's inputs to the
+    /// Q4_K linears to 8 bits and take integer dot products, as llama.cpp
+    /// does (faster; not the dequantized weights' f32 product). Needs
+    /// AVX512-VNNI.
+    #[arg(long)]
+    pub int8_activations: bool,
     /// Print the time each stage took.
     #[arg(long, short)]
     pub verbose: bool,
@@ -107,7 +113,37 @@ impl ModelArgs {
             emu::pipeline::check_dump_dir(d)?;
         }
         self.quant()?;
+        if self.int8_activations {
+            self.check_int8_activations(placement)?;
+        }
         Ok(placement)
+    }
+
+    /// `--int8-activations` only where it changes something.
+    fn check_int8_activations(&self, placement: Placement) -> Result<()> {
+        let q4k = self.quant()?.is_some_and(|q| q.qtype == emu_core::QuantType::Q4K);
+        if !q4k {
+            return Err(PipelineError::Input(
+                "--int8-activations applies to Q4_K linears: add --quantize q4_k".into(),
+            ));
+        }
+        if placement.llm != BackendKind::Cpu {
+            return Err(PipelineError::Input(format!(
+                "--int8-activations applies to the cpu backend; the language model runs on {}",
+                placement.llm.name()
+            )));
+        }
+        if !emu::backend::CpuBackend::int8_activations_available() {
+            return Err(PipelineError::Input(
+                "--int8-activations needs a CPU with AVX512-VNNI, which this one lacks".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The backends to open components on (with `--int8-activations`).
+    pub fn backends(&self) -> Backends {
+        Backends::default().cpu_int8_activations(self.int8_activations)
     }
 
     /// The `--quantize` request for the language model, if any.
