@@ -162,10 +162,12 @@ fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>,
     debug_assert_eq!(x.len(), m * k);
     debug_assert_eq!(w.len(), n * k);
     // Output features are computed transposed (`n x m`) so each task owns a
-    // contiguous block; 16 tasks a thread keep the team's threads finishing
-    // together (a task is claimed for about a microsecond).
+    // contiguous block, one a thread: each core streams its own half of the
+    // weights, which the hardware prefetcher follows (16 interleaved tasks a
+    // thread decoded 8-20% slower at mid size, measured), and the team's
+    // claiming still lets one thread take every block when another is late.
     let threads = rayon::current_num_threads().max(1);
-    let block = n.div_ceil(threads * 16).clamp(16, 512);
+    let block = n.div_ceil(threads).max(16);
     let mut yt = vec![0f32; n * m];
     #[cfg(target_arch = "x86_64")]
     let wide = allow_wide

@@ -109,7 +109,7 @@ fn linear_rows_isa(
                 }
             }
         });
-        return transpose(&yt, m, n);
+        return transpose(yt, m, n);
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
@@ -117,7 +117,7 @@ fn linear_rows_isa(
         let mut row = vec![0f32; k];
         Task { x, m, k, w, bias }.run(bi * block, out, &mut row);
     });
-    transpose(&yt, m, n)
+    transpose(yt, m, n)
 }
 
 /// [`linear_rows`] of Q4_K weights on 8-bit inputs (the caller checked
@@ -138,17 +138,20 @@ fn linear_rows_q8(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>) ->
             }
         }
     });
-    transpose(&yt, m, n)
+    transpose(yt, m, n)
 }
 
-/// Weight rows per task of the row kernels: 16 tasks a thread, so the
-/// team's threads finish together.
+/// Weight rows per task of the row kernels: one contiguous run a thread
+/// (see `matvec::linear_rows_with`: each core streams its own part).
 fn task_rows(n: usize) -> usize {
-    n.div_ceil(rayon::current_num_threads().max(1) * 16).clamp(8, 256)
+    n.div_ceil(rayon::current_num_threads().max(1)).max(8)
 }
 
 /// `n x m` (output feature major, as the tasks write) to `m x n`.
-fn transpose(yt: &[f32], m: usize, n: usize) -> Vec<f32> {
+fn transpose(yt: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+    if m == 1 {
+        return yt;
+    }
     let mut y = vec![0f32; m * n];
     for (r, col) in yt.chunks_exact(m).enumerate() {
         for (i, v) in col.iter().enumerate() {
