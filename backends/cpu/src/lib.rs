@@ -203,6 +203,51 @@ fn f32_vec(t: &CTensor) -> Result<Vec<f32>> {
     convert::f32_values(t).map_err(err)
 }
 
+/// Inputs of [`Backend::rope`] up to this many elements (decode's few
+/// positions) are rotated on the calling thread: candle's kernel hands every
+/// head to rayon, whose wake-ups cost more than the rotation.
+const ROPE_SERIAL_MAX: usize = 1 << 15;
+
+/// candle's `rope` (halves `i` and `i + d/2`, `cos`/`sin` `[T, D/2]`) on
+/// one thread, in the tensor's own type so every product and sum rounds as
+/// candle's (and PyTorch's) do.
+fn rope_serial(x: &CTensor, cos: &CTensor, sin: &CTensor) -> Result<CTensor> {
+    fn rotate<
+        T: candle_core::WithDType + std::ops::Mul<Output = T> + std::ops::Add<Output = T> + std::ops::Sub<Output = T>,
+    >(
+        x: &CTensor,
+        cos: &CTensor,
+        sin: &CTensor,
+    ) -> candle_core::Result<CTensor> {
+        let dims = x.dims().to_vec();
+        let (t, d) = (dims[2], dims[3]);
+        let half = d / 2;
+        let xv = x.flatten_all()?.to_vec1::<T>()?;
+        let (c, s) = (cos.flatten_all()?.to_vec1::<T>()?, sin.flatten_all()?.to_vec1::<T>()?);
+        let mut out = xv.clone();
+        for (head, o) in xv.chunks_exact(t * d).zip(out.chunks_exact_mut(t * d)) {
+            for p in 0..t {
+                let (xr, or) = (&head[p * d..(p + 1) * d], &mut o[p * d..(p + 1) * d]);
+                for i in 0..half {
+                    let (x1, x2) = (xr[i], xr[i + half]);
+                    let (ci, si) = (c[p * half + i], s[p * half + i]);
+                    or[i] = x1 * ci - x2 * si;
+                    or[i + half] = x1 * si + x2 * ci;
+                }
+            }
+        }
+        CTensor::from_vec(out, dims, x.device())
+    }
+    match x.dtype() {
+        CDType::F32 => rotate::<f32>(x, cos, sin),
+        CDType::BF16 => rotate::<half::bf16>(x, cos, sin),
+        CDType::F16 => rotate::<half::f16>(x, cos, sin),
+        CDType::F64 => rotate::<f64>(x, cos, sin),
+        other => Err(candle_core::Error::Msg(format!("rope on {other:?}"))),
+    }
+    .map_err(err)
+}
+
 impl CpuBackend {
     /// f32/bf16 `a op b` where one operand has the output's shape and the other
     /// repeats along it (same shape, or a trailing block such as a bias);
@@ -891,6 +936,9 @@ impl Backend for CpuBackend {
         if !fused {
             return emu_core::backend::default_rope(self, x, cos, sin);
         }
+        if x.elem_count() <= ROPE_SERIAL_MAX {
+            return rope_serial(x, cos, sin);
+        }
         candle_nn::rotary_emb::rope(
             &x.contiguous().map_err(err)?,
             &cos.contiguous().map_err(err)?,
@@ -931,5 +979,47 @@ impl Backend for CpuBackend {
             return emu_core::backend::default_attention(self, q, k, v, mask, scale);
         }
         attention::attention(q, k, v, mask.bias, mask.causal_offset, scale).map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The serial rope is candle's, bit for bit, in every float type.
+    #[test]
+    fn serial_rope_is_candles_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (b, h, t, d) = (2, 3, 5, 8);
+        let vals = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        for dt in [CDType::F32, CDType::BF16, CDType::F16] {
+            let x = CTensor::from_vec(vals(b * h * t * d, 1), (b, h, t, d), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let cos = CTensor::from_vec(vals(t * d / 2, 2), (t, d / 2), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let sin = CTensor::from_vec(vals(t * d / 2, 3), (t, d / 2), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let ours = rope_serial(&x, &cos, &sin).unwrap().to_dtype(CDType::F32).unwrap();
+            let theirs = candle_nn::rotary_emb::rope(&x, &cos, &sin)
+                .unwrap()
+                .to_dtype(CDType::F32)
+                .unwrap();
+            let (o, t2) = (
+                ours.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert_eq!(o.len(), t2.len());
+            assert!(o.iter().zip(&t2).all(|(a, b)| a.to_bits() == b.to_bits()), "{dt:?}");
+        }
     }
 }
