@@ -13,9 +13,6 @@ use std::process::Command;
 use emu_core::testing::{host_rel_err, linear_quant_reference, uniform_host, Rng};
 use emu_core::{HostTensor, QuantTensor, QuantType};
 
-/// Output features per block of the matvec kernels (`LQ_WARPS`).
-const LQ_WARPS: usize = 4;
-
 fn compile(dir: &Path) -> Option<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
@@ -69,8 +66,9 @@ fn quantized_kernels_match_the_reference_when_emulated_on_the_host() {
     let Some(exe) = compile(dir.path()) else { return };
     let mut rng = Rng::new(51);
     for q in [QuantType::Q8_0, QuantType::Q4K] {
-        // (rows, features, inputs, blocks): one block a warp group, and a
-        // grid too small for the features (the kernels' grid-stride loop).
+        // (rows, features, inputs, blocks of LQ_WARPS = 4 features): enough
+        // blocks for every feature, and grids too small for them (the
+        // kernels' grid-stride loop).
         for &(m, n, k, grid) in &[(1, 9, 512, 3), (3, 17, 768, 2), (8, 5, 256, 2), (2, 4, 1024, 1)] {
             let w = weight(&mut rng, n, k, q);
             let x = uniform_host(&mut rng, &[m, k], -1.0, 1.0);
