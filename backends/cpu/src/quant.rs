@@ -88,7 +88,8 @@ fn linear_rows_isa(
         let bf16 = bf16_input && w.qtype() == QuantType::Q4K && crate::quant_x86::bf16_dots();
         // Truncation is exact: the values are widened bf16.
         let xb: Vec<u16> = if bf16 {
-            x.iter().map(|v| (v.to_bits() >> 16) as u16).collect()
+            let bits: Vec<u16> = x.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
+            crate::quant_x86::q4_k_bf16_planes(&bits, k)
         } else {
             Vec::new()
         };
