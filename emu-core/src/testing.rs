@@ -627,6 +627,50 @@ pub fn linear_quant_reference(x: &HostTensor, w: &QuantTensor, b: Option<&HostTe
         .expect("dims and values agree by construction")
 }
 
+/// Random `[n, k]` weights in `[-1, 1)` quantized to `q`, named `test.weight`.
+pub fn quantized_uniform(rng: &mut Rng, n: usize, k: usize, q: QuantType) -> QuantTensor {
+    QuantTensor::quantize("test.weight", &uniform_host(rng, &[n, k], -1.0, 1.0), q)
+        .expect("k is a whole number of blocks")
+}
+
+/// A backend's quantized linear against dequantize-then-linear in f64, for
+/// both formats and every `(rows, out features, in features, bias)` case,
+/// at 1e-5 relative (the kernels keep f32 inputs and f32 sums).
+pub fn assert_linear_quant_cases<B: Backend>(be: &B, seed: u64, cases: &[(usize, usize, usize, bool)]) {
+    let mut rng = Rng::new(seed);
+    for q in [QuantType::Q8_0, QuantType::Q4K] {
+        for &(m, n, k, bias) in cases {
+            let w = quantized_uniform(&mut rng, n, k, q);
+            let x = uniform_host(&mut rng, &[m, k], -1.0, 1.0);
+            let b = bias.then(|| uniform_host(&mut rng, &[n], -1.0, 1.0));
+            let got = run_linear_quant(be, &x, &w, b.as_ref());
+            let want = linear_quant_reference(&x, &w, b.as_ref());
+            assert_eq!(got.dims(), [m, n], "{q} {m}x{k} -> {n}");
+            let e = host_rel_err(&got, &want);
+            assert!(e <= 1e-5, "{q} {m}x{k} -> {n}: rel err {e:e}");
+        }
+    }
+}
+
+/// A backend that keeps device copies of quantized weights uses each
+/// tensor's own bytes: a new tensor each round (possibly at a freed one's
+/// address) never reads a stale copy, and a clone shares its copy.
+/// `after_drop` runs once each round's tensor is gone.
+pub fn assert_quant_copies_follow_tensors<B: Backend>(be: &B, mut after_drop: impl FnMut(usize)) {
+    let mut rng = Rng::new(42);
+    let x = uniform_host(&mut rng, &[2, 256], -1.0, 1.0);
+    for round in 0..3 {
+        let w = quantized_uniform(&mut rng, 24, 256, QuantType::Q4K);
+        let want = linear_quant_reference(&x, &w, None);
+        let first = run_linear_quant(be, &x, &w, None);
+        let again = run_linear_quant(be, &x, &w.clone(), None);
+        assert!(host_rel_err(&first, &want) <= 1e-5, "round {round}");
+        assert_eq!(first.to_f64_vec().ok(), again.to_f64_vec().ok(), "round {round}");
+        drop(w);
+        after_drop(round);
+    }
+}
+
 /// [`rel_err`] of two host tensors of the same shape; a shape mismatch or a
 /// dtype that cannot be read as f32 is infinitely wrong.
 pub fn host_rel_err(got: &HostTensor, want: &HostTensor) -> f64 {

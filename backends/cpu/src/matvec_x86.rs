@@ -86,6 +86,15 @@ pub(crate) unsafe fn dot_block(e: Elem, w: *const u8, x: &[f32], k: usize, m: us
 /// plain f32/bf16 rows, pure streams, slower, so they do not).
 pub(crate) const PREFETCH: usize = 1024;
 
+/// 32 bf16 bit patterns as `vdpbf16ps`'s operand type: a plain
+/// reinterpretation of the register.
+macro_rules! bh {
+    ($v:expr) => {
+        std::mem::transmute::<std::arch::x86_64::__m512i, std::arch::x86_64::__m512bh>($v)
+    };
+}
+pub(crate) use bh;
+
 /// Prefetches the `bytes` (a multiple of 64) that lie [`PREFETCH`] past
 /// `at`. A prefetch never faults, so the address may lie past the weights.
 #[inline(always)]
@@ -184,13 +193,6 @@ unsafe fn rows_bf16<const R: usize>(w: *const u16, x: &[u16], k: usize, out: &mu
     let xp = x.as_ptr();
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     let mut j = 0;
-    // A plain reinterpretation (a closure would take the vectors through
-    // memory: it does not inherit this function's target features).
-    macro_rules! bh {
-        ($v:expr) => {
-            std::mem::transmute::<__m512i, __m512bh>($v)
-        };
-    }
     // SAFETY: full steps read elements j .. j + 64 <= k of w and of each
     // input row; the tail's loads are masked to elements < k (zeros past
     // it add nothing).

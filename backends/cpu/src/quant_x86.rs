@@ -192,8 +192,8 @@ unsafe fn q8_0_avx512<const R: usize>(row: &[u8], x: &[f32], _xsum: &[f32], k: u
     let nb = k / QK8_0;
     let (wp, xp) = (row.as_ptr(), x.as_ptr());
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    // One block into accumulator `c` of every row (a macro: a closure would
-    // not inherit this function's target features).
+    // One block into accumulator `c` of every row; the loop below unrolls it
+    // by two.
     macro_rules! block {
         ($b:expr, $c:expr) => {
             // SAFETY: block b lies inside `row` (nb * TS bytes) and the
@@ -573,11 +573,7 @@ unsafe fn q4_k_bf16<const R: usize>(row: &[u8], xb: &[u16], xsum: &[f32], k: usi
     let nb = k / QK_K;
     let sbs = k / 32;
     let xp = xb.as_ptr();
-    macro_rules! bh {
-        ($v:expr) => {
-            std::mem::transmute::<__m512i, __m512bh>($v)
-        };
-    }
+    use crate::matvec_x86::bh;
     // SAFETY: 32 readable u16.
     let table = unsafe { _mm512_loadu_si512(NIBBLE_BF16.as_ptr() as *const _) };
     let zero = _mm512_setzero_ps();
@@ -614,9 +610,14 @@ unsafe fn q4_k_bf16<const R: usize>(row: &[u8], xb: &[u16], xsum: &[f32], k: usi
                 let s_hi = _mm512_permutexvar_ps(hidx[1], dl);
                 for (i, a) in acc.iter_mut().enumerate() {
                     let xq = xp.add(i * k + b * QK_K + 128 * h);
-                    let plane = |p: usize| bh!(_mm512_loadu_si512(xq.add(32 * p) as *const _));
-                    let lo = _mm512_dpbf16_ps(_mm512_dpbf16_ps(zero, bh!(w[0]), plane(0)), bh!(w[2]), plane(2));
-                    let hi = _mm512_dpbf16_ps(_mm512_dpbf16_ps(zero, bh!(w[1]), plane(1)), bh!(w[3]), plane(3));
+                    let p = [
+                        bh!(_mm512_loadu_si512(xq as *const _)),
+                        bh!(_mm512_loadu_si512(xq.add(32) as *const _)),
+                        bh!(_mm512_loadu_si512(xq.add(64) as *const _)),
+                        bh!(_mm512_loadu_si512(xq.add(96) as *const _)),
+                    ];
+                    let lo = _mm512_dpbf16_ps(_mm512_dpbf16_ps(zero, bh!(w[0]), p[0]), bh!(w[2]), p[2]);
+                    let hi = _mm512_dpbf16_ps(_mm512_dpbf16_ps(zero, bh!(w[1]), p[1]), bh!(w[3]), p[3]);
                     a[0] = _mm512_fmadd_ps(s_lo, lo, a[0]);
                     a[1] = _mm512_fmadd_ps(s_hi, hi, a[1]);
                 }

@@ -4,7 +4,9 @@
 //! from a file with the contrib domain it needs.
 
 use emu_backend_onnx::{run_model_file, OnnxBackend};
-use emu_core::testing::{host_rel_err, linear_quant_reference, run_linear_quant, uniform_host, Rng};
+use emu_core::testing::{
+    assert_linear_quant_cases, host_rel_err, linear_quant_reference, run_linear_quant, uniform_host, Rng,
+};
 use emu_core::{Backend, QuantTensor, QuantType};
 
 fn backend() -> Option<OnnxBackend> {
@@ -14,21 +16,7 @@ fn backend() -> Option<OnnxBackend> {
 #[test]
 fn matmul_nbits_matches_dequantize_then_linear() {
     let Some(be) = backend() else { return };
-    let mut rng = Rng::new(51);
-    for q in [QuantType::Q8_0, QuantType::Q4K] {
-        for &(m, n, k, bias) in &[(1, 33, 512, false), (5, 17, 256, true), (3, 8, 768, true)] {
-            let w = QuantTensor::quantize("t.weight", &uniform_host(&mut rng, &[n, k], -1.0, 1.0), q).unwrap();
-            let x = uniform_host(&mut rng, &[m, k], -1.0, 1.0);
-            let b = bias.then(|| uniform_host(&mut rng, &[n], -1.0, 1.0));
-            let (got, want) = (
-                run_linear_quant(&be, &x, &w, b.as_ref()),
-                linear_quant_reference(&x, &w, b.as_ref()),
-            );
-            assert_eq!(got.dims(), [m, n]);
-            let e = host_rel_err(&got, &want);
-            assert!(e <= 1e-5, "{q} {m}x{k} -> {n}: rel err {e:e}");
-        }
-    }
+    assert_linear_quant_cases(&be, 51, &[(1, 33, 512, false), (5, 17, 256, true), (3, 8, 768, true)]);
 }
 
 /// A Q4_K sub-block with scale 0 and a non-zero min (every weight `-dmin *
