@@ -8,6 +8,8 @@
 //!   safetensors and PyTorch pickle checkpoints, with dtype conversion tensor
 //!   by tensor;
 //! * [`quant`]: GGUF-compatible block-quantized weights (`Q8_0`, `Q4_K`);
+//! * [`linear`]: a linear layer's weight, dense or quantized, loaded the
+//!   same way by every model crate;
 //! * [`Error`]: the typed errors of all of the above.
 
 pub mod backend;
@@ -16,6 +18,7 @@ pub mod dtype;
 pub mod error;
 pub mod fs;
 pub mod host;
+pub mod linear;
 pub mod memory;
 pub mod quant;
 pub mod shape;
@@ -27,5 +30,6 @@ pub use checkpoint::{Checkpoint, Weights};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use host::HostTensor;
+pub use linear::{BlockQuant, LinearGroup, LinearWeight};
 pub use quant::{QuantTensor, QuantType};
 pub use tensor::Tensor;

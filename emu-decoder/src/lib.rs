@@ -39,5 +39,8 @@ mod weights;
 pub use error::{Error, Result};
 pub use pipeline::{to_rgb8, DiffusionDecoder, Progress, RgbImage, SamplingParams};
 pub use scheduler::{EulerDiscreteConfig, EulerDiscreteScheduler, PredictionType, TimestepSpacing};
-pub use unet::{TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel, UNetResnetBlock, UNetTransformerBlock};
+pub use unet::{
+    linear_group as unet_linear_group, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel, UNetResnetBlock,
+    UNetTransformerBlock,
+};
 pub use vae::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian};

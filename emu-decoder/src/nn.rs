@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::weights::Vb;
-use emu_core::{Backend, Conv2dParams, Tensor};
+use emu_core::{Backend, Conv2dParams, LinearGroup, LinearWeight, Tensor};
 
 /// `nn.Conv2d` with square kernels, stride and padding.
 #[derive(Debug, Clone)]
@@ -27,25 +27,37 @@ impl<B: Backend> Conv2d<B> {
     }
 }
 
-/// `nn.Linear`.
+/// `nn.Linear`, its weight dense or block-quantized.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear<B: Backend> {
-    weight: Tensor<B>,
+    weight: LinearWeight<B>,
     bias: Option<Tensor<B>>,
 }
 
 impl<B: Backend> Linear<B> {
+    /// A linear kept in the view's dtype (unless the checkpoint stores blocks).
     pub fn load(vb: &Vb<B>, din: usize, dout: usize, bias: bool) -> Result<Self> {
+        Self::load_with(vb, din, dout, bias, None)
+    }
+
+    /// A linear of `group`, quantized as the view's [`emu_core::BlockQuant`] asks.
+    pub fn load_in(vb: &Vb<B>, group: LinearGroup, din: usize, dout: usize, bias: bool) -> Result<Self> {
+        Self::load_with(vb, din, dout, bias, vb.quant().format(group, din))
+    }
+
+    fn load_with(vb: &Vb<B>, din: usize, dout: usize, bias: bool, quant: Option<emu_core::QuantType>) -> Result<Self> {
         Ok(Self {
-            weight: vb.get("weight", &[dout, din])?,
+            weight: LinearWeight::load(vb.backend(), vb.weights(), dout, din, vb.dtype(), quant)?,
             bias: if bias { Some(vb.get("bias", &[dout])?) } else { None },
         })
     }
 
     pub fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
-        Ok(x.linear(&self.weight, self.bias.as_ref())?)
+        Ok(self.weight.forward(x, self.bias.as_ref())?)
     }
 }
+
+const ATTN: LinearGroup = LinearGroup::Attention;
 
 /// `nn.GroupNorm` with affine parameters.
 #[derive(Debug, Clone)]
@@ -187,10 +199,10 @@ impl<B: Backend> Attention<B> {
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: Linear::load(&vb.pp("to_q"), query_dim, inner, qkv_bias)?,
-            to_k: Linear::load(&vb.pp("to_k"), context_dim, inner, qkv_bias)?,
-            to_v: Linear::load(&vb.pp("to_v"), context_dim, inner, qkv_bias)?,
-            to_out: Linear::load(&vb.pp("to_out").pp(0), inner, query_dim, true)?,
+            to_q: Linear::load_in(&vb.pp("to_q"), ATTN, query_dim, inner, qkv_bias)?,
+            to_k: Linear::load_in(&vb.pp("to_k"), ATTN, context_dim, inner, qkv_bias)?,
+            to_v: Linear::load_in(&vb.pp("to_v"), ATTN, context_dim, inner, qkv_bias)?,
+            to_out: Linear::load_in(&vb.pp("to_out").pp(0), ATTN, inner, query_dim, true)?,
             heads,
             head_dim,
         })

@@ -11,7 +11,7 @@ use crate::nn::{
     ResnetCfg, Upsample2D,
 };
 use crate::weights::Vb;
-use emu_core::{Backend, DType, HostTensor, Tensor, Weights};
+use emu_core::{Backend, BlockQuant, DType, HostTensor, LinearGroup, Tensor, Weights};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -439,6 +439,22 @@ impl UNet2DConditionConfig {
     }
 }
 
+/// Which group of [`BlockQuant`] the UNet checkpoint tensor `key` belongs
+/// to: a transformer block's `attn1`/`attn2` projections are attention, its
+/// `ff.net.0.proj` and `ff.net.2` are MLP; `None` for everything else (the
+/// VAE's attention has no `transformer_blocks`, so it is never selected).
+pub fn linear_group(key: &str) -> Option<LinearGroup> {
+    let rest = &key[key.find("transformer_blocks.")? + "transformer_blocks.".len()..];
+    let (layer, module) = rest.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    let attn = ["to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"];
+    match module.split_once('.') {
+        Some(("attn1" | "attn2", proj)) if attn.contains(&proj) => Some(LinearGroup::Attention),
+        _ if module == "ff.net.0.proj.weight" || module == "ff.net.2.weight" => Some(LinearGroup::Mlp),
+        _ => None,
+    }
+}
+
 /// diffusers' `get_timestep_embedding` in float32 on the host: `[N, dim]`.
 pub fn timestep_embedding(timesteps: &[f32], dim: usize, flip_sin_to_cos: bool, shift: f64) -> Result<HostTensor> {
     let half = dim / 2;
@@ -491,8 +507,8 @@ impl<B: Backend> GegluFeedForward<B> {
     fn load(vb: &Vb<B>, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj: Linear::load(&vb.pp("net").pp(0).pp("proj"), dim, 2 * inner, true)?,
-            out: Linear::load(&vb.pp("net").pp(2), inner, dim, true)?,
+            proj: Linear::load_in(&vb.pp("net").pp(0).pp("proj"), LinearGroup::Mlp, dim, 2 * inner, true)?,
+            out: Linear::load_in(&vb.pp("net").pp(2), LinearGroup::Mlp, inner, dim, true)?,
             inner,
         })
     }
@@ -652,7 +668,22 @@ impl<B: Backend> UNet2DConditionModel<B> {
     /// Loads every module from `weights` (a view at the model root, diffusers
     /// key names), uploading parameters to `backend` in `dtype`.
     pub fn load(backend: &B, weights: &Weights, cfg: &UNet2DConditionConfig, dtype: DType) -> Result<Self> {
-        let vb = &Vb::new(weights, backend, dtype);
+        Self::load_quantized(backend, weights, cfg, dtype, BlockQuant::default())
+    }
+
+    /// [`UNet2DConditionModel::load`] with the transformer blocks' linears
+    /// that `quant` selects block-quantized while loading (`attn1`/`attn2`
+    /// `to_q`, `to_k`, `to_v`, `to_out.0`: attention; `ff.net.0.proj`,
+    /// `ff.net.2`: MLP). Convolutions, norms, the time embeddings and the
+    /// transformers' `proj_in`/`proj_out` stay in `dtype`.
+    pub fn load_quantized(
+        backend: &B,
+        weights: &Weights,
+        cfg: &UNet2DConditionConfig,
+        dtype: DType,
+        quant: BlockQuant,
+    ) -> Result<Self> {
+        let vb = &Vb::new(weights, backend, dtype).with_quant(quant);
         let rv = cfg.resolve()?;
         let boc = &cfg.block_out_channels;
         let n = boc.len();

@@ -3,13 +3,15 @@
 //! parameters are uploaded in, so that layer constructors take one argument.
 
 use crate::error::Result;
-use emu_core::{Backend, DType, Tensor, Weights};
+use emu_core::{Backend, BlockQuant, DType, Tensor, Weights};
 
 #[derive(Clone)]
 pub(crate) struct Vb<B: Backend> {
     weights: Weights,
     backend: B,
     dtype: DType,
+    /// The transformer linears to block-quantize (the UNet's; none for the VAE).
+    quant: BlockQuant,
 }
 
 impl<B: Backend> Vb<B> {
@@ -18,7 +20,22 @@ impl<B: Backend> Vb<B> {
             weights: weights.clone(),
             backend: backend.clone(),
             dtype,
+            quant: BlockQuant::default(),
         }
+    }
+
+    /// This view, with `quant` asked of the linears loaded through it.
+    pub fn with_quant(mut self, quant: BlockQuant) -> Self {
+        self.quant = quant;
+        self
+    }
+
+    pub fn quant(&self) -> BlockQuant {
+        self.quant
+    }
+
+    pub fn weights(&self) -> &Weights {
+        &self.weights
     }
 
     /// The view below `name` (`vb.pp("up_blocks").pp(0)` reads `up_blocks.0.*`).
@@ -27,6 +44,7 @@ impl<B: Backend> Vb<B> {
             weights: self.weights.pp(name),
             backend: self.backend.clone(),
             dtype: self.dtype,
+            quant: self.quant,
         }
     }
 

@@ -119,3 +119,53 @@ fn the_real_emu2_gen_unet_config_parses() {
     assert_eq!(cfg.addition_embed_type.as_deref(), Some("text_time"));
     assert_eq!(cfg.projection_class_embeddings_input_dim, Some(1792 + 6 * 256));
 }
+
+/// `load_quantized` against a dense UNet whose selected linears hold their
+/// quantize-then-dequantize round trip: the same network, so the outputs
+/// agree to the kernels' rounding. The fixture's widths (16, 24, 32; cross
+/// attention 20) leave some linears without a whole Q8_0 block per row: they
+/// stay dense, and the copy keeps them as they are too. The counts are the
+/// fixture's (72 attention and 29 feed-forward linears with rows of 32k).
+#[test]
+fn quantized_transformer_linears_match_their_dequantized_weights() {
+    use emu_core::{BlockQuant, QuantType};
+    use emu_decoder::unet_linear_group;
+    let be = CpuBackend::new();
+    let cfg = UNet2DConditionConfig::from_file(unet_dir().join("config.json")).unwrap();
+    let src = Checkpoint::open_dir(unet_dir(), None).unwrap();
+    let io = load("unet_io.safetensors");
+    let t = f32s(&io, "timestep")[0];
+    let original = run(&load_unet(&be, DType::F32), &io, "sample", t, 2, DType::F32);
+    let cases = [
+        (BlockQuant::all(QuantType::Q8_0), 101),
+        (BlockQuant::all(QuantType::Q4K), 101),
+        (
+            BlockQuant {
+                attention: None,
+                mlp: Some(QuantType::Q8_0),
+            },
+            29,
+        ),
+    ];
+    for (i, (quant, expected)) in cases.into_iter().enumerate() {
+        let dir = std::env::temp_dir().join(format!("emu-unet-quant-{}-{i}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("diffusion_pytorch_model.safetensors");
+        let select = |k: &str, d: &[usize]| quant.format(unet_linear_group(k)?, *d.last()?);
+        let replaced = emu_core::testing::write_dequantized_copy(&src, &file, &select).unwrap();
+        let reference = Checkpoint::open(&file).unwrap();
+        let dense = UNet2DConditionModel::load(&be, &reference.weights(), &cfg, DType::F32).unwrap();
+        let want = run(&dense, &io, "sample", t, 2, DType::F32);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(replaced, expected, "{quant:?}: linears with whole blocks");
+        let q = UNet2DConditionModel::load_quantized(&be, &src.weights(), &cfg, DType::F32, quant).unwrap();
+        let got = run(&q, &io, "sample", t, 2, DType::F32);
+        let (e, moved) = (rel_err(&got, &want), rel_err(&want, &original));
+        println!("unet {quant:?}: vs dequantized weights {e:.2e}, quantization moved the output {moved:.2e}");
+        assert!(e <= 1e-5, "{quant:?}: rel err {e:.2e}");
+        assert!(
+            moved > 1e-4,
+            "{quant:?}: quantization left the output unchanged ({moved:.2e})"
+        );
+    }
+}

@@ -5,7 +5,7 @@ use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::quant::LlmQuant;
 use emu_core::checkpoint::{Checkpoint, Weights};
-use emu_core::{Backend, DType, HostTensor, QuantTensor, QuantType, Tensor};
+use emu_core::{Backend, DType, HostTensor, LinearWeight, Tensor};
 
 /// Token ids whose embeddings are replaced by visual embeddings
 /// (SPEC §3.4). The defaults are Emu2's `<image>` and `[gIMG]`.
@@ -28,70 +28,7 @@ impl Default for SlotIds {
 
 /// A bias-free `nn.Linear`, with its weight on the device in the model dtype
 /// or block-quantized (see [`emu_core::quant`]).
-#[derive(Debug, Clone)]
-pub enum Linear<B: Backend> {
-    Dense(Tensor<B>),
-    Quant(QuantTensor),
-}
-
-impl<B: Backend> Linear<B> {
-    /// Loads `weight` `[out_dim, in_dim]`, quantized to `quant`'s format when given.
-    fn load(
-        backend: &B,
-        w: &Weights,
-        out_dim: usize,
-        in_dim: usize,
-        dtype: DType,
-        quant: Option<&LlmQuant>,
-    ) -> Result<Self> {
-        let dims = [out_dim, in_dim];
-        let key = w.key("weight");
-        // A quantized checkpoint (GGUF) keeps its blocks whatever was asked.
-        if let Some(stored) = w.checkpoint().get_quant(&key)? {
-            if stored.dims() != dims {
-                return Err(emu_core::Error::ShapeMismatch {
-                    location: w.checkpoint().file_of(&key)?.display().to_string(),
-                    key,
-                    expected: dims.to_vec(),
-                    found: stored.dims().to_vec(),
-                }
-                .into());
-            }
-            return Ok(Self::Quant(stored));
-        }
-        let Some(q) = quant else {
-            return Ok(Self::Dense(w.tensor(backend, "weight", &dims, dtype)?));
-        };
-        let qtype = q.format_for(&key, in_dim)?;
-        // Quantized from f32 (ggml quantizes from f32 too); the f32 copy of
-        // one tensor is the peak host memory of loading.
-        let host = w.get_checked("weight", &dims, DType::F32)?;
-        Ok(Self::Quant(QuantTensor::quantize(key, &host, qtype)?))
-    }
-
-    pub fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
-        Ok(match self {
-            Self::Dense(w) => x.linear(w, None)?,
-            Self::Quant(w) => x.linear_quant(w, None)?,
-        })
-    }
-
-    /// The block format, or `None` for a dense weight.
-    pub fn quant_type(&self) -> Option<QuantType> {
-        match self {
-            Self::Dense(_) => None,
-            Self::Quant(w) => Some(w.qtype()),
-        }
-    }
-
-    /// Bytes the weight occupies (block bytes when quantized).
-    pub fn weight_bytes(&self) -> usize {
-        match self {
-            Self::Dense(w) => w.dims().iter().product::<usize>() * w.dtype().size_in_bytes(),
-            Self::Quant(w) => w.bytes().len(),
-        }
-    }
-}
+pub type Linear<B> = LinearWeight<B>;
 
 /// `LlamaRMSNorm`.
 #[derive(Debug, Clone)]
@@ -135,9 +72,9 @@ pub struct Mlp<B: Backend> {
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
-        let g = self.gate_proj.forward(x)?.silu()?;
-        let u = self.up_proj.forward(x)?;
-        self.down_proj.forward(&g.mul(&u)?)
+        let g = self.gate_proj.forward(x, None)?.silu()?;
+        let u = self.up_proj.forward(x, None)?;
+        Ok(self.down_proj.forward(&g.mul(&u)?, None)?)
     }
 }
 
@@ -312,9 +249,12 @@ impl<B: Backend> Llama<B> {
         dtype: DType,
         quant: Option<&LlmQuant>,
     ) -> Result<Self> {
-        let qa = quant.filter(|q| q.linears.attention);
-        let qm = quant.filter(|q| q.linears.mlp);
-        let qh = quant.filter(|q| q.linears.lm_head);
+        let pick = |on: fn(&LlmQuant) -> bool| quant.filter(|q| on(q)).map(|q| q.qtype);
+        let (qa, qm, qh) = (
+            pick(|q| q.linears.attention),
+            pick(|q| q.linears.mlp),
+            pick(|q| q.linears.lm_head),
+        );
         if !dtype.is_float() || !backend.supports(dtype) {
             return Err(Error::Input(format!(
                 "cannot run the LLM in {dtype} on backend `{}`",
@@ -564,7 +504,7 @@ impl<B: Backend> Llama<B> {
 
     /// Applies `lm_head` to hidden states `[.., H]`.
     pub fn logits(&self, hidden: &Tensor<B>) -> Result<Tensor<B>> {
-        self.lm_head.forward(hidden)
+        Ok(self.lm_head.forward(hidden, None)?)
     }
 
     /// Runs `embeds` (`[B, T, H]`, the next `T` positions of every sequence)
@@ -669,7 +609,11 @@ impl<B: Backend> Llama<B> {
     ) -> Result<Tensor<B>> {
         let a = &layer.self_attn;
         let h = layer.input_layernorm.forward(x)?;
-        let (q, k, v) = (a.q_proj.forward(&h)?, a.k_proj.forward(&h)?, a.v_proj.forward(&h)?);
+        let (q, k, v) = (
+            a.q_proj.forward(&h, None)?,
+            a.k_proj.forward(&h, None)?,
+            a.v_proj.forward(&h, None)?,
+        );
         let attn = attend(a, &q, &k, &v, cos, sin, cache, i, start)?;
         layer_rest(layer, x, &attn)
     }
@@ -707,7 +651,11 @@ impl<B: Backend> Llama<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             let a = &layer.self_attn;
             let h = layer.input_layernorm.forward(&x)?;
-            let (q, k, v) = (a.q_proj.forward(&h)?, a.k_proj.forward(&h)?, a.v_proj.forward(&h)?);
+            let (q, k, v) = (
+                a.q_proj.forward(&h, None)?,
+                a.k_proj.forward(&h, None)?,
+                a.v_proj.forward(&h, None)?,
+            );
             let mut rows = Vec::with_capacity(b);
             for (r, (cache, (cos, sin))) in caches.iter_mut().zip(&ropes).enumerate() {
                 let row = |y: &Tensor<B>| y.narrow(0, r, 1);
@@ -729,7 +677,7 @@ impl<B: Backend> Llama<B> {
 /// then the MLP block and its residual.
 fn layer_rest<B: Backend>(layer: &DecoderLayer<B>, x: &Tensor<B>, attn: &Tensor<B>) -> Result<Tensor<B>> {
     let a = &layer.self_attn;
-    let x = x.add(&a.o_proj.forward(attn)?)?;
+    let x = x.add(&a.o_proj.forward(attn, None)?)?;
     let h = layer.post_attention_layernorm.forward(&x)?;
     Ok(x.add(&layer.mlp.forward(&h)?)?)
 }

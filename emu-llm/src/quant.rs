@@ -7,7 +7,7 @@
 //! quantized. `lm_head` can be added on request.
 
 use crate::error::{Error, Result};
-use emu_core::quant::{QuantType, QK8_0};
+use emu_core::quant::QuantType;
 
 /// The groups of linear layers that can be quantized.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,26 +77,18 @@ impl LlmQuant {
         }
     }
 
-    /// The format a weight with `inner` input features gets: `qtype`, or
-    /// Q8_0 where a Q4_K super-block (256) does not divide the row but a
-    /// Q8_0 block (32) does (llama.cpp also falls back to a 32-wide format
-    /// there). An error naming `tensor` where neither divides.
-    #[allow(clippy::manual_is_multiple_of)]
+    /// The format a weight with `inner` input features gets (see
+    /// [`emu_core::linear::block_format`]).
     pub fn format_for(&self, tensor: &str, inner: usize) -> Result<QuantType> {
-        if inner > 0 && inner % self.qtype.block_size() == 0 {
-            Ok(self.qtype)
-        } else if inner > 0 && inner % QK8_0 == 0 {
-            Ok(QuantType::Q8_0)
-        } else {
-            Err(emu_core::Error::Quant {
-                tensor: tensor.to_string(),
-                message: format!(
-                    "{inner} input features are not a multiple of the {} block size {} (nor of Q8_0's {QK8_0})",
-                    self.qtype,
-                    self.qtype.block_size()
-                ),
-            }
-            .into())
+        Ok(emu_core::linear::block_format(self.qtype, tensor, inner)?)
+    }
+
+    /// The same request for another transformer's blocks (the EVA encoder's,
+    /// the UNet's): its attention and MLP linears as `linears` says.
+    pub fn blocks(&self) -> emu_core::BlockQuant {
+        emu_core::BlockQuant {
+            attention: self.linears.attention.then_some(self.qtype),
+            mlp: self.linears.mlp.then_some(self.qtype),
         }
     }
 }

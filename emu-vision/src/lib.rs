@@ -38,5 +38,5 @@ pub mod preprocess;
 
 pub use config::{EmuVisionConfig, EvaConfig};
 pub use error::{Result, VisionError};
-pub use model::{EvaVisionTransformer, VisionEncoder};
+pub use model::{linear_group, EvaVisionTransformer, VisionEncoder};
 pub use preprocess::{decode_image, load_image, resize_bicubic, DecodeOptions, Preprocessor, RgbImage};

@@ -4,7 +4,7 @@
 use crate::config::{EmuVisionConfig, EvaConfig};
 use crate::error::{Result, VisionError};
 use emu_core::checkpoint::{Checkpoint, Weights};
-use emu_core::{Backend, Conv2dParams, DType, Tensor};
+use emu_core::{Backend, BlockQuant, Conv2dParams, DType, LinearGroup, LinearWeight, Tensor};
 use std::path::{Path, PathBuf};
 
 /// Multi-head self-attention with one fused `qkv` projection. Its bias is
@@ -12,17 +12,18 @@ use std::path::{Path, PathBuf};
 /// softmax), so the fused bias is built once at load time.
 #[derive(Debug, Clone)]
 pub struct Attention<B: Backend> {
-    qkv_weight: Tensor<B>,
+    qkv_weight: LinearWeight<B>,
     qkv_bias: Option<Tensor<B>>,
-    proj_weight: Tensor<B>,
+    proj_weight: LinearWeight<B>,
     proj_bias: Tensor<B>,
     num_heads: usize,
     head_dim: usize,
 }
 
 impl<B: Backend> Attention<B> {
-    pub fn load(backend: &B, w: &Weights, cfg: &EvaConfig, dtype: DType) -> Result<Self> {
+    pub fn load(backend: &B, w: &Weights, cfg: &EvaConfig, dtype: DType, quant: BlockQuant) -> Result<Self> {
         let c = cfg.width;
+        let q = quant.format(LinearGroup::Attention, c);
         let qkv_bias = if cfg.qkv_bias {
             let q = w.tensor(backend, "q_bias", &[c], dtype)?;
             let v = w.tensor(backend, "v_bias", &[c], dtype)?;
@@ -32,9 +33,9 @@ impl<B: Backend> Attention<B> {
             None
         };
         Ok(Self {
-            qkv_weight: w.tensor(backend, "qkv.weight", &[3 * c, c], dtype)?,
+            qkv_weight: LinearWeight::load(backend, &w.pp("qkv"), 3 * c, c, dtype, q)?,
             qkv_bias,
-            proj_weight: w.tensor(backend, "proj.weight", &[c, c], dtype)?,
+            proj_weight: LinearWeight::load(backend, &w.pp("proj"), c, c, dtype, q)?,
             proj_bias: w.tensor(backend, "proj.bias", &[c], dtype)?,
             num_heads: cfg.num_heads(),
             head_dim: cfg.head_width,
@@ -45,7 +46,7 @@ impl<B: Backend> Attention<B> {
     pub fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
         let (b, t) = (x.dim(0)?, x.dim(1)?);
         let (h, d) = (self.num_heads, self.head_dim);
-        let qkv = x.linear(&self.qkv_weight, self.qkv_bias.as_ref())?;
+        let qkv = self.qkv_weight.forward(x, self.qkv_bias.as_ref())?;
         // [B, T, 3, H, D] -> [3, B, H, T, D]
         let qkv = qkv.reshape(&[b, t, 3, h, d])?.permute(&[2, 0, 3, 1, 4])?;
         let q = qkv.narrow(0, 0, 1)?.reshape(&[b, h, t, d])?;
@@ -54,33 +55,34 @@ impl<B: Backend> Attention<B> {
         let scale = (d as f64).powf(-0.5);
         let a = q.attention(&k, &v, None, None, scale)?;
         let a = a.permute(&[0, 2, 1, 3])?.reshape(&[b, t, h * d])?;
-        Ok(a.linear(&self.proj_weight, Some(&self.proj_bias))?)
+        Ok(self.proj_weight.forward(&a, Some(&self.proj_bias))?)
     }
 }
 
 /// `fc1 -> exact GELU -> fc2`, both with bias.
 #[derive(Debug, Clone)]
 pub struct Mlp<B: Backend> {
-    fc1_weight: Tensor<B>,
+    fc1_weight: LinearWeight<B>,
     fc1_bias: Tensor<B>,
-    fc2_weight: Tensor<B>,
+    fc2_weight: LinearWeight<B>,
     fc2_bias: Tensor<B>,
 }
 
 impl<B: Backend> Mlp<B> {
-    pub fn load(backend: &B, w: &Weights, cfg: &EvaConfig, dtype: DType) -> Result<Self> {
+    pub fn load(backend: &B, w: &Weights, cfg: &EvaConfig, dtype: DType, quant: BlockQuant) -> Result<Self> {
         let (c, hdim) = (cfg.width, cfg.mlp_hidden);
+        let q = |inner| quant.format(LinearGroup::Mlp, inner);
         Ok(Self {
-            fc1_weight: w.tensor(backend, "fc1.weight", &[hdim, c], dtype)?,
+            fc1_weight: LinearWeight::load(backend, &w.pp("fc1"), hdim, c, dtype, q(c))?,
             fc1_bias: w.tensor(backend, "fc1.bias", &[hdim], dtype)?,
-            fc2_weight: w.tensor(backend, "fc2.weight", &[c, hdim], dtype)?,
+            fc2_weight: LinearWeight::load(backend, &w.pp("fc2"), c, hdim, dtype, q(hdim))?,
             fc2_bias: w.tensor(backend, "fc2.bias", &[c], dtype)?,
         })
     }
 
     pub fn forward(&self, x: &Tensor<B>) -> Result<Tensor<B>> {
-        let h = x.linear(&self.fc1_weight, Some(&self.fc1_bias))?.gelu()?;
-        Ok(h.linear(&self.fc2_weight, Some(&self.fc2_bias))?)
+        let h = self.fc1_weight.forward(x, Some(&self.fc1_bias))?.gelu()?;
+        Ok(self.fc2_weight.forward(&h, Some(&self.fc2_bias))?)
     }
 }
 
@@ -117,13 +119,13 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    pub fn load(backend: &B, w: &Weights, cfg: &EvaConfig, dtype: DType) -> Result<Self> {
+    pub fn load(backend: &B, w: &Weights, cfg: &EvaConfig, dtype: DType, quant: BlockQuant) -> Result<Self> {
         let eps = cfg.layer_norm_eps;
         Ok(Self {
             norm1: LayerNorm::load(backend, &w.pp("norm1"), cfg.width, eps, dtype)?,
-            attn: Attention::load(backend, &w.pp("attn"), cfg, dtype)?,
+            attn: Attention::load(backend, &w.pp("attn"), cfg, dtype, quant)?,
             norm2: LayerNorm::load(backend, &w.pp("norm2"), cfg.width, eps, dtype)?,
-            mlp: Mlp::load(backend, &w.pp("mlp"), cfg, dtype)?,
+            mlp: Mlp::load(backend, &w.pp("mlp"), cfg, dtype, quant)?,
         })
     }
 
@@ -150,12 +152,20 @@ impl<B: Backend> EvaVisionTransformer<B> {
     /// Loads the encoder from a view positioned at the `visual` module
     /// (keys `cls_token`, `pos_embed`, `patch_embed.proj.*`, `blocks.N.*`).
     pub fn load(backend: &B, w: &Weights, cfg: &EvaConfig, dtype: DType) -> Result<Self> {
+        Self::load_quantized(backend, w, cfg, dtype, BlockQuant::default())
+    }
+
+    /// [`EvaVisionTransformer::load`] with the blocks' linears that `quant`
+    /// selects block-quantized while loading (`attn.qkv`, `attn.proj`:
+    /// attention; `mlp.fc1`, `mlp.fc2`: MLP). The patch embedding, the
+    /// norms and the biases stay in `dtype`.
+    pub fn load_quantized(backend: &B, w: &Weights, cfg: &EvaConfig, dtype: DType, quant: BlockQuant) -> Result<Self> {
         let (c, p) = (cfg.width, cfg.patch_size);
         let pe = w.pp("patch_embed").pp("proj");
         let bw = w.pp("blocks");
         bw.check_layer_count(cfg.layers, "vision_config.layers")?;
         let blocks = (0..cfg.layers)
-            .map(|i| Block::load(backend, &bw.pp(i), cfg, dtype))
+            .map(|i| Block::load(backend, &bw.pp(i), cfg, dtype, quant))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg: cfg.clone(),
@@ -281,6 +291,19 @@ impl<B: Backend> VisionEncoder<B> {
 
     /// Loads from a checkpoint view at its root, finding which key layout it uses.
     pub fn load(backend: &B, root: &Weights, config: EmuVisionConfig, dtype: DType) -> Result<Self> {
+        Self::load_quantized(backend, root, config, dtype, BlockQuant::default())
+    }
+
+    /// [`VisionEncoder::load`] with the ViT blocks' linears that `quant`
+    /// selects block-quantized (see [`EvaVisionTransformer::load_quantized`]);
+    /// `project_up` stays in `dtype`, as the LLM's embeddings do.
+    pub fn load_quantized(
+        backend: &B,
+        root: &Weights,
+        config: EmuVisionConfig,
+        dtype: DType,
+        quant: BlockQuant,
+    ) -> Result<Self> {
         let (prefix, up_keys) = LAYOUTS
             .iter()
             .find(|(prefix, _)| root.contains(&format!("{prefix}cls_token")))
@@ -289,7 +312,7 @@ impl<B: Backend> VisionEncoder<B> {
                 tried: LAYOUTS.iter().map(|(p, _)| format!("{}{p}", root.prefix())).collect(),
             })?;
         let visual = Weights::with_prefix(root.checkpoint(), format!("{}{prefix}", root.prefix()));
-        let vit = EvaVisionTransformer::load(backend, &visual, &config.vision, dtype)?;
+        let vit = EvaVisionTransformer::load_quantized(backend, &visual, &config.vision, dtype, quant)?;
         // project_up is optional so that encoder-only checkpoints load; its
         // output width comes from the config when known, else from the tensor.
         let project_up = if let Some(up_key) = up_keys.iter().copied().find(|k| root.contains(k)) {
@@ -339,6 +362,21 @@ impl<B: Backend> VisionEncoder<B> {
     /// Pixels to LLM input embeddings: encode, pool to `n_query`, project.
     pub fn embed_images(&self, pixels: &Tensor<B>, n_query: usize) -> Result<Tensor<B>> {
         self.project(&self.pool(&self.encode(pixels)?, n_query)?)
+    }
+}
+
+/// Which group of [`BlockQuant`] the checkpoint tensor `key` belongs to,
+/// when it is a linear weight of an EVA block in any of the known layouts
+/// (`…visual.blocks.N.attn.qkv.weight` is attention, `….mlp.fc1.weight`
+/// MLP); `None` for everything else, the LLM's tensors included.
+pub fn linear_group(key: &str) -> Option<LinearGroup> {
+    let rest = &key[key.find("visual.blocks.")? + "visual.blocks.".len()..];
+    let (layer, module) = rest.split_once('.')?;
+    layer.parse::<usize>().ok()?;
+    match module {
+        "attn.qkv.weight" | "attn.proj.weight" => Some(LinearGroup::Attention),
+        "mlp.fc1.weight" | "mlp.fc2.weight" => Some(LinearGroup::Mlp),
+        _ => None,
     }
 }
 

@@ -210,3 +210,54 @@ fn native_file_with_the_projection_under_decoder_lm() {
     std::fs::remove_dir_all(&dir).unwrap();
     run_all("f32/native_decoder_lm", &enc.unwrap(), 1e-4);
 }
+
+/// `load_quantized` against a dense encoder whose selected linears hold
+/// their quantize-then-dequantize round trip. The fixture's MLP width (80)
+/// is not a whole number of Q8_0 blocks, so `fc2` stays dense on both sides.
+#[test]
+fn quantized_blocks_match_their_dequantized_weights() {
+    use emu_core::{BlockQuant, QuantType, Weights};
+    let cpu = CpuBackend::new();
+    let hf = fixtures().join("hf");
+    let config = emu_vision::EmuVisionConfig::from_file(hf.join("config.json")).unwrap();
+    let src = Checkpoint::open_dir(&hf, None).unwrap();
+    let px = pixels(&cpu);
+    let original = VisionEncoder::from_dir(&cpu, &hf, DType::F32)
+        .unwrap()
+        .encode(&px)
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
+    let attention_only = BlockQuant {
+        attention: Some(QuantType::Q4K),
+        mlp: None,
+    };
+    for (i, (quant, expected)) in [
+        (BlockQuant::all(QuantType::Q8_0), 6),
+        (BlockQuant::all(QuantType::Q4K), 6),
+        (attention_only, 4),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = std::env::temp_dir().join(format!("emu-vision-quant-{}-{i}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(hf.join("config.json"), dir.join("config.json")).unwrap();
+        let select = |k: &str, d: &[usize]| quant.format(emu_vision::linear_group(k)?, *d.last()?);
+        let replaced =
+            emu_core::testing::write_dequantized_copy(&src, &dir.join("model.safetensors"), &select).unwrap();
+        let dense = VisionEncoder::from_dir(&cpu, &dir, DType::F32);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(replaced, expected, "{quant:?}: linears with whole blocks");
+        let want = dense.unwrap().encode(&px).unwrap().to_f32_vec().unwrap();
+        let q = VisionEncoder::load_quantized(&cpu, &Weights::new(&src), config.clone(), DType::F32, quant).unwrap();
+        let got = q.encode(&px).unwrap().to_f32_vec().unwrap();
+        let (e, moved) = (rel_err(&got, &want), rel_err(&want, &original));
+        println!("vision {quant:?}: vs dequantized weights {e:.2e}, quantization moved the output {moved:.2e}");
+        assert!(e <= 1e-5, "{quant:?}: rel err {e:.2e}");
+        assert!(
+            moved > 1e-4,
+            "{quant:?}: quantization left the output unchanged ({moved:.2e})"
+        );
+    }
+}
