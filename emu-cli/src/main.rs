@@ -108,6 +108,10 @@ struct ConvertArgs {
     /// Which linears --quantize applies to: attn, mlp, lm_head or all.
     #[arg(long, value_name = "LIST", default_value = "attn,mlp")]
     quantize_linears: String,
+    /// Which components --quantize applies to: llm, vision (the EVA blocks'
+    /// linears), unet (its transformer blocks' linears), or all.
+    #[arg(long, value_name = "LIST", default_value = "llm")]
+    quantize_components: String,
     /// Do not print progress.
     #[arg(long, short)]
     quiet: bool,
@@ -173,7 +177,14 @@ fn run(cli: Cli) -> Result<()> {
                     }),
                     None => None,
                 },
+                quantize_components: emu::pipeline::QuantComponents::parse(&a.quantize_components)?,
             };
+            if opts.quantize.is_none() && opts.quantize_components != emu::pipeline::QuantComponents::default() {
+                return Err(emu::pipeline::PipelineError::Input(
+                    "--quantize-components says where --quantize applies: add --quantize q8_0 or q4_k".into(),
+                )
+                .into());
+            }
             let quiet = a.quiet;
             let mut progress = |m: &str| {
                 if !quiet {
@@ -187,8 +198,11 @@ fn run(cli: Cli) -> Result<()> {
             let converted: usize = r.weights.iter().map(|w| w.converted).sum();
             let shards: usize = r.weights.iter().map(|w| w.shards.len()).sum();
             emu_cli::outln!(
-                "converted {tensors} tensors ({converted} to {}) into {shards} shard{} in {}: {} read, {} written, {} other files copied, {:.1}s ({}/s)",
-                opts.dtype,
+                "converted {tensors} tensors ({converted} {}) into {shards} shard{} in {}: {} read, {} written, {} other files copied, {:.1}s ({}/s)",
+                match &opts.quantize {
+                    Some(q) => format!("quantized to {} blocks, the other floats to {}", q.qtype, opts.dtype),
+                    None => format!("to {}", opts.dtype),
+                },
                 if shards == 1 { "" } else { "s" },
                 a.dst.display(),
                 human_bytes(read),

@@ -339,3 +339,74 @@ fn quantize_writes_one_gguf_with_block_linears() {
     assert!(e.contains("q3_k"), "{e}");
     assert!(!tmp.path().join("bad").exists());
 }
+
+/// `--quantize-components all` on a whole Emu2-Gen folder: the EVA blocks'
+/// and the UNet transformer blocks' linears become blocks beside the
+/// LLaMA's (where a row holds whole Q8_0 blocks; the tiny model's narrower
+/// ones stay dense, as the loaders keep them), the VAE stays float, and
+/// `generate` on the converted folder draws exactly what quantizing while
+/// loading draws, and not what the float model draws.
+#[test]
+fn quantize_components_reach_the_vision_encoder_and_the_unet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("gen");
+    emu::tiny::write_model(&src, emu::tiny::TinyKind::Gen).unwrap();
+    let dst = tmp.path().join("q");
+    emu_ok(&[
+        &"convert",
+        &src,
+        &dst,
+        &"--quantize",
+        &"q8_0",
+        &"--quantize-components",
+        &"all",
+        &"--quiet",
+    ]);
+    let blocks = |sub: &str| {
+        let c = Checkpoint::open(dst.join(sub)).unwrap();
+        let mut keys: Vec<String> = c
+            .keys()
+            .filter(|k| c.quant_type(k).unwrap().is_some())
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    };
+    let enc = blocks("multimodal_encoder");
+    let vision: Vec<&String> = enc.iter().filter(|k| k.contains("visual.")).collect();
+    // The tiny EVA is 16 wide: only fc2 (32 inputs) has whole blocks.
+    assert_eq!(vision.len(), 2, "{vision:?}");
+    assert!(vision.iter().all(|k| k.ends_with("mlp.fc2.weight")), "{vision:?}");
+    assert!(enc.iter().any(|k| k.ends_with("self_attn.q_proj.weight")), "{enc:?}");
+    let unet = blocks("unet");
+    assert!(!unet.is_empty());
+    assert!(
+        unet.iter()
+            .all(|k| emu_decoder::unet_linear_group(k).is_some() && k.ends_with("ff.net.2.weight")),
+        "{unet:?}"
+    );
+    assert!(blocks("vae").is_empty());
+
+    let draw = |model: &Path, extra: &[&str], name: &str| {
+        let out = tmp.path().join(name);
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"generate", &"--model", &model];
+        let steps = ["a red cube", "--steps", "2", "--seed", "3", "-o"];
+        args.extend(steps.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>));
+        args.push(&out);
+        args.extend(extra.iter().map(|s| s as &dyn AsRef<std::ffi::OsStr>));
+        emu_ok(&args);
+        std::fs::read(&out).unwrap()
+    };
+    let converted = draw(&dst, &[], "converted.png");
+    let at_load = draw(
+        &src,
+        &["--quantize", "q8_0", "--quantize-components", "all"],
+        "at_load.png",
+    );
+    let float = draw(&src, &[], "float.png");
+    assert!(
+        converted == at_load,
+        "the converted folder draws what quantizing while loading draws"
+    );
+    assert!(converted != float, "quantization changed nothing");
+}

@@ -181,7 +181,7 @@ fn inspect_shows_the_memory_plan_of_every_component() {
     let p = plan();
     let formats = p["formats"].as_array().unwrap();
     let names: Vec<&str> = formats.iter().map(|f| f["format"].as_str().unwrap()).collect();
-    assert_eq!(names, ["f32", "bf16", "q8_0", "q4_k"]);
+    assert_eq!(names, ["f32", "bf16", "q8_0", "q4_k", "q8_0 all", "q4_k all"]);
     for f in formats {
         let parts: Vec<(&str, u64)> = f["components"]
             .as_array()
@@ -195,13 +195,20 @@ fn inspect_shows_the_memory_plan_of_every_component() {
         assert_eq!(u(&f["staged"]), parts.iter().map(|(_, b)| *b).max().unwrap(), "{f}");
         assert!(u(&f["load_peak_staged"]) <= u(&f["load_peak_all_resident"]));
     }
-    // bf16 halves every float; quantizing shrinks only the LLM.
+    // bf16 halves every float; quantizing shrinks only the LLM, and with
+    // "all" the vision encoder and the UNet too (the tiny EVA's fc2 and the
+    // UNet's ff.net.2 have whole Q8_0 blocks: 2 x [16, 32] in bf16 is 2048
+    // bytes, in Q8_0 2 x 16 blocks of 34), never the VAE.
     let bytes = |i: usize, c: usize| u(&formats[i]["components"][c]["bytes"]);
     for c in 0..4 {
         assert_eq!(bytes(0, c), 2 * bytes(1, c));
     }
     assert!(bytes(2, 1) < bytes(1, 1));
     assert_eq!(bytes(2, 2), bytes(1, 2));
+    assert_eq!(bytes(4, 0), bytes(2, 0) - 2048 + 2 * 16 * 34);
+    assert_eq!(bytes(4, 1), bytes(2, 1));
+    assert!(bytes(4, 2) < bytes(2, 2));
+    assert_eq!(bytes(4, 3), bytes(2, 3));
     // A budget decides the fits columns.
     let o = ok(emu(&["inspect", "tiny"], &[("EMU_MEMORY_AVAILABLE", "1GiB")]));
     let text = String::from_utf8_lossy(&o.stdout).into_owned();

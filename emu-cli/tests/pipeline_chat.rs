@@ -384,3 +384,38 @@ fn int8_activations_run_with_q4_k_on_the_cpu_and_are_refused_elsewhere() {
         "cpu backend",
     );
 }
+
+#[test]
+fn quantize_components_run_on_the_vision_encoder_and_bad_lists_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = picture(dir.path(), "pic.png", 20, 20);
+    let img = img.to_str().unwrap();
+    let base = ["chat", "--model", "tiny", "--image", img, "hi", "--max-new-tokens", "3"];
+    let with = |extra: &[&str]| emu(&[&base[..], extra].concat());
+    let o = with(&["--quantize", "q8_0", "--quantize-components", "llm,vision"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = with(&["--quantize", "q8_0", "--quantize-components", "vision"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_one_line_error(&with(&["--quantize-components", "vision"]), "add --quantize");
+    assert_one_line_error(
+        &with(&["--quantize", "q8_0", "--quantize-components", "unet"]),
+        "runs no UNet",
+    );
+    assert_one_line_error(
+        &with(&["--quantize", "q8_0", "--quantize-components", "vison"]),
+        "unknown component `vison`",
+    );
+    assert_one_line_error(
+        &with(&["--quantize", "q8_0", "--quantize-components", ","]),
+        "names no component",
+    );
+    let enc = |extra: &[&str]| {
+        let out = dir.path().join("f.safetensors");
+        let args = ["encode", "--model", "tiny", "--image", img, "-o", out.to_str().unwrap()];
+        emu(&[&args[..], extra].concat())
+    };
+    assert!(enc(&["--quantize", "q4_k", "--quantize-components", "vision"])
+        .status
+        .success());
+    assert_one_line_error(&enc(&["--quantize", "q4_k"]), "--quantize-components vision");
+}

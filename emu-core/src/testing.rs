@@ -1360,6 +1360,40 @@ pub fn format_checks(checks: &[OpCheck]) -> String {
     s
 }
 
+/// Writes `src`'s tensors to the safetensors file `dst` in f32, each tensor
+/// that `select` picks (with its format) replaced by its quantize-then-
+/// dequantize round trip: a dense model loaded from `dst` is the reference
+/// that a model quantized while loading from `src` must reproduce.
+pub fn write_dequantized_copy(
+    src: &crate::Checkpoint,
+    dst: &std::path::Path,
+    select: &dyn Fn(&str, &[usize]) -> Option<crate::QuantType>,
+) -> Result<usize> {
+    let mut tensors = Vec::new();
+    let mut replaced = 0;
+    for key in src.keys() {
+        let t = src.get_as(key, DType::F32)?;
+        let t = match select(key, t.dims()) {
+            Some(q) => {
+                replaced += 1;
+                QuantTensor::quantize(key, &t, q)?.dequantize()?
+            }
+            None => t,
+        };
+        tensors.push((key.to_string(), t));
+    }
+    let views = tensors
+        .iter()
+        .map(|(k, t)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.dims().to_vec(), t.as_bytes())
+                .map(|v| (k.clone(), v))
+                .map_err(|e| crate::Error::InvalidArgument(e.to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, None, dst).map_err(|e| crate::Error::InvalidArgument(e.to_string()))?;
+    Ok(replaced)
+}
+
 #[cfg(test)]
 mod tests {
     use super::reference::*;
@@ -1396,38 +1430,4 @@ mod tests {
         assert!(rel_err(&[f64::NAN], &[1.0]).is_infinite());
         assert!(rel_err(&[1.0], &[1.0, 2.0]).is_infinite());
     }
-}
-
-/// Writes `src`'s tensors to the safetensors file `dst` in f32, each tensor
-/// that `select` picks (with its format) replaced by its quantize-then-
-/// dequantize round trip: a dense model loaded from `dst` is the reference
-/// that a model quantized while loading from `src` must reproduce.
-pub fn write_dequantized_copy(
-    src: &crate::Checkpoint,
-    dst: &std::path::Path,
-    select: &dyn Fn(&str, &[usize]) -> Option<crate::QuantType>,
-) -> Result<usize> {
-    let mut tensors = Vec::new();
-    let mut replaced = 0;
-    for key in src.keys() {
-        let t = src.get_as(key, DType::F32)?;
-        let t = match select(key, t.dims()) {
-            Some(q) => {
-                replaced += 1;
-                QuantTensor::quantize(key, &t, q)?.dequantize()?
-            }
-            None => t,
-        };
-        tensors.push((key.to_string(), t));
-    }
-    let views = tensors
-        .iter()
-        .map(|(k, t)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.dims().to_vec(), t.as_bytes())
-                .map(|v| (k.clone(), v))
-                .map_err(|e| crate::Error::InvalidArgument(e.to_string()))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, None, dst).map_err(|e| crate::Error::InvalidArgument(e.to_string()))?;
-    Ok(replaced)
 }

@@ -26,9 +26,12 @@ pub struct ConvertOptions {
     pub force: bool,
     /// Which weight variant of the source to read, when it has several.
     pub variant: Option<String>,
-    /// Block-quantize the language model's linears: the weights are then
-    /// written as one GGUF file (see ARCHITECTURE.md) instead of safetensors.
+    /// Block-quantize linears: the weights are then written as one GGUF
+    /// file (see ARCHITECTURE.md) instead of safetensors.
     pub quantize: Option<emu_llm::LlmQuant>,
+    /// Whose linears `quantize` applies to: the LLaMA's (by default), the
+    /// EVA blocks', the UNet transformer blocks'.
+    pub quantize_components: crate::pipeline::QuantComponents,
 }
 
 /// What one converted checkpoint produced.
@@ -144,7 +147,7 @@ pub fn write_checkpoint(
     progress: &mut dyn FnMut(&str),
 ) -> Result<ConvertedWeights> {
     if let Some(q) = &opts.quantize {
-        return write_quantized(ckpt, dst, opts.dtype, q, progress);
+        return write_quantized(ckpt, dst, opts.dtype, q, opts.quantize_components, progress);
     }
     let mut planned = Vec::with_capacity(ckpt.len());
     let mut bytes_read = 0u64;
@@ -232,13 +235,17 @@ pub fn write_checkpoint(
     })
 }
 
-/// Writes `ckpt` as `<stem>.gguf` with the linears `q` selects quantized
-/// (the streaming and the partial-file handling are emu-core's).
+/// Writes `ckpt` as `<stem>.gguf` with the linears `q` selects on the
+/// components `on` names quantized (the streaming and the partial-file
+/// handling are emu-core's). The LLaMA's linears follow `q` strictly (a row
+/// without whole blocks is an error naming it); the EVA and UNet blocks'
+/// keep such rows dense, as their loaders do.
 fn write_quantized(
     ckpt: &Checkpoint,
     dst: &Path,
     dtype: DType,
     q: &emu_llm::LlmQuant,
+    on: crate::pipeline::QuantComponents,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ConvertedWeights> {
     let name = format!("{}.gguf", stem_of(ckpt));
@@ -246,7 +253,23 @@ fn write_quantized(
         ("general.name".to_string(), stem_of(ckpt).to_string()),
         ("emu.quantization".to_string(), q.qtype.to_string()),
     ]);
+    let blocks = q.blocks();
+    let block_linear = |key: &str, dims: &[usize]| {
+        let group = emu_vision::linear_group(key)
+            .filter(|_| on.vision)
+            .or_else(|| emu_decoder::unet_linear_group(key).filter(|_| on.unet))?;
+        match dims {
+            [_, inner] => blocks.format(group, *inner),
+            _ => None,
+        }
+    };
     let select = |key: &str, dims: &[usize]| {
+        if let Some(f) = block_linear(key, dims) {
+            return Ok(Some(f));
+        }
+        if !on.llm {
+            return Ok(None);
+        }
         q.convert_format(key, dims).map_err(|e| match e {
             emu_llm::Error::Core(c) => c,
             other => emu_core::Error::InvalidArgument(other.to_string()),

@@ -6,6 +6,7 @@
 
 use crate::error::{CliError, Result};
 use crate::layout::{self, is_weight_file, Layout};
+use crate::pipeline::QuantComponents;
 use crate::units::{grouped, human_bytes, human_count};
 use emu_core::{Checkpoint, DType};
 use serde::Serialize;
@@ -78,14 +79,19 @@ pub struct FileInfoNote {
     pub reason: String,
 }
 
-/// The formats of [`MemoryPlan`]: `(name, float dtype, LLM quantization)`.
-fn plan_formats() -> Vec<(&'static str, DType, Option<emu_llm::LlmQuant>)> {
+/// The formats of [`MemoryPlan`]: `(name, float dtype, quantization, the
+/// components it applies to)`.
+fn plan_formats() -> Vec<(&'static str, DType, Option<emu_llm::LlmQuant>, QuantComponents)> {
     use emu_core::quant::QuantType;
+    let (llm, all) = (QuantComponents::default(), QuantComponents::ALL);
+    let q = |t| Some(emu_llm::LlmQuant::new(t));
     vec![
-        ("f32", DType::F32, None),
-        ("bf16", DType::BF16, None),
-        ("q8_0", DType::BF16, Some(emu_llm::LlmQuant::new(QuantType::Q8_0))),
-        ("q4_k", DType::BF16, Some(emu_llm::LlmQuant::new(QuantType::Q4K))),
+        ("f32", DType::F32, None, llm),
+        ("bf16", DType::BF16, None, llm),
+        ("q8_0", DType::BF16, q(QuantType::Q8_0), llm),
+        ("q4_k", DType::BF16, q(QuantType::Q4K), llm),
+        ("q8_0 all", DType::BF16, q(QuantType::Q8_0), all),
+        ("q4_k all", DType::BF16, q(QuantType::Q4K), all),
     ]
 }
 
@@ -103,7 +109,7 @@ pub fn memory_plan(path: &Path) -> Result<Option<MemoryPlan>> {
         return Ok(None);
     };
     let formats = plan_formats();
-    let wanted: Vec<(DType, Option<emu_llm::LlmQuant>)> = formats.iter().map(|(_, d, q)| (*d, *q)).collect();
+    let wanted: Vec<_> = formats.iter().map(|(_, d, q, on)| (*d, *q, *on)).collect();
     let host_available = crate::memory::host_available()?;
     let mut plan = MemoryPlan {
         host_available,
@@ -748,7 +754,11 @@ pub fn render(ins: &Inspection) -> String {
 
 /// The memory plan as a table: components down, formats across.
 fn render_plan(out: &mut String, p: &MemoryPlan) {
-    let _ = writeln!(out, "\nmemory to run (weights as loaded; q8_0/q4_k: --quantize on the LLM's attention and MLP linears, the rest bf16)");
+    let _ = writeln!(
+        out,
+        "\nmemory to run (weights as loaded; q8_0/q4_k: --quantize on the LLM's attention and MLP linears, \
+         \"all\": --quantize-components all, the EVA and UNet transformer blocks too; the rest bf16)"
+    );
     if let Some(first) = p.formats.first() {
         let mut header = vec!["component"];
         header.extend(p.formats.iter().map(|f| f.format.as_str()));

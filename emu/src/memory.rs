@@ -453,6 +453,32 @@ pub fn checkpoint_bytes(ckpt: &Checkpoint, dtype: DType, keep: &dyn Fn(&str) -> 
     Ok((total, largest))
 }
 
+/// [`checkpoint_bytes`] of a component whose linears may be block-quantized:
+/// `(dense bytes in dtype, block bytes kept on the host)`. A tensor the
+/// checkpoint stores as blocks counts its blocks; one that `quantize` gives
+/// a format (by key and shape) counts that format's blocks; the rest count
+/// as [`checkpoint_bytes`] does.
+pub fn component_bytes(
+    ckpt: &Checkpoint,
+    dtype: DType,
+    keep: &dyn Fn(&str) -> bool,
+    quantize: &dyn Fn(&str, &[usize]) -> Option<QuantType>,
+) -> Result<(u64, u64)> {
+    let (mut dense, mut host) = (0u64, 0u64);
+    for key in ckpt.keys().filter(|k| keep(k)) {
+        let info = ckpt.info(key)?;
+        let format = ckpt.quant_type(key)?.or_else(|| quantize(key, &info.dims));
+        match (format, info.dims.as_slice()) {
+            (Some(q), [out, inner]) => host = host.saturating_add(quant_bytes(*out, *inner, q)),
+            _ => {
+                let n = info.dims.iter().fold(1u64, |a, &d| a.saturating_mul(d as u64));
+                dense = dense.saturating_add(resident(n, info.dtype, dtype));
+            }
+        }
+    }
+    Ok((dense, host))
+}
+
 /// The transient of loading: the largest tensor read in f32 and converted
 /// (twice its f32 size covers source and converted copy).
 pub fn loading_need(component: &'static str, largest_f32: u64, pool: Pool) -> Need {

@@ -53,10 +53,12 @@ pub fn run(args: &EncodeArgs) -> Result<()> {
         }
     }
     let kind = args.model.check_names()?;
-    if args.model.quantize.is_some() {
-        // Only the language model's linears are quantized so far.
+    args.model.no_unet("encode")?;
+    if args.model.quantize.is_some() && !args.model.quant_components()?.vision {
         return Err(PipelineError::Input(
-            "--quantize applies to the language model, which `encode` does not run".into(),
+            "--quantize applies to the language model unless --quantize-components says otherwise; \
+             `encode` runs the vision encoder alone: add --quantize-components vision"
+                .into(),
         ));
     }
     let dir = ModelDir::resolve_any(&args.model.model, ModelFamily::Emu2Chat)?;
@@ -70,7 +72,8 @@ pub fn run(args: &EncodeArgs) -> Result<()> {
 
 fn run_on<B: Backend>(backend: B, args: &EncodeArgs, dir: &ModelDir) -> Result<()> {
     let (vision_dtype, _) = args.model.dtypes(dir)?;
-    let vision = super::component(&backend, vision_dtype, "vision encoder")?;
+    let mut vision = super::component(&backend, vision_dtype, "vision encoder")?;
+    vision.quant = args.model.quant_components()?.split(args.model.quant()?).0;
     let loading = super::progress::loading(dir.root());
     let pipe = EncodePipeline::load(dir, &vision)?;
     drop(loading);

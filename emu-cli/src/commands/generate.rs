@@ -120,7 +120,8 @@ fn run_on<V: Backend, L: Backend, D: Backend>(
 ) -> Result<()> {
     let (vision, llm) = args.model.components(&vision, &llm, dir)?;
     // --vision-dtype applies to the EVA encoder, --dtype to the LLM, the UNet and the VAE.
-    let decoder = super::component(&decoder, llm.dtype, "UNet and VAE")?;
+    let mut decoder = super::component(&decoder, llm.dtype, "UNet and VAE")?;
+    decoder.quant = args.model.decoder_quant()?;
     let loading = super::progress::loading(dir.root());
     let mut pipe = GenerationPipeline::load_with_residency(dir, &vision, &llm, &decoder, args.offload.offload)?;
     drop(loading);

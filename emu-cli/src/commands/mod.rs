@@ -10,7 +10,9 @@ pub mod output;
 pub mod progress;
 
 use clap::Args;
-use emu::pipeline::{check_dtype, Component, ModelDir, ModelFamily, PipelineError, Residency, Result, Timings};
+use emu::pipeline::{
+    check_dtype, Component, ModelDir, ModelFamily, PipelineError, QuantComponents, Residency, Result, Timings,
+};
 use emu::tiny::TINY_NOTICE;
 use emu_core::{Backend, DType};
 
@@ -55,6 +57,12 @@ pub struct ModelArgs {
     /// lm_head, or all.
     #[arg(long, value_name = "LIST", default_value = "attn,mlp")]
     pub quantize_linears: String,
+    /// Which components --quantize applies to: a comma list of llm, vision
+    /// (the EVA blocks' linears), unet (its transformer blocks' linears;
+    /// generate only), or all. The VAE, convolutions and embeddings stay in
+    /// --dtype.
+    #[arg(long, value_name = "LIST", default_value = "llm")]
+    pub quantize_components: String,
     /// With --quantize q4_k on the cpu backend: round decode's inputs to the
     /// Q4_K linears to 8 bits and take integer dot products, as llama.cpp
     /// does (faster; not the dequantized weights' f32 product). Needs
@@ -86,6 +94,11 @@ impl ModelArgs {
     /// one is built here), so that a typo fails before anything is loaded.
     pub fn resolve(&self, family: ModelFamily) -> Result<(Placement, ModelDir)> {
         let kind = self.check_names()?;
+        match family {
+            ModelFamily::Emu2Gen => {}
+            ModelFamily::Emu2Chat => self.no_unet("chat")?,
+            _ => self.no_unet("complete")?,
+        }
         let dir = ModelDir::resolve(&self.model, family)?;
         if dir.is_tiny() {
             eprintln!("{TINY_NOTICE}");
@@ -113,6 +126,7 @@ impl ModelArgs {
             emu::pipeline::check_dump_dir(d)?;
         }
         self.quant()?;
+        self.quant_components()?;
         if self.int8_activations {
             self.check_int8_activations(placement)?;
         }
@@ -157,6 +171,32 @@ impl ModelArgs {
         }))
     }
 
+    /// `--quantize-components`, refused without `--quantize`.
+    pub fn quant_components(&self) -> Result<QuantComponents> {
+        let c = QuantComponents::parse(&self.quantize_components)?;
+        if self.quantize.is_none() && c != QuantComponents::default() {
+            return Err(PipelineError::Input(
+                "--quantize-components says where --quantize applies: add --quantize q8_0 or q4_k".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Refuses `--quantize-components unet` on a command without a UNet.
+    pub fn no_unet(&self, command: &str) -> Result<()> {
+        if self.quantize.is_some() && self.quant_components()?.unet {
+            return Err(PipelineError::Input(format!(
+                "`{command}` runs no UNet: --quantize-components unet applies to `generate`"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The `--quantize` request for the UNet (`--quantize-components unet`).
+    pub fn decoder_quant(&self) -> Result<Option<emu_llm::LlmQuant>> {
+        Ok(self.quant_components()?.split(self.quant()?).2)
+    }
+
     /// The `--dump` folder, created if missing.
     pub fn dump(&self) -> Result<Option<emu::pipeline::Dump>> {
         self.dump.as_ref().map(emu::pipeline::Dump::new).transpose()
@@ -183,9 +223,12 @@ impl ModelArgs {
         dir: &ModelDir,
     ) -> Result<(Component<V>, Component<L>)> {
         let (vision_dtype, dtype) = self.dtypes(dir)?;
+        let (qv, ql, _) = self.quant_components()?.split(self.quant()?);
         let mut llm = component(llm, dtype, "language model")?;
-        llm.quant = self.quant()?;
-        Ok((component(vision, vision_dtype, "vision encoder")?, llm))
+        llm.quant = ql;
+        let mut vision = component(vision, vision_dtype, "vision encoder")?;
+        vision.quant = qv;
+        Ok((vision, llm))
     }
 }
 

@@ -6,9 +6,9 @@ use super::dump::{put, Dump};
 use super::error::{PipelineError, Result};
 use super::model::ModelDir;
 use super::{hold, Component, Held, Residency, Timings};
-use crate::memory::{checkpoint_bytes, llm_weight_bytes, pool_of, Need, Pool, Stage};
+use crate::memory::{checkpoint_bytes, component_bytes, llm_weight_bytes, pool_of, Need, Pool, Stage};
 use emu_core::checkpoint::{Checkpoint, Weights};
-use emu_core::{Backend, DType, HostTensor, Tensor};
+use emu_core::{Backend, BlockQuant, DType, HostTensor, Tensor};
 use emu_llm::{Llama, LlamaConfig, LlmQuant, Logits, SlotIds};
 use emu_prompt::{Emu2Tokenizer, Rendered, SpecialToken, Variant, VisualInput};
 use emu_vision::{load_image, EmuVisionConfig, Preprocessor, RgbImage, VisionEncoder, VisionError};
@@ -106,26 +106,54 @@ pub(crate) fn check_vision_memory<B: Backend>(cfg: &emu_vision::EvaConfig, backe
 /// What the vision encoder of `ckpt` holds once loaded: every tensor that is
 /// not the language model's (the projections included).
 pub(crate) fn vision_stage<V: Backend>(ckpt: &Checkpoint, vision: &Component<V>) -> Result<Stage> {
-    vision_stage_at(ckpt, vision.dtype, pool_of(&vision.backend))
+    vision_stage_at(ckpt, vision.dtype, block_quant(vision), pool_of(&vision.backend))
 }
 
-/// [`vision_stage`] in `dtype`, resident in `pool`.
-pub(crate) fn vision_stage_at(ckpt: &Checkpoint, dtype: DType, pool: Pool) -> Result<Stage> {
+/// What a component's `quant` asks of a transformer that is not the LLaMA
+/// (the EVA encoder, the UNet): its attention and MLP groups.
+pub(crate) fn block_quant<B: Backend>(c: &Component<B>) -> BlockQuant {
+    c.quant.map(|q| q.blocks()).unwrap_or_default()
+}
+
+/// [`vision_stage`] in `dtype` with the block linears `quant` selects
+/// quantized, resident in `pool` (quantized linears on the host).
+pub(crate) fn vision_stage_at(ckpt: &Checkpoint, dtype: DType, quant: BlockQuant, pool: Pool) -> Result<Stage> {
     let lm = emu_llm::lm_weights(ckpt).ok().map(|w| w.prefix().to_string());
     let keep = |k: &str| lm.as_deref().is_none_or(|p| !is_llm_key(k, p));
-    let (bytes, _) = checkpoint_bytes(ckpt, dtype, &keep)?;
+    let select = |k: &str, dims: &[usize]| quant.format(emu_vision::linear_group(k)?, *dims.last()?);
+    let (bytes, host) = component_bytes(ckpt, dtype, &keep, &select)?;
     let (_, largest_f32) = checkpoint_bytes(ckpt, DType::F32, &keep)?;
     Ok(Stage {
         name: "vision",
-        needs: vec![Need {
-            component: "vision",
-            what: format!("weights in {dtype}"),
-            bytes,
-            dtype: Some(dtype),
-            pool,
-        }],
+        needs: with_host_blocks(
+            Need {
+                component: "vision",
+                what: format!("weights in {dtype}"),
+                bytes,
+                dtype: Some(dtype),
+                pool,
+            },
+            host,
+        ),
         largest_f32,
     })
+}
+
+/// `need`, and beside it the block bytes of quantized linears when there
+/// are any (`QuantTensor`s live on the host whatever the backend).
+pub(crate) fn with_host_blocks(need: Need, host: u64) -> Vec<Need> {
+    let component = need.component;
+    let mut needs = vec![need];
+    if host > 0 {
+        needs.push(Need {
+            component,
+            what: "quantized linears (kept on the host)".into(),
+            bytes: host,
+            dtype: None,
+            pool: Pool::Host,
+        });
+    }
+    needs
 }
 
 /// What the language model of `ckpt` (and the projections of the visual
@@ -159,25 +187,18 @@ pub(crate) fn llm_stage_at(
             }
         }
     }
-    let mut needs = vec![Need {
-        component: "llm",
-        what: format!("weights in {dtype}"),
-        bytes: dense,
-        dtype: Some(dtype),
-        pool,
-    }];
-    if host > 0 {
-        needs.push(Need {
-            component: "llm",
-            what: "quantized linears (kept on the host)".into(),
-            bytes: host,
-            dtype: None,
-            pool: Pool::Host,
-        });
-    }
     Ok(Stage {
         name: "llm",
-        needs,
+        needs: with_host_blocks(
+            Need {
+                component: "llm",
+                what: format!("weights in {dtype}"),
+                bytes: dense,
+                dtype: Some(dtype),
+                pool,
+            },
+            host,
+        ),
         largest_f32,
     })
 }
@@ -398,11 +419,12 @@ impl<V: Backend, L: Backend> Emu2Model<V, L> {
 
     fn load_vision(&self, ckpt: &Checkpoint) -> Result<VisionEncoder<V>> {
         let at = &self.vision_at;
-        Ok(VisionEncoder::load(
+        Ok(VisionEncoder::load_quantized(
             &at.backend,
             &Weights::new(ckpt),
             self.vision_cfg.clone(),
             at.dtype,
+            block_quant(at),
         )?)
     }
 

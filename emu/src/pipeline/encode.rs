@@ -44,22 +44,21 @@ impl<B: Backend> EncodePipeline<B> {
         let ckpt = dir.open_encoder_weights()?;
         // Only the vision side is loaded: the language model's tensors, when
         // the checkpoint has them, are not counted.
-        let lm = emu_llm::lm_weights(&ckpt).ok().map(|w| w.prefix().to_string());
-        let keep = |k: &str| lm.as_deref().is_none_or(|p| !super::emu2::is_llm_key(k, p));
-        let (bytes, _) = crate::memory::checkpoint_bytes(&ckpt, vision.dtype, &keep)?;
-        let (_, largest) = crate::memory::checkpoint_bytes(&ckpt, emu_core::DType::F32, &keep)?;
-        let needs = [
-            crate::memory::Need {
-                component: "vision",
-                what: format!("weights in {}", vision.dtype),
-                bytes,
-                dtype: Some(vision.dtype),
-                pool: crate::memory::pool_of(&vision.backend),
-            },
-            crate::memory::loading_need("loading", largest, crate::memory::Pool::Host),
-        ];
+        let stage = super::emu2::vision_stage(&ckpt, vision)?;
+        let mut needs = stage.needs.clone();
+        needs.push(crate::memory::loading_need(
+            "loading",
+            stage.largest_f32,
+            crate::memory::Pool::Host,
+        ));
         crate::memory::check("loading the vision encoder", &needs, "try --dtype bf16")?;
-        let encoder = VisionEncoder::load(&vision.backend, &Weights::new(&ckpt), config, vision.dtype)?;
+        let encoder = VisionEncoder::load_quantized(
+            &vision.backend,
+            &Weights::new(&ckpt),
+            config,
+            vision.dtype,
+            super::emu2::block_quant(vision),
+        )?;
         let preprocessor = Preprocessor::for_config(&encoder.config().vision)?;
         // The vision encoder finds `project_up` where Hugging Face puts it;
         // native checkpoints have it on the LLaMA module.

@@ -1,7 +1,7 @@
 //! Emu2-Gen: text (and images, and boxes) to image (SPEC §4).
 
 use super::dump::{put, Dump};
-use super::emu2::{check_dtype, Emu2Model, Pictures, Visuals};
+use super::emu2::{block_quant, check_dtype, with_host_blocks, Emu2Model, Pictures, Visuals};
 use super::error::{PipelineError, Result};
 use super::model::{ModelDir, ModelFamily};
 use super::{hold, Component, Held, Residency, Timings};
@@ -130,29 +130,47 @@ pub(crate) fn open_component(root: &Path, name: &str) -> Result<Checkpoint> {
 }
 
 /// What the UNet or the VAE (`name`) of `ckpt` holds once loaded.
+/// (The UNet's transformer linears are quantized as `at.quant` asks; the
+/// VAE stays dense.)
 pub(crate) fn decoder_stage<D: Backend>(ckpt: &Checkpoint, name: &'static str, at: &Component<D>) -> Result<Stage> {
-    decoder_stage_at(ckpt, name, at.dtype, crate::memory::pool_of(&at.backend))
+    decoder_stage_at(
+        ckpt,
+        name,
+        at.dtype,
+        block_quant(at),
+        crate::memory::pool_of(&at.backend),
+    )
 }
 
-/// [`decoder_stage`] in `dtype`, resident in `pool`.
+/// [`decoder_stage`] in `dtype` with the UNet linears `quant` selects
+/// quantized, resident in `pool`.
 pub(crate) fn decoder_stage_at(
     ckpt: &Checkpoint,
     name: &'static str,
     dtype: emu_core::DType,
+    quant: emu_core::BlockQuant,
     pool: crate::memory::Pool,
 ) -> Result<Stage> {
     let what = if name == "unet" { "UNet" } else { "VAE" };
-    let (bytes, _) = crate::memory::checkpoint_bytes(ckpt, dtype, &|_| true)?;
+    let unet = name == "unet";
+    let select = |k: &str, dims: &[usize]| {
+        unet.then(|| quant.format(emu_decoder::unet_linear_group(k)?, *dims.last()?))
+            .flatten()
+    };
+    let (bytes, host) = crate::memory::component_bytes(ckpt, dtype, &|_| true, &select)?;
     let (_, largest_f32) = crate::memory::checkpoint_bytes(ckpt, emu_core::DType::F32, &|_| true)?;
     Ok(Stage {
         name,
-        needs: vec![crate::memory::Need {
-            component: "decoder",
-            what: format!("{what} weights in {dtype}"),
-            bytes,
-            dtype: Some(dtype),
-            pool,
-        }],
+        needs: with_host_blocks(
+            crate::memory::Need {
+                component: "decoder",
+                what: format!("{what} weights in {dtype}"),
+                bytes,
+                dtype: Some(dtype),
+                pool,
+            },
+            host,
+        ),
         largest_f32,
     })
 }
@@ -247,11 +265,12 @@ impl<V: Backend, L: Backend, D: Backend> GenerationPipeline<V, L, D> {
 
     fn load_unet(&self, ckpt: &Checkpoint) -> Result<UNet2DConditionModel<D>> {
         let at = &self.decoder_at;
-        Ok(UNet2DConditionModel::load(
+        Ok(UNet2DConditionModel::load_quantized(
             &at.backend,
             &ckpt.weights(),
             &self.unet_cfg,
             at.dtype,
+            block_quant(at),
         )?)
     }
 

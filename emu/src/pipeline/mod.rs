@@ -56,7 +56,10 @@ use std::time::Duration;
 pub struct Component<B: Backend> {
     pub backend: B,
     pub dtype: DType,
-    /// Linears block-quantized at load time (the language model only).
+    /// Linears block-quantized at load time: the LLaMA's (by its groups),
+    /// or, on the vision component, the EVA blocks' attention and MLP
+    /// linears, or, on the decoder component, the UNet transformer blocks'
+    /// (the VAE stays dense). `lm_head` applies to the LLaMA alone.
     pub quant: Option<emu_llm::LlmQuant>,
 }
 
@@ -67,6 +70,79 @@ impl<B: Backend> Component<B> {
             dtype,
             quant: None,
         }
+    }
+}
+
+/// Which components `--quantize` applies to (`--quantize-components`):
+/// the language model by default; the EVA encoder and the UNet on request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantComponents {
+    pub llm: bool,
+    pub vision: bool,
+    pub unet: bool,
+}
+
+impl Default for QuantComponents {
+    fn default() -> Self {
+        Self {
+            llm: true,
+            vision: false,
+            unet: false,
+        }
+    }
+}
+
+impl QuantComponents {
+    /// Every component with linears worth quantizing.
+    pub const ALL: Self = Self {
+        llm: true,
+        vision: true,
+        unet: true,
+    };
+
+    /// Parses a comma list of `llm`, `vision`, `unet` (or `all`).
+    pub fn parse(s: &str) -> Result<Self> {
+        let mut c = Self {
+            llm: false,
+            vision: false,
+            unet: false,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "llm" => c.llm = true,
+                "vision" => c.vision = true,
+                "unet" => c.unet = true,
+                "all" => c = Self::ALL,
+                _ => {
+                    return Err(PipelineError::Input(format!(
+                        "unknown component `{part}` in --quantize-components (expected llm, vision, unet or all)"
+                    )))
+                }
+            }
+        }
+        if c == (Self {
+            llm: false,
+            vision: false,
+            unet: false,
+        }) {
+            return Err(PipelineError::Input(
+                "--quantize-components names no component (use llm, vision, unet or all)".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// `quant` for each of (vision, LLM, decoder) as these components say.
+    pub fn split(
+        self,
+        quant: Option<emu_llm::LlmQuant>,
+    ) -> (
+        Option<emu_llm::LlmQuant>,
+        Option<emu_llm::LlmQuant>,
+        Option<emu_llm::LlmQuant>,
+    ) {
+        let on = |b: bool| quant.filter(|_| b);
+        (on(self.vision), on(self.llm), on(self.unet))
     }
 }
 
@@ -164,13 +240,14 @@ pub(crate) fn hold<'a, T>(
 
 /// The stages of `dir`'s pipeline (vision encoder, language model and,
 /// for Emu2-Gen, UNet and VAE), in each of `formats`: a compute dtype for
-/// every component, and the language model's linears quantized as asked.
+/// every component, and the linears quantized as asked, on the components
+/// asked.
 /// Everything is counted in host memory. The outer error is a model that
 /// cannot be read; a format that does not apply (block sizes that do not
 /// divide) is an inner error.
 pub(crate) fn model_stages(
     dir: &ModelDir,
-    formats: &[(DType, Option<emu_llm::LlmQuant>)],
+    formats: &[(DType, Option<emu_llm::LlmQuant>, QuantComponents)],
 ) -> Result<Vec<Result<Vec<crate::memory::Stage>>>> {
     use crate::memory::Pool;
     let (config, origin) = dir.emu_config()?;
@@ -186,13 +263,15 @@ pub(crate) fn model_stages(
     };
     Ok(formats
         .iter()
-        .map(|(dtype, quant)| {
+        .map(|(dtype, quant, on)| {
+            let (qv, ql, qd) = on.split(*quant);
+            let blocks = |q: Option<emu_llm::LlmQuant>| q.map(|q| q.blocks()).unwrap_or_default();
             let mut stages = vec![
-                emu2::vision_stage_at(&ckpt, *dtype, Pool::Host)?,
-                emu2::llm_stage_at(&ckpt, &llm_cfg, *dtype, quant.as_ref(), Pool::Host)?,
+                emu2::vision_stage_at(&ckpt, *dtype, blocks(qv), Pool::Host)?,
+                emu2::llm_stage_at(&ckpt, &llm_cfg, *dtype, ql.as_ref(), Pool::Host)?,
             ];
             for (name, c) in &decoders {
-                stages.push(generate::decoder_stage_at(c, name, *dtype, Pool::Host)?);
+                stages.push(generate::decoder_stage_at(c, name, *dtype, blocks(qd), Pool::Host)?);
             }
             Ok(stages)
         })
