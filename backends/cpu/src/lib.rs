@@ -240,12 +240,50 @@ fn rope_serial(x: &CTensor, cos: &CTensor, sin: &CTensor) -> Result<CTensor> {
     }
     match x.dtype() {
         CDType::F32 => rotate::<f32>(x, cos, sin),
-        CDType::BF16 => rotate::<half::bf16>(x, cos, sin),
+        CDType::BF16 => rotate_bf16(x, cos, sin),
         CDType::F16 => rotate::<half::f16>(x, cos, sin),
         CDType::F64 => rotate::<f64>(x, cos, sin),
         other => Err(candle_core::Error::Msg(format!("rope on {other:?}"))),
     }
     .map_err(err)
+}
+
+/// [`rope_serial`] in bf16, bit for bit `half::bf16` arithmetic (each
+/// product and sum widened, computed in f32 and rounded to nearest-even),
+/// on the raw bits so that the loop vectorises: through `half`'s operators
+/// the rotation of a decode step's 768 values took 4 us.
+fn rotate_bf16(x: &CTensor, cos: &CTensor, sin: &CTensor) -> candle_core::Result<CTensor> {
+    use convert::{narrow_bits, slice_of};
+    let dims = x.dims().to_vec();
+    let (t, d) = (dims[2], dims[3]);
+    let half = d / 2;
+    let (x, cos, sin) = (x.contiguous()?, cos.contiguous()?, sin.contiguous()?);
+    let (xg, xl) = x.storage_and_layout();
+    let (cg, cl) = cos.storage_and_layout();
+    let (sg, sl) = sin.storage_and_layout();
+    let xv = convert::bits(slice_of::<half::bf16>(&xg, xl)?);
+    let (c, s) = (
+        convert::bits(slice_of::<half::bf16>(&cg, cl)?),
+        convert::bits(slice_of::<half::bf16>(&sg, sl)?),
+    );
+    let w = |b: u16| f32::from_bits((b as u32) << 16);
+    let r = |v: f32| w(narrow_bits(v.to_bits()));
+    let mut out = vec![half::bf16::ZERO; xv.len()];
+    let ob = convert::bits_mut(&mut out);
+    for (head, o) in xv.chunks_exact(t * d).zip(ob.chunks_exact_mut(t * d)) {
+        for p in 0..t {
+            let (xr, or) = (&head[p * d..(p + 1) * d], &mut o[p * d..(p + 1) * d]);
+            let (cr, sr) = (&c[p * half..(p + 1) * half], &s[p * half..(p + 1) * half]);
+            let (o1, o2) = or.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2, ci, si) = (w(xr[i]), w(xr[i + half]), w(cr[i]), w(sr[i]));
+                o1[i] = narrow_bits((r(x1 * ci) - r(x2 * si)).to_bits());
+                o2[i] = narrow_bits((r(x1 * si) + r(x2 * ci)).to_bits());
+            }
+        }
+    }
+    drop((xg, cg, sg));
+    CTensor::from_vec(out, dims, x.device())
 }
 
 impl CpuBackend {
@@ -276,6 +314,14 @@ impl CpuBackend {
         } else {
             return Ok(None);
         };
+        if full.dtype() == CDType::BF16 && full.is_contiguous() && small.is_contiguous() {
+            let y = convert::with_slice::<half::bf16, _>(full, |f| {
+                convert::with_slice::<half::bf16, _>(small, |s| elementwise::binary_bf16(op, f, s))
+            })
+            .and_then(|r| r)
+            .map_err(err)?;
+            return CTensor::from_vec(y, out, &self.device).map(Some).map_err(err);
+        }
         let s = f32_vec(small)?;
         let v = if full.dtype() == CDType::F32 && full.is_contiguous() {
             // Straight from the input: no full-size copy first.

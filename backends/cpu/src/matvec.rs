@@ -76,8 +76,10 @@ impl Weight for bf16 {
     fn widen_one(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
     fn round(x: f32) -> Self {
-        bf16::from_f32(x)
+        // `bf16::from_f32`'s bits, branch-free so the output loop vectorises.
+        bf16::from_bits(crate::convert::narrow_bits(x.to_bits()))
     }
 }
 
@@ -179,7 +181,7 @@ fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>,
     // `vdpbf16ps` where the CPU has it.
     #[cfg(target_arch = "x86_64")]
     if wide && T::ELEM == crate::matvec_x86::Elem::Bf16 && crate::dpbf16::available() {
-        let xb: Vec<u16> = x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let xb: Vec<u16> = x.iter().map(|&v| crate::convert::narrow_bits(v.to_bits())).collect();
         crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
             let rows = out.len() / m;
             let wr = w[bi * block * k..(bi * block + rows) * k].as_ptr() as *const u16;
