@@ -234,13 +234,14 @@ impl QuantTensor {
 /// Quantizes `x` (a whole number of blocks) into block bytes.
 pub fn quantize_f32(x: &[f32], qtype: QuantType) -> Vec<u8> {
     let bs = qtype.block_size();
-    let mut out = Vec::with_capacity(x.len() / bs * qtype.type_size());
+    let mut out = crate::memory::huge_vec(x.len() / bs * qtype.type_size());
     for block in x.chunks_exact(bs) {
         match qtype {
             QuantType::Q8_0 => quantize_block_q8_0(block, &mut out),
             QuantType::Q4K => quantize_block_q4_k(block, &mut out),
         }
     }
+    crate::memory::settle_on_huge_pages(&out);
     out
 }
 

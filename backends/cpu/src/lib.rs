@@ -374,7 +374,41 @@ impl Backend for CpuBackend {
 
     fn upload(&self, host: &HostTensor) -> Result<CTensor> {
         let dt = to_candle(host.dtype())?;
-        CTensor::from_raw_buffer(host.as_bytes(), dt, host.dims(), &self.device).map_err(err)
+        let bytes = host.as_bytes();
+        // Weights (the large uploads) go onto huge pages: decode streams them.
+        if bytes.len() >= emu_core::memory::HUGE_PAGE_MIN {
+            fn on_huge<T: candle_core::WithDType>(
+                bytes: &[u8],
+                dims: &[usize],
+                dev: &Device,
+            ) -> candle_core::Result<CTensor> {
+                let n = bytes.len() / std::mem::size_of::<T>();
+                let mut v: Vec<T> = emu_core::memory::huge_vec(n);
+                // SAFETY: `v` has room for n values; `bytes` holds exactly
+                // n values of T (its length comes from the same shape and
+                // dtype), and every bit pattern is a valid float of T.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        bytes.as_ptr(),
+                        v.as_mut_ptr().cast::<u8>(),
+                        n * std::mem::size_of::<T>(),
+                    );
+                    v.set_len(n);
+                }
+                emu_core::memory::settle_on_huge_pages(&v);
+                CTensor::from_vec(v, dims, dev)
+            }
+            let t = match dt {
+                CDType::F32 => Some(on_huge::<f32>(bytes, host.dims(), &self.device)),
+                CDType::BF16 => Some(on_huge::<half::bf16>(bytes, host.dims(), &self.device)),
+                CDType::F16 => Some(on_huge::<half::f16>(bytes, host.dims(), &self.device)),
+                _ => None,
+            };
+            if let Some(t) = t {
+                return t.map_err(err);
+            }
+        }
+        CTensor::from_raw_buffer(bytes, dt, host.dims(), &self.device).map_err(err)
     }
 
     fn download(&self, t: &CTensor) -> Result<HostTensor> {

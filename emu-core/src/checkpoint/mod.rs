@@ -616,7 +616,10 @@ impl Checkpoint {
             key,
             bytes: n as u64,
         });
-        QuantTensor::from_bytes(key, q, &e.dims, bytes.to_vec())
+        let mut data = crate::memory::huge_vec(bytes.len());
+        data.extend_from_slice(bytes);
+        crate::memory::settle_on_huge_pages(&data);
+        QuantTensor::from_bytes(key, q, &e.dims, data)
     }
 
     /// Reads a tensor in its stored dtype (always contiguous).
