@@ -84,12 +84,13 @@ pub fn quant_decode_floor(l: &LlmSpec, dtype: DType, q: QuantType, base: DecodeF
 /// `threads` contiguous shares, each summed by its own thread, all at
 /// once; best of `reps`. The buffer is written before timing so page faults
 /// are not timed, and the sums are combined and observed so no read can be
-/// dropped.
+/// dropped. The buffer is on huge pages where the OS gives them, as the
+/// CPU backend's weights are (`emu_core::memory::huge_vec`).
 pub fn read_bandwidth(bytes: usize, threads: usize, reps: usize) -> f64 {
     let words = (bytes / 8).max(threads.max(1));
-    let buf: Vec<u64> = (0..words as u64)
-        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .collect();
+    let mut buf: Vec<u64> = emu_core::memory::huge_vec(words);
+    buf.extend((0..words as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+    emu_core::memory::settle_on_huge_pages(&buf);
     let share = words.div_ceil(threads.max(1));
     let mut best = f64::INFINITY;
     let mut total = 0u64;
