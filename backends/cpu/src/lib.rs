@@ -1113,7 +1113,11 @@ mod tests {
                 .unwrap()
                 .to_dtype(dt)
                 .unwrap();
-            let ours = CpuBackend::new().rope(&x, &cos, &sin).unwrap().to_dtype(CDType::F32).unwrap();
+            let ours = CpuBackend::new()
+                .rope(&x, &cos, &sin)
+                .unwrap()
+                .to_dtype(CDType::F32)
+                .unwrap();
             let theirs = candle_nn::rotary_emb::rope(&x, &cos, &sin)
                 .unwrap()
                 .to_dtype(CDType::F32)
@@ -1123,7 +1127,10 @@ mod tests {
                 theirs.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             );
             assert_eq!(o.len(), t2.len());
-            assert!(o.iter().zip(&t2).all(|(a, b)| a.to_bits() == b.to_bits()), "{dt:?} {t}x{d}");
+            assert!(
+                o.iter().zip(&t2).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dt:?} {t}x{d}"
+            );
         }
     }
 }
