@@ -101,8 +101,9 @@ struct ConvertArgs {
     /// Which weight variant of the source to read where several exist (e.g. bf16).
     #[arg(long)]
     variant: Option<String>,
-    /// Block-quantize the language model's linears (q8_0 or q4_k) and write
-    /// the weights as one GGUF file; other tensors take --dtype.
+    /// Block-quantize linears (q8_0 or q4_k), the language model's unless
+    /// --quantize-components says otherwise, and write the weights as one
+    /// GGUF file; other tensors take --dtype.
     #[arg(long, value_name = "TYPE")]
     quantize: Option<String>,
     /// Which linears --quantize applies to: attn, mlp, lm_head or all.

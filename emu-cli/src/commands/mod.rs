@@ -48,9 +48,10 @@ pub struct ModelArgs {
     /// Compute dtype of the vision encoder only (overrides --dtype).
     #[arg(long, value_name = "DTYPE")]
     pub vision_dtype: Option<String>,
-    /// Block-quantize the language model's linears while loading: q8_0 or
-    /// q4_k (GGUF's layouts). Embeddings, norms and lm_head stay in --dtype
-    /// unless --quantize-linears names lm_head.
+    /// Block-quantize linears while loading: q8_0 or q4_k (GGUF's layouts),
+    /// the language model's unless --quantize-components says otherwise.
+    /// Embeddings, norms and lm_head stay in --dtype unless
+    /// --quantize-linears names lm_head.
     #[arg(long, value_name = "TYPE")]
     pub quantize: Option<String>,
     /// Which linears --quantize applies to: a comma list of attn, mlp,
