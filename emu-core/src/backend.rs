@@ -49,6 +49,18 @@ pub enum BinaryOp {
     Minimum,
 }
 
+impl BinaryOp {
+    /// Every op, for suites that check each.
+    pub const ALL: [BinaryOp; 6] = [
+        BinaryOp::Add,
+        BinaryOp::Sub,
+        BinaryOp::Mul,
+        BinaryOp::Div,
+        BinaryOp::Maximum,
+        BinaryOp::Minimum,
+    ];
+}
+
 /// Reductions over one dimension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReduceOp {

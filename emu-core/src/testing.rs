@@ -815,14 +815,7 @@ impl<B: Backend> Suite<'_, B> {
             (&[2, 1, 5], &[3, 1]),
             (&[1], &[3, 2, 9]),
         ];
-        for op in [
-            BinaryOp::Add,
-            BinaryOp::Sub,
-            BinaryOp::Mul,
-            BinaryOp::Div,
-            BinaryOp::Maximum,
-            BinaryOp::Minimum,
-        ] {
+        for op in BinaryOp::ALL {
             for (sa, sb) in bin_shapes {
                 let (a, ar) = self.input(sa, -2.0, 2.0)?;
                 let (b, br) = if op == BinaryOp::Div {

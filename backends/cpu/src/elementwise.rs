@@ -322,14 +322,7 @@ mod tests {
         };
         let a = bf(CHUNK * 2 + 3 * 77, -4.0, 4.0);
         for b in [bf(a.len(), 0.25, 3.0), bf(77, -3.0, 3.0), bf(1, 0.5, 1.5)] {
-            for op in [
-                BinaryOp::Add,
-                BinaryOp::Sub,
-                BinaryOp::Mul,
-                BinaryOp::Div,
-                BinaryOp::Maximum,
-                BinaryOp::Minimum,
-            ] {
+            for op in BinaryOp::ALL {
                 let mut f: Vec<f32> = a.iter().map(|v| v.to_f32()).collect();
                 let bw: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
                 binary_repeat(op, &mut f, &bw);
