@@ -102,15 +102,9 @@ impl<B: Backend> LinearWeight<B> {
     ) -> Result<Self> {
         let dims = [out_dim, in_dim];
         let key = w.key("weight");
+        // The header's shape, blocks or floats, before anything is read.
+        w.check_dims("weight", &dims)?;
         if let Some(stored) = w.checkpoint().get_quant(&key)? {
-            if stored.dims() != dims {
-                return Err(Error::ShapeMismatch {
-                    location: w.checkpoint().file_of(&key)?.display().to_string(),
-                    key,
-                    expected: dims.to_vec(),
-                    found: stored.dims().to_vec(),
-                });
-            }
             return Ok(Self::Quant(stored));
         }
         let Some(requested) = quant else {

@@ -240,6 +240,7 @@ fn rope_serial(x: &CTensor, cos: &CTensor, sin: &CTensor) -> Result<CTensor> {
     }
     match x.dtype() {
         CDType::F32 => rotate::<f32>(x, cos, sin),
+        // (`Backend::rope` sends bf16 to `rotate_bf16` at every size.)
         CDType::BF16 => rotate_bf16(x, cos, sin),
         CDType::F16 => rotate::<half::f16>(x, cos, sin),
         CDType::F64 => rotate::<f64>(x, cos, sin),
@@ -1028,11 +1029,11 @@ impl Backend for CpuBackend {
         if !fused {
             return emu_core::backend::default_rope(self, x, cos, sin);
         }
-        if x.elem_count() <= ROPE_SERIAL_MAX {
-            return rope_serial(x, cos, sin);
-        }
         if x.dtype() == CDType::BF16 {
             return rotate_bf16(x, cos, sin).map_err(err);
+        }
+        if x.elem_count() <= ROPE_SERIAL_MAX {
+            return rope_serial(x, cos, sin);
         }
         candle_nn::rotary_emb::rope(
             &x.contiguous().map_err(err)?,

@@ -61,20 +61,10 @@ pub(crate) unsafe fn dot_block(e: Elem, w: *const u8, x: &[f32], k: usize, m: us
     for (j, o) in out.chunks_exact_mut(m).enumerate() {
         // SAFETY: row j of the caller's block.
         let wr = unsafe { w.add(j * k * size) };
-        let mut i = 0;
-        while i < m {
-            let r = (m - i).min(4);
+        for (i, r) in row_groups(m) {
             let (xs, os) = (&x[i * k..], &mut o[i..]);
             // SAFETY (each arm): forwarded; xs holds r rows of k.
-            unsafe {
-                match r {
-                    1 => rows::<1>(e, wr, xs, k, os),
-                    2 => rows::<2>(e, wr, xs, k, os),
-                    3 => rows::<3>(e, wr, xs, k, os),
-                    _ => rows::<4>(e, wr, xs, k, os),
-                }
-            }
-            i += r;
+            unsafe { by_rows!(r, rows(e, wr, xs, k, os)) }
         }
     }
 }
@@ -94,6 +84,26 @@ macro_rules! bh {
     };
 }
 pub(crate) use bh;
+
+/// Input rows in groups of at most four, the row kernels' register budget:
+/// `(first row, rows in the group)`.
+pub(crate) fn row_groups(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..m).step_by(4).map(move |i| (i, (m - i).min(4)))
+}
+
+/// `$kernel::<R>(args)` with the const `R` the group size `$r` (1 to 4),
+/// for the row kernels that keep one accumulator set a row in registers.
+macro_rules! by_rows {
+    ($r:expr, $kernel:ident($($arg:expr),* $(,)?)) => {
+        match $r {
+            1 => $kernel::<1>($($arg),*),
+            2 => $kernel::<2>($($arg),*),
+            3 => $kernel::<3>($($arg),*),
+            _ => $kernel::<4>($($arg),*),
+        }
+    };
+}
+pub(crate) use by_rows;
 
 /// Prefetches the `bytes` (a multiple of 64) that lie [`PREFETCH`] past
 /// `at`. A prefetch never faults, so the address may lie past the weights.
@@ -169,20 +179,10 @@ pub(crate) unsafe fn dot_block_bf16(w: *const u16, x: &[u16], k: usize, m: usize
     for (j, o) in out.chunks_exact_mut(m).enumerate() {
         // SAFETY: row j of the caller's block.
         let wr = unsafe { w.add(j * k) };
-        let mut i = 0;
-        while i < m {
-            let r = (m - i).min(4);
-            let xs = &x[i * k..];
+        for (i, r) in row_groups(m) {
+            let (xs, os) = (&x[i * k..], &mut o[i..]);
             // SAFETY: forwarded; xs holds r rows of k.
-            unsafe {
-                match r {
-                    1 => rows_bf16::<1>(wr, xs, k, &mut o[i..]),
-                    2 => rows_bf16::<2>(wr, xs, k, &mut o[i..]),
-                    3 => rows_bf16::<3>(wr, xs, k, &mut o[i..]),
-                    _ => rows_bf16::<4>(wr, xs, k, &mut o[i..]),
-                }
-            }
-            i += r;
+            unsafe { by_rows!(r, rows_bf16(wr, xs, k, os)) }
         }
     }
 }

@@ -24,6 +24,7 @@
 //! regrouping changes rounding at the f32 epsilon level, relative to
 //! `sum(|dl * q| |x|) + sum(|ml| |x|)`; the tests hold it to 1e-5 of that.
 
+use crate::matvec_x86::{by_rows, row_groups};
 use emu_core::quant::{scale_min_k4, QuantType, QK8_0, QK_K};
 use std::arch::x86_64::*;
 
@@ -121,25 +122,17 @@ macro_rules! block_fn {
             let sbs = k / 32;
             for (j, o) in out.chunks_exact_mut(m).enumerate() {
                 let row = &rows[j * rb..(j + 1) * rb];
-                let mut i = 0;
-                while i < m {
-                    let r = (m - i).min(4);
+                for (i, r) in row_groups(m) {
                     let (xs, ss, os) = (&x[i * k..], xsum.get(i * sbs..).unwrap_or(&[]), &mut o[i..]);
                     // SAFETY: the features are this function's; `dot_block`
                     // asserted the shapes.
                     unsafe {
-                        match (Q8_0, r) {
-                            (true, 1) => $q8::<1>(row, xs, ss, k, os),
-                            (true, 2) => $q8::<2>(row, xs, ss, k, os),
-                            (true, 3) => $q8::<3>(row, xs, ss, k, os),
-                            (true, _) => $q8::<4>(row, xs, ss, k, os),
-                            (false, 1) => $q4::<1>(row, xs, ss, k, os),
-                            (false, 2) => $q4::<2>(row, xs, ss, k, os),
-                            (false, 3) => $q4::<3>(row, xs, ss, k, os),
-                            (false, _) => $q4::<4>(row, xs, ss, k, os),
+                        if Q8_0 {
+                            by_rows!(r, $q8(row, xs, ss, k, os))
+                        } else {
+                            by_rows!(r, $q4(row, xs, ss, k, os))
                         }
                     }
-                    i += r;
                 }
             }
         }
@@ -528,20 +521,10 @@ pub(crate) unsafe fn dot_block_q4k_bf16(
     let sbs = k / 32;
     for (j, o) in out.chunks_exact_mut(m).enumerate() {
         let row = &rows[j * rb..(j + 1) * rb];
-        let mut i = 0;
-        while i < m {
-            let r = (m - i).min(4);
+        for (i, r) in row_groups(m) {
             let (xs, ss, os) = (&xb[i * k..], &xsum[i * sbs..], &mut o[i..]);
             // SAFETY: the features are this function's; shapes asserted.
-            unsafe {
-                match r {
-                    1 => q4_k_bf16::<1>(row, xs, ss, k, os),
-                    2 => q4_k_bf16::<2>(row, xs, ss, k, os),
-                    3 => q4_k_bf16::<3>(row, xs, ss, k, os),
-                    _ => q4_k_bf16::<4>(row, xs, ss, k, os),
-                }
-            }
-            i += r;
+            unsafe { by_rows!(r, q4_k_bf16(row, xs, ss, k, os)) }
         }
     }
 }
@@ -699,20 +682,10 @@ pub(crate) unsafe fn q4_k_q8_rows(
 ) {
     let n = out.len() / m.max(1);
     assert!(m > 0 && rows.len() >= (first + n) * rb && rb == k / QK_K * Q4K_BYTES);
-    let mut i = 0;
-    while i < m {
-        let r = (m - i).min(4);
+    for (i, r) in row_groups(m) {
         // SAFETY (each arm): VNNI from the caller; shapes asserted here and
         // in the kernel.
-        unsafe {
-            match r {
-                1 => q4_k_q8::<1>(rows, rb, first, x, i, k, m, out),
-                2 => q4_k_q8::<2>(rows, rb, first, x, i, k, m, out),
-                3 => q4_k_q8::<3>(rows, rb, first, x, i, k, m, out),
-                _ => q4_k_q8::<4>(rows, rb, first, x, i, k, m, out),
-            }
-        }
-        i += r;
+        unsafe { by_rows!(r, q4_k_q8(rows, rb, first, x, i, k, m, out)) }
     }
 }
 
