@@ -171,21 +171,12 @@ fn run(cli: Cli) -> Result<()> {
                 shard_size: a.shard_size,
                 force: a.force,
                 variant: a.variant,
-                quantize: match &a.quantize {
-                    Some(q) => Some(emu_llm::LlmQuant {
-                        qtype: emu_core::QuantType::parse(q)?,
-                        linears: emu_llm::QuantLinears::parse(&a.quantize_linears)?,
-                    }),
-                    None => None,
-                },
-                quantize_components: emu::pipeline::QuantComponents::parse(&a.quantize_components)?,
+                quantize: emu_cli::commands::quant_request(a.quantize.as_deref(), &a.quantize_linears)?,
+                quantize_components: emu_cli::commands::quant_components(
+                    a.quantize.as_deref(),
+                    &a.quantize_components,
+                )?,
             };
-            if opts.quantize.is_none() && opts.quantize_components != emu::pipeline::QuantComponents::default() {
-                return Err(emu::pipeline::PipelineError::Input(
-                    "--quantize-components says where --quantize applies: add --quantize q8_0 or q4_k".into(),
-                )
-                .into());
-            }
             let quiet = a.quiet;
             let mut progress = |m: &str| {
                 if !quiet {

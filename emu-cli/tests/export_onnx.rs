@@ -5,7 +5,8 @@
 //! they were traced at); the manifest lists what the files declare.
 //!
 //! With `EMU_ONNX_EXPORT_DIR` set, the external-data export is kept in
-//! `$EMU_ONNX_EXPORT_DIR/export-onnx` for `tools/onnx/check_export_onnx.py`.
+//! `$EMU_ONNX_EXPORT_DIR/export-onnx`, and the Q4_K one in
+//! `$EMU_ONNX_EXPORT_DIR/export-onnx-q4_k`, for `tools/onnx/check_export_onnx.py`.
 
 use emu_backend_onnx::{run_model_file, OnnxBackend};
 use emu_cli::commands::export_onnx::{run, ExportOnnxArgs};
@@ -26,6 +27,9 @@ fn args(out: &Path, component: &str, threshold: Option<u64>) -> ExportOnnxArgs {
         context_len: 5,
         external_data_threshold: threshold,
         check_data: true,
+        quantize: None,
+        quantize_linears: "attn,mlp".into(),
+        quantize_components: "llm".into(),
     }
 }
 
@@ -179,4 +183,102 @@ fn unknown_components_are_errors() {
     let out = std::env::temp_dir().join(format!("emu-export-onnx-bad-{}", std::process::id()));
     let e = run(&args(&out, "text", None)).unwrap_err();
     assert!(e.to_string().contains("vision, llm, unet, vae or all"), "{e}");
+}
+
+fn contrib(file: &Value, op: &str) -> u64 {
+    file["contrib_ops"][op].as_u64().unwrap_or(0)
+}
+
+/// `--quantize q4_k --quantize-components all`: the quantized linears are
+/// ONNX Runtime's `MatMulNBits` nodes in the vision, LLM and UNet files (the
+/// VAE has none), every file reloads and reproduces the in-process run, and
+/// quantization moved the numbers away from the float export's. A folder
+/// written by `emu convert --quantize` exports its stored blocks the same
+/// way, without the flag.
+#[test]
+fn quantized_linears_export_as_matmulnbits() {
+    if let Err(e) = OnnxBackend::new() {
+        return eprintln!("skipping: {e}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    // Kept for tools/onnx/check_export_onnx.py as the float export is.
+    let keep = std::env::var_os("EMU_ONNX_EXPORT_DIR").map(|d| PathBuf::from(d).join("export-onnx-q4_k"));
+    let q = keep.unwrap_or_else(|| tmp.path().join("q"));
+    let mut a = args(&q, "all", None);
+    a.quantize = Some("q4_k".into());
+    a.quantize_components = "all".into();
+    run(&a).unwrap();
+    let m = check_files(&q, false);
+    assert_eq!(m["quantize"]["type"], "q4_k");
+    assert_eq!(m["quantize"]["components"], "all");
+    for f in m["files"].as_array().unwrap() {
+        let n = contrib(f, "MatMulNBits");
+        match f["component"].as_str().unwrap() {
+            "vae" => assert_eq!(f["contrib_ops"], serde_json::json!({}), "the VAE stays dense"),
+            c => assert!(n > 0, "{c}: no MatMulNBits in {}", f["file"]),
+        }
+    }
+    let dense = tmp.path().join("dense");
+    run(&args(&dense, "vision", None)).unwrap();
+    let dm = check_files(&dense, false);
+    assert_eq!(dm["quantize"], Value::Null);
+    assert_eq!(dm["files"][0]["contrib_ops"], serde_json::json!({}));
+    let features = |d: &Path| read_npy(&d.join("check/vision/features.npy"));
+    let moved = rel_err(&features(&q), &features(&dense));
+    eprintln!("q4_k EVA features vs float: rel err {moved:.2e}");
+    assert!(moved > 1e-6, "quantizing the EVA linears changed nothing ({moved:.2e})");
+    assert!(
+        moved < 0.05,
+        "quantized EVA features far from the float ones ({moved:.2e})"
+    );
+
+    let src = tmp.path().join("gen");
+    emu::tiny::write_model(&src, emu::tiny::TinyKind::Gen).unwrap();
+    let converted = tmp.path().join("converted");
+    let opts = emu::convert::ConvertOptions {
+        dtype: DType::F32,
+        shard_size: 5_000_000_000,
+        force: false,
+        variant: None,
+        quantize: Some(emu_llm::LlmQuant {
+            qtype: emu_core::QuantType::Q8_0,
+            linears: emu_llm::QuantLinears::parse("attn,mlp").unwrap(),
+        }),
+        quantize_components: emu::pipeline::QuantComponents::default(),
+    };
+    emu::convert::convert(&src, &converted, &opts, &mut |_| {}).unwrap();
+    let out = tmp.path().join("from-converted");
+    let mut a = args(&out, "llm", None);
+    a.model = converted.display().to_string();
+    run(&a).unwrap();
+    let m = check_files(&out, false);
+    assert_eq!(m["quantize"], Value::Null);
+    for f in m["files"].as_array().unwrap() {
+        assert!(
+            contrib(f, "MatMulNBits") > 0,
+            "{}: stored blocks exported dense",
+            f["file"]
+        );
+    }
+}
+
+/// `--quantize` that reaches no exported component, and the component list
+/// without `--quantize`, are errors before anything is loaded or written.
+#[test]
+fn quantize_flags_that_change_nothing_are_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("x");
+    let mut a = args(&out, "vae", None);
+    a.quantize = Some("q8_0".into());
+    a.quantize_components = "all".into();
+    let e = run(&a).unwrap_err().to_string();
+    assert!(e.contains("exports none of them"), "{e}");
+    let mut a = args(&out, "llm", None);
+    a.quantize_components = "vision".into();
+    let e = run(&a).unwrap_err().to_string();
+    assert!(e.contains("add --quantize"), "{e}");
+    let mut a = args(&out, "llm", None);
+    a.quantize = Some("q5_k".into());
+    assert!(run(&a).is_err());
+    assert!(!out.exists(), "a refused export left {}", out.display());
 }

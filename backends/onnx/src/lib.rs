@@ -42,7 +42,7 @@ use emu_core::host::checked_numel;
 use emu_core::shape::{self, broadcast_dims};
 use emu_core::{DType, Error, HostTensor, QuantTensor, QuantType, Result};
 use runtime::{backend_err, SessionCache, NAME};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -359,6 +359,8 @@ struct Serialized {
     inputs: Vec<(String, DType, Vec<usize>)>,
     /// Bytes written to the external data sink.
     external_bytes: u64,
+    /// Nodes of operators outside the default domain, by operator.
+    contrib_ops: BTreeMap<String, usize>,
 }
 
 /// Initializers of at least this many bytes go to the external data file
@@ -540,6 +542,10 @@ fn serialize(
         .iter()
         .map(|v| (v.name.clone(), v.dtype, v.dims.to_vec()))
         .collect();
+    let mut contrib_ops = BTreeMap::new();
+    for n in nodes.iter().filter(|n| proto::domain(n.op_type).is_some()) {
+        *contrib_ops.entry(n.op_type.to_string()).or_insert(0) += 1;
+    }
     let model = proto::model(&proto::GraphDef {
         name: graph_name,
         nodes,
@@ -554,6 +560,7 @@ fn serialize(
         weights,
         inputs: declared_inputs,
         external_bytes,
+        contrib_ops,
     })
 }
 
@@ -666,6 +673,10 @@ pub struct ExportedFile {
     pub model_bytes: u64,
     pub inputs: Vec<TensorInfo>,
     pub outputs: Vec<TensorInfo>,
+    /// Nodes of ONNX Runtime's `com.microsoft` operators (`MatMulNBits`
+    /// for quantized linears), by operator: a runtime needs them to load
+    /// the file. Empty for a graph of standard operators only.
+    pub contrib_ops: BTreeMap<String, usize>,
 }
 
 /// A quantized weight as operands of ONNX Runtime's `MatMulNBits`
@@ -953,6 +964,7 @@ impl OnnxBackend {
                 .iter()
                 .map(|p| info(p.name, p.tensor.dtype(), p.tensor.dims()))
                 .collect(),
+            contrib_ops: s.contrib_ops,
         })
     }
 

@@ -201,7 +201,7 @@ fn value_info(v: &ValueInfo<'_>) -> Vec<u8> {
 pub const MS_OPSET: i64 = 1;
 
 /// The domain of an operator outside the default one.
-fn domain(op_type: &str) -> Option<&'static str> {
+pub(crate) fn domain(op_type: &str) -> Option<&'static str> {
     (op_type == "MatMulNBits").then_some("com.microsoft")
 }
 

@@ -31,6 +31,13 @@
 //!   `image` `[1, 3, 8h, 8w]` in `[0, 1]` (scaled by `1 / scaling_factor`,
 //!   decoded, mapped from `[-1, 1]` and clamped).
 //!
+//! With `--quantize q8_0|q4_k` (or a model converted with `emu convert
+//! --quantize`, whose stored blocks are kept) the quantized linears are ONNX
+//! Runtime's `MatMulNBits` (`com.microsoft` domain, 4-bit codes: Q8_0 as two
+//! exact 4-bit halves, Q4_K with its minima as a second product; see the
+//! onnx backend), so those files need ONNX Runtime rather than any ONNX
+//! runtime; the manifest lists each file's `com.microsoft` nodes.
+//!
 //! Weights are initializers; above `--external-data-threshold` bytes they go
 //! to `<file>.onnx.data` (ONNX external data). `--check-data` also writes the
 //! sample inputs and the in-process outputs under `check/<graph>/` as `.npy`
@@ -45,7 +52,7 @@ use emu_core::checkpoint::{Checkpoint, Weights};
 use emu_core::{DType, HostTensor, Tensor};
 use emu_decoder::unet::{timestep_embedding, PerBlock};
 use emu_decoder::{AutoencoderKL, AutoencoderKLConfig, TextTimeCond, UNet2DConditionConfig, UNet2DConditionModel};
-use emu_llm::{Llama, LlamaConfig, Logits};
+use emu_llm::{Llama, LlamaConfig, LlmQuant, Logits};
 use emu_vision::{EmuVisionConfig, VisionEncoder};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -95,6 +102,20 @@ pub struct ExportOnnxArgs {
     /// OUT/check/<graph>/, for tools/onnx/check_export_onnx.py.
     #[arg(long)]
     pub check_data: bool,
+    /// Block-quantize linears while loading: q8_0 or q4_k (GGUF's layouts),
+    /// the language model's unless --quantize-components says otherwise.
+    /// They become ONNX Runtime's MatMulNBits nodes (com.microsoft domain).
+    #[arg(long, value_name = "TYPE")]
+    pub quantize: Option<String>,
+    /// Which linears --quantize applies to: a comma list of attn, mlp,
+    /// lm_head, or all.
+    #[arg(long, value_name = "LIST", default_value = "attn,mlp")]
+    pub quantize_linears: String,
+    /// Which components --quantize applies to: a comma list of llm, vision
+    /// (the EVA blocks' linears), unet (its transformer blocks' linears), or
+    /// all. The VAE stays dense.
+    #[arg(long, value_name = "LIST", default_value = "llm")]
+    pub quantize_components: String,
 }
 
 fn parse_threshold(s: &str) -> std::result::Result<u64, String> {
@@ -109,6 +130,9 @@ const COMPONENTS: [&str; 4] = ["vision", "llm", "unet", "vae"];
 /// The UNet check data's timestep and time ids (other than the traced ones).
 const CHECK_TIMESTEP: f32 = 123.5;
 const CHECK_TIME_IDS: [f32; 6] = [96.0, 80.0, 8.0, 4.0, 64.0, 48.0];
+
+/// `--quantize` for each of (vision, LLM, UNet).
+type Quants = (Option<LlmQuant>, Option<LlmQuant>, Option<LlmQuant>);
 
 /// One exported graph: the file written and the sample run used for checking.
 struct Graph {
@@ -143,6 +167,8 @@ pub fn run(args: &ExportOnnxArgs) -> Result<PathBuf> {
             }
         },
     };
+    let quant = super::quant_request(args.quantize.as_deref(), &args.quantize_linears)?;
+    let on = super::quant_components(args.quantize.as_deref(), &args.quantize_components)?;
     let dir = ModelDir::resolve_any(&args.model, ModelFamily::Emu2Gen)?;
     if dir.is_tiny() {
         eprintln!("{}", emu::tiny::TINY_NOTICE);
@@ -155,6 +181,21 @@ pub fn run(args: &ExportOnnxArgs) -> Result<PathBuf> {
             args.component
         )));
     }
+    if quant.is_some() {
+        let quantized = |c: &&str| match *c {
+            "vision" => on.vision,
+            "llm" => on.llm,
+            "unet" => on.unet && has_decoder,
+            _ => false,
+        };
+        if !wanted.iter().any(quantized) {
+            return Err(PipelineError::Input(format!(
+                "--quantize applies to --quantize-components {}, and --component {} of this model exports none of them",
+                args.quantize_components, args.component
+            )));
+        }
+    }
+    let quants = on.split(quant);
     if args.output.exists() && !args.output.is_dir() {
         return Err(PipelineError::Input(format!(
             "-o `{}` is a file; export-onnx writes a folder",
@@ -171,7 +212,7 @@ pub fn run(args: &ExportOnnxArgs) -> Result<PathBuf> {
         .tempdir_in(&args.output)
         .map_err(|e| io_err(&args.output, e));
     let result = staged.and_then(|staging| {
-        let graphs = export_into(args, &dir, wanted, dtype, has_decoder, staging.path())?;
+        let graphs = export_into(args, &dir, wanted, dtype, quants, has_decoder, staging.path())?;
         publish(staging.path(), &args.output)?;
         Ok(graphs)
     });
@@ -261,11 +302,13 @@ fn publish(staging: &Path, out: &Path) -> Result<()> {
 }
 
 /// Exports `wanted` into `out` (the staging folder); returns the graphs.
+#[allow(clippy::too_many_arguments)]
 fn export_into(
     args: &ExportOnnxArgs,
     dir: &ModelDir,
     wanted: Vec<&str>,
     dtype: DType,
+    quants: Quants,
     has_decoder: bool,
     out: &Path,
 ) -> Result<Vec<Graph>> {
@@ -279,6 +322,7 @@ fn export_into(
         out,
         threshold,
         dtype,
+        quants,
         check: args.check_data,
     };
     let mut graphs = Vec::new();
@@ -334,6 +378,7 @@ struct Exporter<'a> {
     out: &'a Path,
     threshold: usize,
     dtype: DType,
+    quants: Quants,
     check: bool,
 }
 
@@ -378,7 +423,7 @@ impl Exporter<'_> {
         let (config, origin) = dir.emu_config()?;
         let cfg = EmuVisionConfig::from_value(&config)?;
         let ckpt = dir.open_encoder_weights()?;
-        let enc = VisionEncoder::load(self.be, &Weights::new(&ckpt), cfg, self.dtype)?;
+        let enc = VisionEncoder::load_quantized(self.be, &Weights::new(&ckpt), cfg, self.dtype, blocks(self.quants.0))?;
         let s = enc.config().vision.image_size;
         let px_host = sample(&[1, 3, s, s], 1)?.to_dtype(self.dtype)?;
         let px = Tensor::from_host(self.be, &px_host)?;
@@ -437,7 +482,13 @@ impl Exporter<'_> {
         let (config, origin) = dir.emu_config()?;
         let cfg = LlamaConfig::from_json_value(config).map_err(|e| PipelineError::Model(format!("{origin}: {e}")))?;
         let ckpt = dir.open_encoder_weights()?;
-        let m = Llama::load(self.be, &emu_llm::lm_weights(&ckpt)?, &cfg, self.dtype)?;
+        let m = Llama::load_quantized(
+            self.be,
+            &emu_llm::lm_weights(&ckpt)?,
+            &cfg,
+            self.dtype,
+            self.quants.1.as_ref(),
+        )?;
         let cap = args.max_len.unwrap_or(cfg.max_position_embeddings.min(2048));
         if cap < 4 || cap > cfg.max_position_embeddings {
             return Err(PipelineError::Input(format!(
@@ -619,11 +670,12 @@ impl Exporter<'_> {
             "the UNet graph's sample run",
             cfg.attention_bytes(args.unet_batch, h, w)?,
         )?;
-        let unet = UNet2DConditionModel::load(
+        let unet = UNet2DConditionModel::load_quantized(
             self.be,
             &Checkpoint::open(root.join("unet"))?.weights(),
             &cfg,
             self.dtype,
+            blocks(self.quants.2),
         )?;
         let b = args.unet_batch;
         let cross = match &cfg.cross_attention_dim {
@@ -795,6 +847,11 @@ impl Exporter<'_> {
     }
 }
 
+/// What the EVA encoder and the UNet load their block linears with.
+fn blocks(q: Option<LlmQuant>) -> emu_core::linear::BlockQuant {
+    q.map(|q| q.blocks()).unwrap_or_default()
+}
+
 /// diffusers' `get_timestep_embedding` in the graph: `[N]` f32 to `[N, dim]`
 /// f32, the computation `emu_decoder::unet::timestep_embedding` does on the host.
 fn embed_in_graph(t: &T, dim: usize, flip_sin_to_cos: bool, shift: f64) -> Result<T> {
@@ -854,6 +911,11 @@ fn manifest(dir: &ModelDir, args: &ExportOnnxArgs, dtype: DType, graphs: &[Graph
         "model": args.model,
         "model_dir": if dir.is_tiny() { "tiny (built in)".to_string() } else { dir.root().display().to_string() },
         "dtype": dtype_name(dtype),
+        "quantize": args.quantize.as_ref().map(|q| json!({
+            "type": emu_core::QuantType::parse(q).map_or(q.as_str(), |t| t.name()),
+            "linears": args.quantize_linears,
+            "components": args.quantize_components,
+        })),
         "opset": OPSET,
         "ir_version": emu_backend_onnx::IR_VERSION,
         "files": graphs.iter().map(|g| json!({
@@ -865,6 +927,7 @@ fn manifest(dir: &ModelDir, args: &ExportOnnxArgs, dtype: DType, graphs: &[Graph
             "config": source(&g.source),
             "inputs": ports(&g.file.inputs),
             "outputs": ports(&g.file.outputs),
+            "contrib_ops": g.file.contrib_ops,
             "notes": g.notes,
             "check": if g.check.is_some() { Some(format!("check/{}", graph_stem(&g.file.path))) } else { None },
         })).collect::<Vec<_>>(),

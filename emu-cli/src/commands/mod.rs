@@ -81,6 +81,28 @@ pub struct ModelArgs {
     pub dump: Option<std::path::PathBuf>,
 }
 
+/// `--quantize TYPE --quantize-linears LIST` of any command, if given.
+pub fn quant_request(quantize: Option<&str>, linears: &str) -> Result<Option<emu_llm::LlmQuant>> {
+    let Some(q) = quantize else {
+        return Ok(None);
+    };
+    Ok(Some(emu_llm::LlmQuant {
+        qtype: emu_core::QuantType::parse(q)?,
+        linears: emu_llm::QuantLinears::parse(linears)?,
+    }))
+}
+
+/// `--quantize-components LIST` of any command, refused without `--quantize`.
+pub fn quant_components(quantize: Option<&str>, list: &str) -> Result<QuantComponents> {
+    let c = QuantComponents::parse(list)?;
+    if quantize.is_none() && c != QuantComponents::default() {
+        return Err(PipelineError::Input(
+            "--quantize-components says where --quantize applies: add --quantize q8_0 or q4_k".into(),
+        ));
+    }
+    Ok(c)
+}
+
 fn parse_dtype(s: &str) -> Result<DType> {
     match DType::parse(s) {
         Some(d @ (DType::F32 | DType::BF16 | DType::F16)) => Ok(d),
@@ -163,24 +185,12 @@ impl ModelArgs {
 
     /// The `--quantize` request for the language model, if any.
     pub fn quant(&self) -> Result<Option<emu_llm::LlmQuant>> {
-        let Some(q) = &self.quantize else {
-            return Ok(None);
-        };
-        Ok(Some(emu_llm::LlmQuant {
-            qtype: emu_core::QuantType::parse(q)?,
-            linears: emu_llm::QuantLinears::parse(&self.quantize_linears)?,
-        }))
+        quant_request(self.quantize.as_deref(), &self.quantize_linears)
     }
 
     /// `--quantize-components`, refused without `--quantize`.
     pub fn quant_components(&self) -> Result<QuantComponents> {
-        let c = QuantComponents::parse(&self.quantize_components)?;
-        if self.quantize.is_none() && c != QuantComponents::default() {
-            return Err(PipelineError::Input(
-                "--quantize-components says where --quantize applies: add --quantize q8_0 or q4_k".into(),
-            ));
-        }
-        Ok(c)
+        quant_components(self.quantize.as_deref(), &self.quantize_components)
     }
 
     /// Refuses `--quantize-components unet` on a command without a UNet.
