@@ -1,4 +1,5 @@
-//! f32 matrix products with our own AVX-512 microkernel.
+//! f32 matrix products with our own AVX-512 microkernel, and an AVX2+FMA
+//! one for CPUs without AVX-512.
 //!
 //! The `gemm` crate sizes its blocks from the cache sizes CPUID reports (on
 //! the VM the benchmarks ran on, a 480 MiB L3), and there its f32 products
@@ -15,6 +16,14 @@
 //! in the output between k chunks and picked up again), so a result does
 //! not depend on the blocking or the thread count; the bias is added to the
 //! finished sum, as `x @ w.T + b` computes it.
+//!
+//! Without AVX-512 (AVX2 and FMA only) the same packed layouts and tiles
+//! run through [`Tile::run_avx2`], which walks a 12 x 32 tile as four 6 x 16
+//! blocks (12 sums in 8-lane registers, the classic AVX2 shape), and the
+//! packings go through 8 x 8 transposes. Each sum is the same chain of
+//! FMAs in the same order, so both ISAs give the same bits; where the
+//! `gemm` crate ran instead (candle's route) it reached about half of ONNX
+//! Runtime's speed on an AVX2-only VM.
 
 use crate::amx::transpose16;
 use crate::convert::slice_of;
@@ -32,10 +41,46 @@ const KC: usize = 256;
 const TASK_ROWS: usize = 8 * MR;
 const TASK_PANELS: usize = 8;
 
-/// Whether the kernels can run: AVX-512 F/BW/VL (the packing uses the
-/// 32-bit transpose of `amx`).
+/// Which kernels run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// AVX-512 F/BW/VL (the packing uses the 32-bit transpose of `amx`).
+    Avx512,
+    /// AVX2 and FMA.
+    Avx2,
+}
+
+/// Runs the AVX2 kernels on an AVX-512 CPU too (`EMU_CPU_SGEMM=avx2`, or
+/// a test): the two give the same bits, so this only changes the speed.
+static FORCE_AVX2: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The kernels this CPU runs, if any.
+pub(crate) fn isa() -> Option<Isa> {
+    static BASE: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        if std::env::var("EMU_CPU_SGEMM").is_ok_and(|v| v == "avx2") {
+            FORCE_AVX2.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+        {
+            Some(Isa::Avx512)
+        } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
+    });
+    match base {
+        Some(Isa::Avx512) if FORCE_AVX2.load(std::sync::atomic::Ordering::Relaxed) => Some(Isa::Avx2),
+        b => b,
+    }
+}
+
+/// Whether the kernels can run (AVX-512, or AVX2 with FMA).
 pub(crate) fn available() -> bool {
-    is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl")
+    isa().is_some()
 }
 
 /// The right operand in panels of 32 columns: panel `p` holds, for each k,
@@ -96,10 +141,17 @@ impl Packed {
         assert!(cols == 0 || k == 0 || ((cols - 1) * ld + k <= src.len() && ld >= k));
         let mut data = vec![0f32; cols.div_ceil(NR) * k * NR];
         if k > 0 {
+            let isa = isa();
             data.par_chunks_mut(k * NR).enumerate().for_each(|(p, dst)| {
-                // SAFETY: `available` (the callers check it); reads are
-                // masked to the rows and k that exist.
-                unsafe { pack_columns(src, k, cols, ld, p, dst) }
+                // SAFETY: the ISA was detected (the callers check
+                // `available`); reads are masked to the rows and k that
+                // exist.
+                unsafe {
+                    match isa {
+                        Some(Isa::Avx512) => pack_columns(src, k, cols, ld, p, dst),
+                        _ => pack_columns_avx2(src, k, cols, ld, p, dst),
+                    }
+                }
             });
         }
         Packed { data, k, cols }
@@ -127,6 +179,74 @@ unsafe fn pack_columns(src: &[f32], k: usize, cols: usize, ld: usize, p: usize, 
             }
         }
     }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn pack_columns_avx2(src: &[f32], k: usize, cols: usize, ld: usize, p: usize, dst: &mut [f32]) {
+    for g in 0..NR / 8 {
+        let c0 = p * NR + g * 8;
+        if c0 >= cols {
+            break;
+        }
+        let nc = 8.min(cols - c0);
+        for k0 in (0..k).step_by(8) {
+            let nk = 8.min(k - k0);
+            let mask = lanes(nk);
+            let mut rows = [_mm256_setzero_ps(); 8];
+            for (c, r) in rows.iter_mut().enumerate().take(nc) {
+                *r = _mm256_maskload_ps(src.as_ptr().add((c0 + c) * ld + k0), mask);
+            }
+            let t = transpose8(rows);
+            for (kk, v) in t.iter().enumerate().take(nk) {
+                _mm256_storeu_ps(dst.as_mut_ptr().add((k0 + kk) * NR + g * 8), *v);
+            }
+        }
+    }
+}
+
+/// The first `n` of 8 lanes set (a mask for `maskload`/`maskstore`).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn lanes(n: usize) -> __m256i {
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+}
+
+/// The transpose of 8 rows of 8 f32.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    // Pairs of rows interleaved, then pairs of pairs, then the 128-bit
+    // halves swapped across.
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    let u = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xee>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xee>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xee>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xee>(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+        _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+        _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+        _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+        _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+    ]
 }
 
 /// A right operand as the kernel walks it: panel `p` from row `k0` on.
@@ -265,7 +385,8 @@ pub(crate) fn product_new<R: Right>(left: Left<'_>, right: &R, bias: Bias<'_>) -
 /// call; an element is read only after the call has written it.
 unsafe fn product_raw<R: Right>(left: Left<'_>, right: &R, y: *mut f32, ylen: usize, ldy: usize, bias: Bias<'_>) {
     let (m, n, k) = (left.rows, right.cols(), left.k);
-    assert!(available() && k == right.k(), "sgemm: operands disagree");
+    let isa = isa();
+    assert!(isa.is_some() && k == right.k(), "sgemm: operands disagree");
     if m == 0 || n == 0 {
         return;
     }
@@ -297,7 +418,7 @@ unsafe fn product_raw<R: Right>(left: Left<'_>, right: &R, y: *mut f32, ylen: us
         let mut apack = vec![0f32; m.div_ceil(MR) * k * MR];
         if k > 0 {
             apack.par_chunks_mut(k * MR).enumerate().for_each(|(t, dst)| {
-                pack_tile(left, t * MR, 0, k, dst);
+                pack_tile(left, t * MR, 0, k, dst, isa);
             });
         }
         apack
@@ -309,15 +430,52 @@ unsafe fn product_raw<R: Right>(left: Left<'_>, right: &R, y: *mut f32, ylen: us
     tasks.into_par_iter().for_each(|(i, j)| {
         let rows = i * tr..((i + 1) * tr).min(m);
         let pans = j * tp..((j + 1) * tp).min(panels);
-        // SAFETY: AVX-512 checked above; the task writes rows `rows` and
-        // the columns of panels `pans` only, inside `y` (asserted).
-        unsafe { task(left, shared, right, rows, pans, out, ldy, bias) };
+        // SAFETY: the ISA was detected above; the task writes rows `rows`
+        // and the columns of panels `pans` only, inside `y` (asserted).
+        unsafe {
+            match isa {
+                Some(Isa::Avx512) => task_avx512(left, shared, right, rows, pans, out, ldy, bias),
+                _ => task_avx2(left, shared, right, rows, pans, out, ldy, bias),
+            }
+        };
     });
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn task<R: Right>(
+unsafe fn task_avx512<R: Right>(
+    left: Left<'_>,
+    shared: Option<&[f32]>,
+    right: &R,
+    rows: std::ops::Range<usize>,
+    pans: std::ops::Range<usize>,
+    out: Out,
+    ldy: usize,
+    bias: Bias<'_>,
+) {
+    task::<R, true>(left, shared, right, rows, pans, out, ldy, bias)
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn task_avx2<R: Right>(
+    left: Left<'_>,
+    shared: Option<&[f32]>,
+    right: &R,
+    rows: std::ops::Range<usize>,
+    pans: std::ops::Range<usize>,
+    out: Out,
+    ldy: usize,
+    bias: Bias<'_>,
+) {
+    task::<R, false>(left, shared, right, rows, pans, out, ldy, bias)
+}
+
+/// One task's tiles on the AVX-512 (`WIDE`) or AVX2 kernels; inlined into
+/// the wrapper that enables that ISA.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn task<R: Right, const WIDE: bool>(
     left: Left<'_>,
     shared: Option<&[f32]>,
     right: &R,
@@ -348,6 +506,7 @@ unsafe fn task<R: Right>(
                     k0,
                     kn,
                     &mut own[t * kn * MR..(t + 1) * kn * MR],
+                    Some(if WIDE { Isa::Avx512 } else { Isa::Avx2 }),
                 );
             }
         }
@@ -375,10 +534,11 @@ unsafe fn task<R: Right>(
                     r0,
                     c0,
                 };
-                if R::SHIFTED {
-                    tile.run::<true>();
-                } else {
-                    tile.run::<false>();
+                match (WIDE, R::SHIFTED) {
+                    (true, true) => tile.run::<true>(),
+                    (true, false) => tile.run::<false>(),
+                    (false, true) => tile.run_avx2::<true>(),
+                    (false, false) => tile.run_avx2::<false>(),
                 }
             }
         }
@@ -390,16 +550,46 @@ unsafe fn task<R: Right>(
 /// (element by element it was 4% of a 1024-cube product).
 ///
 /// # Panics
-/// If `dst` is shorter than `kn * 12` or the rows run past `left`. The
-/// caller checks [`available`].
-fn pack_tile(left: Left<'_>, r0: usize, k0: usize, kn: usize, dst: &mut [f32]) {
+/// If `dst` is shorter than `kn * 12` or the rows run past `left`. `isa`
+/// must be what [`isa`] detected.
+fn pack_tile(left: Left<'_>, r0: usize, k0: usize, kn: usize, dst: &mut [f32], isa: Option<Isa>) {
     let nr = MR.min(left.rows - r0);
     assert!(dst.len() >= kn * MR);
     assert!(nr == 0 || kn == 0 || (r0 + nr - 1) * left.ld + k0 + kn <= left.data.len());
-    // SAFETY: AVX-512 (the caller checked `available`); reads are masked
-    // to the rows' `kn` columns and writes to `dst`'s first `kn * 12`
-    // (asserted above).
-    unsafe { pack_tile_avx512(left, r0, nr, k0, kn, dst) }
+    // SAFETY: the ISA was detected; reads are masked to the rows' `kn`
+    // columns and writes to `dst`'s first `kn * 12` (asserted above).
+    unsafe {
+        match isa {
+            Some(Isa::Avx512) => pack_tile_avx512(left, r0, nr, k0, kn, dst),
+            Some(Isa::Avx2) => pack_tile_avx2(left, r0, nr, k0, kn, dst),
+            None => panic!("sgemm: no kernels on this CPU"),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn pack_tile_avx2(left: Left<'_>, r0: usize, nr: usize, k0: usize, kn: usize, dst: &mut [f32]) {
+    // Rows 0..8, then 8..12 (the upper half of that transpose is zeros).
+    for i0 in [0, 8] {
+        let ni = nr.saturating_sub(i0).min(8);
+        for c0 in (0..kn).step_by(8) {
+            let nk = 8.min(kn - c0);
+            let mask = lanes(nk);
+            let mut rows = [_mm256_setzero_ps(); 8];
+            for (i, r) in rows.iter_mut().enumerate().take(ni) {
+                *r = _mm256_maskload_ps(left.data.as_ptr().add((r0 + i0 + i) * left.ld + k0 + c0), mask);
+            }
+            let t = transpose8(rows);
+            for (kk, v) in t.iter().enumerate().take(nk) {
+                let d = dst.as_mut_ptr().add((c0 + kk) * MR + i0);
+                if i0 == 0 {
+                    _mm256_storeu_ps(d, *v);
+                } else {
+                    _mm_storeu_ps(d, _mm256_castps256_ps128(*v));
+                }
+            }
+        }
+    }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
@@ -534,6 +724,99 @@ impl Tile<'_> {
     }
 }
 
+/// `$body` once for each row `$i` of a 6-row AVX2 block, `$i` a constant
+/// (see [`each_row!`]).
+macro_rules! each_of_six {
+    ($i:ident => $body:block) => {{
+        each_row!(@ $i $body; 0 1 2 3 4 5)
+    }};
+}
+
+impl Tile<'_> {
+    /// [`Tile::run`] on AVX2: the tile as four 6 x 16 blocks (rows 0..6,
+    /// 6..12 by columns 0..16, 16..32), each over the whole chunk; the same
+    /// FMAs per sum in the same order.
+    #[inline(always)]
+    unsafe fn run_avx2<const SHIFTED: bool>(&self) {
+        for half in 0..2 {
+            let c = half * 16;
+            if c >= self.nc {
+                break;
+            }
+            let masks = [lanes(self.nc - c), lanes(self.nc.saturating_sub(c + 8))];
+            for r in [0, 6] {
+                if r >= self.nr {
+                    break;
+                }
+                self.block_avx2::<SHIFTED>(r, c, masks);
+            }
+        }
+    }
+
+    /// Rows `r .. r + 6`, columns `c .. c + 16` of the tile (`masks`: the
+    /// columns that exist, per 8).
+    #[inline(always)]
+    unsafe fn block_avx2<const SHIFTED: bool>(&self, r: usize, c: usize, masks: [__m256i; 2]) {
+        let nr = self.nr - r;
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        if !self.first {
+            each_of_six!(I => {
+                if I < nr {
+                    let p = self.c.add((r + I) * self.ldc + c);
+                    acc[I][0] = _mm256_maskload_ps(p, masks[0]);
+                    acc[I][1] = _mm256_maskload_ps(p.add(8), masks[1]);
+                }
+            });
+        }
+        let (mut a, mut b, mut offs) = (self.a.add(r), self.b.add(c), self.offs);
+        for _ in 0..self.kn {
+            let row = if SHIFTED {
+                let p = self.b.add(*offs + c);
+                offs = offs.add(1);
+                p
+            } else {
+                b
+            };
+            let b0 = _mm256_loadu_ps(row);
+            let b1 = _mm256_loadu_ps(row.add(8));
+            each_of_six!(I => {
+                let x = _mm256_broadcast_ss(&*a.add(I));
+                acc[I][0] = _mm256_fmadd_ps(x, b0, acc[I][0]);
+                acc[I][1] = _mm256_fmadd_ps(x, b1, acc[I][1]);
+            });
+            a = a.add(MR);
+            if !SHIFTED {
+                b = b.add(NR);
+            }
+        }
+        let col_bias = match (self.last, self.bias) {
+            (true, Bias::Cols(bv)) => {
+                let p = bv.as_ptr().add(self.c0 + c);
+                Some([_mm256_maskload_ps(p, masks[0]), _mm256_maskload_ps(p.add(8), masks[1])])
+            }
+            _ => None,
+        };
+        each_of_six!(I => {
+            if I < nr {
+                let (mut v0, mut v1) = (acc[I][0], acc[I][1]);
+                if self.last {
+                    if let Some(cb) = col_bias {
+                        v0 = _mm256_add_ps(v0, cb[0]);
+                        v1 = _mm256_add_ps(v1, cb[1]);
+                    } else if let Bias::Rows(bv) = self.bias {
+                        let x = _mm256_set1_ps(bv[self.r0 + r + I]);
+                        v0 = _mm256_add_ps(v0, x);
+                        v1 = _mm256_add_ps(v1, x);
+                    }
+                }
+                let p = self.c.add((r + I) * self.ldc + c);
+                _mm256_maskstore_ps(p, masks[0], v0);
+                _mm256_maskstore_ps(p.add(8), masks[1], v1);
+            }
+        });
+    }
+}
+
 /// `acc += a[I] * b`, the scalar broadcast from memory by the FMA.
 #[target_feature(enable = "avx512f")]
 #[inline]
@@ -585,7 +868,12 @@ pub(crate) fn linear(x: &[f32], m: usize, w: &[f32], n: usize, k: usize, bias: O
         // SAFETY: `available` (checked by the product above); block `ib`
         // reads rows `j < n`, columns `i < m` of `yt` and writes rows
         // `16 ib .. + ni` of `y` alone, inside its capacity.
-        unsafe { transpose_rows(&yt, m, n, ib * 16, ni, out.at(ib * 16 * n)) }
+        unsafe {
+            match isa() {
+                Some(Isa::Avx512) => transpose_rows(&yt, m, n, ib * 16, ni, out.at(ib * 16 * n)),
+                _ => transpose_rows_avx2(&yt, m, n, ib * 16, ni, out.at(ib * 16 * n)),
+            }
+        }
     });
     // SAFETY: the blocks above wrote every row `i < m`, each whole.
     unsafe { y.set_len(m * n) };
@@ -608,6 +896,27 @@ unsafe fn transpose_rows(src: &[f32], m: usize, n: usize, i0: usize, ni: usize, 
         let jm: __mmask16 = if nj == 16 { !0 } else { (1u16 << nj) - 1 };
         for (i, v) in t.iter().enumerate().take(ni) {
             _mm512_mask_storeu_epi32(dst.add(i * n + j0) as *mut i32, jm, *v);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_rows_avx2(src: &[f32], m: usize, n: usize, i0: usize, ni: usize, dst: *mut f32) {
+    assert!(ni <= 16 && i0 + ni <= m && src.len() >= n * m);
+    for g in (0..ni).step_by(8) {
+        let nig = 8.min(ni - g);
+        let mask = lanes(nig);
+        for j0 in (0..n).step_by(8) {
+            let nj = 8.min(n - j0);
+            let mut rows = [_mm256_setzero_ps(); 8];
+            for (j, r) in rows.iter_mut().enumerate().take(nj) {
+                *r = _mm256_maskload_ps(src.as_ptr().add((j0 + j) * m + i0 + g), mask);
+            }
+            let t = transpose8(rows);
+            let jm = lanes(nj);
+            for (i, v) in t.iter().enumerate().take(nig) {
+                _mm256_maskstore_ps(dst.add((g + i) * n + j0), jm, *v);
+            }
         }
     }
 }
@@ -697,7 +1006,7 @@ mod tests {
     #[test]
     fn linear_matches_f64_both_ways() {
         if !available() {
-            eprintln!("no AVX-512 here: skipped");
+            eprintln!("no AVX-512 or AVX2+FMA here: skipped");
             return;
         }
         for &(m, n, k) in &[(20, 300, 70), (300, 40, 33), (17, 17, 600), (33, 500, 100)] {
@@ -718,10 +1027,36 @@ mod tests {
         }
     }
 
+    /// The AVX2 kernels and packings give the AVX-512 ones' bits (on a
+    /// CPU without AVX-512 both runs take AVX2, and the other tests check
+    /// it against f64).
+    #[test]
+    fn avx2_matches_avx512_bit_for_bit() {
+        if !available() {
+            eprintln!("no AVX2+FMA here: skipped");
+            return;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        for &(m, n, k) in &[(13, 70, 300), (300, 40, 33), (5, 129, 600), (100, 64, 520)] {
+            let (x, w, b) = (values(m * k, 11), values(n * k, 12), values(n, 13));
+            let run = |force: bool| {
+                FORCE_AVX2.store(force, Relaxed);
+                let y = linear(&x, m, &w, n, k, Some(&b));
+                FORCE_AVX2.store(false, Relaxed);
+                y
+            };
+            let (wide, narrow) = (run(false), run(true));
+            assert!(
+                wide.iter().zip(&narrow).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{m}x{n}x{k}"
+            );
+        }
+    }
+
     #[test]
     fn products_match_f64_on_ragged_shapes() {
         if !available() {
-            eprintln!("no AVX-512 here: skipped");
+            eprintln!("no AVX-512 or AVX2+FMA here: skipped");
             return;
         }
         // Ragged rows (tiles of 1..12), columns (partial panels), k over
