@@ -202,13 +202,20 @@ fn linear_rows_with<T: Weight>(x: &[f32], m: usize, w: &[T], bias: Option<&[T]>,
         return y;
     }
     #[cfg(target_arch = "x86_64")]
-    if wide {
+    let narrow = allow_wide && !wide && crate::matvec_x86::available_avx2();
+    #[cfg(target_arch = "x86_64")]
+    if wide || narrow {
         crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
             let rows = out.len() / m;
             let wr = w[bi * block * k..(bi * block + rows) * k].as_ptr() as *const u8;
             // SAFETY: the features were detected above; `wr` holds the
             // task's rows of k weights and `x` the m input rows.
-            unsafe { crate::matvec_x86::dot_block(T::ELEM, wr, x, k, m, out) };
+            unsafe {
+                match wide {
+                    true => crate::matvec_x86::dot_block(T::ELEM, wr, x, k, m, out),
+                    false => crate::matvec_x86::dot_block_avx2(T::ELEM, wr, x, k, m, out),
+                }
+            };
             if let Some(bias) = bias {
                 for (j, o) in out.chunks_exact_mut(m).enumerate() {
                     let b = bias[bi * block + j].widen_one();
