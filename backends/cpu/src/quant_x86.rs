@@ -277,19 +277,6 @@ fn q4_k_scales(blk: &[u8]) -> ([f32; 8], [f32; 8]) {
     (dl, ml)
 }
 
-/// The eight `d * scale` of Q4_K super-block `b` (bytes `blk`), after
-/// adding its `sum_j dmin * min_j * sum(x of sub-block j)` to each input
-/// row's `mins` (the regrouped subtraction, see the module docs).
-#[inline(always)]
-fn q4_k_block<const R: usize>(blk: &[u8], b: usize, xsum: &[f32], sbs: usize, mins: &mut [f32; R]) -> [f32; 8] {
-    let (dl, ml) = q4_k_scales(blk);
-    for (i, m) in mins.iter_mut().enumerate() {
-        let s = &xsum[i * sbs + b * 8..i * sbs + b * 8 + 8];
-        *m += ml.iter().zip(s).map(|(a, b)| a * b).sum::<f32>();
-    }
-    dl
-}
-
 /// The eight `d * scale` and eight `dmin * min` of a Q4_K super-block at
 /// `blk`, in vector lanes: the 6-bit fields unpacked from three words at
 /// once (see [`scale_min_k4`] for the layout), the products rounded as the
@@ -385,17 +372,28 @@ unsafe fn q4_k_avx2<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: usiz
     let sbs = k / 32;
     let xp = x.as_ptr();
     let mask = _mm_set1_epi8(0x0F);
+    // As `q4_k_avx512`: scales unpacked in vector lanes, the minima's
+    // `ml * sum(x)` gathered in one vector a row, one horizontal sum a row.
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
-    let mut mins = [0f32; R];
+    let mut mins = [_mm256_setzero_ps(); R];
+    assert!(row.len() >= nb * TS && xsum.len() >= R * sbs && x.len() >= R * k);
     for b in 0..nb {
-        let blk = &row[b * TS..(b + 1) * TS];
-        let dl = q4_k_block(blk, b, xsum, sbs, &mut mins);
+        let blk = row.as_ptr().add(b * TS);
+        let (dlv, mlv) = q4_k_scales_v(blk);
+        for (i, m) in mins.iter_mut().enumerate() {
+            // SAFETY: row i's eight sub-block sums of block b are in `xsum`
+            // (asserted above).
+            *m = _mm256_fmadd_ps(mlv, unsafe { _mm256_loadu_ps(xsum.as_ptr().add(i * sbs + b * 8)) }, *m);
+        }
+        let mut dl = [0f32; 8];
+        // SAFETY: eight lanes into eight floats.
+        unsafe { _mm256_storeu_ps(dl.as_mut_ptr(), dlv) };
         for p in 0..4 {
             for half in 0..2 {
                 // SAFETY: 16 bytes at 16 + 32p + 16 half are inside the
-                // block; the inputs are inside `x`.
+                // block; the inputs are inside `x` (asserted above).
                 unsafe {
-                    let v = _mm_loadu_si128(blk.as_ptr().add(16 + 32 * p + 16 * half) as *const __m128i);
+                    let v = _mm_loadu_si128(blk.add(16 + 32 * p + 16 * half) as *const __m128i);
                     let lo = _mm_and_si128(v, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
                     for (h, nib) in [lo, hi].into_iter().enumerate() {
@@ -416,7 +414,7 @@ unsafe fn q4_k_avx2<const R: usize>(row: &[u8], x: &[f32], xsum: &[f32], k: usiz
     }
     for ((o, a), m) in out.iter_mut().zip(acc).zip(mins) {
         // SAFETY: same features as this function.
-        *o = unsafe { hsum256(_mm256_add_ps(a[0], a[1])) } - m;
+        *o = unsafe { hsum256(_mm256_sub_ps(_mm256_add_ps(a[0], a[1]), m)) };
     }
 }
 
