@@ -737,9 +737,12 @@ impl Backend for CpuBackend {
         if a.dtype() == CDType::BF16 {
             // candle widens bf16 operands element by element; the product is
             // f32 gemm either way, rounded once (as PyTorch's CPU bf16 gemm).
-            let y = convert::to_f32(&a)
-                .and_then(|a| a.broadcast_matmul(&convert::to_f32(&b)?))
-                .map_err(err)?;
+            let (a32, b32) = (convert::to_f32(&a).map_err(err)?, convert::to_f32(&b).map_err(err)?);
+            #[cfg(target_arch = "x86_64")]
+            if let Some(y) = sgemm::matmul_tensor(&a32, &b32).map_err(err)? {
+                return convert::from_f32(&y, CDType::BF16).map_err(err);
+            }
+            let y = a32.broadcast_matmul(&b32).map_err(err)?;
             return convert::from_f32(&y, CDType::BF16).map_err(err);
         }
         a.broadcast_matmul(&b).map_err(err)
@@ -884,9 +887,18 @@ impl Backend for CpuBackend {
         let rows: usize = xd[..xd.len() - 1].iter().product();
         let x2 = x.reshape((rows, wd[1])).map_err(err)?;
         let y = if x.dtype() == CDType::BF16 {
-            let y = convert::to_f32(&x2)
-                .and_then(|x2| x2.matmul(&convert::to_f32(w)?.t()?))
-                .map_err(err)?;
+            // Without AVX512-BF16: both widened (exactly), the f32 product
+            // on our kernels where they run (candle's gemm took twice as
+            // long on an AVX2-only VM), rounded once.
+            let (x32, w32) = (convert::to_f32(&x2).map_err(err)?, convert::to_f32(w).map_err(err)?);
+            #[cfg(target_arch = "x86_64")]
+            let fast = sgemm::linear_tensor(&x32, &w32, None).map_err(err)?;
+            #[cfg(not(target_arch = "x86_64"))]
+            let fast = None;
+            let y = match fast {
+                Some(y) => y,
+                None => x32.matmul(&w32.t().map_err(err)?).map_err(err)?,
+            };
             convert::from_f32(&y, CDType::BF16).map_err(err)?
         } else {
             x2.matmul(&w.t().map_err(err)?).map_err(err)?
