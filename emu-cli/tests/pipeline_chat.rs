@@ -375,7 +375,7 @@ fn int8_activations_run_with_q4_k_on_the_cpu_and_are_refused_elsewhere() {
     if emu_backend_cpu::CpuBackend::int8_activations_available() {
         assert!(o.status.success(), "{}", stderr(&o));
     } else {
-        assert_one_line_error(&o, "AVX512-VNNI");
+        assert_one_line_error(&o, "AVX2");
     }
     assert_one_line_error(&with(&["--int8-activations"]), "--quantize q4_k");
     assert_one_line_error(&with(&["--quantize", "q8_0", "--int8-activations"]), "--quantize q4_k");

@@ -70,7 +70,7 @@ impl CpuBackend {
     /// With `on`, decode's Q4_K linears (up to 16 input rows) round their
     /// input to 8 bits per 256 values and take integer dot products, as
     /// llama.cpp's Q4_K x Q8_K kernel does, where the CPU has AVX512-VNNI
-    /// (elsewhere nothing changes). About twice the speed of the f32 kernel,
+    /// or AVX2 with FMA (elsewhere nothing changes). About twice the speed of the f32 kernel,
     /// at the cost of that rounding: an input block's values move by at most
     /// `max|x| / 254`, so an output by at most that times the sum of the
     /// block's `|w|` (the tests hold the kernel to this bound). Off by
@@ -87,10 +87,10 @@ impl CpuBackend {
     }
 
     /// Whether [`CpuBackend::with_int8_activations`] changes anything on this
-    /// CPU (AVX512-VNNI).
+    /// CPU (AVX512-VNNI, or AVX2 with FMA).
     pub fn int8_activations_available() -> bool {
         #[cfg(target_arch = "x86_64")]
-        return quant_x86::vnni();
+        return quant_x86::int8_isa().is_some();
         #[cfg(not(target_arch = "x86_64"))]
         return false;
     }

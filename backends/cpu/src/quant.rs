@@ -35,7 +35,7 @@ pub(crate) const SLAB_ELEMS: usize = 1 << 22;
 ///
 /// `int8_activations`: Q4_K weights meet the input rounded to 8 bits (see
 /// [`crate::quant_x86::Q8Rows`]) in integer dot products where the CPU has
-/// AVX512-VNNI, as llama.cpp computes them; otherwise the input stays f32.
+/// AVX512-VNNI or AVX2, as llama.cpp computes them; otherwise the input stays f32.
 /// `bf16_input`: every value of `x` is a bf16 value widened (a bf16
 /// tensor's), so Q4_K may take exact bf16 dot products where the CPU has
 /// them (`quant_x86::dot_block_q4k_bf16`).
@@ -48,8 +48,10 @@ pub(crate) fn linear_rows(
     bf16_input: bool,
 ) -> Vec<f32> {
     #[cfg(target_arch = "x86_64")]
-    if int8_activations && w.qtype() == QuantType::Q4K && crate::quant_x86::vnni() {
-        return linear_rows_q8(x, m, w, bias);
+    if int8_activations && w.qtype() == QuantType::Q4K {
+        if let Some(isa) = crate::quant_x86::int8_isa() {
+            return linear_rows_q8(x, m, w, bias, isa);
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = int8_activations;
@@ -121,18 +123,33 @@ fn linear_rows_isa(
     transpose(yt, m, n)
 }
 
-/// [`linear_rows`] of Q4_K weights on 8-bit inputs (the caller checked
-/// `quant_x86::vnni`).
+/// [`linear_rows`] of Q4_K weights on 8-bit inputs, on the kernel of `isa`
+/// (`quant_x86::int8_isa`, or AVX2 on any CPU `quant_x86::detect` accepts).
 #[cfg(target_arch = "x86_64")]
-fn linear_rows_q8(x: &[f32], m: usize, w: &QuantTensor, bias: Option<&[f32]>) -> Vec<f32> {
+pub(crate) fn linear_rows_q8(
+    x: &[f32],
+    m: usize,
+    w: &QuantTensor,
+    bias: Option<&[f32]>,
+    isa: crate::quant_x86::Isa,
+) -> Vec<f32> {
     let (n, k) = (w.dims()[0], w.dims()[1]);
     let block = task_rows(n);
     let q8 = crate::quant_x86::Q8Rows::new(x);
     let rb = w.row_bytes();
     let mut yt = vec![0f32; n * m];
     crate::team::chunks_mut(&mut yt, block * m, |bi, out| {
-        // SAFETY: the caller checked VNNI; the kernel asserts the shapes.
-        unsafe { crate::quant_x86::q4_k_q8_rows(w.bytes(), rb, bi * block, &q8, k, m, out) };
+        // SAFETY: the caller checked the ISA; the kernel asserts the shapes.
+        unsafe {
+            match isa {
+                crate::quant_x86::Isa::Avx512 => {
+                    crate::quant_x86::q4_k_q8_rows(w.bytes(), rb, bi * block, &q8, k, m, out)
+                }
+                crate::quant_x86::Isa::Avx2 => {
+                    crate::quant_x86::q4_k_q8_rows_avx2(w.bytes(), rb, bi * block, &q8, k, m, out)
+                }
+            }
+        };
         if let Some(b) = bias {
             for (j, o) in out.chunks_exact_mut(m).enumerate() {
                 o.iter_mut().for_each(|v| *v += b[bi * block + j]);

@@ -657,6 +657,16 @@ pub(crate) fn vnni() -> bool {
     detect() == Some(Isa::Avx512) && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vnni")
 }
 
+/// The 8-bit-activation kernel this CPU runs: [`q4_k_q8_rows`] with VNNI,
+/// else [`q4_k_q8_rows_avx2`] (AVX2 and FMA, as `detect` found them).
+pub(crate) fn int8_isa() -> Option<Isa> {
+    if vnni() {
+        Some(Isa::Avx512)
+    } else {
+        detect().map(|_| Isa::Avx2)
+    }
+}
+
 /// `out[j * m + i] = w_row(first + j) · x_i` for the `out.len() / m` Q4_K
 /// weight rows from `first` (`rows`: the whole weight, `rb` bytes a row)
 /// and all `m` rows of `x`, on 8-bit integers: per sub-block `j` of
@@ -753,6 +763,104 @@ unsafe fn q4_k_q8<const R: usize>(
     }
 }
 
+/// [`q4_k_q8_rows`] without VNNI: the same exact integer sums, each lane
+/// four products as `vpdpbusd` takes them, by `vpmaddubsw` (unsigned
+/// nibbles times signed bytes, pairs added in 16 bits: at most 2 x 15 x 127,
+/// so never saturated) then `vpmaddwd` by ones; the f32 steps after are the
+/// same rule.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C ([`detect`]).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q4_k_q8_rows_avx2(
+    rows: &[u8],
+    rb: usize,
+    first: usize,
+    x: &Q8Rows,
+    k: usize,
+    m: usize,
+    out: &mut [f32],
+) {
+    let n = out.len() / m.max(1);
+    assert!(m > 0 && rows.len() >= (first + n) * rb && rb == k / QK_K * Q4K_BYTES);
+    for (i, r) in row_groups(m) {
+        // SAFETY (each arm): AVX2 from the caller; shapes asserted here and
+        // in the kernel.
+        unsafe { by_rows!(r, q4_k_q8_avx2(rows, rb, first, x, i, k, m, out)) }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn q4_k_q8_avx2<const R: usize>(
+    rows: &[u8],
+    rb: usize,
+    first: usize,
+    x: &Q8Rows,
+    x0: usize,
+    k: usize,
+    m: usize,
+    out: &mut [f32],
+) {
+    const TS: usize = Q4K_BYTES;
+    let nb = k / QK_K;
+    let sbs = k / 32;
+    let n = out.len() / m;
+    assert!(x.q.len() >= (x0 + R) * k && x.d.len() >= (x0 + R) * nb && x.sums.len() >= (x0 + R) * sbs && x0 + R <= m);
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    for j in 0..n {
+        let row = rows.as_ptr().add((first + j) * rb);
+        // Even and odd sub-blocks apart, as the VNNI kernel's two halves.
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut mins = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let blk = row.add(b * TS);
+            let (dlv, mlv) = q4_k_scales_v(blk);
+            let mut scale = [[0f32; 8]; R];
+            for i in 0..R {
+                let xi = x0 + i;
+                // SAFETY: row xi's eight sub-block sums of block b (asserted);
+                // eight lanes into eight floats.
+                unsafe {
+                    let sums = _mm256_loadu_ps(x.sums.as_ptr().add(xi * sbs + b * 8));
+                    mins[i] = _mm256_fmadd_ps(mlv, sums, mins[i]);
+                    _mm256_storeu_ps(
+                        scale[i].as_mut_ptr(),
+                        _mm256_mul_ps(dlv, _mm256_set1_ps(x.d[xi * nb + b])),
+                    );
+                }
+            }
+            for p in 0..4 {
+                // SAFETY: bytes 16 + 32p .. 48 + 32p are inside the block;
+                // the 64 inputs at b * 256 + 64p are inside each row
+                // (asserted).
+                unsafe {
+                    let v = _mm256_loadu_si256(blk.add(16 + 32 * p) as *const __m256i);
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    for i in 0..R {
+                        let xq = x.q.as_ptr().add((x0 + i) * k + b * QK_K + 64 * p);
+                        let s_lo =
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xq as *const __m256i)), ones);
+                        let s_hi = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xq.add(32) as *const __m256i)),
+                            ones,
+                        );
+                        let a = &mut acc[i];
+                        a[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_lo), _mm256_set1_ps(scale[i][2 * p]), a[0]);
+                        a[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s_hi), _mm256_set1_ps(scale[i][2 * p + 1]), a[1]);
+                    }
+                }
+            }
+        }
+        for i in 0..R {
+            out[j * m + x0 + i] = hsum256(_mm256_sub_ps(_mm256_add_ps(acc[i][0], acc[i][1]), mins[i]));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -794,9 +902,17 @@ mod tests {
     /// all-zero block.
     #[test]
     fn int8_rows_follow_their_rule_and_bound() {
-        if !vnni() {
-            return;
+        // The VNNI kernel where the CPU has it, and the AVX2 one always.
+        let isas: Vec<Isa> = [vnni().then_some(Isa::Avx512), detect().map(|_| Isa::Avx2)]
+            .into_iter()
+            .flatten()
+            .collect();
+        for isa in isas {
+            int8_rows_on(isa);
         }
+    }
+
+    fn int8_rows_on(isa: Isa) {
         let mut rng = emu_core::testing::Rng::new(9);
         let (n, k) = (37, 512);
         let wsrc: Vec<f64> = (0..n * k).map(|_| rng.uniform(-1.0, 1.0)).collect();
@@ -809,7 +925,7 @@ mod tests {
             if m > 1 {
                 x[k..k + 256].iter_mut().for_each(|v| *v = 0.0);
             }
-            let got = crate::quant::linear_rows(&x, m, &w, Some(&bias), true, false);
+            let got = crate::quant::linear_rows_q8(&x, m, &w, Some(&bias), isa);
             let q8 = Q8Rows::new(&x);
             let rb = w.row_bytes();
             for i in 0..m {

@@ -67,7 +67,7 @@ pub struct ModelArgs {
     /// With --quantize q4_k on the cpu backend: round decode's inputs to the
     /// Q4_K linears to 8 bits and take integer dot products, as llama.cpp
     /// does (faster; not the dequantized weights' f32 product). Needs
-    /// AVX512-VNNI.
+    /// AVX512-VNNI or AVX2.
     #[arg(long)]
     pub int8_activations: bool,
     /// Print the time each stage took.
@@ -172,7 +172,7 @@ impl ModelArgs {
         }
         if !emu::backend::CpuBackend::int8_activations_available() {
             return Err(PipelineError::Input(
-                "--int8-activations needs a CPU with AVX512-VNNI, which this one lacks".into(),
+                "--int8-activations needs a CPU with AVX512-VNNI or AVX2 and FMA, which this one lacks".into(),
             ));
         }
         Ok(())
