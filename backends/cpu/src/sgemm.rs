@@ -37,6 +37,11 @@ const MR: usize = 12;
 pub(crate) const NR: usize = 32;
 /// k per chunk.
 const KC: usize = 256;
+/// k per chunk of the AVX2 kernel: it walks a tile in four passes, each
+/// storing and reloading its partial sums once a chunk, so longer chunks
+/// pay (1024^3 on one thread, alternating: 36-38 ms at 256, 31-36 at 512;
+/// 128 was slower, 1024 no faster). The sums do not depend on it.
+const KC_AVX2: usize = 512;
 /// Largest task: rows and panels.
 const TASK_ROWS: usize = 8 * MR;
 const TASK_PANELS: usize = 8;
@@ -487,16 +492,17 @@ unsafe fn task<R: Right, const WIDE: bool>(
 ) {
     let k = left.k;
     let n = right.cols();
-    let chunks = k.div_ceil(KC).max(1);
+    let kc = if WIDE { KC } else { KC_AVX2 };
+    let chunks = k.div_ceil(kc).max(1);
     let tiles = rows.len().div_ceil(MR);
     let mut own = if shared.is_none() {
-        vec![0f32; tiles * KC.min(k.max(1)) * MR]
+        vec![0f32; tiles * kc.min(k.max(1)) * MR]
     } else {
         Vec::new()
     };
     for ch in 0..chunks {
-        let k0 = ch * KC;
-        let kn = KC.min(k - k0.min(k));
+        let k0 = ch * kc;
+        let kn = kc.min(k - k0.min(k));
         let (first, last) = (ch == 0, ch + 1 == chunks);
         if shared.is_none() {
             for t in 0..tiles {
